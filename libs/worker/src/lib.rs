@@ -1,0 +1,18 @@
+//! Shamal's worker framework: everything a worker does except running the
+//! model. A runtime (ONNX Runtime in the cpu-worker, candle in the
+//! gpu-worker) implements [`Runtime`] and [`Backend`]; this crate provides
+//! the KServe v2 gRPC service, the dynamic batcher, the Triton-layout model
+//! repository, warm-up, statistics and metrics.
+
+pub mod backend;
+pub mod batcher;
+pub mod repository;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod stats;
+
+pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
+pub use batcher::{Batcher, BatcherConfig, InferError};
+pub use server::{run, WorkerConfig, WorkerListeners};
+pub use settings::ModelDefaults;

@@ -1,0 +1,357 @@
+//! The worker's `inference.GRPCInferenceService`: what the router talks to.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use shamal_proto::inference::model_metadata_response::TensorMetadata;
+use shamal_proto::inference::repository_index_response::ModelIndex;
+use shamal_proto::inference::*;
+use shamal_rpc::{codec_status, request_timeout};
+use shamal_tensor::{decode_inputs, encode_outputs, Tensor};
+use tonic::{Request, Response, Status};
+
+use crate::backend::TensorSpec;
+use crate::batcher::InferError;
+use crate::repository::{Lookup, ModelStore, ModelVersion, VersionState};
+
+/// Protocol extensions the worker really implements.
+const EXTENSIONS: &[&str] = &["model_repository", "statistics"];
+
+/// Shared state behind the worker's gRPC service.
+pub struct WorkerState {
+    pub server_name: String,
+    pub store: ModelStore,
+    /// Set once every model of the repository has been loaded.
+    pub loaded: AtomicBool,
+    /// Set when the worker starts draining: it stops reporting ready.
+    pub draining: AtomicBool,
+}
+
+impl WorkerState {
+    pub fn new(server_name: &str) -> WorkerState {
+        WorkerState {
+            server_name: server_name.to_owned(),
+            store: ModelStore::default(),
+            loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+            && !self.draining.load(Ordering::SeqCst)
+            && self.store.all_ready()
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerService {
+    state: Arc<WorkerState>,
+}
+
+impl WorkerService {
+    pub fn new(state: Arc<WorkerState>) -> WorkerService {
+        WorkerService { state }
+    }
+
+    fn lookup(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("model name must not be empty"));
+        }
+        self.state.store.get(name, version).map_err(|lookup| match lookup {
+            Lookup::UnknownModel => Status::not_found(format!("unknown model '{name}'")),
+            Lookup::UnknownVersion => {
+                Status::not_found(format!("unknown version '{version}' of model '{name}'"))
+            }
+            Lookup::NotReady(reason) => Status::unavailable(reason),
+        })
+    }
+}
+
+fn tensor_metadata(spec: &TensorSpec) -> TensorMetadata {
+    TensorMetadata {
+        name: spec.name.clone(),
+        datatype: spec.datatype.as_str().to_owned(),
+        shape: spec.dims.clone(),
+    }
+}
+
+fn infer_status(error: InferError) -> Status {
+    match error {
+        InferError::QueueFull(_) => Status::resource_exhausted(error.to_string()),
+        InferError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
+        InferError::Unavailable(_) => Status::unavailable(error.to_string()),
+        InferError::InvalidInput(message) => Status::invalid_argument(message),
+        InferError::Internal(message) => Status::internal(message),
+    }
+}
+
+/// Orders the request's tensors as the model's signature does and checks
+/// names, datatypes and shapes. Returns the batch size (rows).
+pub fn prepare_inputs(
+    model: &ModelVersion,
+    mut tensors: Vec<Tensor>,
+) -> Result<(Vec<Tensor>, usize), Status> {
+    let batching = model.settings.max_batch_size > 0;
+    let mut ordered = Vec::with_capacity(model.signature.inputs.len());
+    let mut rows: Option<usize> = None;
+    for spec in &model.signature.inputs {
+        let Some(position) = tensors.iter().position(|tensor| tensor.name == spec.name) else {
+            return Err(Status::invalid_argument(format!(
+                "missing input '{}' for model '{}'",
+                spec.name, model.name
+            )));
+        };
+        let tensor = tensors.swap_remove(position);
+        if tensor.datatype != spec.datatype {
+            return Err(Status::invalid_argument(format!(
+                "input '{}': datatype {} does not match the model's {}",
+                spec.name, tensor.datatype, spec.datatype
+            )));
+        }
+        let shape_ok = tensor.shape.len() == spec.dims.len()
+            && tensor
+                .shape
+                .iter()
+                .zip(&spec.dims)
+                .enumerate()
+                .all(|(axis, (&got, &want))| want < 0 || got == want || (batching && axis == 0));
+        if !shape_ok {
+            return Err(Status::invalid_argument(format!(
+                "input '{}': shape {:?} does not match the model's {:?}",
+                spec.name, tensor.shape, spec.dims
+            )));
+        }
+        if batching {
+            let batch = tensor.shape.first().copied().unwrap_or(0);
+            let batch = usize::try_from(batch).unwrap_or(0);
+            if batch == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "input '{}': batch dimension must be at least 1",
+                    spec.name
+                )));
+            }
+            match rows {
+                Some(rows) if rows != batch => {
+                    return Err(Status::invalid_argument(format!(
+                        "input '{}': batch size {batch} differs from the other inputs' {rows}",
+                        spec.name
+                    )));
+                }
+                _ => rows = Some(batch),
+            }
+        }
+        ordered.push(tensor);
+    }
+    if let Some(extra) = tensors.first() {
+        let expected: Vec<&str> = model.signature.inputs.iter().map(|spec| spec.name.as_str()).collect();
+        return Err(Status::invalid_argument(format!(
+            "unknown input '{}' for model '{}' (inputs: {})",
+            extra.name,
+            model.name,
+            expected.join(", ")
+        )));
+    }
+    Ok((ordered, rows.unwrap_or(1)))
+}
+
+/// Names of the requested outputs, checked against the model; empty means
+/// every output.
+fn requested_outputs(model: &ModelVersion, request: &ModelInferRequest) -> Result<Vec<String>, Status> {
+    let mut names = Vec::with_capacity(request.outputs.len());
+    for output in &request.outputs {
+        if !model.signature.outputs.iter().any(|spec| spec.name == output.name) {
+            return Err(Status::invalid_argument(format!(
+                "unknown output '{}' for model '{}'",
+                output.name, model.name
+            )));
+        }
+        names.push(output.name.clone());
+    }
+    Ok(names)
+}
+
+fn outcome_label(status: &Status) -> &'static str {
+    match status.code() {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "internal",
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for WorkerService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.ready(),
+        }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let ready = match self.lookup(&request.name, &request.version) {
+            Ok(_) => !self.state.draining.load(Ordering::SeqCst),
+            Err(status) if status.code() == tonic::Code::Unavailable => false,
+            Err(status) => return Err(status),
+        };
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: self.state.server_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.iter().map(|extension| (*extension).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.lookup(&request.name, &request.version)?;
+        let versions = if request.version.is_empty() {
+            self.state
+                .store
+                .ready_versions(&model.name)
+                .iter()
+                .map(|version| version.version_label())
+                .collect()
+        } else {
+            vec![model.version_label()]
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: model.name.clone(),
+            versions,
+            platform: model.platform.to_owned(),
+            inputs: model.signature.inputs.iter().map(tensor_metadata).collect(),
+            outputs: model.signature.outputs.iter().map(tensor_metadata).collect(),
+        }))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.lookup(&request.name, &request.version)?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(model.config.clone()),
+        }))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let received = Instant::now();
+        let deadline = request_timeout(request.metadata()).map(|timeout| received + timeout);
+        let mut request = request.into_inner();
+        let model = self.lookup(&request.model_name, &request.model_version)?;
+        let result = async {
+            let requested = requested_outputs(&model, &request)?;
+            let inputs = std::mem::take(&mut request.inputs);
+            let raw = std::mem::take(&mut request.raw_input_contents);
+            let tensors = decode_inputs(inputs, raw).map_err(|error| codec_status(&error))?;
+            let (tensors, rows) = prepare_inputs(&model, tensors)?;
+            let outputs = model.batcher.infer(tensors, rows, deadline).await;
+            model.stats.set_queue_depth(model.batcher.queue_depth());
+            let mut outputs = outputs.map_err(infer_status)?;
+            if !requested.is_empty() {
+                let mut selected = Vec::with_capacity(requested.len());
+                for name in &requested {
+                    if let Some(position) = outputs.iter().position(|tensor| &tensor.name == name) {
+                        selected.push(outputs.swap_remove(position));
+                    }
+                }
+                outputs = selected;
+            }
+            Ok::<_, Status>(outputs)
+        }
+        .await;
+        let elapsed = received.elapsed();
+        match result {
+            Ok(outputs) => {
+                model.stats.record_request(elapsed, "ok");
+                let (outputs, raw_output_contents) = encode_outputs(&outputs);
+                Ok(Response::new(ModelInferResponse {
+                    model_name: model.name.clone(),
+                    model_version: model.version_label(),
+                    id: request.id,
+                    parameters: Default::default(),
+                    outputs,
+                    raw_output_contents,
+                }))
+            }
+            Err(status) => {
+                model.stats.record_request(elapsed, outcome_label(&status));
+                Err(status)
+            }
+        }
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let model_stats = if request.name.is_empty() {
+            self.state
+                .store
+                .index()
+                .into_iter()
+                .filter_map(|(_, _, state)| match state {
+                    VersionState::Ready(model) => Some(model.stats.snapshot()),
+                    VersionState::Unavailable { .. } => None,
+                })
+                .collect()
+        } else if request.version.is_empty() {
+            self.lookup(&request.name, "")?;
+            self.state
+                .store
+                .ready_versions(&request.name)
+                .iter()
+                .map(|model| model.stats.snapshot())
+                .collect()
+        } else {
+            vec![self.lookup(&request.name, &request.version)?.stats.snapshot()]
+        };
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let ready_only = request.into_inner().ready;
+        let models = self
+            .state
+            .store
+            .index()
+            .into_iter()
+            .filter_map(|(name, version, state)| {
+                let (state, reason) = match state {
+                    VersionState::Ready(_) => ("READY", String::new()),
+                    VersionState::Unavailable { reason } => ("UNAVAILABLE", reason),
+                };
+                if ready_only && state != "READY" {
+                    return None;
+                }
+                Some(ModelIndex {
+                    name,
+                    version: version.to_string(),
+                    state: state.to_owned(),
+                    reason,
+                })
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}

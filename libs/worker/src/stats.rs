@@ -1,0 +1,244 @@
+//! Per model-version statistics, in the shape of the ModelStatistics RPC, and
+//! the Prometheus metrics fed from the same records.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use shamal_proto::inference::{
+    InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration,
+};
+use shamal_telemetry::{register, BATCH_BUCKETS, LATENCY_BUCKETS};
+
+/// Worker metrics, registered once per process registry.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_duration: HistogramVec,
+    pub inference_duration: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+}
+
+impl WorkerMetrics {
+    pub fn new(registry: &Registry) -> WorkerMetrics {
+        let labels = &["model", "version"];
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .map(|metric| register(registry, metric))
+        };
+        let build = || -> prometheus::Result<WorkerMetrics> {
+            Ok(WorkerMetrics {
+                requests: register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "shamal_worker_requests_total",
+                            "Inference requests handled by the worker, by outcome (ok or a gRPC code name).",
+                        ),
+                        &["model", "version", "outcome"],
+                    )?,
+                ),
+                request_duration: histogram(
+                    "shamal_worker_request_duration_seconds",
+                    "Time from receiving an inference request to answering it.",
+                    LATENCY_BUCKETS,
+                )?,
+                queue_duration: histogram(
+                    "shamal_worker_queue_duration_seconds",
+                    "Time requests wait in the batcher queue before a model instance takes them.",
+                    LATENCY_BUCKETS,
+                )?,
+                inference_duration: histogram(
+                    "shamal_worker_inference_duration_seconds",
+                    "Duration of one model execution (one batch).",
+                    LATENCY_BUCKETS,
+                )?,
+                batch_size: histogram(
+                    "shamal_worker_batch_size",
+                    "Rows per model execution formed by the dynamic batcher.",
+                    BATCH_BUCKETS,
+                )?,
+                queue_depth: register(
+                    registry,
+                    IntGaugeVec::new(
+                        Opts::new("shamal_worker_queue_depth", "Requests waiting in a model's batcher queue."),
+                        labels,
+                    )?,
+                ),
+            })
+        };
+        // Metric definitions are static: a failure here is a programming error
+        // caught by every test that builds a worker.
+        match build() {
+            Ok(metrics) => metrics,
+            Err(error) => panic!("invalid worker metric definition: {error}"),
+        }
+    }
+}
+
+/// One model execution, as recorded by an instance thread.
+pub struct ExecutionRecord {
+    pub batch_rows: usize,
+    pub requests: usize,
+    /// Sum over the batch's requests of their time in the queue.
+    pub queue_ns: u128,
+    pub compute: Duration,
+    pub success: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    success: (u64, u64),
+    fail: (u64, u64),
+    queue: (u64, u64),
+    compute_infer: (u64, u64),
+    inference_count: u64,
+    execution_count: u64,
+    last_inference_ms: u64,
+    dropped: u64,
+    batches: BTreeMap<u64, (u64, u64)>,
+}
+
+/// Statistics of one model version.
+pub struct ModelStats {
+    model: String,
+    version: String,
+    metrics: WorkerMetrics,
+    counters: Mutex<Counters>,
+}
+
+fn saturating_u64(value: u128) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+impl ModelStats {
+    pub fn new(model: &str, version: &str, metrics: WorkerMetrics) -> ModelStats {
+        ModelStats {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            metrics,
+            counters: Mutex::new(Counters::default()),
+        }
+    }
+
+    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+        // A panic while holding this lock cannot leave counters invalid.
+        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn record_execution(&self, record: ExecutionRecord) {
+        let compute_ns = saturating_u64(record.compute.as_nanos());
+        {
+            let mut counters = self.counters();
+            if record.success {
+                counters.execution_count += 1;
+                counters.inference_count += record.batch_rows as u64;
+                counters.compute_infer.0 += 1;
+                counters.compute_infer.1 += compute_ns;
+                let entry = counters.batches.entry(record.batch_rows as u64).or_default();
+                entry.0 += 1;
+                entry.1 += compute_ns;
+            }
+            counters.queue.0 += record.requests as u64;
+            counters.queue.1 += saturating_u64(record.queue_ns);
+            counters.last_inference_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|elapsed| saturating_u64(elapsed.as_millis()))
+                .unwrap_or(0);
+        }
+        let labels = [self.model.as_str(), self.version.as_str()];
+        self.metrics
+            .inference_duration
+            .with_label_values(&labels)
+            .observe(record.compute.as_secs_f64());
+        self.metrics
+            .batch_size
+            .with_label_values(&labels)
+            .observe(record.batch_rows as f64);
+        if record.requests > 0 {
+            let mean_queue = record.queue_ns as f64 / record.requests as f64 / 1e9;
+            self.metrics
+                .queue_duration
+                .with_label_values(&labels)
+                .observe(mean_queue);
+        }
+    }
+
+    /// A request answered (successfully or not) after `elapsed`.
+    pub fn record_request(&self, elapsed: Duration, outcome: &str) {
+        let ns = saturating_u64(elapsed.as_nanos());
+        {
+            let mut counters = self.counters();
+            let slot = if outcome == "ok" {
+                &mut counters.success
+            } else {
+                &mut counters.fail
+            };
+            slot.0 += 1;
+            slot.1 += ns;
+        }
+        let labels = [self.model.as_str(), self.version.as_str()];
+        self.metrics
+            .requests
+            .with_label_values(&[self.model.as_str(), self.version.as_str(), outcome])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A queued request dropped because its caller left or its deadline
+    /// passed.
+    pub fn record_dropped(&self) {
+        self.counters().dropped += 1;
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.counters().dropped
+    }
+
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.metrics
+            .queue_depth
+            .with_label_values(&[self.model.as_str(), self.version.as_str()])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// The ModelStatistics RPC view.
+    pub fn snapshot(&self) -> ModelStatistics {
+        let counters = self.counters();
+        let duration = |(count, ns): (u64, u64)| Some(StatisticDuration { count, ns });
+        ModelStatistics {
+            name: self.model.clone(),
+            version: self.version.clone(),
+            last_inference: counters.last_inference_ms,
+            inference_count: counters.inference_count,
+            execution_count: counters.execution_count,
+            inference_stats: Some(InferStatistics {
+                success: duration(counters.success),
+                fail: duration(counters.fail),
+                queue: duration(counters.queue),
+                compute_input: duration((0, 0)),
+                compute_infer: duration(counters.compute_infer),
+                compute_output: duration((0, 0)),
+                cache_hit: duration((0, 0)),
+                cache_miss: duration((0, 0)),
+            }),
+            batch_stats: counters
+                .batches
+                .iter()
+                .map(|(&batch_size, &(count, ns))| InferBatchStatistics {
+                    batch_size,
+                    compute_input: duration((0, 0)),
+                    compute_infer: duration((count, ns)),
+                    compute_output: duration((0, 0)),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}

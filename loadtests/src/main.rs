@@ -1,0 +1,93 @@
+//! `shamal-loadgen`: command-line front end of the load generator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use shamal_loadtest::{Config, Mode, parse_duration, run};
+
+/// KServe v2 gRPC load generator (closed loop by concurrency, or open loop by rate).
+#[derive(Debug, Parser)]
+#[command(name = "shamal-loadgen", version)]
+struct Args {
+    /// gRPC endpoint of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    url: String,
+    /// Model to call.
+    #[arg(long)]
+    model: String,
+    /// Model version (default: the server's choice).
+    #[arg(long, default_value = "")]
+    model_version: String,
+    /// Size of the leading (batch) dimension when the model reports it as -1.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Size of the other variable dimensions.
+    #[arg(long, default_value_t = 1)]
+    dim: usize,
+    /// Closed loop: requests kept in flight (default 1 when --rate is absent).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: arrivals per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open loop: most requests in flight; further arrivals are dropped by the client.
+    #[arg(long, default_value_t = 1024, requires = "rate")]
+    max_outstanding: usize,
+    /// Measurement time, e.g. 10s, 500ms.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Time before measuring, e.g. 2s.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// HTTP/2 connections (default min(concurrency, 4); 4 in open loop).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// gRPC deadline of each request.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Label shown in the report.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mode = match args.rate {
+        Some(rate) => Mode::Open {
+            rate,
+            max_outstanding: args.max_outstanding,
+        },
+        None => Mode::Closed {
+            concurrency: args.concurrency.unwrap_or(1),
+        },
+    };
+    let config = Config {
+        connections: args
+            .connections
+            .unwrap_or_else(|| Config::default_connections(&mode)),
+        mode,
+        url: args.url,
+        model: args.model,
+        model_version: args.model_version,
+        batch: args.batch,
+        dim: args.dim,
+        duration: args.duration,
+        warmup: args.warmup,
+        timeout: args.timeout,
+        label: args.label,
+    };
+    let report = run(config).await?;
+    println!("{report}");
+    if let Some(path) = args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Raw ONNX Runtime benchmark: `session.run` in a loop on one thread, no server.
+//! This is the baseline the serving stack is compared with.
+//!
+//! ```text
+//! source scripts/env.sh
+//! cargo run --release -p shamal-cpu-worker --example ort_raw -- \
+//!     --model models/repository/demo/1/model.onnx --batch 1 --duration 5s
+//! ```
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, Tensor, TensorElementType};
+
+/// In-process ONNX Runtime benchmark with random FP32 inputs.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Path of the ONNX model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Leading (batch) dimension given to inputs whose first dimension is dynamic.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Measurement time, e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Time spent running before measuring.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long, default_value_t = 1)]
+    intra_threads: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn ort_err(e: impl Display) -> anyhow::Error {
+    anyhow!("onnxruntime: {e}")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dylib = std::env::var("ORT_DYLIB_PATH")
+        .context("ORT_DYLIB_PATH is not set (source scripts/env.sh)")?;
+    let environment = ort::init_from(&dylib)
+        .map_err(ort_err)?
+        .with_name("ort_raw")
+        .build()
+        .map_err(ort_err)?;
+    let mut session = Session::builder(&environment)
+        .map_err(ort_err)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(ort_err)?
+        .with_intra_threads(args.intra_threads)
+        .map_err(ort_err)?
+        .commit_from_file(&args.model)
+        .map_err(ort_err)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut inputs: Vec<(String, DynValue)> = Vec::new();
+    for outlet in session.inputs() {
+        let dtype = outlet.dtype();
+        if dtype.tensor_type() != Some(TensorElementType::Float32) {
+            bail!("input {} is {dtype:?}; only FP32 inputs are supported", outlet.name());
+        }
+        let shape: Vec<i64> = dtype
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match (i, d) {
+                (0, d) if d < 0 => args.batch as i64,
+                (_, d) if d < 0 => 1,
+                (_, d) => d,
+            })
+            .collect();
+        let count = shape.iter().product::<i64>() as usize;
+        let data: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
+        println!("input {} shape {shape:?}", outlet.name());
+        let tensor = Tensor::from_array((shape, data)).map_err(ort_err)?;
+        inputs.push((outlet.name().to_string(), tensor.into_dyn()));
+    }
+
+    let run_once = |session: &mut Session| -> Result<()> {
+        let feed: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run(feed).map_err(ort_err)?;
+        drop(outputs);
+        Ok(())
+    };
+
+    let warmup_end = Instant::now() + args.warmup;
+    run_once(&mut session)?;
+    while Instant::now() < warmup_end {
+        run_once(&mut session)?;
+    }
+    let mut latencies_us: Vec<u64> = Vec::with_capacity(1 << 16);
+    let start = Instant::now();
+    let end = start + args.duration;
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        run_once(&mut session)?;
+        latencies_us.push(t.elapsed().as_micros() as u64);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let runs = latencies_us.len();
+    let pct = |q: f64| -> u64 {
+        if runs == 0 {
+            return 0;
+        }
+        let rank = ((q * runs as f64).ceil() as usize).clamp(1, runs);
+        latencies_us[rank - 1]
+    };
+    let (p50, p90, p99, p999) = (pct(0.5), pct(0.9), pct(0.99), pct(0.999));
+    let max = latencies_us.last().copied().unwrap_or(0);
+    let runs_per_s = runs as f64 / elapsed;
+    let ips = runs_per_s * args.batch as f64;
+
+    println!("=== raw ONNX Runtime: {} ===", args.model.display());
+    println!(
+        "setup        batch {}, intra threads {}, {:.1} s after {:.1} s warmup",
+        args.batch,
+        args.intra_threads,
+        elapsed,
+        args.warmup.as_secs_f64()
+    );
+    println!("runs         {runs} ({runs_per_s:.1} runs/s)");
+    println!("throughput   {ips:.1} inferences/s");
+    println!("latency us   p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}");
+
+    if let Some(path) = &args.json {
+        let model = args.model.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+        let json = format!(
+            "{{\n  \"label\": \"ort_raw\",\n  \"model\": \"{model}\",\n  \"batch\": {},\n  \
+             \"intra_threads\": {},\n  \"duration_s\": {elapsed:.3},\n  \"warmup_s\": {:.3},\n  \
+             \"runs\": {runs},\n  \"runs_per_s\": {runs_per_s:.3},\n  \"ips\": {ips:.3},\n  \
+             \"p50_us\": {p50},\n  \"p90_us\": {p90},\n  \"p99_us\": {p99},\n  \
+             \"p999_us\": {p999},\n  \"max_us\": {max}\n}}\n",
+            args.batch,
+            args.intra_threads,
+            args.warmup.as_secs_f64(),
+        );
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Small deterministic generator for input data (the crate has no `rand`).
+struct XorShift(u64);
+
+impl XorShift {
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Parses `5s`, `500ms`, `250us`, `2m` or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let value: f64 = text[..split]
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}"))?;
+    let scale = match &text[split..] {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "us" => 1e-6,
+        "m" => 60.0,
+        unit => return Err(format!("bad duration unit {unit:?} in {text:?}")),
+    };
+    Ok(Duration::from_secs_f64(value * scale))
+}

@@ -1,0 +1,29 @@
+//! The cpu-worker: ONNX models on ONNX Runtime behind Shamal's worker
+//! framework (KServe v2 gRPC, dynamic batching, Triton model repository).
+
+pub mod config;
+pub mod onnx;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use shamal_telemetry::Registry;
+use shamal_worker::WorkerListeners;
+
+pub use config::{CpuWorkerArgs, CpuWorkerConfig};
+pub use onnx::{OnnxRuntime, Optimization, SessionOptions};
+
+/// Runs a cpu-worker until `shutdown` completes, then drains.
+pub async fn run(
+    config: CpuWorkerConfig,
+    listeners: WorkerListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let library = config
+        .onnxruntime_library
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
+    let runtime = OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
+    shamal_worker::run(config.worker_config(), Arc::new(runtime), listeners, registry, shutdown).await
+}
