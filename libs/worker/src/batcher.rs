@@ -1,6 +1,8 @@
 //! The dynamic batcher.
 //!
-//! One task owns a model version's queue. When a model instance is free it
+//! One thread owns a model version's queue (a thread, not an async task, so
+//! that sub-millisecond queue delays are honoured precisely: tokio timers
+//! round up to whole milliseconds). When a model instance is free it
 //! takes the oldest request, adds every queued request with the same
 //! non-batch shapes (up to the maximum batch size, waiting at most the
 //! configured queue delay for more), and hands the batch to the instance's
@@ -13,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shamal_tensor::{concat_batch, split_batch, Tensor};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError};
 use crate::stats::{ExecutionRecord, ModelStats};
@@ -81,11 +84,20 @@ impl Pending {
     }
 }
 
-/// A batch handed to an instance thread, with the permit that marks the
-/// instance busy until the batch is done.
+/// Marks one instance busy; dropping it (when the batch is done) hands the
+/// instance back to the queue owner.
+struct InstanceToken(Sender<()>);
+
+impl Drop for InstanceToken {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// A batch handed to an instance thread.
 struct Job {
     requests: Vec<Pending>,
-    _permit: OwnedSemaphorePermit,
+    _token: InstanceToken,
 }
 
 /// Handle to a model version's batcher. Dropping every handle stops the
@@ -94,24 +106,27 @@ struct Job {
 #[derive(Clone)]
 pub struct Batcher {
     model: Arc<str>,
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: Sender<Pending>,
     depth: Arc<AtomicUsize>,
     max_queue_size: usize,
     max_batch_size: usize,
 }
 
 impl Batcher {
-    /// Starts the batcher task and one thread per backend instance.
+    /// Starts the batcher thread and one thread per backend instance.
     pub fn start(
         model: &str,
         config: BatcherConfig,
         instances: Vec<Box<dyn Backend>>,
         stats: Arc<ModelStats>,
     ) -> Batcher {
-        let (queue, receiver) = mpsc::unbounded_channel();
+        let (queue, receiver) = crossbeam_channel::unbounded();
         let depth = Arc::new(AtomicUsize::new(0));
         let (job_sender, job_receiver) = crossbeam_channel::unbounded::<Job>();
-        let free_instances = Arc::new(Semaphore::new(instances.len().max(1)));
+        let (token_sender, free_instances) = crossbeam_channel::unbounded();
+        for _ in 0..instances.len() {
+            let _ = token_sender.send(());
+        }
         for (index, backend) in instances.into_iter().enumerate() {
             let jobs = job_receiver.clone();
             let stats = stats.clone();
@@ -129,10 +144,16 @@ impl Batcher {
             local: VecDeque::new(),
             depth: depth.clone(),
             free_instances,
+            token_sender,
             jobs: job_sender,
             stats,
         };
-        tokio::spawn(owner.run());
+        let spawned = std::thread::Builder::new()
+            .name(format!("batch-{model}"))
+            .spawn(move || owner.run());
+        if let Err(error) = spawned {
+            tracing::error!(%model, %error, "cannot start batcher thread");
+        }
         Batcher {
             model: Arc::from(model),
             queue,
@@ -193,35 +214,39 @@ impl Batcher {
 /// The single owner of a model version's queue.
 struct QueueOwner {
     config: BatcherConfig,
-    receiver: mpsc::UnboundedReceiver<Pending>,
+    receiver: Receiver<Pending>,
     /// Requests taken off the channel but not yet batched, oldest first.
     local: VecDeque<Pending>,
     depth: Arc<AtomicUsize>,
-    free_instances: Arc<Semaphore>,
-    jobs: crossbeam_channel::Sender<Job>,
+    /// One message per idle instance.
+    free_instances: Receiver<()>,
+    token_sender: Sender<()>,
+    jobs: Sender<Job>,
     stats: Arc<ModelStats>,
 }
 
 impl QueueOwner {
-    async fn run(mut self) {
+    fn run(mut self) {
         loop {
             if self.local.is_empty() {
-                match self.receiver.recv().await {
-                    Some(pending) => self.local.push_back(pending),
-                    None => return,
+                match self.receiver.recv() {
+                    Ok(pending) => self.local.push_back(pending),
+                    // Every handle dropped: the model was unloaded.
+                    Err(_) => return,
                 }
             }
             // Form the batch only once an instance is free: while all are
             // busy, the queue keeps filling and the next batch is larger.
-            let Ok(permit) = self.free_instances.clone().acquire_owned().await else {
+            if self.free_instances.recv().is_err() {
                 return;
-            };
+            }
+            let token = InstanceToken(self.token_sender.clone());
             self.drain_channel();
             self.drop_abandoned();
             if self.local.is_empty() {
                 continue;
             }
-            let selected = self.collect_batch().await;
+            let selected = self.collect_batch();
             let requests = self.take(selected);
             if requests.is_empty() {
                 continue;
@@ -231,7 +256,7 @@ impl QueueOwner {
                 .jobs
                 .send(Job {
                     requests,
-                    _permit: permit,
+                    _token: token,
                 })
                 .is_err()
             {
@@ -270,7 +295,7 @@ impl QueueOwner {
 
     /// Picks the indexes (in `local`) of the next batch: the oldest request
     /// and the compatible ones after it, waiting up to the queue delay.
-    async fn collect_batch(&mut self) -> Vec<usize> {
+    fn collect_batch(&mut self) -> Vec<usize> {
         let max_rows = self.config.max_batch_size;
         if max_rows == 0 {
             return vec![0];
@@ -295,10 +320,10 @@ impl QueueOwner {
             if wait.is_zero() {
                 break;
             }
-            match tokio::time::timeout(wait, self.receiver.recv()).await {
-                Ok(Some(pending)) => self.local.push_back(pending),
-                // Closed channel or delay over: run what we have.
-                Ok(None) | Err(_) => break,
+            match self.receiver.recv_timeout(wait) {
+                Ok(pending) => self.local.push_back(pending),
+                // Delay over or channel closed: run what we have.
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
         selected
@@ -320,7 +345,7 @@ impl QueueOwner {
 
 fn instance_loop(
     mut backend: Box<dyn Backend>,
-    jobs: crossbeam_channel::Receiver<Job>,
+    jobs: Receiver<Job>,
     stats: Arc<ModelStats>,
     batching: bool,
 ) {
@@ -351,6 +376,7 @@ fn run_job(backend: &mut dyn Backend, job: Job, stats: &ModelStats, batching: bo
     let total_rows: usize = rows.iter().sum();
 
     let mut requests = live;
+    let input_started = Instant::now();
     let inputs = if batching && requests.len() > 1 {
         match merge_inputs(&requests) {
             Ok(inputs) => inputs,
@@ -359,53 +385,50 @@ fn run_job(backend: &mut dyn Backend, job: Job, stats: &ModelStats, batching: bo
                 return;
             }
         }
-    } else if requests.len() == 1 {
-        std::mem::take(&mut requests[0].inputs)
     } else {
-        // Unreachable by construction (no batching means one request per
-        // job); answered rather than assumed.
-        fail_all(requests, &InferError::Internal("unbatched job with several requests".into()));
-        return;
+        // Without batching a job holds exactly one request.
+        std::mem::take(&mut requests[0].inputs)
     };
+    let compute_input = input_started.elapsed();
 
     let compute_started = Instant::now();
     let result = backend.infer(inputs);
     let compute = compute_started.elapsed();
-    let outputs = match result {
-        Ok(outputs) => outputs,
-        Err(error) => {
-            let error = InferError::from(error);
-            stats.record_execution(ExecutionRecord {
-                batch_rows: total_rows,
-                requests: requests.len(),
-                queue_ns,
-                compute,
-                success: false,
-            });
-            fail_all(requests, &error);
-            return;
-        }
-    };
-    stats.record_execution(ExecutionRecord {
+    let mut record = ExecutionRecord {
         batch_rows: total_rows,
         requests: requests.len(),
         queue_ns,
+        compute_input,
         compute,
-        success: true,
-    });
-    if requests.len() == 1 {
-        if let Some(pending) = requests.pop() {
-            let _ = pending.reply.send(Ok(outputs));
+        compute_output: Duration::ZERO,
+        success: false,
+    };
+    let outputs = match result {
+        Ok(outputs) => outputs,
+        Err(error) => {
+            stats.record_execution(record);
+            fail_all(requests, &InferError::from(error));
+            return;
         }
-        return;
-    }
-    match split_outputs(&outputs, &rows) {
-        Ok(per_request) => {
-            for (pending, outputs) in requests.into_iter().zip(per_request) {
-                let _ = pending.reply.send(Ok(outputs));
-            }
+    };
+    let output_started = Instant::now();
+    let replies: Vec<(Pending, Result<Vec<Tensor>, InferError>)> = if requests.len() == 1 {
+        let mut outputs = Some(outputs);
+        requests
+            .into_iter()
+            .map(|pending| (pending, Ok(outputs.take().unwrap_or_default())))
+            .collect()
+    } else {
+        match split_outputs(&outputs, &rows) {
+            Ok(per_request) => requests.into_iter().zip(per_request.into_iter().map(Ok)).collect(),
+            Err(error) => requests.into_iter().map(|pending| (pending, Err(error.clone()))).collect(),
         }
-        Err(error) => fail_all(requests, &error),
+    };
+    record.compute_output = output_started.elapsed();
+    record.success = replies.iter().all(|(_, reply)| reply.is_ok());
+    stats.record_execution(record);
+    for (pending, reply) in replies {
+        let _ = pending.reply.send(reply);
     }
 }
 

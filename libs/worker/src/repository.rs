@@ -42,8 +42,20 @@ impl ModelVersion {
 /// State of a model version as listed by RepositoryIndex.
 #[derive(Clone)]
 pub enum VersionState {
+    Loading,
     Ready(Arc<ModelVersion>),
     Unavailable { reason: String },
+}
+
+impl VersionState {
+    /// The RepositoryIndex state name and reason.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            VersionState::Loading => ("LOADING", String::new()),
+            VersionState::Ready(_) => ("READY", String::new()),
+            VersionState::Unavailable { reason } => ("UNAVAILABLE", reason.clone()),
+        }
+    }
 }
 
 /// Every model version this worker knows of.
@@ -84,7 +96,7 @@ impl ModelStore {
                 .rev()
                 .find_map(|state| match state {
                     VersionState::Ready(model) => Some(model.clone()),
-                    VersionState::Unavailable { .. } => None,
+                    _ => None,
                 })
                 .ok_or_else(|| Lookup::NotReady(format!("model '{name}' has no ready version")));
         }
@@ -93,6 +105,9 @@ impl ModelStore {
             Some(VersionState::Ready(model)) => Ok(model.clone()),
             Some(VersionState::Unavailable { reason }) => Err(Lookup::NotReady(format!(
                 "model '{name}' version {number} is not ready: {reason}"
+            ))),
+            Some(VersionState::Loading) => Err(Lookup::NotReady(format!(
+                "model '{name}' version {number} is loading"
             ))),
             None => Err(Lookup::UnknownVersion),
         }
@@ -107,7 +122,7 @@ impl ModelStore {
                     .values()
                     .filter_map(|state| match state {
                         VersionState::Ready(model) => Some(model.clone()),
-                        VersionState::Unavailable { .. } => None,
+                        _ => None,
                     })
                     .collect()
             })
@@ -260,7 +275,6 @@ pub fn load_version(
     runtime: &dyn Runtime,
     defaults: &ModelDefaults,
     metrics: &WorkerMetrics,
-    handle: &tokio::runtime::Handle,
 ) -> Result<ModelVersion, String> {
     let started = Instant::now();
     let signature = runtime
@@ -307,10 +321,7 @@ pub fn load_version(
             .unwrap_or_default(),
         max_queue_size: settings.max_queue_size,
     };
-    let batcher = {
-        let _guard = handle.enter();
-        Batcher::start(&found.model, batcher_config, instances, stats.clone())
-    };
+    let batcher = Batcher::start(&found.model, batcher_config, instances, stats.clone());
     tracing::info!(
         model = %found.model,
         version = found.version,

@@ -93,7 +93,7 @@ pub async fn run(
         let readiness = readiness.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            load_repository(&state, &config, runtime.as_ref(), &metrics, &handle);
+            load_repository(&state, &config, runtime.as_ref(), &metrics);
             state.loaded.store(true, Ordering::SeqCst);
             if state.ready() {
                 readiness.set(true);
@@ -125,7 +125,6 @@ fn load_repository(
     config: &WorkerConfig,
     runtime: &dyn Runtime,
     metrics: &WorkerMetrics,
-    handle: &tokio::runtime::Handle,
 ) {
     let (found, problems) = match scan_repository(&config.model_repository, runtime.model_filename()) {
         Ok(listing) => listing,
@@ -144,11 +143,14 @@ fn load_repository(
             },
         );
     }
+    for version in &found {
+        state.store.insert(&version.model, version.version, VersionState::Loading);
+    }
     for version in found {
         if state.draining.load(Ordering::SeqCst) {
             return;
         }
-        match load_version(&version, runtime, &config.defaults, metrics, handle) {
+        match load_version(&version, runtime, &config.defaults, metrics) {
             Ok(model) => state
                 .store
                 .insert(&version.model, version.version, VersionState::Ready(Arc::new(model))),

@@ -309,7 +309,7 @@ impl GrpcInferenceService for WorkerService {
                 .into_iter()
                 .filter_map(|(_, _, state)| match state {
                     VersionState::Ready(model) => Some(model.stats.snapshot()),
-                    VersionState::Unavailable { .. } => None,
+                    _ => None,
                 })
                 .collect()
         } else if request.version.is_empty() {
@@ -337,10 +337,7 @@ impl GrpcInferenceService for WorkerService {
             .index()
             .into_iter()
             .filter_map(|(name, version, state)| {
-                let (state, reason) = match state {
-                    VersionState::Ready(_) => ("READY", String::new()),
-                    VersionState::Unavailable { reason } => ("UNAVAILABLE", reason),
-                };
+                let (state, reason) = state.describe();
                 if ready_only && state != "READY" {
                     return None;
                 }

@@ -85,7 +85,11 @@ pub struct ExecutionRecord {
     pub requests: usize,
     /// Sum over the batch's requests of their time in the queue.
     pub queue_ns: u128,
+    /// Merging request inputs into the batch.
+    pub compute_input: Duration,
     pub compute: Duration,
+    /// Splitting the batch outputs back per request.
+    pub compute_output: Duration,
     pub success: bool,
 }
 
@@ -94,12 +98,15 @@ struct Counters {
     success: (u64, u64),
     fail: (u64, u64),
     queue: (u64, u64),
+    compute_input: (u64, u64),
     compute_infer: (u64, u64),
+    compute_output: (u64, u64),
     inference_count: u64,
     execution_count: u64,
     last_inference_ms: u64,
     dropped: u64,
-    batches: BTreeMap<u64, (u64, u64)>,
+    /// Per batch size: (count, input ns, infer ns, output ns).
+    batches: BTreeMap<u64, (u64, u64, u64, u64)>,
 }
 
 /// Statistics of one model version.
@@ -131,16 +138,26 @@ impl ModelStats {
 
     pub fn record_execution(&self, record: ExecutionRecord) {
         let compute_ns = saturating_u64(record.compute.as_nanos());
+        let input_ns = saturating_u64(record.compute_input.as_nanos());
+        let output_ns = saturating_u64(record.compute_output.as_nanos());
         {
             let mut counters = self.counters();
             if record.success {
+                // perf_analyzer requires the three compute counts to agree:
+                // every execution has an input, infer and output phase.
                 counters.execution_count += 1;
                 counters.inference_count += record.batch_rows as u64;
+                counters.compute_input.0 += 1;
+                counters.compute_input.1 += input_ns;
                 counters.compute_infer.0 += 1;
                 counters.compute_infer.1 += compute_ns;
+                counters.compute_output.0 += 1;
+                counters.compute_output.1 += output_ns;
                 let entry = counters.batches.entry(record.batch_rows as u64).or_default();
                 entry.0 += 1;
-                entry.1 += compute_ns;
+                entry.1 += input_ns;
+                entry.2 += compute_ns;
+                entry.3 += output_ns;
             }
             counters.queue.0 += record.requests as u64;
             counters.queue.1 += saturating_u64(record.queue_ns);
@@ -222,20 +239,20 @@ impl ModelStats {
                 success: duration(counters.success),
                 fail: duration(counters.fail),
                 queue: duration(counters.queue),
-                compute_input: duration((0, 0)),
+                compute_input: duration(counters.compute_input),
                 compute_infer: duration(counters.compute_infer),
-                compute_output: duration((0, 0)),
+                compute_output: duration(counters.compute_output),
                 cache_hit: duration((0, 0)),
                 cache_miss: duration((0, 0)),
             }),
             batch_stats: counters
                 .batches
                 .iter()
-                .map(|(&batch_size, &(count, ns))| InferBatchStatistics {
+                .map(|(&batch_size, &(count, input_ns, infer_ns, output_ns))| InferBatchStatistics {
                     batch_size,
-                    compute_input: duration((0, 0)),
-                    compute_infer: duration((count, ns)),
-                    compute_output: duration((0, 0)),
+                    compute_input: duration((count, input_ns)),
+                    compute_infer: duration((count, infer_ns)),
+                    compute_output: duration((count, output_ns)),
                 })
                 .collect(),
             ..Default::default()

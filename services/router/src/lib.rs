@@ -1,1 +1,130 @@
+//! The router: Shamal's public KServe v2 front door (gRPC
+//! `inference.GRPCInferenceService` and its HTTP/JSON twin). It forwards each
+//! request to a worker serving the model, with deadlines, retries on another
+//! worker, load shedding and metrics.
 
+pub mod config;
+pub mod frontend;
+pub mod grpc;
+pub mod http;
+pub mod http_json;
+pub mod metrics;
+pub mod pool;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use shamal_telemetry::{Readiness, Registry};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{RouterArgs, RouterConfig};
+use frontend::Frontend;
+use grpc::RouterService;
+use metrics::RouterMetrics;
+use pool::WorkerPool;
+
+/// Pre-bound listeners (port 0 in tests).
+pub struct RouterListeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs the router until `shutdown` completes, then stops intake, lets
+/// in-flight requests finish and returns.
+pub async fn run(
+    config: RouterConfig,
+    listeners: RouterListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = Arc::new(
+        WorkerPool::new(&config.workers, config.connections_per_worker, config.max_message_bytes)
+            .map_err(anyhow::Error::msg)?,
+    );
+    let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
+    let frontend = Arc::new(Frontend::new(
+        pool,
+        RouterMetrics::new(&registry),
+        config.max_inflight,
+        config.default_timeout(),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<GrpcInferenceServiceServer<RouterService>>()
+        .await;
+    let readiness = Readiness::default();
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+
+    // Readiness follows the worker pool until shutdown starts.
+    let readiness_task = {
+        let frontend = frontend.clone();
+        let readiness = readiness.clone();
+        let health = health_reporter.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut was_ready = false;
+            loop {
+                let ready = frontend.ready() && !*stop.borrow();
+                readiness.set(ready);
+                if ready != was_ready {
+                    if ready {
+                        health.set_serving::<GrpcInferenceServiceServer<RouterService>>().await;
+                    } else {
+                        health.set_not_serving::<GrpcInferenceServiceServer<RouterService>>().await;
+                    }
+                    was_ready = ready;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        })
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("router draining");
+        let _ = stop_sender.send(true);
+    });
+
+    let metrics_task = listeners.metrics.map(|listener| {
+        tokio::spawn(shamal_telemetry::serve_metrics(
+            listener,
+            registry.clone(),
+            readiness.clone(),
+            wait_stop(stop.clone()),
+        ))
+    });
+
+    let grpc_service = GrpcInferenceServiceServer::new(RouterService::new(frontend.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(grpc_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), wait_stop(stop.clone()));
+    let http = axum::serve(
+        listeners.http,
+        http::router(frontend.clone(), config.max_message_bytes),
+    )
+    .with_graceful_shutdown(wait_stop(stop.clone()));
+    let (grpc_result, http_result) = tokio::join!(grpc, http);
+    readiness_task.abort();
+    refresher.abort();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("router stopped");
+    grpc_result?;
+    http_result?;
+    Ok(())
+}

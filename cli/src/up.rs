@@ -1,0 +1,213 @@
+//! `shamal up`: router and cpu-worker in one process, on loopback.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::inference::RepositoryIndexRequest;
+use shamal_router::{RouterConfig, RouterListeners};
+use shamal_worker::WorkerListeners;
+use tokio::net::TcpListener;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Triton-layout model repository to serve.
+    #[arg(long, env = "SHAMAL_MODEL_REPOSITORY", default_value = "models/repository")]
+    model_repository: PathBuf,
+    /// Address the public endpoints bind to.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    host: IpAddr,
+    /// KServe v2 HTTP/JSON port (Triton's default).
+    #[arg(long, default_value_t = 8000)]
+    http_port: u16,
+    /// KServe v2 gRPC port (Triton's default).
+    #[arg(long, default_value_t = 8001)]
+    grpc_port: u16,
+    /// Prometheus metrics port (Triton's default).
+    #[arg(long, default_value_t = 8002)]
+    metrics_port: u16,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, then the copy that
+    /// scripts/setup-deps.sh installs under .deps/).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    onnxruntime_library: Option<PathBuf>,
+    /// Model instances per version (each runs on its own thread).
+    #[arg(long)]
+    instances: Option<usize>,
+    /// ONNX Runtime intra-op threads per instance.
+    #[arg(long)]
+    intra_threads: Option<usize>,
+    /// Largest dynamic batch for models without a configuration file.
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Queue delay (µs) the batcher may wait to fill a batch, for models
+    /// without a configuration file.
+    #[arg(long)]
+    max_queue_delay_us: Option<u64>,
+}
+
+/// Looks for the ONNX Runtime library that scripts/setup-deps.sh installs.
+fn bundled_onnxruntime() -> Option<PathBuf> {
+    let lib = Path::new(".deps/venv/lib");
+    let python = std::fs::read_dir(lib).ok()?.filter_map(Result::ok).find(|entry| {
+        entry.file_name().to_string_lossy().starts_with("python3")
+    })?;
+    let capi = python.path().join("site-packages/onnxruntime/capi");
+    std::fs::read_dir(capi)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("libonnxruntime.so"))
+        })
+}
+
+async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(SocketAddr::new(host, port))
+        .await
+        .map_err(|error| format!("cannot bind the {what} port {host}:{port}: {error}"))
+}
+
+pub async fn run(args: UpArgs) -> ExitCode {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let worker_args = CpuWorkerArgs {
+        model_repository: Some(args.model_repository.clone()),
+        onnxruntime_library: args.onnxruntime_library.clone().or_else(bundled_onnxruntime),
+        instances: args.instances,
+        intra_threads: args.intra_threads,
+        max_batch_size: args.max_batch_size,
+        max_queue_delay_us: args.max_queue_delay_us,
+        ..Default::default()
+    };
+    let worker_config = match CpuWorkerConfig::load(&worker_args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("shamal up: invalid configuration: {error}");
+            return ExitCode::from(64);
+        }
+    };
+
+    // Bind everything before loading models: a taken port fails at once.
+    let listeners = async {
+        let worker = bind(loopback, 0, "worker").await?;
+        let grpc = bind(args.host, args.grpc_port, "gRPC").await?;
+        let http = bind(args.host, args.http_port, "HTTP").await?;
+        let metrics = bind(args.host, args.metrics_port, "metrics").await?;
+        Ok::<_, String>((worker, grpc, http, metrics))
+    }
+    .await;
+    let (worker_listener, grpc, http, metrics) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            eprintln!("shamal up: {error}");
+            return ExitCode::from(71);
+        }
+    };
+    let address = |listener: &TcpListener| listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
+    let worker_address = address(&worker_listener);
+    let (grpc_address, http_address, metrics_address) = (address(&grpc), address(&http), address(&metrics));
+
+    let router_config = RouterConfig {
+        workers: vec![worker_address.clone()],
+        refresh_interval_ms: 500,
+        ..RouterConfig::default()
+    };
+    let registry = shamal_telemetry::Registry::new();
+
+    // Shutdown order: the router stops intake and finishes its requests,
+    // then the worker drains and unloads.
+    let (router_done, router_done_signal) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(shamal_cpu_worker::run(
+        worker_config,
+        WorkerListeners {
+            grpc: worker_listener,
+            metrics: None,
+        },
+        registry.clone(),
+        async move {
+            let _ = router_done_signal.await;
+        },
+    ));
+    let router = tokio::spawn(async move {
+        let result = shamal_router::run(
+            router_config,
+            RouterListeners {
+                grpc,
+                http,
+                metrics: Some(metrics),
+            },
+            registry,
+            shamal_telemetry::shutdown_signal(),
+        )
+        .await;
+        let _ = router_done.send(());
+        result
+    });
+
+    tokio::spawn(announce(
+        worker_address,
+        grpc_address,
+        http_address,
+        metrics_address,
+    ));
+
+    let router_result = router.await;
+    let worker_result = worker.await;
+    match (router_result, worker_result) {
+        (Ok(Ok(())), Ok(Ok(()))) => ExitCode::SUCCESS,
+        (router_result, worker_result) => {
+            if let Ok(Err(error)) = router_result {
+                eprintln!("shamal up: router failed: {error}");
+            }
+            if let Ok(Err(error)) = worker_result {
+                eprintln!("shamal up: worker failed: {error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the endpoints and the served models once the worker has loaded.
+async fn announce(worker: String, grpc: String, http: String, metrics: String) {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{worker}")) else {
+        return;
+    };
+    let channel = endpoint.connect_lazy();
+    let mut client = GrpcInferenceServiceClient::new(channel);
+    for _ in 0..600 {
+        let ready = client
+            .server_ready(shamal_proto::inference::ServerReadyRequest {})
+            .await
+            .map(|response| response.into_inner().ready)
+            .unwrap_or(false);
+        let index = client
+            .repository_index(RepositoryIndexRequest::default())
+            .await
+            .map(|response| response.into_inner().models)
+            .unwrap_or_default();
+        let loading_done = ready || (!index.is_empty() && index.iter().all(|entry| entry.state != "LOADING"));
+        if loading_done {
+            let models: Vec<String> = index
+                .iter()
+                .map(|entry| {
+                    if entry.state == "READY" {
+                        format!("{}:{}", entry.name, entry.version)
+                    } else {
+                        format!("{}:{} ({}: {})", entry.name, entry.version, entry.state, entry.reason)
+                    }
+                })
+                .collect();
+            println!("Shamal is up.");
+            println!("  KServe v2 HTTP:  http://{http}/v2");
+            println!("  KServe v2 gRPC:  {grpc}");
+            println!("  Metrics:         http://{metrics}/metrics");
+            println!("  Models:          {}", models.join(", "));
+            println!("Press Ctrl-C to stop.");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,335 @@
+//! Routing core shared by the gRPC and HTTP front doors: admission, worker
+//! choice, deadline propagation, retries on another worker, metrics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::inference::repository_index_response::ModelIndex;
+use shamal_proto::inference::*;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::metrics::RouterMetrics;
+use crate::pool::{InflightGuard, PickError, WorkerPool};
+
+/// Protocol extensions the router implements (HTTP binary tensors included).
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
+
+/// Attempts per request: the first try plus retries on other workers.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Per-call context: who is asking and until when.
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    pub request_id: String,
+    pub deadline: Instant,
+    pub protocol: &'static str,
+}
+
+impl CallContext {
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// The router's shared state.
+pub struct Frontend {
+    pub pool: Arc<WorkerPool>,
+    pub metrics: RouterMetrics,
+    admission: Arc<Semaphore>,
+    pub default_timeout: Duration,
+}
+
+type Client = GrpcInferenceServiceClient<Channel>;
+
+fn pick_status(error: PickError, model: &str, version: &str) -> Status {
+    match error {
+        PickError::UnknownModel if version.is_empty() => Status::not_found(format!("unknown model '{model}'")),
+        PickError::UnknownModel => Status::not_found(format!("unknown version '{version}' of model '{model}'")),
+        PickError::NoneHealthy => Status::unavailable(format!("no worker is available for model '{model}'")),
+    }
+}
+
+/// Failures worth another worker: the request never ran or its worker went
+/// away. Inference is idempotent, so running it again elsewhere is safe.
+fn retriable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable)
+}
+
+impl Frontend {
+    pub fn new(pool: Arc<WorkerPool>, metrics: RouterMetrics, max_inflight: usize, default_timeout: Duration) -> Frontend {
+        Frontend {
+            pool,
+            metrics,
+            admission: Arc::new(Semaphore::new(max_inflight)),
+            default_timeout,
+        }
+    }
+
+    /// The deadline of a call: the caller's timeout, or the default.
+    pub fn deadline(&self, received: Instant, caller_timeout: Option<Duration>) -> Instant {
+        received + caller_timeout.unwrap_or(self.default_timeout)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.pool.ready()
+    }
+
+    pub fn server_metadata(&self) -> ServerMetadataResponse {
+        ServerMetadataResponse {
+            name: "shamal".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.iter().map(|extension| (*extension).to_owned()).collect(),
+        }
+    }
+
+    /// Calls one worker serving `model`, retrying on another worker when the
+    /// chosen one is unreachable, all within the call's deadline.
+    async fn forward<T, F, Fut>(&self, model: &str, version: &str, context: &CallContext, call: F) -> Result<T, Status>
+    where
+        F: Fn(Client, tonic::metadata::MetadataMap, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        if model.is_empty() {
+            return Err(Status::invalid_argument("model name must not be empty"));
+        }
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error: Option<Status> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let remaining = context.remaining();
+            if remaining.is_zero() {
+                return Err(Status::deadline_exceeded("deadline exceeded in the router"));
+            }
+            let (index, upstream) = match self.pool.pick(model, version, &tried) {
+                Ok(picked) => picked,
+                Err(error) => {
+                    return Err(last_error.unwrap_or_else(|| pick_status(error, model, version)));
+                }
+            };
+            tried.push(index);
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
+            let _inflight = InflightGuard::new(upstream.clone());
+            let attempt = tokio::time::timeout(remaining, call(upstream.client(), metadata, remaining)).await;
+            match attempt {
+                Err(_) => return Err(Status::deadline_exceeded("deadline exceeded waiting for the worker")),
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if retriable(&status) => {
+                    tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
+                    upstream.mark_unhealthy();
+                    self.metrics.retries.inc();
+                    last_error = Some(Status::unavailable(format!(
+                        "worker for model '{model}' is unavailable: {}",
+                        status.message()
+                    )));
+                }
+                Ok(Err(status)) => return Err(status),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Status::unavailable(format!("no worker is available for model '{model}'"))))
+    }
+
+    /// Admission control: a bounded number of requests in flight; beyond it,
+    /// an immediate RESOURCE_EXHAUSTED with no work done.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.shed.inc();
+            Status::resource_exhausted("router is at capacity, retry later")
+        })
+    }
+
+    pub async fn infer(&self, request: ModelInferRequest, context: &CallContext) -> Result<ModelInferResponse, Status> {
+        let started = Instant::now();
+        let model = request.model_name.clone();
+        let version = request.model_version.clone();
+        let result = match self.admit() {
+            Ok(_permit) => {
+                let request = &request;
+                self.forward(&model, &version, context, |mut client, metadata, timeout| {
+                    let mut outgoing = tonic::Request::from_parts(metadata, Default::default(), request.clone());
+                    outgoing.set_timeout(timeout);
+                    async move { client.model_infer(outgoing).await }
+                })
+                .await
+            }
+            Err(status) => Err(status),
+        };
+        let label = if self.pool.knows_model(&model) { model.as_str() } else { "_unknown" };
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.metrics.observe(label, context.protocol, code, started.elapsed());
+        if let Err(status) = &result {
+            tracing::debug!(request_id = %context.request_id, model = %model, code = ?status.code(), message = status.message(), "inference failed");
+        }
+        result
+    }
+
+    pub async fn model_metadata(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelMetadataResponse, Status> {
+        let message = ModelMetadataRequest {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        self.forward(name, version, context, |mut client, metadata, _| {
+            let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            async move { client.model_metadata(outgoing).await }
+        })
+        .await
+    }
+
+    pub async fn model_config(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelConfigResponse, Status> {
+        let message = ModelConfigRequest {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        self.forward(name, version, context, |mut client, metadata, _| {
+            let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            async move { client.model_config(outgoing).await }
+        })
+        .await
+    }
+
+    /// Whether the model (version) is ready on some worker. Unknown models
+    /// are NOT_FOUND; known ones that no worker can serve now are not ready.
+    pub async fn model_ready(&self, name: &str, version: &str, context: &CallContext) -> Result<bool, Status> {
+        let message = ModelReadyRequest {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        let answer = self
+            .forward(name, version, context, |mut client, metadata, _| {
+                let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+                async move { client.model_ready(outgoing).await }
+            })
+            .await;
+        match answer {
+            Ok(response) => Ok(response.ready),
+            Err(status) if status.code() == Code::Unavailable => Ok(false),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Statistics summed over every worker that serves the model(s).
+    pub async fn statistics(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelStatisticsResponse, Status> {
+        let upstreams = self.pool.serving(name);
+        if !name.is_empty() && upstreams.is_empty() {
+            return Err(if self.pool.knows_model(name) {
+                Status::unavailable(format!("no worker is available for model '{name}'"))
+            } else {
+                Status::not_found(format!("unknown model '{name}'"))
+            });
+        }
+        let message = ModelStatisticsRequest {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        let calls = upstreams.iter().map(|upstream| {
+            let mut client = upstream.client();
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
+            let mut outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            outgoing.set_timeout(context.remaining());
+            async move { client.model_statistics(outgoing).await }
+        });
+        let mut merged: BTreeMap<(String, String), ModelStatistics> = BTreeMap::new();
+        for answer in futures::future::join_all(calls).await {
+            match answer {
+                Ok(response) => {
+                    for stats in response.into_inner().model_stats {
+                        let key = (stats.name.clone(), stats.version.clone());
+                        match merged.get_mut(&key) {
+                            Some(total) => merge_statistics(total, &stats),
+                            None => {
+                                merged.insert(key, stats);
+                            }
+                        }
+                    }
+                }
+                // A version a worker does not hold is no reason to fail.
+                Err(status) if status.code() == Code::NotFound => {}
+                Err(status) => return Err(status),
+            }
+        }
+        if !name.is_empty() && merged.is_empty() {
+            return Err(Status::not_found(format!("unknown version '{version}' of model '{name}'")));
+        }
+        Ok(ModelStatisticsResponse {
+            model_stats: merged.into_values().collect(),
+        })
+    }
+
+    /// Union of the workers' repository indexes; a version ready anywhere
+    /// is listed as ready.
+    pub async fn repository_index(&self, ready_only: bool, context: &CallContext) -> Result<RepositoryIndexResponse, Status> {
+        let calls = self.pool.upstreams().iter().map(|upstream| {
+            let mut client = upstream.client();
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
+            let mut outgoing = tonic::Request::from_parts(
+                metadata,
+                Default::default(),
+                RepositoryIndexRequest {
+                    repository_name: String::new(),
+                    ready: ready_only,
+                },
+            );
+            outgoing.set_timeout(context.remaining());
+            async move { client.repository_index(outgoing).await }
+        });
+        let mut entries: BTreeMap<(String, String), ModelIndex> = BTreeMap::new();
+        for response in futures::future::join_all(calls).await.into_iter().flatten() {
+            for entry in response.into_inner().models {
+                let key = (entry.name.clone(), entry.version.clone());
+                let replace = entries.get(&key).is_none_or(|existing| existing.state != "READY");
+                if replace {
+                    entries.insert(key, entry);
+                }
+            }
+        }
+        Ok(RepositoryIndexResponse {
+            models: entries.into_values().collect(),
+        })
+    }
+}
+
+fn add(total: &mut Option<StatisticDuration>, other: &Option<StatisticDuration>) {
+    if let Some(other) = other {
+        let total = total.get_or_insert_with(StatisticDuration::default);
+        total.count += other.count;
+        total.ns += other.ns;
+    }
+}
+
+fn merge_statistics(total: &mut ModelStatistics, other: &ModelStatistics) {
+    total.last_inference = total.last_inference.max(other.last_inference);
+    total.inference_count += other.inference_count;
+    total.execution_count += other.execution_count;
+    if let Some(other_stats) = &other.inference_stats {
+        let stats = total.inference_stats.get_or_insert_with(InferStatistics::default);
+        add(&mut stats.success, &other_stats.success);
+        add(&mut stats.fail, &other_stats.fail);
+        add(&mut stats.queue, &other_stats.queue);
+        add(&mut stats.compute_input, &other_stats.compute_input);
+        add(&mut stats.compute_infer, &other_stats.compute_infer);
+        add(&mut stats.compute_output, &other_stats.compute_output);
+    }
+    for other_batch in &other.batch_stats {
+        match total
+            .batch_stats
+            .iter_mut()
+            .find(|batch| batch.batch_size == other_batch.batch_size)
+        {
+            Some(batch) => {
+                add(&mut batch.compute_input, &other_batch.compute_input);
+                add(&mut batch.compute_infer, &other_batch.compute_infer);
+                add(&mut batch.compute_output, &other_batch.compute_output);
+            }
+            None => total.batch_stats.push(other_batch.clone()),
+        }
+    }
+}

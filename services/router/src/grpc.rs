@@ -1,0 +1,121 @@
+//! The router's gRPC front door: `inference.GRPCInferenceService`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use shamal_proto::inference::*;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::frontend::{CallContext, Frontend};
+
+#[derive(Clone)]
+pub struct RouterService {
+    frontend: Arc<Frontend>,
+}
+
+impl RouterService {
+    pub fn new(frontend: Arc<Frontend>) -> RouterService {
+        RouterService { frontend }
+    }
+
+    fn context<T>(&self, request: &Request<T>) -> CallContext {
+        let metadata = request.metadata();
+        CallContext {
+            request_id: shamal_rpc::request_id(metadata),
+            deadline: self
+                .frontend
+                .deadline(Instant::now(), shamal_rpc::request_timeout(metadata)),
+            protocol: "grpc",
+        }
+    }
+}
+
+/// Answers with the request id in the response metadata.
+fn respond<T>(message: T, context: &CallContext) -> Response<T> {
+    let mut response = Response::new(message);
+    shamal_rpc::set_request_id(response.metadata_mut(), &context.request_id);
+    response
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for RouterService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.frontend.ready(),
+        }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let context = self.context(&request);
+        let request = request.into_inner();
+        let ready = self
+            .frontend
+            .model_ready(&request.name, &request.version, &context)
+            .await?;
+        Ok(respond(ModelReadyResponse { ready }, &context))
+    }
+
+    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(self.frontend.server_metadata()))
+    }
+
+    async fn model_metadata(&self, request: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+        let context = self.context(&request);
+        let request = request.into_inner();
+        let metadata = self
+            .frontend
+            .model_metadata(&request.name, &request.version, &context)
+            .await?;
+        Ok(respond(metadata, &context))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let context = self.context(&request);
+        let request = request.into_inner();
+        let config = self
+            .frontend
+            .model_config(&request.name, &request.version, &context)
+            .await?;
+        Ok(respond(config, &context))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let context = self.context(&request);
+        let span = tracing::debug_span!("infer", request_id = %context.request_id);
+        let response = self
+            .frontend
+            .infer(request.into_inner(), &context)
+            .instrument(span)
+            .await?;
+        Ok(respond(response, &context))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let context = self.context(&request);
+        let request = request.into_inner();
+        let statistics = self
+            .frontend
+            .statistics(&request.name, &request.version, &context)
+            .await?;
+        Ok(respond(statistics, &context))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let context = self.context(&request);
+        let ready_only = request.get_ref().ready;
+        let index = self.frontend.repository_index(ready_only, &context).await?;
+        Ok(respond(index, &context))
+    }
+}

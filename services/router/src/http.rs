@@ -1,0 +1,295 @@
+//! The router's HTTP/JSON front door (KServe v2 REST), served by axum over
+//! the same routing core as gRPC.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+
+use crate::frontend::{CallContext, Frontend};
+use crate::http_json::{message_json, parse_infer_request, render_infer_response};
+
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+type AppState = Arc<Frontend>;
+
+/// Builds the v2 HTTP routes.
+pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_version))
+        .route("/v2/models/{model}/stats", get(model_statistics))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_statistics_version))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(frontend)
+}
+
+/// The JSON error body of the v2 protocol, with the status mapped from the
+/// gRPC code.
+fn error_response(status: &Status) -> Response {
+    let http_status = match status.code() {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (http_status, Json(json!({ "error": status.message() }))).into_response()
+}
+
+fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
+    let request_id = headers
+        .get(shamal_rpc::REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    CallContext {
+        request_id,
+        deadline: frontend.deadline(Instant::now(), None),
+        protocol: "http",
+    }
+}
+
+fn with_request_id(mut response: Response, context: &CallContext) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&context.request_id) {
+        response.headers_mut().insert(shamal_rpc::REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+fn json_or_error(result: Result<Value, String>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(message) => error_response(&Status::internal(message)),
+    }
+}
+
+async fn server_ready(State(frontend): State<AppState>) -> StatusCode {
+    if frontend.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata(State(frontend): State<AppState>) -> Response {
+    let metadata = frontend.server_metadata();
+    Json(json!({
+        "name": metadata.name,
+        "version": metadata.version,
+        "extensions": metadata.extensions,
+    }))
+    .into_response()
+}
+
+async fn metadata_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+    let context = context(frontend, headers);
+    let response = match frontend.model_metadata(model, version, &context).await {
+        Ok(metadata) => {
+            let tensors = |tensors: &[shamal_proto::inference::model_metadata_response::TensorMetadata]| {
+                tensors
+                    .iter()
+                    .map(|tensor| json!({"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}))
+                    .collect::<Vec<_>>()
+            };
+            Json(json!({
+                "name": metadata.name,
+                "versions": metadata.versions,
+                "platform": metadata.platform,
+                "inputs": tensors(&metadata.inputs),
+                "outputs": tensors(&metadata.outputs),
+            }))
+            .into_response()
+        }
+        Err(status) => error_response(&status),
+    };
+    with_request_id(response, &context)
+}
+
+async fn model_metadata(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+    metadata_response(&frontend, &model, "", &headers).await
+}
+
+async fn model_metadata_version(
+    State(frontend): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    metadata_response(&frontend, &model, &version, &headers).await
+}
+
+async fn ready_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+    let context = context(frontend, headers);
+    match frontend.model_ready(model, version, &context).await {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Err(status) => error_response(&status),
+    }
+}
+
+async fn model_ready(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+    ready_response(&frontend, &model, "", &headers).await
+}
+
+async fn model_ready_version(
+    State(frontend): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    ready_response(&frontend, &model, &version, &headers).await
+}
+
+async fn config_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+    let context = context(frontend, headers);
+    match frontend.model_config(model, version, &context).await {
+        Ok(response) => json_or_error(message_json(&response.config.unwrap_or_default(), "inference.ModelConfig")),
+        Err(status) => error_response(&status),
+    }
+}
+
+async fn model_config(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+    config_response(&frontend, &model, "", &headers).await
+}
+
+async fn model_config_version(
+    State(frontend): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    config_response(&frontend, &model, &version, &headers).await
+}
+
+async fn statistics_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+    let context = context(frontend, headers);
+    match frontend.statistics(model, version, &context).await {
+        Ok(response) => json_or_error(message_json(&response, "inference.ModelStatisticsResponse")),
+        Err(status) => error_response(&status),
+    }
+}
+
+async fn all_statistics(State(frontend): State<AppState>, headers: HeaderMap) -> Response {
+    statistics_response(&frontend, "", "", &headers).await
+}
+
+async fn model_statistics(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+    statistics_response(&frontend, &model, "", &headers).await
+}
+
+async fn model_statistics_version(
+    State(frontend): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    statistics_response(&frontend, &model, &version, &headers).await
+}
+
+async fn repository_index(State(frontend): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let ready_only = if body.is_empty() {
+        false
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(value) => value.get("ready").and_then(Value::as_bool).unwrap_or(false),
+            Err(error) => {
+                return error_response(&Status::invalid_argument(format!("invalid repository index request: {error}")));
+            }
+        }
+    };
+    let context = context(&frontend, &headers);
+    match frontend.repository_index(ready_only, &context).await {
+        Ok(index) => Json(
+            index
+                .models
+                .iter()
+                .map(|entry| {
+                    let mut value = json!({"name": entry.name, "version": entry.version, "state": entry.state});
+                    if !entry.reason.is_empty() {
+                        value["reason"] = Value::String(entry.reason.clone());
+                    }
+                    value
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(status) => error_response(&status),
+    }
+}
+
+async fn infer_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap, body: Bytes) -> Response {
+    let context = context(frontend, headers);
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        if encoding.as_bytes() != b"identity" {
+            let response = (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Json(json!({"error": "compressed request bodies are not supported; send them uncompressed"})),
+            )
+                .into_response();
+            return with_request_id(response, &context);
+        }
+    }
+    let header_length = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|text| text.trim().parse::<usize>().ok()) {
+            Some(length) => Some(length),
+            None => {
+                let status = Status::invalid_argument("Inference-Header-Content-Length must be a byte count");
+                return with_request_id(error_response(&status), &context);
+            }
+        },
+    };
+    let (request, encoding) = match parse_infer_request(model, version, body, header_length) {
+        Ok(parsed) => parsed,
+        Err(bad) => return with_request_id(error_response(&Status::invalid_argument(bad.0)), &context),
+    };
+    let response = match frontend.infer(request, &context).await {
+        Ok(response) => match render_infer_response(response, &encoding) {
+            Ok((body, None)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Ok((body, Some(length))) => (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::HeaderName::from_static(HEADER_LENGTH), length.to_string()),
+                ],
+                body,
+            )
+                .into_response(),
+            Err(message) => error_response(&Status::internal(format!("malformed worker response: {message}"))),
+        },
+        Err(status) => error_response(&status),
+    };
+    with_request_id(response, &context)
+}
+
+async fn infer(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    infer_response(&frontend, &model, "", &headers, body).await
+}
+
+async fn infer_version(
+    State(frontend): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    infer_response(&frontend, &model, &version, &headers, body).await
+}

@@ -1,0 +1,90 @@
+//! Router metrics.
+
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use shamal_telemetry::{register, LATENCY_BUCKETS};
+use tonic::Code;
+
+#[derive(Clone)]
+pub struct RouterMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    pub retries: IntCounter,
+    pub shed: IntCounter,
+}
+
+/// Stable, lower-case names of gRPC codes for metric labels.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Unavailable => "unavailable",
+        Code::Unimplemented => "unimplemented",
+        Code::PermissionDenied => "permission_denied",
+        Code::Unauthenticated => "unauthenticated",
+        _ => "internal",
+    }
+}
+
+impl RouterMetrics {
+    pub fn new(registry: &Registry) -> RouterMetrics {
+        let build = || -> prometheus::Result<RouterMetrics> {
+            Ok(RouterMetrics {
+                requests: register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "shamal_router_requests_total",
+                            "Inference requests answered by the router, by model, protocol and gRPC code.",
+                        ),
+                        &["model", "protocol", "code"],
+                    )?,
+                ),
+                duration: register(
+                    registry,
+                    HistogramVec::new(
+                        HistogramOpts::new(
+                            "shamal_router_request_duration_seconds",
+                            "End-to-end inference latency seen by the router.",
+                        )
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                        &["model", "protocol"],
+                    )?,
+                ),
+                retries: register(
+                    registry,
+                    IntCounter::new(
+                        "shamal_router_retries_total",
+                        "Requests sent again to another worker after the first was unavailable.",
+                    )?,
+                ),
+                shed: register(
+                    registry,
+                    IntCounter::new(
+                        "shamal_router_shed_total",
+                        "Requests refused at once because the router was at capacity.",
+                    )?,
+                ),
+            })
+        };
+        match build() {
+            Ok(metrics) => metrics,
+            Err(error) => panic!("invalid router metric definition: {error}"),
+        }
+    }
+
+    pub fn observe(&self, model: &str, protocol: &str, code: Code, elapsed: Duration) {
+        self.requests
+            .with_label_values(&[model, protocol, code_label(code)])
+            .inc();
+        self.duration
+            .with_label_values(&[model, protocol])
+            .observe(elapsed.as_secs_f64());
+    }
+}

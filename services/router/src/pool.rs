@@ -1,0 +1,269 @@
+//! The workers behind the router and what each of them serves.
+//!
+//! Workers are configured statically for now. A background task asks each
+//! one for its repository index every refresh interval; a worker that fails a
+//! call is taken out of rotation until its next successful refresh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::inference::RepositoryIndexRequest;
+use tonic::transport::{Channel, Endpoint};
+
+/// One worker process.
+pub struct Upstream {
+    pub address: String,
+    channels: Vec<Channel>,
+    next_channel: AtomicUsize,
+    /// Requests currently forwarded to this worker.
+    pub inflight: AtomicUsize,
+    healthy: AtomicBool,
+    /// Ready models and their ready versions, from the last refresh.
+    models: RwLock<BTreeMap<String, BTreeSet<String>>>,
+    max_message_bytes: usize,
+}
+
+impl Upstream {
+    fn new(address: &str, connections: usize, max_message_bytes: usize) -> Result<Upstream, String> {
+        let url = if address.starts_with("http://") || address.starts_with("https://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|error| format!("invalid worker address '{address}': {error}"))?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true)
+            .connect_timeout(Duration::from_secs(2));
+        // Several HTTP/2 connections spread the load of many concurrent
+        // streams over more than one socket and I/O task.
+        let channels = (0..connections.max(1))
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        Ok(Upstream {
+            address: address.to_owned(),
+            channels,
+            next_channel: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            models: RwLock::new(BTreeMap::new()),
+            max_message_bytes,
+        })
+    }
+
+    /// A client on one of this worker's connections.
+    pub fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        GrpcInferenceServiceClient::new(self.channels[index].clone())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Takes the worker out of rotation after a transport failure.
+    pub fn mark_unhealthy(&self) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(worker = %self.address, "worker marked unhealthy");
+        }
+    }
+
+    fn serves(&self, model: &str, version: &str) -> bool {
+        let models = self.models.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        models
+            .get(model)
+            .is_some_and(|versions| version.is_empty() || versions.contains(version))
+    }
+
+    fn knows(&self, model: &str) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains_key(model)
+    }
+
+    async fn refresh(&self) {
+        let index = self
+            .client()
+            .repository_index(RepositoryIndexRequest {
+                repository_name: String::new(),
+                ready: true,
+            })
+            .await;
+        match index {
+            Ok(response) => {
+                let mut models: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                for entry in response.into_inner().models {
+                    if entry.state == "READY" {
+                        models.entry(entry.name).or_default().insert(entry.version);
+                    }
+                }
+                *self.models.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = models;
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(worker = %self.address, "worker in rotation");
+                }
+            }
+            Err(status) => {
+                tracing::debug!(worker = %self.address, %status, "worker refresh failed");
+                self.mark_unhealthy();
+            }
+        }
+    }
+}
+
+/// Why no worker can take a request.
+pub enum PickError {
+    /// No worker serves this model (or version) at all.
+    UnknownModel,
+    /// Workers serve it but none is healthy right now.
+    NoneHealthy,
+}
+
+/// All workers of the router.
+pub struct WorkerPool {
+    upstreams: Vec<Arc<Upstream>>,
+    refreshed_once: AtomicBool,
+}
+
+impl WorkerPool {
+    pub fn new(
+        addresses: &[String],
+        connections: usize,
+        max_message_bytes: usize,
+    ) -> Result<WorkerPool, String> {
+        let upstreams = addresses
+            .iter()
+            .map(|address| Upstream::new(address, connections, max_message_bytes).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(WorkerPool {
+            upstreams,
+            refreshed_once: AtomicBool::new(false),
+        })
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// Refreshes every worker concurrently.
+    pub async fn refresh(&self) {
+        futures::future::join_all(self.upstreams.iter().map(|upstream| upstream.refresh())).await;
+        self.refreshed_once.store(true, Ordering::SeqCst);
+    }
+
+    /// Keeps refreshing until the returned task is aborted.
+    pub fn spawn_refresh(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                pool.refresh().await;
+                // Until some worker answers, look again sooner.
+                let any_healthy = pool.upstreams.iter().any(|upstream| upstream.healthy());
+                let wait = if any_healthy { interval } else { interval.min(Duration::from_millis(100)) };
+                tokio::time::sleep(wait).await;
+            }
+        })
+    }
+
+    /// True once the workers have been asked at least once and one of them
+    /// serves a ready model.
+    pub fn ready(&self) -> bool {
+        self.refreshed_once.load(Ordering::SeqCst)
+            && self.upstreams.iter().any(|upstream| {
+                upstream.healthy()
+                    && !upstream
+                        .models
+                        .read()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .is_empty()
+            })
+    }
+
+    /// Whether any worker, healthy or not, has reported this model.
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.upstreams.iter().any(|upstream| upstream.knows(model))
+    }
+
+    /// Chooses the worker for a request: among the healthy workers serving
+    /// the model (and version), the less loaded of two picked at random
+    /// (power of two choices), skipping `exclude`.
+    pub fn pick(&self, model: &str, version: &str, exclude: &[usize]) -> Result<(usize, Arc<Upstream>), PickError> {
+        let mut serving = false;
+        let mut candidates: Vec<usize> = Vec::new();
+        for (index, upstream) in self.upstreams.iter().enumerate() {
+            if !upstream.serves(model, version) {
+                continue;
+            }
+            serving = true;
+            if upstream.healthy() && !exclude.contains(&index) {
+                candidates.push(index);
+            }
+        }
+        let chosen = match candidates.len() {
+            0 if serving => return Err(PickError::NoneHealthy),
+            0 => return Err(PickError::UnknownModel),
+            1 => candidates[0],
+            count => {
+                // Two distinct candidates at random.
+                let first_slot = fastrand_index(count);
+                let second_slot = (first_slot + 1 + fastrand_index(count - 1)) % count;
+                let (first, second) = (candidates[first_slot], candidates[second_slot]);
+                let load = |index: usize| self.upstreams[index].inflight.load(Ordering::Relaxed);
+                if load(second) < load(first) { second } else { first }
+            }
+        };
+        Ok((chosen, self.upstreams[chosen].clone()))
+    }
+
+    /// Healthy workers serving `model` (all healthy workers when empty).
+    pub fn serving(&self, model: &str) -> Vec<Arc<Upstream>> {
+        self.upstreams
+            .iter()
+            .filter(|upstream| upstream.healthy() && (model.is_empty() || upstream.knows(model)))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A cheap, thread-local xorshift: load balancing needs spread, not
+/// cryptographic randomness.
+fn fastrand_index(bound: usize) -> usize {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos() as u64 | 1)
+                .unwrap_or(0x9e37_79b9_7f4a_7c15),
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x % bound as u64) as usize
+    })
+}
+
+/// Tracks one forwarded request in its worker's in-flight count.
+pub struct InflightGuard(Arc<Upstream>);
+
+impl InflightGuard {
+    pub fn new(upstream: Arc<Upstream>) -> InflightGuard {
+        upstream.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(upstream)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
