@@ -178,7 +178,9 @@ output [
   }}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: 200
+  # Batch whatever queued while the instance was busy; waiting longer
+  # would add latency at low load for no gain on 2 cores.
+  max_queue_delay_microseconds: 0
 }}
 instance_group [
   {{
@@ -195,7 +197,9 @@ name: "demo_int8"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
 dynamic_batching {
-  max_queue_delay_microseconds: 200
+  # Batch whatever queued while the instance was busy; waiting longer
+  # would add latency at low load for no gain on 2 cores.
+  max_queue_delay_microseconds: 0
 }
 instance_group [
   {
@@ -315,7 +319,7 @@ output [
   }
 ]
 dynamic_batching {
-  max_queue_delay_microseconds: 2000
+  max_queue_delay_microseconds: 0
 }
 instance_group [
   {

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
-use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::RepositoryIndexRequest;
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_router::{RouterConfig, RouterListeners};
 use shamal_worker::WorkerListeners;
 use tokio::net::TcpListener;
@@ -15,7 +15,11 @@ use tokio::net::TcpListener;
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Triton-layout model repository to serve.
-    #[arg(long, env = "SHAMAL_MODEL_REPOSITORY", default_value = "models/repository")]
+    #[arg(
+        long,
+        env = "SHAMAL_MODEL_REPOSITORY",
+        default_value = "models/repository"
+    )]
     model_repository: PathBuf,
     /// Address the public endpoints bind to.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
@@ -51,9 +55,10 @@ pub struct UpArgs {
 /// Looks for the ONNX Runtime library that scripts/setup-deps.sh installs.
 fn bundled_onnxruntime() -> Option<PathBuf> {
     let lib = Path::new(".deps/venv/lib");
-    let python = std::fs::read_dir(lib).ok()?.filter_map(Result::ok).find(|entry| {
-        entry.file_name().to_string_lossy().starts_with("python3")
-    })?;
+    let python = std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|entry| entry.file_name().to_string_lossy().starts_with("python3"))?;
     let capi = python.path().join("site-packages/onnxruntime/capi");
     std::fs::read_dir(capi)
         .ok()?
@@ -75,7 +80,10 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let worker_args = CpuWorkerArgs {
         model_repository: Some(args.model_repository.clone()),
-        onnxruntime_library: args.onnxruntime_library.clone().or_else(bundled_onnxruntime),
+        onnxruntime_library: args
+            .onnxruntime_library
+            .clone()
+            .or_else(bundled_onnxruntime),
         instances: args.instances,
         intra_threads: args.intra_threads,
         max_batch_size: args.max_batch_size,
@@ -106,9 +114,15 @@ pub async fn run(args: UpArgs) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    let address = |listener: &TcpListener| listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
+    let address = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .map(|address| address.to_string())
+            .unwrap_or_default()
+    };
     let worker_address = address(&worker_listener);
-    let (grpc_address, http_address, metrics_address) = (address(&grpc), address(&http), address(&metrics));
+    let (grpc_address, http_address, metrics_address) =
+        (address(&grpc), address(&http), address(&metrics));
 
     let router_config = RouterConfig {
         workers: vec![worker_address.clone()],
@@ -188,7 +202,8 @@ async fn announce(worker: String, grpc: String, http: String, metrics: String) {
             .await
             .map(|response| response.into_inner().models)
             .unwrap_or_default();
-        let loading_done = ready || (!index.is_empty() && index.iter().all(|entry| entry.state != "LOADING"));
+        let loading_done =
+            ready || (!index.is_empty() && index.iter().all(|entry| entry.state != "LOADING"));
         if loading_done {
             let models: Vec<String> = index
                 .iter()
@@ -196,7 +211,10 @@ async fn announce(worker: String, grpc: String, http: String, metrics: String) {
                     if entry.state == "READY" {
                         format!("{}:{}", entry.name, entry.version)
                     } else {
-                        format!("{}:{} ({}: {})", entry.name, entry.version, entry.state, entry.reason)
+                        format!(
+                            "{}:{} ({}: {})",
+                            entry.name, entry.version, entry.state, entry.reason
+                        )
                     }
                 })
                 .collect();

@@ -37,7 +37,11 @@ fuzz_target!(|input: Input| {
     if let Ok(tensor) = Tensor::from_raw("t", datatype, shape.clone(), raw.clone()) {
         assert_eq!(tensor.datatype, datatype);
         assert_eq!(tensor.shape, shape);
-        assert_eq!(tensor.to_raw(), raw, "to_raw must give back the accepted raw bytes");
+        assert_eq!(
+            tensor.to_raw(),
+            raw,
+            "to_raw must give back the accepted raw bytes"
+        );
         let count = shamal_tensor::element_count("t", &shape).expect("accepted shape is valid");
         assert_eq!(tensor.element_count(), count);
     }

@@ -238,8 +238,22 @@ async fn infer(
     request.set_timeout(timeout);
     match tokio::time::timeout(timeout + CLIENT_GRACE, client.model_infer(request)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err((status.code(), status.message().to_string())),
+        Ok(Err(status)) => Err((error_code(&status), status.message().to_string())),
         Err(_) => Err((Code::DeadlineExceeded, "client-side timeout".to_string())),
+    }
+}
+
+/// The gRPC code of a failure; tonic reports its own client-side enforcement
+/// of the deadline as CANCELLED, which is counted here as DEADLINE_EXCEEDED.
+fn error_code(status: &tonic::Status) -> Code {
+    let client_timeout = std::error::Error::source(status)
+        .is_some_and(|e| e.downcast_ref::<tonic::TimeoutExpired>().is_some());
+    if status.code() == Code::Cancelled
+        && (client_timeout || status.message() == tonic::TimeoutExpired(()).to_string())
+    {
+        Code::DeadlineExceeded
+    } else {
+        status.code()
     }
 }
 

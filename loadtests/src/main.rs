@@ -56,8 +56,14 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+async fn main() {
+    if let Err(error) = real_main(Args::parse()).await {
+        eprintln!("shamal-loadgen: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(args: Args) -> Result<()> {
     let mode = match args.rate {
         Some(rate) => Mode::Open {
             rate,

@@ -47,15 +47,18 @@ impl GrpcInferenceService for Mock {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        if request.metadata().get("grpc-timeout").is_none() {
+        let Some(deadline) = request.metadata().get("grpc-timeout") else {
             return Err(Status::invalid_argument("no deadline"));
-        }
+        };
+        // A deadline under 10 ms gets its response far too late.
+        let slow = grpc_timeout_micros(deadline.to_str().unwrap_or("")) < 10_000;
         let request = request.into_inner();
         let rows = request.inputs[0].shape[0] as usize;
         if request.raw_input_contents[0].len() != rows * 16 * 4 {
             return Err(Status::invalid_argument("bad raw input size"));
         }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        let delay = if slow { 50_000 } else { 200 };
+        tokio::time::sleep(Duration::from_micros(delay)).await;
         if self.calls.fetch_add(1, Ordering::Relaxed) % 10 == 9 {
             return Err(Status::unavailable("every tenth call fails"));
         }
@@ -63,6 +66,18 @@ impl GrpcInferenceService for Mock {
             model_name: request.model_name,
             ..Default::default()
         }))
+    }
+}
+
+/// Parses a `grpc-timeout` value ("5000000u", "100m", ...) into microseconds.
+fn grpc_timeout_micros(value: &str) -> u64 {
+    let (digits, unit) = value.split_at(value.len().saturating_sub(1));
+    let n: u64 = digits.parse().unwrap_or(u64::MAX);
+    match unit {
+        "n" => n / 1000,
+        "u" => n,
+        "m" => n.saturating_mul(1000),
+        _ => u64::MAX,
     }
 }
 
@@ -150,4 +165,20 @@ async fn unknown_model_is_an_error() {
     let mut config = config(url, Mode::Closed { concurrency: 1 });
     config.model = "nope".to_string();
     assert!(run(config).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_deadlines_count_as_deadline_exceeded() {
+    let url = start_mock().await;
+    let mut config = config(url, Mode::Closed { concurrency: 2 });
+    config.timeout = Duration::from_micros(100);
+    config.duration = Duration::from_millis(300);
+    let report = run(config).await.expect("run");
+    assert_eq!(report.ok, 0, "{report}");
+    assert!(report.error_total > 0, "{report}");
+    assert_eq!(
+        report.errors.keys().collect::<Vec<_>>(),
+        vec!["DeadlineExceeded"],
+        "{report}"
+    );
 }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::Status;
+use tonic::metadata::{MetadataMap, MetadataValue};
 
 /// Default gRPC message size limit in both directions. tonic's own 4 MiB
 /// default breaks real clients sending images or large batches.
@@ -40,7 +40,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// receiver never sees a longer deadline than the sender had.
 pub fn format_grpc_timeout(timeout: Duration) -> String {
     const MAX: u128 = 99_999_999;
-    let micros = timeout.as_micros() + u128::from(timeout.subsec_nanos() % 1000 != 0);
+    let micros = timeout.as_micros() + u128::from(!timeout.subsec_nanos().is_multiple_of(1000));
     if micros <= MAX {
         return format!("{micros}u");
     }

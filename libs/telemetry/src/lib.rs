@@ -6,14 +6,14 @@
 //! probes answer even when the data plane is saturated.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::Router;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 pub use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
@@ -24,7 +24,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Batch-size buckets (powers of two up to 1024).
-pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Installs the global tracing subscriber: `RUST_LOG`-style filtering
 /// (default `info`), plain text or JSON lines (`SHAMAL_LOG_FORMAT=json`).
@@ -33,7 +35,9 @@ pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SHAMAL_LOG_FORMAT").is_ok_and(|format| format == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -105,7 +109,10 @@ async fn ready(State(state): State<MetricsState>) -> StatusCode {
 
 /// Registers a collector, ignoring the error of a second registration of the
 /// same metric (several services sharing one process registry).
-pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> C {
     let _ = registry.register(Box::new(collector.clone()));
     collector
 }

@@ -11,9 +11,9 @@ mod dtype;
 mod typed;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use shamal_proto::inference::InferTensorContents;
 use shamal_proto::inference::model_infer_request::InferInputTensor;
 use shamal_proto::inference::model_infer_response::InferOutputTensor;
-use shamal_proto::inference::InferTensorContents;
 
 pub use batch::{concat_batch, split_batch};
 pub use dtype::DataType;
@@ -123,10 +123,12 @@ impl Tensor {
         let count = element_count(&name, &shape)?;
         let data = match datatype.element_size() {
             Some(size) => {
-                let expected = count.checked_mul(size).ok_or_else(|| Error::ShapeTooLarge {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                })?;
+                let expected = count
+                    .checked_mul(size)
+                    .ok_or_else(|| Error::ShapeTooLarge {
+                        name: name.clone(),
+                        shape: shape.clone(),
+                    })?;
                 if raw.len() != expected {
                     return Err(Error::ByteSizeMismatch {
                         name,
@@ -260,7 +262,10 @@ pub fn decode_outputs(
 
 type Part = (String, String, Vec<i64>, Option<InferTensorContents>);
 
-fn decode_parts(parts: impl ExactSizeIterator<Item = Part>, raw: Vec<Bytes>) -> Result<Vec<Tensor>, Error> {
+fn decode_parts(
+    parts: impl ExactSizeIterator<Item = Part>,
+    raw: Vec<Bytes>,
+) -> Result<Vec<Tensor>, Error> {
     let tensor_count = parts.len();
     if !raw.is_empty() && raw.len() != tensor_count {
         return Err(Error::RawCountMismatch {

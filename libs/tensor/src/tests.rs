@@ -1,6 +1,6 @@
 use bytes::Bytes;
-use shamal_proto::inference::model_infer_request::InferInputTensor;
 use shamal_proto::inference::InferTensorContents;
+use shamal_proto::inference::model_infer_request::InferInputTensor;
 
 use super::*;
 
@@ -80,8 +80,11 @@ const VALUES: [i128; 6] = [0, 1, 2, 3, 4, 5];
 fn every_datatype_decodes_from_raw_contents() {
     for datatype in DataType::ALL {
         let raw = Bytes::from(raw_bytes(datatype, &VALUES));
-        let tensors = decode_inputs(vec![input("x", datatype.as_str(), &[2, 3])], vec![raw.clone()])
-            .unwrap_or_else(|err| panic!("{datatype}: {err}"));
+        let tensors = decode_inputs(
+            vec![input("x", datatype.as_str(), &[2, 3])],
+            vec![raw.clone()],
+        )
+        .unwrap_or_else(|err| panic!("{datatype}: {err}"));
         assert_eq!(tensors.len(), 1);
         assert_eq!(tensors[0].datatype, datatype);
         assert_eq!(tensors[0].shape, vec![2, 3]);
@@ -94,7 +97,10 @@ fn every_datatype_decodes_from_raw_contents() {
 fn every_typed_datatype_decodes_to_the_same_bytes_as_raw() {
     for datatype in DataType::ALL {
         let typed = decode_inputs(
-            vec![with_contents(input("x", datatype.as_str(), &[6]), typed_contents(datatype, &VALUES))],
+            vec![with_contents(
+                input("x", datatype.as_str(), &[6]),
+                typed_contents(datatype, &VALUES),
+            )],
             vec![],
         );
         if matches!(datatype, DataType::Fp16 | DataType::Bf16) {
@@ -105,23 +111,45 @@ fn every_typed_datatype_decodes_to_the_same_bytes_as_raw() {
             continue;
         }
         let typed = typed.unwrap_or_else(|err| panic!("{datatype}: {err}"));
-        assert_eq!(typed[0].to_raw().as_ref(), raw_bytes(datatype, &VALUES).as_slice(), "{datatype}");
+        assert_eq!(
+            typed[0].to_raw().as_ref(),
+            raw_bytes(datatype, &VALUES).as_slice(),
+            "{datatype}"
+        );
         // And back: typed encoding reproduces the contents.
-        assert_eq!(typed[0].to_contents(), Some(typed_contents(datatype, &VALUES)), "{datatype}");
+        assert_eq!(
+            typed[0].to_contents(),
+            Some(typed_contents(datatype, &VALUES)),
+            "{datatype}"
+        );
     }
 }
 
 #[test]
 fn negative_values_survive_signed_datatypes() {
     let values = [-128, -1, 0, 127];
-    for datatype in [DataType::Int8, DataType::Int16, DataType::Int32, DataType::Int64] {
+    for datatype in [
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+    ] {
         let tensors = decode_inputs(
-            vec![with_contents(input("x", datatype.as_str(), &[4]), typed_contents(datatype, &values))],
+            vec![with_contents(
+                input("x", datatype.as_str(), &[4]),
+                typed_contents(datatype, &values),
+            )],
             vec![],
         )
         .unwrap();
-        assert_eq!(tensors[0].to_raw().as_ref(), raw_bytes(datatype, &values).as_slice());
-        assert_eq!(to_f64_values(&tensors[0]).unwrap(), vec![-128.0, -1.0, 0.0, 127.0]);
+        assert_eq!(
+            tensors[0].to_raw().as_ref(),
+            raw_bytes(datatype, &values).as_slice()
+        );
+        assert_eq!(
+            to_f64_values(&tensors[0]).unwrap(),
+            vec![-128.0, -1.0, 0.0, 127.0]
+        );
     }
 }
 
@@ -148,11 +176,24 @@ fn raw_byte_size_mismatch_names_the_input() {
 #[test]
 fn typed_element_count_mismatch_is_refused() {
     let err = decode_inputs(
-        vec![with_contents(input("a", "INT32", &[2, 2]), typed_contents(DataType::Int32, &[1, 2, 3]))],
+        vec![with_contents(
+            input("a", "INT32", &[2, 2]),
+            typed_contents(DataType::Int32, &[1, 2, 3]),
+        )],
         vec![],
     )
     .unwrap_err();
-    assert!(matches!(err, Error::ElementCountMismatch { expected: 4, actual: 3, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::ElementCountMismatch {
+                expected: 4,
+                actual: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -166,23 +207,39 @@ fn typed_values_out_of_range_are_refused() {
     ];
     for (datatype, value) in cases {
         let err = decode_inputs(
-            vec![with_contents(input("v", datatype.as_str(), &[1]), typed_contents(datatype, &[value]))],
+            vec![with_contents(
+                input("v", datatype.as_str(), &[1]),
+                typed_contents(datatype, &[value]),
+            )],
             vec![],
         )
         .unwrap_err();
-        assert!(matches!(err, Error::ValueOutOfRange { .. }), "{datatype} {value}: {err:?}");
+        assert!(
+            matches!(err, Error::ValueOutOfRange { .. }),
+            "{datatype} {value}: {err:?}"
+        );
     }
 }
 
 #[test]
 fn contents_in_the_wrong_field_are_refused() {
     let err = decode_inputs(
-        vec![with_contents(input("x", "FP32", &[2]), typed_contents(DataType::Int32, &[1, 2]))],
+        vec![with_contents(
+            input("x", "FP32", &[2]),
+            typed_contents(DataType::Int32, &[1, 2]),
+        )],
         vec![],
     )
     .unwrap_err();
     assert!(
-        matches!(err, Error::WrongContentsField { expected: "fp32_contents", found: "int_contents", .. }),
+        matches!(
+            err,
+            Error::WrongContentsField {
+                expected: "fp32_contents",
+                found: "int_contents",
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
@@ -196,14 +253,20 @@ fn malformed_bytes_elements_are_refused() {
         (&[0xff, 0xff, 0xff, 0xff], "exceeds"),
     ];
     for (raw, reason) in cases {
-        let err = decode_inputs(vec![input("s", "BYTES", &[1])], vec![Bytes::copy_from_slice(raw)])
-            .unwrap_err();
+        let err = decode_inputs(
+            vec![input("s", "BYTES", &[1])],
+            vec![Bytes::copy_from_slice(raw)],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains(reason), "{raw:?}: {err}");
         assert!(matches!(err, Error::MalformedBytes { .. }));
     }
     // A huge declared element count cannot force a huge allocation.
-    let err = decode_inputs(vec![input("s", "BYTES", &[1 << 40])], vec![Bytes::from_static(&[0; 8])])
-        .unwrap_err();
+    let err = decode_inputs(
+        vec![input("s", "BYTES", &[1 << 40])],
+        vec![Bytes::from_static(&[0; 8])],
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::MalformedBytes { .. }), "{err:?}");
 }
 
@@ -211,8 +274,11 @@ fn malformed_bytes_elements_are_refused() {
 fn invalid_shapes_and_datatypes_are_refused() {
     let err = decode_inputs(vec![input("x", "FP32", &[-1, 4])], vec![Bytes::new()]).unwrap_err();
     assert!(matches!(err, Error::NegativeDimension { .. }));
-    let err = decode_inputs(vec![input("x", "FP32", &[i64::MAX, i64::MAX])], vec![Bytes::new()])
-        .unwrap_err();
+    let err = decode_inputs(
+        vec![input("x", "FP32", &[i64::MAX, i64::MAX])],
+        vec![Bytes::new()],
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::ShapeTooLarge { .. }));
     let err = decode_inputs(vec![input("x", "FLOAT32", &[1])], vec![Bytes::new()]).unwrap_err();
     assert!(matches!(err, Error::UnknownDatatype { .. }));
@@ -228,13 +294,19 @@ fn raw_contents_must_cover_every_input_once() {
     let err = decode_inputs(vec![input("a", "UINT8", &[1])], vec![]).unwrap_err();
     assert_eq!(err, Error::MissingData { name: "a".into() });
 
-    let both = with_contents(input("a", "UINT8", &[1]), typed_contents(DataType::Uint8, &[1]));
+    let both = with_contents(
+        input("a", "UINT8", &[1]),
+        typed_contents(DataType::Uint8, &[1]),
+    );
     let err = decode_inputs(vec![both], vec![Bytes::from_static(&[1])]).unwrap_err();
     assert_eq!(err, Error::AmbiguousData { name: "a".into() });
 
     let twice = vec![input("a", "UINT8", &[1]), input("a", "UINT8", &[1])];
-    let err = decode_inputs(twice, vec![Bytes::from_static(&[1]), Bytes::from_static(&[2])])
-        .unwrap_err();
+    let err = decode_inputs(
+        twice,
+        vec![Bytes::from_static(&[1]), Bytes::from_static(&[2])],
+    )
+    .unwrap_err();
     assert_eq!(err, Error::DuplicateTensor { name: "a".into() });
 }
 
@@ -247,8 +319,20 @@ fn empty_tensors_need_no_data() {
 #[test]
 fn outputs_encode_as_raw_and_decode_back() {
     let tensors = vec![
-        Tensor::from_raw("f", DataType::Fp32, vec![2], Bytes::from(raw_bytes(DataType::Fp32, &[1, 2]))).unwrap(),
-        Tensor::from_raw("s", DataType::Bytes, vec![2], Bytes::from(raw_bytes(DataType::Bytes, &[10, 200]))).unwrap(),
+        Tensor::from_raw(
+            "f",
+            DataType::Fp32,
+            vec![2],
+            Bytes::from(raw_bytes(DataType::Fp32, &[1, 2])),
+        )
+        .unwrap(),
+        Tensor::from_raw(
+            "s",
+            DataType::Bytes,
+            vec![2],
+            Bytes::from(raw_bytes(DataType::Bytes, &[10, 200])),
+        )
+        .unwrap(),
     ];
     let (outputs, raw) = encode_outputs(&tensors);
     assert_eq!(outputs[1].datatype, "BYTES");
@@ -258,11 +342,26 @@ fn outputs_encode_as_raw_and_decode_back() {
 #[test]
 fn batches_concatenate_and_split_back_exactly() {
     for datatype in DataType::ALL {
-        let a = Tensor::from_raw("x", datatype, vec![1, 3], Bytes::from(raw_bytes(datatype, &[1, 2, 3]))).unwrap();
-        let b = Tensor::from_raw("x", datatype, vec![2, 3], Bytes::from(raw_bytes(datatype, &[4, 5, 6, 7, 8, 9]))).unwrap();
+        let a = Tensor::from_raw(
+            "x",
+            datatype,
+            vec![1, 3],
+            Bytes::from(raw_bytes(datatype, &[1, 2, 3])),
+        )
+        .unwrap();
+        let b = Tensor::from_raw(
+            "x",
+            datatype,
+            vec![2, 3],
+            Bytes::from(raw_bytes(datatype, &[4, 5, 6, 7, 8, 9])),
+        )
+        .unwrap();
         let joined = concat_batch(&[&a, &b]).unwrap();
         assert_eq!(joined.shape, vec![3, 3]);
-        assert_eq!(joined.to_raw().as_ref(), raw_bytes(datatype, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).as_slice());
+        assert_eq!(
+            joined.to_raw().as_ref(),
+            raw_bytes(datatype, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).as_slice()
+        );
         let pieces = split_batch(&joined, &[1, 2]).unwrap();
         assert_eq!(pieces, vec![a, b], "{datatype}");
     }
@@ -270,8 +369,20 @@ fn batches_concatenate_and_split_back_exactly() {
 
 #[test]
 fn batching_refuses_mismatched_tensors() {
-    let a = Tensor::from_raw("x", DataType::Uint8, vec![1, 2], Bytes::from_static(&[1, 2])).unwrap();
-    let b = Tensor::from_raw("x", DataType::Uint8, vec![1, 3], Bytes::from_static(&[1, 2, 3])).unwrap();
+    let a = Tensor::from_raw(
+        "x",
+        DataType::Uint8,
+        vec![1, 2],
+        Bytes::from_static(&[1, 2]),
+    )
+    .unwrap();
+    let b = Tensor::from_raw(
+        "x",
+        DataType::Uint8,
+        vec![1, 3],
+        Bytes::from_static(&[1, 2, 3]),
+    )
+    .unwrap();
     assert!(concat_batch(&[&a, &b]).is_err());
     assert!(split_batch(&a, &[2]).is_err());
     let lying = Tensor {
@@ -280,15 +391,27 @@ fn batching_refuses_mismatched_tensors() {
         shape: vec![2, 2],
         data: TensorData::Fixed(Bytes::from_static(&[0; 4])),
     };
-    assert!(split_batch(&lying, &[1, 1]).is_err(), "short data is refused, not sliced");
+    assert!(
+        split_batch(&lying, &[1, 1]).is_err(),
+        "short data is refused, not sliced"
+    );
 }
 
 #[test]
 fn float_helpers_round_trip() {
-    for datatype in [DataType::Fp16, DataType::Bf16, DataType::Fp32, DataType::Fp64] {
+    for datatype in [
+        DataType::Fp16,
+        DataType::Bf16,
+        DataType::Fp32,
+        DataType::Fp64,
+    ] {
         let raw = float_bytes_from_f64(datatype, &[0.5, -2.0, 3.0]).unwrap();
         let tensor = Tensor::from_raw("f", datatype, vec![3], raw).unwrap();
-        assert_eq!(to_f64_values(&tensor).unwrap(), vec![0.5, -2.0, 3.0], "{datatype}");
+        assert_eq!(
+            to_f64_values(&tensor).unwrap(),
+            vec![0.5, -2.0, 3.0],
+            "{datatype}"
+        );
     }
     assert!(float_bytes_from_f64(DataType::Int32, &[1.0]).is_none());
 }

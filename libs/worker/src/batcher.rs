@@ -10,12 +10,12 @@
 //! whose caller left or whose deadline passed are dropped before they run.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use shamal_tensor::{concat_batch, split_batch, Tensor};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use shamal_tensor::{Tensor, concat_batch, split_batch};
 use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError};
@@ -420,8 +420,14 @@ fn run_job(backend: &mut dyn Backend, job: Job, stats: &ModelStats, batching: bo
             .collect()
     } else {
         match split_outputs(&outputs, &rows) {
-            Ok(per_request) => requests.into_iter().zip(per_request.into_iter().map(Ok)).collect(),
-            Err(error) => requests.into_iter().map(|pending| (pending, Err(error.clone()))).collect(),
+            Ok(per_request) => requests
+                .into_iter()
+                .zip(per_request.into_iter().map(Ok))
+                .collect(),
+            Err(error) => requests
+                .into_iter()
+                .map(|pending| (pending, Err(error.clone())))
+                .collect(),
         }
     };
     record.compute_output = output_started.elapsed();
@@ -436,7 +442,10 @@ fn merge_inputs(requests: &[Pending]) -> Result<Vec<Tensor>, InferError> {
     let input_count = requests[0].inputs.len();
     (0..input_count)
         .map(|index| {
-            let parts: Vec<&Tensor> = requests.iter().map(|pending| &pending.inputs[index]).collect();
+            let parts: Vec<&Tensor> = requests
+                .iter()
+                .map(|pending| &pending.inputs[index])
+                .collect();
             concat_batch(&parts).map_err(|error| InferError::Internal(error.to_string()))
         })
         .collect()
@@ -444,7 +453,10 @@ fn merge_inputs(requests: &[Pending]) -> Result<Vec<Tensor>, InferError> {
 
 /// Splits every output by request rows: result[request][output].
 fn split_outputs(outputs: &[Tensor], rows: &[usize]) -> Result<Vec<Vec<Tensor>>, InferError> {
-    let mut per_request: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    let mut per_request: Vec<Vec<Tensor>> = rows
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
     for output in outputs {
         let pieces = split_batch(output, rows).map_err(|error| {
             InferError::Internal(format!("model output cannot be split per request: {error}"))

@@ -36,7 +36,9 @@ impl Backend for Affine {
                 (3.0 * value + 1.0).to_le_bytes()
             })
             .collect();
-        Ok(vec![Tensor::from_raw("y", DataType::Fp32, input.shape.clone(), Bytes::from(out)).unwrap()])
+        Ok(vec![
+            Tensor::from_raw("y", DataType::Fp32, input.shape.clone(), Bytes::from(out)).unwrap(),
+        ])
     }
 }
 
@@ -44,11 +46,19 @@ fn tensor(rows: usize, width: usize, start: f32) -> Tensor {
     let data: Vec<u8> = (0..rows * width)
         .flat_map(|i| (start + i as f32).to_le_bytes())
         .collect();
-    Tensor::from_raw("x", DataType::Fp32, vec![rows as i64, width as i64], Bytes::from(data)).unwrap()
+    Tensor::from_raw(
+        "x",
+        DataType::Fp32,
+        vec![rows as i64, width as i64],
+        Bytes::from(data),
+    )
+    .unwrap()
 }
 
 fn expected(input: &Tensor) -> Vec<f32> {
-    let TensorData::Fixed(bytes) = &input.data else { unreachable!() };
+    let TensorData::Fixed(bytes) = &input.data else {
+        unreachable!()
+    };
     bytes
         .chunks_exact(4)
         .map(|chunk| 3.0 * f32::from_le_bytes(chunk.try_into().unwrap()) + 1.0)
@@ -56,7 +66,9 @@ fn expected(input: &Tensor) -> Vec<f32> {
 }
 
 fn values(output: &Tensor) -> Vec<f32> {
-    let TensorData::Fixed(bytes) = &output.data else { unreachable!() };
+    let TensorData::Fixed(bytes) = &output.data else {
+        unreachable!()
+    };
     bytes
         .chunks_exact(4)
         .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
@@ -115,26 +127,45 @@ async fn executions(seen: &Seen, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_answers_are_identical_to_unbatched_ones() {
     let harness = start(config(16, Duration::from_millis(20)), 1, false);
-    let inputs: Vec<Tensor> = (0..40).map(|i| tensor(1 + i % 4, 3, i as f32 * 10.0)).collect();
+    let inputs: Vec<Tensor> = (0..40)
+        .map(|i| tensor(1 + i % 4, 3, i as f32 * 10.0))
+        .collect();
     let calls = inputs.iter().map(|input| {
         let batcher = harness.batcher.clone();
         let input = input.clone();
-        async move { batcher.infer(vec![input.clone()], input.shape[0] as usize, None).await }
+        async move {
+            batcher
+                .infer(vec![input.clone()], input.shape[0] as usize, None)
+                .await
+        }
     });
     let results = futures::future::join_all(calls).await;
     for (input, result) in inputs.iter().zip(results) {
         let outputs = result.unwrap();
-        assert_eq!(outputs[0].shape, input.shape, "each caller gets exactly its rows back");
+        assert_eq!(
+            outputs[0].shape, input.shape,
+            "each caller gets exactly its rows back"
+        );
         assert_eq!(values(&outputs[0]), expected(input));
     }
     let seen = harness.seen.lock().unwrap();
-    assert!(seen.iter().any(|shape| shape[0] > 4), "requests were batched: {seen:?}");
-    assert!(seen.iter().all(|shape| shape[0] <= 16), "max batch size holds: {seen:?}");
+    assert!(
+        seen.iter().any(|shape| shape[0] > 4),
+        "requests were batched: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|shape| shape[0] <= 16),
+        "max batch size holds: {seen:?}"
+    );
 
     // The same requests one at a time give the same answers.
     let unbatched = start(config(0, Duration::ZERO), 1, false);
     for input in &inputs {
-        let outputs = unbatched.batcher.infer(vec![input.clone()], input.shape[0] as usize, None).await.unwrap();
+        let outputs = unbatched
+            .batcher
+            .infer(vec![input.clone()], input.shape[0] as usize, None)
+            .await
+            .unwrap();
         assert_eq!(values(&outputs[0]), expected(input));
     }
 }
@@ -142,8 +173,12 @@ async fn batched_answers_are_identical_to_unbatched_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_with_different_shapes_are_never_mixed() {
     let harness = start(config(32, Duration::from_millis(20)), 1, false);
-    let inputs: Vec<Tensor> = (0..30).map(|i| tensor(1, if i % 2 == 0 { 4 } else { 8 }, i as f32)).collect();
-    let calls = inputs.iter().map(|input| harness.batcher.infer(vec![input.clone()], 1, None));
+    let inputs: Vec<Tensor> = (0..30)
+        .map(|i| tensor(1, if i % 2 == 0 { 4 } else { 8 }, i as f32))
+        .collect();
+    let calls = inputs
+        .iter()
+        .map(|input| harness.batcher.infer(vec![input.clone()], 1, None));
     for (input, result) in inputs.iter().zip(futures::future::join_all(calls).await) {
         assert_eq!(values(&result.unwrap()[0]), expected(input));
     }
@@ -174,8 +209,14 @@ async fn a_full_queue_refuses_at_once() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // ...and the next is refused while the model is still blocked.
-    let refused = harness.batcher.infer(vec![tensor(1, 2, 9.0)], 1, None).await;
-    assert!(matches!(refused, Err(InferError::QueueFull(_))), "{refused:?}");
+    let refused = harness
+        .batcher
+        .infer(vec![tensor(1, 2, 9.0)], 1, None)
+        .await;
+    assert!(
+        matches!(refused, Err(InferError::QueueFull(_))),
+        "{refused:?}"
+    );
 
     let release = harness.release.as_ref().unwrap();
     for _ in 0..3 {
@@ -183,7 +224,10 @@ async fn a_full_queue_refuses_at_once() {
     }
     assert!(running.await.unwrap().is_ok());
     for handle in queued {
-        assert!(handle.await.unwrap().is_ok(), "queued requests are not lost");
+        assert!(
+            handle.await.unwrap().is_ok(),
+            "queued requests are not lost"
+        );
     }
 }
 
@@ -212,7 +256,11 @@ async fn expired_and_abandoned_requests_are_dropped_not_run() {
         let batcher = harness.batcher.clone();
         async move {
             batcher
-                .infer(vec![tensor(5, 2, 0.0)], 5, Some(Instant::now() + Duration::from_millis(30)))
+                .infer(
+                    vec![tensor(5, 2, 0.0)],
+                    5,
+                    Some(Instant::now() + Duration::from_millis(30)),
+                )
                 .await
         }
     });
@@ -228,7 +276,10 @@ async fn expired_and_abandoned_requests_are_dropped_not_run() {
     release.send(()).unwrap();
     assert!(first.await.unwrap().is_ok());
     let expired = expiring.await.unwrap();
-    assert!(matches!(expired, Err(InferError::DeadlineExceeded)), "{expired:?}");
+    assert!(
+        matches!(expired, Err(InferError::DeadlineExceeded)),
+        "{expired:?}"
+    );
 
     // A later request still runs, and the model never saw 5 or 7 rows.
     let later = tokio::spawn({
@@ -238,7 +289,10 @@ async fn expired_and_abandoned_requests_are_dropped_not_run() {
     release.send(()).unwrap();
     assert!(later.await.unwrap().is_ok());
     let seen = harness.seen.lock().unwrap();
-    assert!(seen.iter().all(|shape| shape[0] != 5 && shape[0] != 7), "dropped work ran: {seen:?}");
+    assert!(
+        seen.iter().all(|shape| shape[0] != 5 && shape[0] != 7),
+        "dropped work ran: {seen:?}"
+    );
     assert_eq!(harness.stats.dropped(), 2);
 }
 
@@ -253,7 +307,9 @@ async fn batches_keep_arrival_order() {
     let mut handles = Vec::new();
     for i in 0..10 {
         let batcher = harness.batcher.clone();
-        handles.push(tokio::spawn(async move { batcher.infer(vec![tensor(1, 1, i as f32)], 1, None).await }));
+        handles.push(tokio::spawn(async move {
+            batcher.infer(vec![tensor(1, 1, i as f32)], 1, None).await
+        }));
         while harness.batcher.queue_depth() < i + 1 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -263,7 +319,10 @@ async fn batches_keep_arrival_order() {
     release.send(()).unwrap();
     assert!(blocker.await.unwrap().is_ok());
     for (i, handle) in handles.into_iter().enumerate() {
-        assert_eq!(values(&handle.await.unwrap().unwrap()[0]), vec![3.0 * i as f32 + 1.0]);
+        assert_eq!(
+            values(&handle.await.unwrap().unwrap()[0]),
+            vec![3.0 * i as f32 + 1.0]
+        );
     }
     executions(&harness.seen, 2).await;
     // The ten queued requests ran as one batch of ten, in arrival order.
@@ -285,6 +344,11 @@ async fn preferred_batch_sizes_stop_the_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_are_invalid() {
     let harness = start(config(4, Duration::ZERO), 1, false);
-    let result = harness.batcher.infer(vec![tensor(5, 1, 0.0)], 5, None).await;
-    assert!(matches!(result, Err(InferError::InvalidInput(message)) if message.contains("max_batch_size")));
+    let result = harness
+        .batcher
+        .infer(vec![tensor(5, 1, 0.0)], 5, None)
+        .await;
+    assert!(
+        matches!(result, Err(InferError::InvalidInput(message)) if message.contains("max_batch_size"))
+    );
 }

@@ -17,7 +17,7 @@ use shamal_tensor::{Tensor, TensorData};
 
 use crate::backend::{Backend, InstanceOptions, ModelSignature, Runtime};
 use crate::batcher::{Batcher, BatcherConfig};
-use crate::settings::{parse_config_pbtxt, resolve, ModelDefaults, ModelSettings};
+use crate::settings::{ModelDefaults, ModelSettings, parse_config_pbtxt, resolve};
 use crate::stats::{ModelStats, WorkerMetrics};
 
 /// A loaded, warmed-up model version, ready to serve.
@@ -72,8 +72,12 @@ pub enum Lookup {
 }
 
 impl ModelStore {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<u64, VersionState>>> {
-        self.models.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<u64, VersionState>>> {
+        self.models
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn insert(&self, name: &str, version: u64, state: VersionState) {
@@ -225,7 +229,9 @@ pub fn scan_repository(
             .filter(|version| *version > 0)
             .collect();
         versions.sort_unstable();
-        let policy = config.as_ref().and_then(|config| config.version_policy.clone());
+        let policy = config
+            .as_ref()
+            .and_then(|config| config.version_policy.clone());
         for version in select_versions(&versions, policy.as_ref()) {
             let model_file = model_dir.path().join(version.to_string()).join(&filename);
             if model_file.is_file() {
@@ -302,7 +308,11 @@ pub fn load_version(
         instances.push(instance);
     }
     let version_label = found.version.to_string();
-    let stats = Arc::new(ModelStats::new(&found.model, &version_label, metrics.clone()));
+    let stats = Arc::new(ModelStats::new(
+        &found.model,
+        &version_label,
+        metrics.clone(),
+    ));
     let batcher_config = BatcherConfig {
         max_batch_size: if settings.dynamic_batching.is_some() {
             settings.max_batch_size
@@ -350,7 +360,11 @@ fn warm_up(backend: &mut dyn Backend, signature: &ModelSignature) -> Result<(), 
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<i64> = spec.dims.iter().map(|&dim| if dim < 0 { 1 } else { dim }).collect();
+            let shape: Vec<i64> = spec
+                .dims
+                .iter()
+                .map(|&dim| if dim < 0 { 1 } else { dim })
+                .collect();
             let count: usize = shape.iter().map(|&dim| dim as usize).product();
             let data = match spec.datatype.element_size() {
                 Some(size) => TensorData::Fixed(Bytes::from(vec![0u8; count * size])),

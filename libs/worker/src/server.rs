@@ -2,16 +2,16 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_telemetry::{Readiness, Registry};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::backend::Runtime;
-use crate::repository::{load_version, scan_repository, VersionState};
+use crate::repository::{VersionState, load_version, scan_repository};
 use crate::service::{WorkerService, WorkerState};
 use crate::settings::ModelDefaults;
 use crate::stats::WorkerMetrics;
@@ -106,10 +106,12 @@ pub async fn run(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let served = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), wait_stop(stop.clone()))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            wait_stop(stop.clone()),
+        )
         .await;
     let _ = loader.await;
     state.store.clear();
@@ -126,7 +128,10 @@ fn load_repository(
     runtime: &dyn Runtime,
     metrics: &WorkerMetrics,
 ) {
-    let (found, problems) = match scan_repository(&config.model_repository, runtime.model_filename()) {
+    let (found, problems) = match scan_repository(
+        &config.model_repository,
+        runtime.model_filename(),
+    ) {
         Ok(listing) => listing,
         Err(error) => {
             tracing::error!(repository = %config.model_repository.display(), %error, "cannot read model repository");
@@ -144,21 +149,27 @@ fn load_repository(
         );
     }
     for version in &found {
-        state.store.insert(&version.model, version.version, VersionState::Loading);
+        state
+            .store
+            .insert(&version.model, version.version, VersionState::Loading);
     }
     for version in found {
         if state.draining.load(Ordering::SeqCst) {
             return;
         }
         match load_version(&version, runtime, &config.defaults, metrics) {
-            Ok(model) => state
-                .store
-                .insert(&version.model, version.version, VersionState::Ready(Arc::new(model))),
+            Ok(model) => state.store.insert(
+                &version.model,
+                version.version,
+                VersionState::Ready(Arc::new(model)),
+            ),
             Err(reason) => {
                 tracing::error!(model = %version.model, version = version.version, %reason, "model version failed to load");
-                state
-                    .store
-                    .insert(&version.model, version.version, VersionState::Unavailable { reason });
+                state.store.insert(
+                    &version.model,
+                    version.version,
+                    VersionState::Unavailable { reason },
+                );
             }
         }
     }

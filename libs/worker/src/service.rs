@@ -1,7 +1,7 @@
 //! The worker's `inference.GRPCInferenceService`: what the router talks to.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -9,7 +9,7 @@ use shamal_proto::inference::model_metadata_response::TensorMetadata;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
 use shamal_rpc::{codec_status, request_timeout};
-use shamal_tensor::{decode_inputs, encode_outputs, Tensor};
+use shamal_tensor::{Tensor, decode_inputs, encode_outputs};
 use tonic::{Request, Response, Status};
 
 use crate::backend::TensorSpec;
@@ -60,13 +60,16 @@ impl WorkerService {
         if name.is_empty() {
             return Err(Status::invalid_argument("model name must not be empty"));
         }
-        self.state.store.get(name, version).map_err(|lookup| match lookup {
-            Lookup::UnknownModel => Status::not_found(format!("unknown model '{name}'")),
-            Lookup::UnknownVersion => {
-                Status::not_found(format!("unknown version '{version}' of model '{name}'"))
-            }
-            Lookup::NotReady(reason) => Status::unavailable(reason),
-        })
+        self.state
+            .store
+            .get(name, version)
+            .map_err(|lookup| match lookup {
+                Lookup::UnknownModel => Status::not_found(format!("unknown model '{name}'")),
+                Lookup::UnknownVersion => {
+                    Status::not_found(format!("unknown version '{version}' of model '{name}'"))
+                }
+                Lookup::NotReady(reason) => Status::unavailable(reason),
+            })
     }
 }
 
@@ -146,7 +149,12 @@ pub fn prepare_inputs(
         ordered.push(tensor);
     }
     if let Some(extra) = tensors.first() {
-        let expected: Vec<&str> = model.signature.inputs.iter().map(|spec| spec.name.as_str()).collect();
+        let expected: Vec<&str> = model
+            .signature
+            .inputs
+            .iter()
+            .map(|spec| spec.name.as_str())
+            .collect();
         return Err(Status::invalid_argument(format!(
             "unknown input '{}' for model '{}' (inputs: {})",
             extra.name,
@@ -159,10 +167,18 @@ pub fn prepare_inputs(
 
 /// Names of the requested outputs, checked against the model; empty means
 /// every output.
-fn requested_outputs(model: &ModelVersion, request: &ModelInferRequest) -> Result<Vec<String>, Status> {
+fn requested_outputs(
+    model: &ModelVersion,
+    request: &ModelInferRequest,
+) -> Result<Vec<String>, Status> {
     let mut names = Vec::with_capacity(request.outputs.len());
     for output in &request.outputs {
-        if !model.signature.outputs.iter().any(|spec| spec.name == output.name) {
+        if !model
+            .signature
+            .outputs
+            .iter()
+            .any(|spec| spec.name == output.name)
+        {
             return Err(Status::invalid_argument(format!(
                 "unknown output '{}' for model '{}'",
                 output.name, model.name
@@ -186,17 +202,26 @@ fn outcome_label(status: &Status) -> &'static str {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for WorkerService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
             ready: self.state.ready(),
         }))
     }
 
-    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
         let ready = match self.lookup(&request.name, &request.version) {
             Ok(_) => !self.state.draining.load(Ordering::SeqCst),
@@ -213,7 +238,10 @@ impl GrpcInferenceService for WorkerService {
         Ok(Response::new(ServerMetadataResponse {
             name: self.state.server_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            extensions: EXTENSIONS.iter().map(|extension| (*extension).to_owned()).collect(),
+            extensions: EXTENSIONS
+                .iter()
+                .map(|extension| (*extension).to_owned())
+                .collect(),
         }))
     }
 
@@ -238,11 +266,19 @@ impl GrpcInferenceService for WorkerService {
             versions,
             platform: model.platform.to_owned(),
             inputs: model.signature.inputs.iter().map(tensor_metadata).collect(),
-            outputs: model.signature.outputs.iter().map(tensor_metadata).collect(),
+            outputs: model
+                .signature
+                .outputs
+                .iter()
+                .map(tensor_metadata)
+                .collect(),
         }))
     }
 
-    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let model = self.lookup(&request.name, &request.version)?;
         Ok(Response::new(ModelConfigResponse {
@@ -250,7 +286,10 @@ impl GrpcInferenceService for WorkerService {
         }))
     }
 
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let received = Instant::now();
         let deadline = request_timeout(request.metadata()).map(|timeout| received + timeout);
         let mut request = request.into_inner();
@@ -321,7 +360,11 @@ impl GrpcInferenceService for WorkerService {
                 .map(|model| model.stats.snapshot())
                 .collect()
         } else {
-            vec![self.lookup(&request.name, &request.version)?.stats.snapshot()]
+            vec![
+                self.lookup(&request.name, &request.version)?
+                    .stats
+                    .snapshot(),
+            ]
         };
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }

@@ -131,21 +131,31 @@ pub fn resolve(
     }
     match &config.scheduling_choice {
         Some(SchedulingChoice::SequenceBatching(_)) => {
-            return Err(SettingsError("sequence batching is not supported".to_owned()));
+            return Err(SettingsError(
+                "sequence batching is not supported".to_owned(),
+            ));
         }
         Some(SchedulingChoice::EnsembleScheduling(_)) => {
-            return Err(SettingsError("ensemble models are not supported".to_owned()));
+            return Err(SettingsError(
+                "ensemble models are not supported".to_owned(),
+            ));
         }
         _ => {}
     }
     check_declared_tensors(
         "input",
-        config.input.iter().map(|input| (&input.name, input.data_type)),
+        config
+            .input
+            .iter()
+            .map(|input| (&input.name, input.data_type)),
         &signature.inputs,
     )?;
     check_declared_tensors(
         "output",
-        config.output.iter().map(|output| (&output.name, output.data_type)),
+        config
+            .output
+            .iter()
+            .map(|output| (&output.name, output.data_type)),
         &signature.outputs,
     )?;
 
@@ -364,9 +374,19 @@ mod tests {
         }
     }
 
-    fn resolve_text(text: &str, first_dim: i64) -> Result<(ModelSettings, ModelConfig), SettingsError> {
+    fn resolve_text(
+        text: &str,
+        first_dim: i64,
+    ) -> Result<(ModelSettings, ModelConfig), SettingsError> {
         let config = parse_config_pbtxt(text)?;
-        resolve("demo", Some(config), &signature(first_dim), &ModelDefaults::default(), "p", "b")
+        resolve(
+            "demo",
+            Some(config),
+            &signature(first_dim),
+            &ModelDefaults::default(),
+            "p",
+            "b",
+        )
     }
 
     #[test]
@@ -410,12 +430,19 @@ mod tests {
             resolve("demo", None, &signature(-1), &defaults, "p", "b").unwrap();
         assert_eq!(settings.max_batch_size, defaults.max_batch_size);
         assert!(settings.dynamic_batching.is_some());
-        assert!(matches!(effective.scheduling_choice, Some(SchedulingChoice::DynamicBatching(_))));
+        assert!(matches!(
+            effective.scheduling_choice,
+            Some(SchedulingChoice::DynamicBatching(_))
+        ));
 
-        let (settings, effective) = resolve("demo", None, &signature(1), &defaults, "p", "b").unwrap();
+        let (settings, effective) =
+            resolve("demo", None, &signature(1), &defaults, "p", "b").unwrap();
         assert_eq!(settings.max_batch_size, 0);
         assert!(settings.dynamic_batching.is_none());
-        assert!(effective.scheduling_choice.is_none(), "no dynamic_batching when it is off");
+        assert!(
+            effective.scheduling_choice.is_none(),
+            "no dynamic_batching when it is off"
+        );
         assert_eq!(effective.input[0].dims, vec![1, 16]);
     }
 
@@ -424,11 +451,23 @@ mod tests {
         let cases = [
             ("max_batch_size: 8", 1, "fixed first dimension"),
             ("name: \"other\"", -1, "directory is 'demo'"),
-            ("input [ { name: \"NOPE\" data_type: TYPE_FP32 } ]", -1, "'NOPE'"),
-            ("input [ { name: \"INPUT0\" data_type: TYPE_INT8 } ]", -1, "datatype"),
+            (
+                "input [ { name: \"NOPE\" data_type: TYPE_FP32 } ]",
+                -1,
+                "'NOPE'",
+            ),
+            (
+                "input [ { name: \"INPUT0\" data_type: TYPE_INT8 } ]",
+                -1,
+                "datatype",
+            ),
             ("sequence_batching { }", -1, "sequence batching"),
             ("instance_group [ { kind: KIND_GPU } ]", -1, "KIND_GPU"),
-            ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 9 ] }", -1, "preferred_batch_size"),
+            (
+                "max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 9 ] }",
+                -1,
+                "preferred_batch_size",
+            ),
             ("max_batch_size: oops", -1, "config.pbtxt"),
             ("unknown_field: 1", -1, "config.pbtxt"),
         ];

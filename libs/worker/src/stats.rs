@@ -9,7 +9,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use shamal_proto::inference::{
     InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration,
 };
-use shamal_telemetry::{register, BATCH_BUCKETS, LATENCY_BUCKETS};
+use shamal_telemetry::{BATCH_BUCKETS, LATENCY_BUCKETS, register};
 
 /// Worker metrics, registered once per process registry.
 #[derive(Clone)]
@@ -26,8 +26,11 @@ impl WorkerMetrics {
     pub fn new(registry: &Registry) -> WorkerMetrics {
         let labels = &["model", "version"];
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .map(|metric| register(registry, metric))
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .map(|metric| register(registry, metric))
         };
         let build = || -> prometheus::Result<WorkerMetrics> {
             Ok(WorkerMetrics {
@@ -64,7 +67,10 @@ impl WorkerMetrics {
                 queue_depth: register(
                     registry,
                     IntGaugeVec::new(
-                        Opts::new("shamal_worker_queue_depth", "Requests waiting in a model's batcher queue."),
+                        Opts::new(
+                            "shamal_worker_queue_depth",
+                            "Requests waiting in a model's batcher queue.",
+                        ),
                         labels,
                     )?,
                 ),
@@ -133,7 +139,9 @@ impl ModelStats {
 
     fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
         // A panic while holding this lock cannot leave counters invalid.
-        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn record_execution(&self, record: ExecutionRecord) {
@@ -153,7 +161,10 @@ impl ModelStats {
                 counters.compute_infer.1 += compute_ns;
                 counters.compute_output.0 += 1;
                 counters.compute_output.1 += output_ns;
-                let entry = counters.batches.entry(record.batch_rows as u64).or_default();
+                let entry = counters
+                    .batches
+                    .entry(record.batch_rows as u64)
+                    .or_default();
                 entry.0 += 1;
                 entry.1 += input_ns;
                 entry.2 += compute_ns;
@@ -248,11 +259,13 @@ impl ModelStats {
             batch_stats: counters
                 .batches
                 .iter()
-                .map(|(&batch_size, &(count, input_ns, infer_ns, output_ns))| InferBatchStatistics {
-                    batch_size,
-                    compute_input: duration((count, input_ns)),
-                    compute_infer: duration((count, infer_ns)),
-                    compute_output: duration((count, output_ns)),
+                .map(|(&batch_size, &(count, input_ns, infer_ns, output_ns))| {
+                    InferBatchStatistics {
+                        batch_size,
+                        compute_input: duration((count, input_ns)),
+                        compute_infer: duration((count, infer_ns)),
+                        compute_output: duration((count, output_ns)),
+                    }
                 })
                 .collect(),
             ..Default::default()

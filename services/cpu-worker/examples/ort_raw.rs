@@ -68,7 +68,10 @@ fn main() -> Result<()> {
     for outlet in session.inputs() {
         let dtype = outlet.dtype();
         if dtype.tensor_type() != Some(TensorElementType::Float32) {
-            bail!("input {} is {dtype:?}; only FP32 inputs are supported", outlet.name());
+            bail!(
+                "input {} is {dtype:?}; only FP32 inputs are supported",
+                outlet.name()
+            );
         }
         let shape: Vec<i64> = dtype
             .tensor_shape()
@@ -140,7 +143,12 @@ fn main() -> Result<()> {
     println!("latency us   p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}");
 
     if let Some(path) = &args.json {
-        let model = args.model.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+        let model = args
+            .model
+            .display()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
         let json = format!(
             "{{\n  \"label\": \"ort_raw\",\n  \"model\": \"{model}\",\n  \"batch\": {},\n  \
              \"intra_threads\": {},\n  \"duration_s\": {elapsed:.3},\n  \"warmup_s\": {:.3},\n  \

@@ -146,12 +146,15 @@ impl CpuWorkerConfig {
             ));
         }
         match &self.onnxruntime_library {
-            None => Err("onnxruntime_library is not set (flag --onnxruntime-library or ORT_DYLIB_PATH); \
+            None => Err(
+                "onnxruntime_library is not set (flag --onnxruntime-library or ORT_DYLIB_PATH); \
                  scripts/setup-deps.sh installs one under .deps/"
-                .to_owned()),
-            Some(path) if !path.is_file() => {
-                Err(format!("onnxruntime_library {} does not exist", path.display()))
-            }
+                    .to_owned(),
+            ),
+            Some(path) if !path.is_file() => Err(format!(
+                "onnxruntime_library {} does not exist",
+                path.display()
+            )),
             Some(_) => Ok(()),
         }
     }
@@ -196,7 +199,11 @@ mod tests {
         let library = dir.path().join("libonnxruntime.so");
         std::fs::write(&library, b"").unwrap();
         let file = dir.path().join("worker.toml");
-        std::fs::write(&file, "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\n").unwrap();
+        std::fs::write(
+            &file,
+            "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\n",
+        )
+        .unwrap();
         let mut args = args_with_repository(dir.path(), &library);
         args.config = Some(file);
         args.instances = Some(4);
@@ -204,7 +211,11 @@ mod tests {
         assert_eq!(config.intra_threads, 3, "from the file");
         assert_eq!(config.instances, 4, "flag wins over the file");
         assert_eq!(config.max_queue_delay_us, 100);
-        assert_eq!(config.max_queue_size, CpuWorkerConfig::default().max_queue_size, "default kept");
+        assert_eq!(
+            config.max_queue_size,
+            CpuWorkerConfig::default().max_queue_size,
+            "default kept"
+        );
     }
 
     #[test]
@@ -214,20 +225,35 @@ mod tests {
         std::fs::write(&library, b"").unwrap();
         let mut args = args_with_repository(dir.path(), &library);
         args.intra_threads = Some(0);
-        assert!(CpuWorkerConfig::load(&args).unwrap_err().contains("intra_threads"));
+        assert!(
+            CpuWorkerConfig::load(&args)
+                .unwrap_err()
+                .contains("intra_threads")
+        );
 
         let mut args = args_with_repository(&dir.path().join("missing"), &library);
         args.intra_threads = None;
-        assert!(CpuWorkerConfig::load(&args).unwrap_err().contains("model_repository"));
+        assert!(
+            CpuWorkerConfig::load(&args)
+                .unwrap_err()
+                .contains("model_repository")
+        );
 
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "intra_thread = 3\n").unwrap();
         let mut args = args_with_repository(dir.path(), &library);
         args.config = Some(file);
         let error = CpuWorkerConfig::load(&args).unwrap_err();
-        assert!(error.contains("intra_thread"), "unknown keys are refused: {error}");
+        assert!(
+            error.contains("intra_thread"),
+            "unknown keys are refused: {error}"
+        );
 
         let args = args_with_repository(dir.path(), &dir.path().join("nope.so"));
-        assert!(CpuWorkerConfig::load(&args).unwrap_err().contains("onnxruntime_library"));
+        assert!(
+            CpuWorkerConfig::load(&args)
+                .unwrap_err()
+                .contains("onnxruntime_library")
+        );
     }
 }

@@ -24,6 +24,14 @@ pub async fn run(
         .onnxruntime_library
         .clone()
         .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
-    let runtime = OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
-    shamal_worker::run(config.worker_config(), Arc::new(runtime), listeners, registry, shutdown).await
+    let runtime =
+        OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
+    shamal_worker::run(
+        config.worker_config(),
+        Arc::new(runtime),
+        listeners,
+        registry,
+        shutdown,
+    )
+    .await
 }

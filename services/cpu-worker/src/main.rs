@@ -38,7 +38,14 @@ async fn main() -> std::process::ExitCode {
     };
     tracing::info!(grpc = %config.grpc_listen, "cpu-worker listening");
     let registry = shamal_telemetry::Registry::new();
-    match shamal_cpu_worker::run(config, listeners, registry, shamal_telemetry::shutdown_signal()).await {
+    match shamal_cpu_worker::run(
+        config,
+        listeners,
+        registry,
+        shamal_telemetry::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "cpu-worker failed");

@@ -1,19 +1,24 @@
 //! ONNX Runtime backend (through `ort`, loading libonnxruntime dynamically).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 use shamal_tensor::{DataType, Tensor, TensorData};
 use shamal_worker::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 
 #[cfg(target_endian = "big")]
-compile_error!("the ONNX Runtime backend moves tensor bytes as little-endian and needs a little-endian target");
+compile_error!(
+    "the ONNX Runtime backend moves tensor bytes as little-endian and needs a little-endian target"
+);
 
 /// Graph optimisation level, as operators name it in configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Optimization {
     Disable,
@@ -64,27 +69,45 @@ fn internal(error: impl std::fmt::Display) -> BackendError {
 
 impl OnnxRuntime {
     /// Loads libonnxruntime from `library` and creates the environment.
+    /// ONNX Runtime allows one environment (and one library) per process:
+    /// the first call decides, later ones share it.
     pub fn new(library: &Path, options: SessionOptions) -> Result<OnnxRuntime, String> {
-        let builder = ort::init_from(library)
-            .map_err(|error| format!("cannot load ONNX Runtime from {}: {error}", library.display()))?;
-        let environment = builder
-            .with_name("shamal")
-            .with_telemetry(false)
-            .build()
-            .map_err(|error| format!("cannot create the ONNX Runtime environment: {error}"))?;
+        static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> =
+            OnceLock::new();
+        let environment = ENVIRONMENT
+            .get_or_init(|| {
+                let builder = ort::init_from(library).map_err(|error| {
+                    format!(
+                        "cannot load ONNX Runtime from {}: {error}",
+                        library.display()
+                    )
+                })?;
+                builder
+                    .with_name("shamal")
+                    .with_telemetry(false)
+                    .build()
+                    .map_err(|error| format!("cannot create the ONNX Runtime environment: {error}"))
+            })
+            .clone()?;
         Ok(OnnxRuntime {
             environment,
             options,
         })
     }
 
-    fn session(&self, model_file: &Path, options: &InstanceOptions) -> Result<Session, BackendError> {
+    fn session(
+        &self,
+        model_file: &Path,
+        options: &InstanceOptions,
+    ) -> Result<Session, BackendError> {
         let mut intra_threads = self.options.intra_threads;
         let mut optimization = self.options.optimization;
         if let Some(value) = options.parameters.get("intra_op_thread_count") {
-            intra_threads = value
-                .parse()
-                .map_err(|_| BackendError::InvalidInput(format!("intra_op_thread_count '{value}' is not a number")))?;
+            intra_threads = value.parse().map_err(|_| {
+                BackendError::InvalidInput(format!(
+                    "intra_op_thread_count '{value}' is not a number"
+                ))
+            })?;
         }
         if let Some(value) = options.parameters.get("graph_optimization_level") {
             optimization = Optimization::parse(value).ok_or_else(|| {
@@ -135,12 +158,17 @@ fn spec_of(name: &str, value_type: &ValueType) -> Result<TensorSpec, BackendErro
         )));
     };
     let datatype = datatype_of(*ty).ok_or_else(|| {
-        BackendError::InvalidInput(format!("'{name}' has element type {ty:?}, which the v2 protocol cannot carry"))
+        BackendError::InvalidInput(format!(
+            "'{name}' has element type {ty:?}, which the v2 protocol cannot carry"
+        ))
     })?;
     Ok(TensorSpec {
         name: name.to_owned(),
         datatype,
-        dims: shape.iter().map(|&dim| if dim < 0 { -1 } else { dim }).collect(),
+        dims: shape
+            .iter()
+            .map(|&dim| if dim < 0 { -1 } else { dim })
+            .collect(),
     })
 }
 
@@ -173,10 +201,21 @@ impl Runtime for OnnxRuntime {
         Ok(ModelSignature { inputs, outputs })
     }
 
-    fn instantiate(&self, model_file: &Path, options: &InstanceOptions) -> Result<Box<dyn Backend>, BackendError> {
+    fn instantiate(
+        &self,
+        model_file: &Path,
+        options: &InstanceOptions,
+    ) -> Result<Box<dyn Backend>, BackendError> {
         let session = self.session(model_file, options)?;
-        let output_names = session.outputs().iter().map(|outlet| outlet.name().to_owned()).collect();
-        Ok(Box::new(OnnxBackend { session, output_names }))
+        let output_names = session
+            .outputs()
+            .iter()
+            .map(|outlet| outlet.name().to_owned())
+            .collect();
+        Ok(Box::new(OnnxBackend {
+            session,
+            output_names,
+        }))
     }
 }
 
@@ -241,16 +280,24 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, BackendError> {
 macro_rules! pod_bytes {
     ($value:expr, $ty:ty) => {{
         let (shape, data) = $value.try_extract_tensor::<$ty>().map_err(internal)?;
-        (shape.to_vec(), TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(data))))
+        (
+            shape.to_vec(),
+            TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(data))),
+        )
     }};
 }
 
 fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
     let ValueType::Tensor { ty, .. } = value.dtype() else {
-        return Err(BackendError::Internal(format!("output '{name}' is not a tensor")));
+        return Err(BackendError::Internal(format!(
+            "output '{name}' is not a tensor"
+        )));
     };
-    let datatype = datatype_of(*ty)
-        .ok_or_else(|| BackendError::Internal(format!("output '{name}' has unsupported element type {ty:?}")))?;
+    let datatype = datatype_of(*ty).ok_or_else(|| {
+        BackendError::Internal(format!(
+            "output '{name}' has unsupported element type {ty:?}"
+        ))
+    })?;
     let (shape, data): (Vec<i64>, TensorData) = match datatype {
         DataType::Bool => {
             let (shape, data) = value.try_extract_tensor::<bool>().map_err(internal)?;
@@ -271,7 +318,10 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
         DataType::Fp64 => pod_bytes!(value, f64),
         DataType::Bytes => {
             let (shape, strings) = value.try_extract_strings().map_err(internal)?;
-            let items = strings.into_iter().map(|text| Bytes::from(text.into_bytes())).collect();
+            let items = strings
+                .into_iter()
+                .map(|text| Bytes::from(text.into_bytes()))
+                .collect();
             (shape.to_vec(), TensorData::Strings(items))
         }
     };
@@ -302,9 +352,9 @@ impl Backend for OnnxBackend {
         self.output_names
             .iter()
             .map(|name| {
-                let value = outputs
-                    .get(name.as_str())
-                    .ok_or_else(|| BackendError::Internal(format!("model produced no output '{name}'")))?;
+                let value = outputs.get(name.as_str()).ok_or_else(|| {
+                    BackendError::Internal(format!("model produced no output '{name}'"))
+                })?;
                 from_ort(name, value)
             })
             .collect()

@@ -153,7 +153,11 @@ mod tests {
     fn layers_apply_in_order_and_values_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("router.toml");
-        std::fs::write(&file, "workers = [\"127.0.0.1:9\"]\nmax_inflight = 7\ndefault_timeout_ms = 50\n").unwrap();
+        std::fs::write(
+            &file,
+            "workers = [\"127.0.0.1:9\"]\nmax_inflight = 7\ndefault_timeout_ms = 50\n",
+        )
+        .unwrap();
         let args = RouterArgs {
             config: Some(file.clone()),
             default_timeout_ms: Some(99),
@@ -169,11 +173,22 @@ mod tests {
         assert!(error.contains("workers"), "{error}");
 
         std::fs::write(&file, "workers = [\"a:1\"]\nmax_inflight = 0\n").unwrap();
-        let error = RouterConfig::load(&RouterArgs { config: Some(file.clone()), ..Default::default() }).unwrap_err();
+        let error = RouterConfig::load(&RouterArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(error.contains("max_inflight"), "{error}");
 
         std::fs::write(&file, "worker = [\"a:1\"]\n").unwrap();
-        let error = RouterConfig::load(&RouterArgs { config: Some(file), ..Default::default() }).unwrap_err();
-        assert!(error.contains("worker"), "unknown keys are refused: {error}");
+        let error = RouterConfig::load(&RouterArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            error.contains("worker"),
+            "unknown keys are refused: {error}"
+        );
     }
 }

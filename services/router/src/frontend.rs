@@ -48,9 +48,15 @@ type Client = GrpcInferenceServiceClient<Channel>;
 
 fn pick_status(error: PickError, model: &str, version: &str) -> Status {
     match error {
-        PickError::UnknownModel if version.is_empty() => Status::not_found(format!("unknown model '{model}'")),
-        PickError::UnknownModel => Status::not_found(format!("unknown version '{version}' of model '{model}'")),
-        PickError::NoneHealthy => Status::unavailable(format!("no worker is available for model '{model}'")),
+        PickError::UnknownModel if version.is_empty() => {
+            Status::not_found(format!("unknown model '{model}'"))
+        }
+        PickError::UnknownModel => {
+            Status::not_found(format!("unknown version '{version}' of model '{model}'"))
+        }
+        PickError::NoneHealthy => {
+            Status::unavailable(format!("no worker is available for model '{model}'"))
+        }
     }
 }
 
@@ -61,7 +67,12 @@ fn retriable(status: &Status) -> bool {
 }
 
 impl Frontend {
-    pub fn new(pool: Arc<WorkerPool>, metrics: RouterMetrics, max_inflight: usize, default_timeout: Duration) -> Frontend {
+    pub fn new(
+        pool: Arc<WorkerPool>,
+        metrics: RouterMetrics,
+        max_inflight: usize,
+        default_timeout: Duration,
+    ) -> Frontend {
         Frontend {
             pool,
             metrics,
@@ -83,13 +94,22 @@ impl Frontend {
         ServerMetadataResponse {
             name: "shamal".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            extensions: EXTENSIONS.iter().map(|extension| (*extension).to_owned()).collect(),
+            extensions: EXTENSIONS
+                .iter()
+                .map(|extension| (*extension).to_owned())
+                .collect(),
         }
     }
 
     /// Calls one worker serving `model`, retrying on another worker when the
     /// chosen one is unreachable, all within the call's deadline.
-    async fn forward<T, F, Fut>(&self, model: &str, version: &str, context: &CallContext, call: F) -> Result<T, Status>
+    async fn forward<T, F, Fut>(
+        &self,
+        model: &str,
+        version: &str,
+        context: &CallContext,
+        call: F,
+    ) -> Result<T, Status>
     where
         F: Fn(Client, tonic::metadata::MetadataMap, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -114,10 +134,24 @@ impl Frontend {
             let mut metadata = tonic::metadata::MetadataMap::new();
             shamal_rpc::set_request_id(&mut metadata, &context.request_id);
             let _inflight = InflightGuard::new(upstream.clone());
-            let attempt = tokio::time::timeout(remaining, call(upstream.client(), metadata, remaining)).await;
+            let attempt =
+                tokio::time::timeout(remaining, call(upstream.client(), metadata, remaining)).await;
             match attempt {
-                Err(_) => return Err(Status::deadline_exceeded("deadline exceeded waiting for the worker")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "deadline exceeded waiting for the worker",
+                    ));
+                }
                 Ok(Ok(response)) => return Ok(response.into_inner()),
+                // tonic's client enforces the propagated deadline itself and
+                // reports it as CANCELLED; the caller asked for a deadline.
+                Ok(Err(status))
+                    if status.code() == Code::Cancelled && context.remaining().is_zero() =>
+                {
+                    return Err(Status::deadline_exceeded(
+                        "deadline exceeded waiting for the worker",
+                    ));
+                }
                 Ok(Err(status)) if retriable(&status) => {
                     tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
                     upstream.mark_unhealthy();
@@ -130,7 +164,9 @@ impl Frontend {
                 Ok(Err(status)) => return Err(status),
             }
         }
-        Err(last_error.unwrap_or_else(|| Status::unavailable(format!("no worker is available for model '{model}'"))))
+        Err(last_error.unwrap_or_else(|| {
+            Status::unavailable(format!("no worker is available for model '{model}'"))
+        }))
     }
 
     /// Admission control: a bounded number of requests in flight; beyond it,
@@ -142,53 +178,83 @@ impl Frontend {
         })
     }
 
-    pub async fn infer(&self, request: ModelInferRequest, context: &CallContext) -> Result<ModelInferResponse, Status> {
+    pub async fn infer(
+        &self,
+        request: ModelInferRequest,
+        context: &CallContext,
+    ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
         let model = request.model_name.clone();
         let version = request.model_version.clone();
         let result = match self.admit() {
             Ok(_permit) => {
                 let request = &request;
-                self.forward(&model, &version, context, |mut client, metadata, timeout| {
-                    let mut outgoing = tonic::Request::from_parts(metadata, Default::default(), request.clone());
-                    outgoing.set_timeout(timeout);
-                    async move { client.model_infer(outgoing).await }
-                })
+                self.forward(
+                    &model,
+                    &version,
+                    context,
+                    |mut client, metadata, timeout| {
+                        let mut outgoing = tonic::Request::from_parts(
+                            metadata,
+                            Default::default(),
+                            request.clone(),
+                        );
+                        outgoing.set_timeout(timeout);
+                        async move { client.model_infer(outgoing).await }
+                    },
+                )
                 .await
             }
             Err(status) => Err(status),
         };
-        let label = if self.pool.knows_model(&model) { model.as_str() } else { "_unknown" };
+        let label = if self.pool.knows_model(&model) {
+            model.as_str()
+        } else {
+            "_unknown"
+        };
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         };
-        self.metrics.observe(label, context.protocol, code, started.elapsed());
+        self.metrics
+            .observe(label, context.protocol, code, started.elapsed());
         if let Err(status) = &result {
             tracing::debug!(request_id = %context.request_id, model = %model, code = ?status.code(), message = status.message(), "inference failed");
         }
         result
     }
 
-    pub async fn model_metadata(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelMetadataResponse, Status> {
+    pub async fn model_metadata(
+        &self,
+        name: &str,
+        version: &str,
+        context: &CallContext,
+    ) -> Result<ModelMetadataResponse, Status> {
         let message = ModelMetadataRequest {
             name: name.to_owned(),
             version: version.to_owned(),
         };
         self.forward(name, version, context, |mut client, metadata, _| {
-            let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            let outgoing =
+                tonic::Request::from_parts(metadata, Default::default(), message.clone());
             async move { client.model_metadata(outgoing).await }
         })
         .await
     }
 
-    pub async fn model_config(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelConfigResponse, Status> {
+    pub async fn model_config(
+        &self,
+        name: &str,
+        version: &str,
+        context: &CallContext,
+    ) -> Result<ModelConfigResponse, Status> {
         let message = ModelConfigRequest {
             name: name.to_owned(),
             version: version.to_owned(),
         };
         self.forward(name, version, context, |mut client, metadata, _| {
-            let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            let outgoing =
+                tonic::Request::from_parts(metadata, Default::default(), message.clone());
             async move { client.model_config(outgoing).await }
         })
         .await
@@ -196,14 +262,20 @@ impl Frontend {
 
     /// Whether the model (version) is ready on some worker. Unknown models
     /// are NOT_FOUND; known ones that no worker can serve now are not ready.
-    pub async fn model_ready(&self, name: &str, version: &str, context: &CallContext) -> Result<bool, Status> {
+    pub async fn model_ready(
+        &self,
+        name: &str,
+        version: &str,
+        context: &CallContext,
+    ) -> Result<bool, Status> {
         let message = ModelReadyRequest {
             name: name.to_owned(),
             version: version.to_owned(),
         };
         let answer = self
             .forward(name, version, context, |mut client, metadata, _| {
-                let outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+                let outgoing =
+                    tonic::Request::from_parts(metadata, Default::default(), message.clone());
                 async move { client.model_ready(outgoing).await }
             })
             .await;
@@ -215,7 +287,12 @@ impl Frontend {
     }
 
     /// Statistics summed over every worker that serves the model(s).
-    pub async fn statistics(&self, name: &str, version: &str, context: &CallContext) -> Result<ModelStatisticsResponse, Status> {
+    pub async fn statistics(
+        &self,
+        name: &str,
+        version: &str,
+        context: &CallContext,
+    ) -> Result<ModelStatisticsResponse, Status> {
         let upstreams = self.pool.serving(name);
         if !name.is_empty() && upstreams.is_empty() {
             return Err(if self.pool.knows_model(name) {
@@ -232,7 +309,8 @@ impl Frontend {
             let mut client = upstream.client();
             let mut metadata = tonic::metadata::MetadataMap::new();
             shamal_rpc::set_request_id(&mut metadata, &context.request_id);
-            let mut outgoing = tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            let mut outgoing =
+                tonic::Request::from_parts(metadata, Default::default(), message.clone());
             outgoing.set_timeout(context.remaining());
             async move { client.model_statistics(outgoing).await }
         });
@@ -256,7 +334,9 @@ impl Frontend {
             }
         }
         if !name.is_empty() && merged.is_empty() {
-            return Err(Status::not_found(format!("unknown version '{version}' of model '{name}'")));
+            return Err(Status::not_found(format!(
+                "unknown version '{version}' of model '{name}'"
+            )));
         }
         Ok(ModelStatisticsResponse {
             model_stats: merged.into_values().collect(),
@@ -265,7 +345,11 @@ impl Frontend {
 
     /// Union of the workers' repository indexes; a version ready anywhere
     /// is listed as ready.
-    pub async fn repository_index(&self, ready_only: bool, context: &CallContext) -> Result<RepositoryIndexResponse, Status> {
+    pub async fn repository_index(
+        &self,
+        ready_only: bool,
+        context: &CallContext,
+    ) -> Result<RepositoryIndexResponse, Status> {
         let calls = self.pool.upstreams().iter().map(|upstream| {
             let mut client = upstream.client();
             let mut metadata = tonic::metadata::MetadataMap::new();
@@ -285,7 +369,9 @@ impl Frontend {
         for response in futures::future::join_all(calls).await.into_iter().flatten() {
             for entry in response.into_inner().models {
                 let key = (entry.name.clone(), entry.version.clone());
-                let replace = entries.get(&key).is_none_or(|existing| existing.state != "READY");
+                let replace = entries
+                    .get(&key)
+                    .is_none_or(|existing| existing.state != "READY");
                 if replace {
                     entries.insert(key, entry);
                 }
@@ -310,7 +396,9 @@ fn merge_statistics(total: &mut ModelStatistics, other: &ModelStatistics) {
     total.inference_count += other.inference_count;
     total.execution_count += other.execution_count;
     if let Some(other_stats) = &other.inference_stats {
-        let stats = total.inference_stats.get_or_insert_with(InferStatistics::default);
+        let stats = total
+            .inference_stats
+            .get_or_insert_with(InferStatistics::default);
         add(&mut stats.success, &other_stats.success);
         add(&mut stats.fail, &other_stats.fail);
         add(&mut stats.queue, &other_stats.queue);

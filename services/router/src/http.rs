@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tonic::{Code, Status};
 
 use crate::frontend::{CallContext, Frontend};
@@ -29,15 +29,30 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
         .route("/v2/models/stats", get(all_statistics))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_version),
+        )
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_version),
+        )
         .route("/v2/models/{model}/config", get(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config_version),
+        )
         .route("/v2/models/{model}/stats", get(model_statistics))
-        .route("/v2/models/{model}/versions/{version}/stats", get(model_statistics_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_statistics_version),
+        )
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(frontend)
 }
@@ -46,7 +61,9 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
 /// gRPC code.
 fn error_response(status: &Status) -> Response {
     let http_status = match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
@@ -75,7 +92,9 @@ fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
 
 fn with_request_id(mut response: Response, context: &CallContext) -> Response {
     if let Ok(value) = HeaderValue::from_str(&context.request_id) {
-        response.headers_mut().insert(shamal_rpc::REQUEST_ID_HEADER, value);
+        response
+            .headers_mut()
+            .insert(shamal_rpc::REQUEST_ID_HEADER, value);
     }
     response
 }
@@ -105,16 +124,22 @@ async fn server_metadata(State(frontend): State<AppState>) -> Response {
     .into_response()
 }
 
-async fn metadata_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+async fn metadata_response(
+    frontend: &Frontend,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+) -> Response {
     let context = context(frontend, headers);
     let response = match frontend.model_metadata(model, version, &context).await {
         Ok(metadata) => {
-            let tensors = |tensors: &[shamal_proto::inference::model_metadata_response::TensorMetadata]| {
-                tensors
+            let tensors =
+                |tensors: &[shamal_proto::inference::model_metadata_response::TensorMetadata]| {
+                    tensors
                     .iter()
                     .map(|tensor| json!({"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}))
                     .collect::<Vec<_>>()
-            };
+                };
             Json(json!({
                 "name": metadata.name,
                 "versions": metadata.versions,
@@ -129,7 +154,11 @@ async fn metadata_response(frontend: &Frontend, model: &str, version: &str, head
     with_request_id(response, &context)
 }
 
-async fn model_metadata(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+async fn model_metadata(
+    State(frontend): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     metadata_response(&frontend, &model, "", &headers).await
 }
 
@@ -141,7 +170,12 @@ async fn model_metadata_version(
     metadata_response(&frontend, &model, &version, &headers).await
 }
 
-async fn ready_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+async fn ready_response(
+    frontend: &Frontend,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+) -> Response {
     let context = context(frontend, headers);
     match frontend.model_ready(model, version, &context).await {
         Ok(true) => StatusCode::OK.into_response(),
@@ -150,7 +184,11 @@ async fn ready_response(frontend: &Frontend, model: &str, version: &str, headers
     }
 }
 
-async fn model_ready(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+async fn model_ready(
+    State(frontend): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     ready_response(&frontend, &model, "", &headers).await
 }
 
@@ -162,15 +200,27 @@ async fn model_ready_version(
     ready_response(&frontend, &model, &version, &headers).await
 }
 
-async fn config_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+async fn config_response(
+    frontend: &Frontend,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+) -> Response {
     let context = context(frontend, headers);
     match frontend.model_config(model, version, &context).await {
-        Ok(response) => json_or_error(message_json(&response.config.unwrap_or_default(), "inference.ModelConfig")),
+        Ok(response) => json_or_error(message_json(
+            &response.config.unwrap_or_default(),
+            "inference.ModelConfig",
+        )),
         Err(status) => error_response(&status),
     }
 }
 
-async fn model_config(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+async fn model_config(
+    State(frontend): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     config_response(&frontend, &model, "", &headers).await
 }
 
@@ -182,7 +232,12 @@ async fn model_config_version(
     config_response(&frontend, &model, &version, &headers).await
 }
 
-async fn statistics_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap) -> Response {
+async fn statistics_response(
+    frontend: &Frontend,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+) -> Response {
     let context = context(frontend, headers);
     match frontend.statistics(model, version, &context).await {
         Ok(response) => json_or_error(message_json(&response, "inference.ModelStatisticsResponse")),
@@ -194,7 +249,11 @@ async fn all_statistics(State(frontend): State<AppState>, headers: HeaderMap) ->
     statistics_response(&frontend, "", "", &headers).await
 }
 
-async fn model_statistics(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap) -> Response {
+async fn model_statistics(
+    State(frontend): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     statistics_response(&frontend, &model, "", &headers).await
 }
 
@@ -206,14 +265,20 @@ async fn model_statistics_version(
     statistics_response(&frontend, &model, &version, &headers).await
 }
 
-async fn repository_index(State(frontend): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn repository_index(
+    State(frontend): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let ready_only = if body.is_empty() {
         false
     } else {
         match serde_json::from_slice::<Value>(&body) {
             Ok(value) => value.get("ready").and_then(Value::as_bool).unwrap_or(false),
             Err(error) => {
-                return error_response(&Status::invalid_argument(format!("invalid repository index request: {error}")));
+                return error_response(&Status::invalid_argument(format!(
+                    "invalid repository index request: {error}"
+                )));
             }
         }
     };
@@ -224,7 +289,8 @@ async fn repository_index(State(frontend): State<AppState>, headers: HeaderMap, 
                 .models
                 .iter()
                 .map(|entry| {
-                    let mut value = json!({"name": entry.name, "version": entry.version, "state": entry.state});
+                    let mut value =
+                        json!({"name": entry.name, "version": entry.version, "state": entry.state});
                     if !entry.reason.is_empty() {
                         value["reason"] = Value::String(entry.reason.clone());
                     }
@@ -237,7 +303,13 @@ async fn repository_index(State(frontend): State<AppState>, headers: HeaderMap, 
     }
 }
 
-async fn infer_response(frontend: &Frontend, model: &str, version: &str, headers: &HeaderMap, body: Bytes) -> Response {
+async fn infer_response(
+    frontend: &Frontend,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let context = context(frontend, headers);
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
         if encoding.as_bytes() != b"identity" {
@@ -251,37 +323,57 @@ async fn infer_response(frontend: &Frontend, model: &str, version: &str, headers
     }
     let header_length = match headers.get(HEADER_LENGTH) {
         None => None,
-        Some(value) => match value.to_str().ok().and_then(|text| text.trim().parse::<usize>().ok()) {
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+        {
             Some(length) => Some(length),
             None => {
-                let status = Status::invalid_argument("Inference-Header-Content-Length must be a byte count");
+                let status = Status::invalid_argument(
+                    "Inference-Header-Content-Length must be a byte count",
+                );
                 return with_request_id(error_response(&status), &context);
             }
         },
     };
     let (request, encoding) = match parse_infer_request(model, version, body, header_length) {
         Ok(parsed) => parsed,
-        Err(bad) => return with_request_id(error_response(&Status::invalid_argument(bad.0)), &context),
+        Err(bad) => {
+            return with_request_id(error_response(&Status::invalid_argument(bad.0)), &context);
+        }
     };
     let response = match frontend.infer(request, &context).await {
         Ok(response) => match render_infer_response(response, &encoding) {
-            Ok((body, None)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Ok((body, None)) => {
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            }
             Ok((body, Some(length))) => (
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                    (header::HeaderName::from_static(HEADER_LENGTH), length.to_string()),
+                    (
+                        header::HeaderName::from_static(HEADER_LENGTH),
+                        length.to_string(),
+                    ),
                 ],
                 body,
             )
                 .into_response(),
-            Err(message) => error_response(&Status::internal(format!("malformed worker response: {message}"))),
+            Err(message) => error_response(&Status::internal(format!(
+                "malformed worker response: {message}"
+            ))),
         },
         Err(status) => error_response(&status),
     };
     with_request_id(response, &context)
 }
 
-async fn infer(State(frontend): State<AppState>, Path(model): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn infer(
+    State(frontend): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     infer_response(&frontend, &model, "", &headers, body).await
 }
 

@@ -8,11 +8,15 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use shamal_proto::inference::infer_parameter::ParameterChoice;
 use shamal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use shamal_proto::inference::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
-use shamal_tensor::{decode_outputs, float_bytes_from_f64, to_f64_values, DataType, Tensor, TensorData};
+use shamal_proto::inference::{
+    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
+};
+use shamal_tensor::{
+    DataType, Tensor, TensorData, decode_outputs, float_bytes_from_f64, to_f64_values,
+};
 
 /// A request the client must fix: HTTP 400 with this message.
 #[derive(Debug)]
@@ -63,7 +67,10 @@ pub struct OutputEncoding {
 
 impl OutputEncoding {
     fn binary(&self, name: &str) -> bool {
-        self.binary.get(name).copied().unwrap_or(self.default_binary)
+        self.binary
+            .get(name)
+            .copied()
+            .unwrap_or(self.default_binary)
     }
 }
 
@@ -95,7 +102,12 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 /// Converts JSON `data` to a validated tensor (so errors name the input).
-fn json_tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: &Value) -> Result<Tensor, BadRequest> {
+fn json_tensor(
+    name: &str,
+    datatype: DataType,
+    shape: Vec<i64>,
+    data: &Value,
+) -> Result<Tensor, BadRequest> {
     let mut values = Vec::new();
     flatten(data, &mut values);
     let wrong = |what: &str| bad(format!("input '{name}': {datatype} data must be {what}"));
@@ -144,7 +156,12 @@ fn json_tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: &Value) ->
         DataType::Fp32 => {
             contents.fp32_contents = values
                 .iter()
-                .map(|value| value.as_f64().map(|number| number as f32).ok_or_else(|| wrong("numbers")))
+                .map(|value| {
+                    value
+                        .as_f64()
+                        .map(|number| number as f32)
+                        .ok_or_else(|| wrong("numbers"))
+                })
                 .collect::<Result<_, _>>()?;
         }
         DataType::Fp64 => {
@@ -159,7 +176,8 @@ fn json_tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: &Value) ->
                 .map(|value| value.as_f64().ok_or_else(|| wrong("numbers")))
                 .collect::<Result<Vec<f64>, _>>()?;
             let raw = float_bytes_from_f64(datatype, &numbers).unwrap_or_default();
-            return Tensor::from_raw(name, datatype, shape, raw).map_err(|error| bad(error.to_string()));
+            return Tensor::from_raw(name, datatype, shape, raw)
+                .map_err(|error| bad(error.to_string()));
         }
         DataType::Bytes => {
             contents.bytes_contents = values
@@ -176,14 +194,24 @@ fn json_tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: &Value) ->
     Tensor::from_contents(name, datatype, shape, &contents).map_err(|error| bad(error.to_string()))
 }
 
-fn binary_size(parameters: &Option<Map<String, Value>>, name: &str) -> Result<Option<usize>, BadRequest> {
-    match parameters.as_ref().and_then(|parameters| parameters.get("binary_data_size")) {
+fn binary_size(
+    parameters: &Option<Map<String, Value>>,
+    name: &str,
+) -> Result<Option<usize>, BadRequest> {
+    match parameters
+        .as_ref()
+        .and_then(|parameters| parameters.get("binary_data_size"))
+    {
         None => Ok(None),
         Some(value) => value
             .as_u64()
             .and_then(|size| usize::try_from(size).ok())
             .map(Some)
-            .ok_or_else(|| bad(format!("input '{name}': binary_data_size must be a non-negative integer"))),
+            .ok_or_else(|| {
+                bad(format!(
+                    "input '{name}': binary_data_size must be a non-negative integer"
+                ))
+            }),
     }
 }
 
@@ -209,17 +237,24 @@ pub fn parse_infer_request(
         }
         None => (body, Bytes::new()),
     };
-    let request: JsonRequest =
-        serde_json::from_slice(&header).map_err(|error| bad(format!("invalid inference request JSON: {error}")))?;
+    let request: JsonRequest = serde_json::from_slice(&header)
+        .map_err(|error| bad(format!("invalid inference request JSON: {error}")))?;
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
     let mut raw = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
-        let datatype = DataType::parse(&input.datatype)
-            .ok_or_else(|| bad(format!("input '{}': unknown datatype '{}'", input.name, input.datatype)))?;
+        let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
+            bad(format!(
+                "input '{}': unknown datatype '{}'",
+                input.name, input.datatype
+            ))
+        })?;
         let tensor = match (binary_size(&input.parameters, &input.name)?, &input.data) {
             (Some(_), Some(_)) => {
-                return Err(bad(format!("input '{}': give either data or binary_data_size, not both", input.name)));
+                return Err(bad(format!(
+                    "input '{}': give either data or binary_data_size, not both",
+                    input.name
+                )));
             }
             (Some(size), None) => {
                 if size > binary.len() {
@@ -253,7 +288,10 @@ pub fn parse_infer_request(
         });
     }
     if !binary.is_empty() {
-        return Err(bad(format!("{} bytes of binary data are not claimed by any input", binary.len())));
+        return Err(bad(format!(
+            "{} bytes of binary data are not claimed by any input",
+            binary.len()
+        )));
     }
 
     let mut encoding = OutputEncoding {
@@ -272,10 +310,17 @@ pub fn parse_infer_request(
     }
     let mut outputs = Vec::new();
     for output in request.outputs.into_iter().flatten() {
-        if let Some(flag) = output.parameters.as_ref().and_then(|parameters| parameters.get("binary_data")) {
-            let flag = flag
-                .as_bool()
-                .ok_or_else(|| bad(format!("output '{}': binary_data must be true or false", output.name)))?;
+        if let Some(flag) = output
+            .parameters
+            .as_ref()
+            .and_then(|parameters| parameters.get("binary_data"))
+        {
+            let flag = flag.as_bool().ok_or_else(|| {
+                bad(format!(
+                    "output '{}': binary_data must be true or false",
+                    output.name
+                ))
+            })?;
             encoding.binary.insert(output.name.clone(), flag);
         }
         outputs.push(InferRequestedOutputTensor {
@@ -332,8 +377,8 @@ pub fn render_infer_response(
     response: ModelInferResponse,
     encoding: &OutputEncoding,
 ) -> Result<(Vec<u8>, Option<usize>), String> {
-    let tensors =
-        decode_outputs(response.outputs, response.raw_output_contents).map_err(|error| error.to_string())?;
+    let tensors = decode_outputs(response.outputs, response.raw_output_contents)
+        .map_err(|error| error.to_string())?;
     let mut binary = BytesMut::new();
     let mut outputs = Vec::with_capacity(tensors.len());
     for tensor in &tensors {
@@ -373,14 +418,17 @@ pub fn render_infer_response(
 pub fn message_json<M: Message>(message: &M, full_name: &str) -> Result<Value, String> {
     static POOL: std::sync::OnceLock<Result<DescriptorPool, String>> = std::sync::OnceLock::new();
     let pool = POOL
-        .get_or_init(|| DescriptorPool::decode(shamal_proto::INFERENCE_DESCRIPTOR_SET).map_err(|error| error.to_string()))
+        .get_or_init(|| {
+            DescriptorPool::decode(shamal_proto::INFERENCE_DESCRIPTOR_SET)
+                .map_err(|error| error.to_string())
+        })
         .as_ref()
         .map_err(Clone::clone)?;
     let descriptor = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| format!("no descriptor for {full_name}"))?;
-    let dynamic =
-        DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()).map_err(|error| error.to_string())?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|error| error.to_string())?;
     let options = SerializeOptions::new()
         .use_proto_field_name(true)
         .stringify_64_bit_integers(false)
@@ -402,11 +450,21 @@ mod tests {
             {"name":"C","shape":[1],"datatype":"BYTES","data":["hi"]}],
             "outputs":[{"name":"X","parameters":{"binary_data":true}}],
             "parameters":{"binary_data_output":false,"priority":2}}"#;
-        let (request, encoding) = parse_infer_request("m", "", Bytes::from_static(body), None).unwrap();
+        let (request, encoding) =
+            parse_infer_request("m", "", Bytes::from_static(body), None).unwrap();
         assert_eq!(request.id, "7");
-        assert_eq!(request.raw_input_contents[0].as_ref(), [1, 0, 0, 0, 254, 255, 255, 255]);
-        assert_eq!(request.raw_input_contents[1].as_ref(), [0x00, 0x38, 0x00, 0x40]);
-        assert_eq!(request.raw_input_contents[2].as_ref(), [2, 0, 0, 0, b'h', b'i']);
+        assert_eq!(
+            request.raw_input_contents[0].as_ref(),
+            [1, 0, 0, 0, 254, 255, 255, 255]
+        );
+        assert_eq!(
+            request.raw_input_contents[1].as_ref(),
+            [0x00, 0x38, 0x00, 0x40]
+        );
+        assert_eq!(
+            request.raw_input_contents[2].as_ref(),
+            [2, 0, 0, 0, b'h', b'i']
+        );
         assert!(encoding.binary("X"));
         assert!(!encoding.binary("Y"));
         assert!(request.parameters.contains_key("priority"));
@@ -418,12 +476,17 @@ mod tests {
         let header = br#"{"inputs":[{"name":"A","shape":[2],"datatype":"UINT8","parameters":{"binary_data_size":2}},{"name":"B","shape":[1],"datatype":"UINT8","parameters":{"binary_data_size":1}}]}"#;
         let mut body = header.to_vec();
         body.extend_from_slice(&[1, 2, 3]);
-        let (request, _) = parse_infer_request("m", "1", Bytes::from(body.clone()), Some(header.len())).unwrap();
-        assert_eq!(request.raw_input_contents, vec![Bytes::from_static(&[1, 2]), Bytes::from_static(&[3])]);
+        let (request, _) =
+            parse_infer_request("m", "1", Bytes::from(body.clone()), Some(header.len())).unwrap();
+        assert_eq!(
+            request.raw_input_contents,
+            vec![Bytes::from_static(&[1, 2]), Bytes::from_static(&[3])]
+        );
         assert_eq!(request.model_version, "1");
 
         body.push(9);
-        let error = parse_infer_request("m", "", Bytes::from(body), Some(header.len())).unwrap_err();
+        let error =
+            parse_infer_request("m", "", Bytes::from(body), Some(header.len())).unwrap_err();
         assert!(error.0.contains("not claimed"), "{}", error.0);
     }
 
@@ -439,14 +502,26 @@ mod tests {
             (b"{}", Some(99), "exceeds"),
         ];
         for (body, header_length, expected) in cases {
-            let error = parse_infer_request("m", "", Bytes::from_static(body), header_length).unwrap_err();
-            assert!(error.0.contains(expected), "{}: {}", String::from_utf8_lossy(body), error.0);
+            let error =
+                parse_infer_request("m", "", Bytes::from_static(body), header_length).unwrap_err();
+            assert!(
+                error.0.contains(expected),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                error.0
+            );
         }
     }
 
     #[test]
     fn responses_render_as_json_or_binary() {
-        let tensor = Tensor::from_raw("X", DataType::Int32, vec![2], Bytes::from_static(&[1, 0, 0, 0, 2, 0, 0, 0])).unwrap();
+        let tensor = Tensor::from_raw(
+            "X",
+            DataType::Int32,
+            vec![2],
+            Bytes::from_static(&[1, 0, 0, 0, 2, 0, 0, 0]),
+        )
+        .unwrap();
         let (outputs, raw) = shamal_tensor::encode_outputs(&[tensor]);
         let response = ModelInferResponse {
             model_name: "m".into(),
@@ -455,17 +530,26 @@ mod tests {
             raw_output_contents: raw,
             ..Default::default()
         };
-        let json_only = OutputEncoding { default_binary: false, binary: HashMap::new() };
+        let json_only = OutputEncoding {
+            default_binary: false,
+            binary: HashMap::new(),
+        };
         let (body, header) = render_infer_response(response.clone(), &json_only).unwrap();
         assert_eq!(header, None);
         let value: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["outputs"][0]["data"], json!([1, 2]));
 
-        let binary = OutputEncoding { default_binary: true, binary: HashMap::new() };
+        let binary = OutputEncoding {
+            default_binary: true,
+            binary: HashMap::new(),
+        };
         let (body, header) = render_infer_response(response, &binary).unwrap();
         let header = header.unwrap();
         let value: Value = serde_json::from_slice(&body[..header]).unwrap();
-        assert_eq!(value["outputs"][0]["parameters"]["binary_data_size"], json!(8));
+        assert_eq!(
+            value["outputs"][0]["parameters"]["binary_data_size"],
+            json!(8)
+        );
         assert_eq!(&body[header..], &[1, 0, 0, 0, 2, 0, 0, 0]);
     }
 }

@@ -15,10 +15,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_telemetry::{Readiness, Registry};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use config::{RouterArgs, RouterConfig};
 use frontend::Frontend;
@@ -42,8 +43,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let pool = Arc::new(
-        WorkerPool::new(&config.workers, config.connections_per_worker, config.max_message_bytes)
-            .map_err(anyhow::Error::msg)?,
+        WorkerPool::new(
+            &config.workers,
+            config.connections_per_worker,
+            config.max_message_bytes,
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
     let frontend = Arc::new(Frontend::new(
@@ -76,9 +81,13 @@ pub async fn run(
                 readiness.set(ready);
                 if ready != was_ready {
                     if ready {
-                        health.set_serving::<GrpcInferenceServiceServer<RouterService>>().await;
+                        health
+                            .set_serving::<GrpcInferenceServiceServer<RouterService>>()
+                            .await;
                     } else {
-                        health.set_not_serving::<GrpcInferenceServiceServer<RouterService>>().await;
+                        health
+                            .set_not_serving::<GrpcInferenceServiceServer<RouterService>>()
+                            .await;
                     }
                     was_ready = ready;
                 }
@@ -108,12 +117,18 @@ pub async fn run(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(grpc_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), wait_stop(stop.clone()));
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            wait_stop(stop.clone()),
+        );
+    // Nagle's algorithm would hold small responses back for delayed ACKs.
+    let http_listener = listeners.http.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     let http = axum::serve(
-        listeners.http,
+        http_listener,
         http::router(frontend.clone(), config.max_message_bytes),
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));

@@ -37,7 +37,14 @@ async fn main() -> std::process::ExitCode {
     };
     tracing::info!(grpc = %config.grpc_listen, http = %config.http_listen, "router listening");
     let registry = shamal_telemetry::Registry::new();
-    match shamal_router::run(config, listeners, registry, shamal_telemetry::shutdown_signal()).await {
+    match shamal_router::run(
+        config,
+        listeners,
+        registry,
+        shamal_telemetry::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "router failed");
@@ -53,5 +60,9 @@ async fn bind(config: &RouterConfig) -> std::io::Result<RouterListeners> {
         Some(address) => Some(tokio::net::TcpListener::bind(address).await?),
         None => None,
     };
-    Ok(RouterListeners { grpc, http, metrics })
+    Ok(RouterListeners {
+        grpc,
+        http,
+        metrics,
+    })
 }

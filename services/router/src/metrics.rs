@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
-use shamal_telemetry::{register, LATENCY_BUCKETS};
+use shamal_telemetry::{LATENCY_BUCKETS, register};
 use tonic::Code;
 
 #[derive(Clone)]

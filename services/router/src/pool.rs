@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::RepositoryIndexRequest;
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 /// One worker process.
@@ -27,7 +27,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn new(address: &str, connections: usize, max_message_bytes: usize) -> Result<Upstream, String> {
+    fn new(
+        address: &str,
+        connections: usize,
+        max_message_bytes: usize,
+    ) -> Result<Upstream, String> {
         let url = if address.starts_with("http://") || address.starts_with("https://") {
             address.to_owned()
         } else {
@@ -74,7 +78,10 @@ impl Upstream {
     }
 
     fn serves(&self, model: &str, version: &str) -> bool {
-        let models = self.models.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let models = self
+            .models
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         models
             .get(model)
             .is_some_and(|versions| version.is_empty() || versions.contains(version))
@@ -103,7 +110,10 @@ impl Upstream {
                         models.entry(entry.name).or_default().insert(entry.version);
                     }
                 }
-                *self.models.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = models;
+                *self
+                    .models
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = models;
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(worker = %self.address, "worker in rotation");
                 }
@@ -162,9 +172,12 @@ impl WorkerPool {
         tokio::spawn(async move {
             loop {
                 pool.refresh().await;
-                // Until some worker answers, look again sooner.
-                let any_healthy = pool.upstreams.iter().any(|upstream| upstream.healthy());
-                let wait = if any_healthy { interval } else { interval.min(Duration::from_millis(100)) };
+                // Until some worker serves a ready model, look again sooner.
+                let wait = if pool.ready() {
+                    interval
+                } else {
+                    interval.min(Duration::from_millis(100))
+                };
                 tokio::time::sleep(wait).await;
             }
         })
@@ -192,7 +205,12 @@ impl WorkerPool {
     /// Chooses the worker for a request: among the healthy workers serving
     /// the model (and version), the less loaded of two picked at random
     /// (power of two choices), skipping `exclude`.
-    pub fn pick(&self, model: &str, version: &str, exclude: &[usize]) -> Result<(usize, Arc<Upstream>), PickError> {
+    pub fn pick(
+        &self,
+        model: &str,
+        version: &str,
+        exclude: &[usize],
+    ) -> Result<(usize, Arc<Upstream>), PickError> {
         let mut serving = false;
         let mut candidates: Vec<usize> = Vec::new();
         for (index, upstream) in self.upstreams.iter().enumerate() {
@@ -214,7 +232,11 @@ impl WorkerPool {
                 let second_slot = (first_slot + 1 + fastrand_index(count - 1)) % count;
                 let (first, second) = (candidates[first_slot], candidates[second_slot]);
                 let load = |index: usize| self.upstreams[index].inflight.load(Ordering::Relaxed);
-                if load(second) < load(first) { second } else { first }
+                if load(second) < load(first) {
+                    second
+                } else {
+                    first
+                }
             }
         };
         Ok((chosen, self.upstreams[chosen].clone()))
