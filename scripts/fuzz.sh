@@ -33,6 +33,11 @@ export RUSTC_BOOTSTRAP=1
 
 # -a: debug assertions and overflow checks on, so arithmetic overflow panics.
 fuzz_flags=(--debug-assertions --sanitizer "$sanitizer")
+# Each sanitizer gets its own build directory, so that switching between them
+# does not rebuild every dependency.
+if [[ "$sanitizer" != address ]]; then
+    fuzz_flags+=(--target-dir "fuzz/target/sanitizer-$sanitizer")
+fi
 
 if [[ -n "${FUZZ_TARGETS:-}" ]]; then
     read -r -a targets <<<"$FUZZ_TARGETS"

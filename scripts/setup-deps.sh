@@ -16,7 +16,17 @@ if ! command -v python3 >/dev/null 2>&1; then
   exit 1
 fi
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian splits venv support out of python3.
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      rm -rf "$venv"
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    else
+      echo "setup-deps: python3 -m venv failed; install python3-venv" >&2
+      exit 1
+    fi
+  fi
 fi
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check \

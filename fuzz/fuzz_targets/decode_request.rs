@@ -21,17 +21,17 @@ const MAX_ROW_SPLIT: usize = 256;
 /// gives 0x01 back for 0x02. While this is `true`, the harness compares BOOL
 /// tensors with their bytes canonicalised, so that fuzzing can go on past it.
 /// Set it to `false` once shamal-tensor rejects (or canonicalises) such bytes.
-const TOLERATE_NONCANONICAL_BOOL: bool = true;
+const TOLERATE_NONCANONICAL_BOOL: bool = false;
 
 /// Known finding (docs/fuzzing.md): `Tensor::from_contents` reserves
 /// `element_count(shape) * element_size` bytes *before* checking that the
-/// contents hold that many elements, so a ~20-byte request with a huge shape
+/// contents hold that many elements, so a 25-byte request with a huge shape
 /// and typed contents asks for terabytes (the process aborts). While this is
 /// `true`, the harness skips requests that would go down that path with a
 /// shape of more than `HUGE_TYPED_COUNT` elements (no fuzz input can carry
 /// that many typed elements). Set it to `false` once the count is checked
 /// first.
-const TOLERATE_TYPED_PREALLOCATION: bool = true;
+const TOLERATE_TYPED_PREALLOCATION: bool = false;
 const HUGE_TYPED_COUNT: usize = 1 << 20;
 
 fuzz_target!(|data: &[u8]| {

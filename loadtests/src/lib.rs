@@ -105,7 +105,8 @@ pub async fn run(config: Config) -> Result<Report> {
         name: config.model.clone(),
         version: config.model_version.clone(),
     });
-    meta_req.set_timeout(config.timeout);
+    // Metadata is set-up, not load: it gets a generous deadline of its own.
+    meta_req.set_timeout(config.timeout.max(Duration::from_secs(10)));
     let metadata = first
         .model_metadata(meta_req)
         .await

@@ -34,7 +34,9 @@ pub fn concat_batch(parts: &[&Tensor]) -> Result<Tensor, Error> {
                 part.name, part.datatype, part.shape, first.name, first.datatype, first.shape
             )));
         }
-        batch += part.shape[0];
+        batch = batch
+            .checked_add(part.shape[0])
+            .ok_or_else(|| incompatible("batch dimensions overflow".to_owned()))?;
     }
     let mut shape = first.shape.clone();
     shape[0] = batch;

@@ -70,6 +70,12 @@ pub enum Error {
         datatype: DataType,
         value: i128,
     },
+    #[error("tensor '{name}': BOOL element {index} is {value}; only 0 and 1 are valid")]
+    InvalidBool {
+        name: String,
+        index: usize,
+        value: u8,
+    },
     #[error("tensor '{name}' is given more than once")]
     DuplicateTensor { name: String },
     #[error("cannot batch tensors: {reason}")]
@@ -136,6 +142,16 @@ impl Tensor {
                         shape,
                         expected,
                         actual: raw.len(),
+                    });
+                }
+                // A C++ bool behind the backend must hold 0 or 1 exactly.
+                if datatype == DataType::Bool
+                    && let Some(index) = raw.iter().position(|&byte| byte > 1)
+                {
+                    return Err(Error::InvalidBool {
+                        name,
+                        index,
+                        value: raw[index],
                     });
                 }
                 TensorData::Fixed(raw)

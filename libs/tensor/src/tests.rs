@@ -197,6 +197,48 @@ fn typed_element_count_mismatch_is_refused() {
 }
 
 #[test]
+fn a_huge_shape_with_few_typed_values_allocates_nothing() {
+    // 25 bytes on the wire must not reserve terabytes (found by fuzzing).
+    for shape in [vec![1i64 << 40], vec![1i64 << 61]] {
+        let err = decode_inputs(
+            vec![with_contents(
+                input("a", "INT32", &shape),
+                typed_contents(DataType::Int32, &[0]),
+            )],
+            vec![],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::ElementCountMismatch { actual: 1, .. }),
+            "{err:?}"
+        );
+    }
+}
+
+#[test]
+fn raw_bool_bytes_must_be_zero_or_one() {
+    let err = decode_inputs(
+        vec![input("b", "BOOL", &[3])],
+        vec![Bytes::from_static(&[0, 1, 2])],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        Error::InvalidBool {
+            name: "b".into(),
+            index: 2,
+            value: 2
+        }
+    );
+}
+
+#[test]
+fn batch_dimensions_that_overflow_are_refused() {
+    let huge = Tensor::from_raw("x", DataType::Fp32, vec![1 << 62, 0], Bytes::new()).unwrap();
+    assert!(concat_batch(&[&huge, &huge]).is_err());
+}
+
+#[test]
 fn typed_values_out_of_range_are_refused() {
     let cases = [
         (DataType::Int8, 128),

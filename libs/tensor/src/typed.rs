@@ -68,98 +68,95 @@ pub(crate) fn decode(
             found,
         });
     }
-    let check_count = |actual: usize| {
-        if actual == count {
-            Ok(())
-        } else {
-            Err(Error::ElementCountMismatch {
-                name: name.to_owned(),
-                shape: shape.to_vec(),
-                expected: count,
-                actual,
-            })
-        }
+    // Compare counts before allocating anything: the shape is the client's
+    // claim, the contents are what it really sent.
+    let actual = match datatype {
+        DataType::Bool => contents.bool_contents.len(),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => contents.int_contents.len(),
+        DataType::Int64 => contents.int64_contents.len(),
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => contents.uint_contents.len(),
+        DataType::Uint64 => contents.uint64_contents.len(),
+        DataType::Fp32 => contents.fp32_contents.len(),
+        DataType::Fp64 => contents.fp64_contents.len(),
+        DataType::Bytes => contents.bytes_contents.len(),
+        DataType::Fp16 | DataType::Bf16 => 0,
     };
+    if actual != count {
+        return Err(Error::ElementCountMismatch {
+            name: name.to_owned(),
+            shape: shape.to_vec(),
+            expected: count,
+            actual,
+        });
+    }
     let out_of_range = |value: i128| Error::ValueOutOfRange {
         name: name.to_owned(),
         datatype,
         value,
     };
     let element_size = datatype.element_size().unwrap_or(0);
-    let mut out = BytesMut::with_capacity(count.saturating_mul(element_size));
+    let mut out = BytesMut::with_capacity(actual * element_size);
     match datatype {
         DataType::Bool => {
-            check_count(contents.bool_contents.len())?;
             for &value in &contents.bool_contents {
                 out.put_u8(u8::from(value));
             }
         }
         DataType::Int8 => {
-            check_count(contents.int_contents.len())?;
             for &value in &contents.int_contents {
                 let narrow = i8::try_from(value).map_err(|_| out_of_range(value.into()))?;
                 out.put_i8(narrow);
             }
         }
         DataType::Int16 => {
-            check_count(contents.int_contents.len())?;
             for &value in &contents.int_contents {
                 let narrow = i16::try_from(value).map_err(|_| out_of_range(value.into()))?;
                 out.put_i16_le(narrow);
             }
         }
         DataType::Int32 => {
-            check_count(contents.int_contents.len())?;
             for &value in &contents.int_contents {
                 out.put_i32_le(value);
             }
         }
         DataType::Int64 => {
-            check_count(contents.int64_contents.len())?;
             for &value in &contents.int64_contents {
                 out.put_i64_le(value);
             }
         }
         DataType::Uint8 => {
-            check_count(contents.uint_contents.len())?;
             for &value in &contents.uint_contents {
                 let narrow = u8::try_from(value).map_err(|_| out_of_range(value.into()))?;
                 out.put_u8(narrow);
             }
         }
         DataType::Uint16 => {
-            check_count(contents.uint_contents.len())?;
             for &value in &contents.uint_contents {
                 let narrow = u16::try_from(value).map_err(|_| out_of_range(value.into()))?;
                 out.put_u16_le(narrow);
             }
         }
         DataType::Uint32 => {
-            check_count(contents.uint_contents.len())?;
             for &value in &contents.uint_contents {
                 out.put_u32_le(value);
             }
         }
         DataType::Uint64 => {
-            check_count(contents.uint64_contents.len())?;
             for &value in &contents.uint64_contents {
                 out.put_u64_le(value);
             }
         }
         DataType::Fp32 => {
-            check_count(contents.fp32_contents.len())?;
             for &value in &contents.fp32_contents {
                 out.put_f32_le(value);
             }
         }
         DataType::Fp64 => {
-            check_count(contents.fp64_contents.len())?;
             for &value in &contents.fp64_contents {
                 out.put_f64_le(value);
             }
         }
         DataType::Bytes => {
-            check_count(contents.bytes_contents.len())?;
             return Ok(TensorData::Strings(contents.bytes_contents.clone()));
         }
         DataType::Fp16 | DataType::Bf16 => {

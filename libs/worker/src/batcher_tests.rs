@@ -148,7 +148,7 @@ async fn batched_answers_are_identical_to_unbatched_ones() {
         );
         assert_eq!(values(&outputs[0]), expected(input));
     }
-    let seen = harness.seen.lock().unwrap();
+    let seen = harness.seen.lock().unwrap().clone();
     assert!(
         seen.iter().any(|shape| shape[0] > 4),
         "requests were batched: {seen:?}"

@@ -417,7 +417,7 @@ fn merge_statistics(total: &mut ModelStatistics, other: &ModelStatistics) {
                 add(&mut batch.compute_infer, &other_batch.compute_infer);
                 add(&mut batch.compute_output, &other_batch.compute_output);
             }
-            None => total.batch_stats.push(other_batch.clone()),
+            None => total.batch_stats.push(*other_batch),
         }
     }
 }

@@ -311,15 +311,15 @@ async fn infer_response(
     body: Bytes,
 ) -> Response {
     let context = context(frontend, headers);
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
-        if encoding.as_bytes() != b"identity" {
-            let response = (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                Json(json!({"error": "compressed request bodies are not supported; send them uncompressed"})),
-            )
-                .into_response();
-            return with_request_id(response, &context);
-        }
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && encoding.as_bytes() != b"identity"
+    {
+        let response = (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error": "compressed request bodies are not supported; send them uncompressed"})),
+        )
+            .into_response();
+        return with_request_id(response, &context);
     }
     let header_length = match headers.get(HEADER_LENGTH) {
         None => None,

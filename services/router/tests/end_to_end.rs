@@ -1,5 +1,6 @@
 //! Router + cpu-worker end to end, over real gRPC and HTTP connections on
 //! loopback, with the bundled ONNX models on ONNX Runtime.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Test harness: a real cpu-worker and router on port-0 listeners, and a
 //! deliberately slow fake worker for deadline and drain tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

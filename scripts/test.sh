@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs, checks
+# formatting and lints, runs every Rust test, then starts the platform and runs
+# Triton's own clients against it (tritonclient gRPC + HTTP, perf_analyzer).
+#
+#   scripts/test.sh            everything
+#   SKIP_COMPAT=1 scripts/test.sh   Rust checks and tests only
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing project-local dependencies (.deps/)"
+scripts/setup-deps.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+if [ -z "${ORT_DYLIB_PATH:-}" ] || [ ! -f "$ORT_DYLIB_PATH" ]; then
+  echo "test.sh: ONNX Runtime library not found after setup" >&2
+  exit 1
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo is required (Rust toolchain 1.92 or newer)" >&2
+  exit 1
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+if [ "${SKIP_COMPAT:-0}" = "1" ]; then
+  echo "test.sh: SKIP_COMPAT=1, Triton client compatibility tests not run"
+  exit 0
+fi
+
+step "compatibility: starting shamal up on free ports"
+cargo build --locked -p shamal-cli
+ready() {
+  .deps/venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "http://127.0.0.1:$http_port/v2/health/ready" >/dev/null 2>&1
+}
+free_port() {
+  .deps/venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+http_port="$(free_port)"
+grpc_port="$(free_port)"
+metrics_port="$(free_port)"
+log="$(mktemp)"
+target/debug/shamal up --model-repository models/repository \
+  --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" >"$log" 2>&1 &
+stack_pid=$!
+cleanup() {
+  kill "$stack_pid" 2>/dev/null || true
+  wait "$stack_pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 300); do
+  if ready; then
+    break
+  fi
+  if ! kill -0 "$stack_pid" 2>/dev/null; then
+    echo "test.sh: shamal up exited early:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+if ! ready; then
+  echo "test.sh: shamal up did not become ready:" >&2
+  cat "$log" >&2
+  exit 1
+fi
+
+export SHAMAL_GRPC_URL="127.0.0.1:$grpc_port"
+export SHAMAL_HTTP_URL="127.0.0.1:$http_port"
+
+step "compatibility: tritonclient (gRPC and HTTP)"
+.deps/venv/bin/python -m pytest -q tests/compat/test_tritonclient.py
+
+step "compatibility: perf_analyzer"
+tests/compat/perf_analyzer.sh
+
+step "graceful stop on SIGINT"
+kill -INT "$stack_pid"
+for _ in $(seq 1 100); do
+  kill -0 "$stack_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if kill -0 "$stack_pid" 2>/dev/null; then
+  echo "test.sh: shamal up did not stop within 10 s of SIGINT" >&2
+  exit 1
+fi
+wait "$stack_pid" && status=0 || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "test.sh: shamal up exited with status $status after SIGINT" >&2
+  cat "$log" >&2
+  exit 1
+fi
+trap - EXIT
+echo "test.sh: all checks passed"
