@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
@@ -124,29 +125,41 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let (grpc_address, http_address, metrics_address) =
         (address(&grpc), address(&http), address(&metrics));
 
+    // The router calls the worker in process: same service code, no hop.
+    // The worker still listens on loopback for tools that want it directly.
     let router_config = RouterConfig {
-        workers: vec![worker_address.clone()],
+        workers: Vec::new(),
         refresh_interval_ms: 500,
         ..RouterConfig::default()
     };
     let registry = shamal_telemetry::Registry::new();
+    let worker = match shamal_cpu_worker::build(&worker_config, registry.clone()) {
+        Ok(worker) => worker,
+        Err(error) => {
+            eprintln!("shamal up: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local_service: shamal_router::LocalService = Arc::new(worker.service());
 
     // Shutdown order: the router stops intake and finishes its requests,
     // then the worker drains and unloads.
     let (router_done, router_done_signal) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(shamal_cpu_worker::run(
-        worker_config,
+    let worker = tokio::spawn(worker.serve(
         WorkerListeners {
             grpc: worker_listener,
             metrics: None,
         },
-        registry.clone(),
         async move {
             let _ = router_done_signal.await;
         },
     ));
+    let local_workers = vec![(
+        format!("local cpu-worker ({worker_address})"),
+        local_service,
+    )];
     let router = tokio::spawn(async move {
-        let result = shamal_router::run(
+        let result = shamal_router::run_with_local_workers(
             router_config,
             RouterListeners {
                 grpc,
@@ -155,6 +168,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
             },
             registry,
             shamal_telemetry::shutdown_signal(),
+            local_workers,
         )
         .await;
         let _ = router_done.send(());

@@ -174,7 +174,7 @@ def test_model_config_demo_grpc(grpc_client):
     assert cfg.name == "demo"
     assert cfg.max_batch_size == 64
     assert cfg.HasField("dynamic_batching")
-    assert cfg.dynamic_batching.max_queue_delay_microseconds == 200
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("INPUT0", mc.TYPE_FP32, [16])]
     assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [("OUTPUT0", mc.TYPE_FP32, [4])]
 

@@ -62,9 +62,16 @@ pub fn request_timeout(metadata: &MetadataMap) -> Option<Duration> {
 /// The caller's request id, or a fresh one. Ids are limited to 128 printable
 /// ASCII characters so they can be logged safely.
 pub fn request_id(metadata: &MetadataMap) -> String {
-    metadata
-        .get(REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
+    checked_request_id(
+        metadata
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok()),
+    )
+}
+
+/// The given request id when it is sane, or a fresh one.
+pub fn checked_request_id(given: Option<&str>) -> String {
+    given
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -75,6 +82,21 @@ pub fn set_request_id(metadata: &mut MetadataMap, id: &str) {
     if let Ok(value) = MetadataValue::try_from(id) {
         metadata.insert(REQUEST_ID_HEADER, value);
     }
+}
+
+/// Name of the v2 inference service in grpc.health.v1.
+pub const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
+
+/// Sets the grpc.health.v1 status of the inference service and of the
+/// server as a whole (the empty service name), which load balancers probe.
+pub async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(INFERENCE_SERVICE, status).await;
 }
 
 /// Codec errors are the client's fault: INVALID_ARGUMENT naming the tensor.

@@ -1,20 +1,22 @@
 //! The dynamic batcher.
 //!
-//! One thread owns a model version's queue (a thread, not an async task, so
-//! that sub-millisecond queue delays are honoured precisely: tokio timers
-//! round up to whole milliseconds). When a model instance is free it
-//! takes the oldest request, adds every queued request with the same
-//! non-batch shapes (up to the maximum batch size, waiting at most the
-//! configured queue delay for more), and hands the batch to the instance's
-//! thread. Requests with different non-batch shapes are never mixed; requests
-//! whose caller left or whose deadline passed are dropped before they run.
+//! Each model version has one queue, shared by its instances. An instance
+//! thread that is free takes the oldest request, adds every queued request
+//! with the same non-batch shapes (up to the maximum batch size, waiting at
+//! most the configured queue delay for more), runs the batch and answers each
+//! caller with its own rows. Batches are therefore formed only when an
+//! instance can run them: while all instances are busy the queue fills and
+//! the next batch is larger. Requests with different non-batch shapes are
+//! never mixed; requests whose caller left or whose deadline passed are
+//! dropped before they run. Waiting happens on a condition variable, so
+//! sub-millisecond delays are honoured (tokio timers round up to 1 ms), and a
+//! request reaches its instance with a single thread hand-off.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use shamal_tensor::{Tensor, concat_batch, split_batch};
 use tokio::sync::oneshot;
 
@@ -84,82 +86,90 @@ impl Pending {
     }
 }
 
-/// Marks one instance busy; dropping it (when the batch is done) hands the
-/// instance back to the queue owner.
-struct InstanceToken(Sender<()>);
+/// The queue shared by a model version's instances.
+struct Shared {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
 
-impl Drop for InstanceToken {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
+struct QueueState {
+    /// Waiting requests, oldest first.
+    queue: VecDeque<Pending>,
+    /// Set when every `Batcher` handle is gone: instances finish the queue
+    /// and exit.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Instance threads never panic while holding the lock (backends run
+        // outside it), so a poisoned lock still guards a consistent queue.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// A batch handed to an instance thread.
-struct Job {
-    requests: Vec<Pending>,
-    _token: InstanceToken,
+/// Closes the queue when the last `Batcher` handle is dropped.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.changed.notify_all();
+    }
 }
 
-/// Handle to a model version's batcher. Dropping every handle stops the
-/// batcher after it has finished the queued work; instance threads exit when
-/// their channel closes.
+/// Handle to a model version's batcher. Dropping every handle lets the
+/// instance threads finish the queued work and exit.
 #[derive(Clone)]
 pub struct Batcher {
     model: Arc<str>,
-    queue: Sender<Pending>,
+    shared: Arc<Shared>,
     depth: Arc<AtomicUsize>,
     max_queue_size: usize,
     max_batch_size: usize,
+    _closer: Arc<Closer>,
 }
 
 impl Batcher {
-    /// Starts the batcher thread and one thread per backend instance.
+    /// Starts one thread per backend instance.
     pub fn start(
         model: &str,
         config: BatcherConfig,
         instances: Vec<Box<dyn Backend>>,
         stats: Arc<ModelStats>,
     ) -> Batcher {
-        let (queue, receiver) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(QueueState {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        });
         let depth = Arc::new(AtomicUsize::new(0));
-        let (job_sender, job_receiver) = crossbeam_channel::unbounded::<Job>();
-        let (token_sender, free_instances) = crossbeam_channel::unbounded();
-        for _ in 0..instances.len() {
-            let _ = token_sender.send(());
-        }
         for (index, backend) in instances.into_iter().enumerate() {
-            let jobs = job_receiver.clone();
-            let stats = stats.clone();
-            let batching = config.max_batch_size > 0;
+            let instance = Instance {
+                backend,
+                shared: shared.clone(),
+                depth: depth.clone(),
+                config: config.clone(),
+                stats: stats.clone(),
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{model}-{index}"))
-                .spawn(move || instance_loop(backend, jobs, stats, batching));
+                .spawn(move || instance.run());
             if let Err(error) = spawned {
                 tracing::error!(%model, %error, "cannot start instance thread");
             }
         }
-        let owner = QueueOwner {
-            config: config.clone(),
-            receiver,
-            local: VecDeque::new(),
-            depth: depth.clone(),
-            free_instances,
-            token_sender,
-            jobs: job_sender,
-            stats,
-        };
-        let spawned = std::thread::Builder::new()
-            .name(format!("batch-{model}"))
-            .spawn(move || owner.run());
-        if let Err(error) = spawned {
-            tracing::error!(%model, %error, "cannot start batcher thread");
-        }
         Batcher {
             model: Arc::from(model),
-            queue,
+            shared: shared.clone(),
             depth,
             max_queue_size: config.max_queue_size,
             max_batch_size: config.max_batch_size,
+            _closer: Arc::new(Closer(shared)),
         }
     }
 
@@ -194,91 +204,122 @@ impl Batcher {
             return Err(InferError::QueueFull(self.model.to_string()));
         }
         let (reply, outputs) = oneshot::channel();
-        let pending = Pending {
+        self.shared.lock().queue.push_back(Pending {
             inputs,
             rows,
             deadline,
             enqueued: Instant::now(),
             reply,
-        };
-        if self.queue.send(pending).is_err() {
-            self.depth.fetch_sub(1, Ordering::AcqRel);
-            return Err(InferError::Unavailable(self.model.to_string()));
-        }
+        });
+        // Wake every instance: an idle one may take the request, and one
+        // that waits out a queue delay must see the batch grow.
+        self.shared.changed.notify_all();
         outputs
             .await
             .unwrap_or_else(|_| Err(InferError::Unavailable(self.model.to_string())))
     }
 }
 
-/// The single owner of a model version's queue.
-struct QueueOwner {
-    config: BatcherConfig,
-    receiver: Receiver<Pending>,
-    /// Requests taken off the channel but not yet batched, oldest first.
-    local: VecDeque<Pending>,
+/// One model instance on its own thread, pulling batches from the queue.
+struct Instance {
+    backend: Box<dyn Backend>,
+    shared: Arc<Shared>,
     depth: Arc<AtomicUsize>,
-    /// One message per idle instance.
-    free_instances: Receiver<()>,
-    token_sender: Sender<()>,
-    jobs: Sender<Job>,
+    config: BatcherConfig,
     stats: Arc<ModelStats>,
 }
 
-impl QueueOwner {
+impl Instance {
     fn run(mut self) {
-        loop {
-            if self.local.is_empty() {
-                match self.receiver.recv() {
-                    Ok(pending) => self.local.push_back(pending),
-                    // Every handle dropped: the model was unloaded.
-                    Err(_) => return,
-                }
-            }
-            // Form the batch only once an instance is free: while all are
-            // busy, the queue keeps filling and the next batch is larger.
-            if self.free_instances.recv().is_err() {
-                return;
-            }
-            let token = InstanceToken(self.token_sender.clone());
-            self.drain_channel();
-            self.drop_abandoned();
-            if self.local.is_empty() {
-                continue;
-            }
-            let selected = self.collect_batch();
-            let requests = self.take(selected);
-            if requests.is_empty() {
-                continue;
-            }
-            self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
-            if self
-                .jobs
-                .send(Job {
-                    requests,
-                    _token: token,
-                })
-                .is_err()
-            {
-                tracing::error!("every instance thread of a model has stopped");
-                return;
-            }
+        let batching = self.config.max_batch_size > 0;
+        while let Some(requests) = self.next_batch() {
+            run_job(self.backend.as_mut(), requests, &self.stats, batching);
         }
     }
 
-    fn drain_channel(&mut self) {
-        while let Ok(pending) = self.receiver.try_recv() {
-            self.local.push_back(pending);
+    /// Waits for work and takes the next batch; `None` once the queue is
+    /// closed and empty.
+    fn next_batch(&self) -> Option<Vec<Pending>> {
+        let mut state = self.shared.lock();
+        loop {
+            self.drop_abandoned(&mut state.queue);
+            if !state.queue.is_empty() {
+                break;
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+        let close_at = state.queue[0].enqueued + self.config.max_queue_delay;
+        let mut first = state.queue[0].enqueued;
+        loop {
+            let (selected, rows) = self.select(&state.queue);
+            let full = self.config.max_batch_size == 0
+                || rows >= self.config.max_batch_size
+                || self.config.preferred_batch_sizes.contains(&rows);
+            let wait = close_at.saturating_duration_since(Instant::now());
+            if full || wait.is_zero() || state.closed {
+                let requests = take(&mut state.queue, &selected);
+                drop(state);
+                self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
+                return Some(requests);
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, wait)
+                .map(|(state, _)| state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+            self.drop_abandoned(&mut state.queue);
+            // Another instance may have taken the head meanwhile: start over
+            // from the new head's own deadline.
+            match state.queue.front() {
+                Some(head) if head.enqueued == first => {}
+                Some(_) | None => {
+                    drop(state);
+                    return self.next_batch();
+                }
+            }
+            first = state.queue[0].enqueued;
+        }
+    }
+
+    /// Indexes of the oldest request and the compatible ones after it, up to
+    /// the maximum batch size, with their total rows.
+    fn select(&self, queue: &VecDeque<Pending>) -> (Vec<usize>, usize) {
+        let max_rows = self.config.max_batch_size;
+        let mut selected = vec![0];
+        let mut rows = queue[0].rows;
+        if max_rows == 0 {
+            return (selected, rows);
+        }
+        for (index, candidate) in queue.iter().enumerate().skip(1) {
+            if rows >= max_rows {
+                break;
+            }
+            if candidate.compatible(&queue[0]) && rows + candidate.rows <= max_rows {
+                rows += candidate.rows;
+                selected.push(index);
+            }
+        }
+        (selected, rows)
     }
 
     /// Answers and removes requests whose deadline passed or whose caller
-    /// left, so they never reach a model instance.
-    fn drop_abandoned(&mut self) {
+    /// left, so they never reach the model.
+    fn drop_abandoned(&self, queue: &mut VecDeque<Pending>) {
         let now = Instant::now();
-        let before = self.local.len();
+        if !queue.iter().any(|pending| pending.abandoned(now)) {
+            return;
+        }
+        let before = queue.len();
         let mut kept = VecDeque::with_capacity(before);
-        for pending in self.local.drain(..) {
+        for pending in queue.drain(..) {
             if pending.abandoned(now) {
                 self.stats.record_dropped();
                 let _ = pending.reply.send(Err(InferError::DeadlineExceeded));
@@ -286,79 +327,27 @@ impl QueueOwner {
                 kept.push_back(pending);
             }
         }
-        self.local = kept;
-        let dropped = before - self.local.len();
-        if dropped > 0 {
-            self.depth.fetch_sub(dropped, Ordering::AcqRel);
-        }
-    }
-
-    /// Picks the indexes (in `local`) of the next batch: the oldest request
-    /// and the compatible ones after it, waiting up to the queue delay.
-    fn collect_batch(&mut self) -> Vec<usize> {
-        let max_rows = self.config.max_batch_size;
-        if max_rows == 0 {
-            return vec![0];
-        }
-        let mut selected = vec![0];
-        let mut rows = self.local[0].rows;
-        let mut scanned = 1;
-        let close_at = self.local[0].enqueued + self.config.max_queue_delay;
-        loop {
-            while scanned < self.local.len() && rows < max_rows {
-                let candidate = &self.local[scanned];
-                if candidate.compatible(&self.local[0]) && rows + candidate.rows <= max_rows {
-                    rows += candidate.rows;
-                    selected.push(scanned);
-                }
-                scanned += 1;
-            }
-            if rows >= max_rows || self.config.preferred_batch_sizes.contains(&rows) {
-                break;
-            }
-            let wait = close_at.saturating_duration_since(Instant::now());
-            if wait.is_zero() {
-                break;
-            }
-            match self.receiver.recv_timeout(wait) {
-                Ok(pending) => self.local.push_back(pending),
-                // Delay over or channel closed: run what we have.
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        selected
-    }
-
-    fn take(&mut self, selected: Vec<usize>) -> Vec<Pending> {
-        let mut requests = Vec::with_capacity(selected.len());
-        // Remove from the back so earlier indexes stay valid, then restore
-        // arrival order.
-        for &index in selected.iter().rev() {
-            if let Some(pending) = self.local.remove(index) {
-                requests.push(pending);
-            }
-        }
-        requests.reverse();
-        requests
+        *queue = kept;
+        self.depth.fetch_sub(before - queue.len(), Ordering::AcqRel);
     }
 }
 
-fn instance_loop(
-    mut backend: Box<dyn Backend>,
-    jobs: Receiver<Job>,
-    stats: Arc<ModelStats>,
-    batching: bool,
-) {
-    while let Ok(job) = jobs.recv() {
-        run_job(backend.as_mut(), job, &stats, batching);
+/// Removes `selected` (ascending indexes) from the queue, in arrival order.
+fn take(queue: &mut VecDeque<Pending>, selected: &[usize]) -> Vec<Pending> {
+    let mut requests = Vec::with_capacity(selected.len());
+    for &index in selected.iter().rev() {
+        if let Some(pending) = queue.remove(index) {
+            requests.push(pending);
+        }
     }
+    requests.reverse();
+    requests
 }
 
-fn run_job(backend: &mut dyn Backend, job: Job, stats: &ModelStats, batching: bool) {
+fn run_job(backend: &mut dyn Backend, requests: Vec<Pending>, stats: &ModelStats, batching: bool) {
     let started = Instant::now();
-    // A caller may have left while the batch was handed over.
-    let (live, gone): (Vec<Pending>, Vec<Pending>) = job
-        .requests
+    // A caller may have left while the batch was formed.
+    let (live, gone): (Vec<Pending>, Vec<Pending>) = requests
         .into_iter()
         .partition(|pending| !pending.abandoned(started));
     for pending in gone {

@@ -14,5 +14,5 @@ pub mod stats;
 
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError};
-pub use server::{WorkerConfig, WorkerListeners, run};
+pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;

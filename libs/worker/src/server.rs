@@ -45,13 +45,66 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = Arc::new(WorkerState::new(&config.server_name));
+    Worker::new(config, runtime, registry)
+        .serve(listeners, shutdown)
+        .await
+}
+
+/// A worker before it serves: gives in-process callers (the router of
+/// `shamal up`) its service, so they skip the network hop but share the
+/// same service code, batcher, statistics and metrics.
+pub struct Worker {
+    config: WorkerConfig,
+    runtime: Arc<dyn Runtime>,
+    registry: Registry,
+    state: Arc<WorkerState>,
+}
+
+impl Worker {
+    pub fn new(config: WorkerConfig, runtime: Arc<dyn Runtime>, registry: Registry) -> Worker {
+        let state = Arc::new(WorkerState::new(&config.server_name));
+        Worker {
+            config,
+            runtime,
+            registry,
+            state,
+        }
+    }
+
+    /// The worker's gRPC service, callable in process.
+    pub fn service(&self) -> WorkerService {
+        WorkerService::new(self.state.clone())
+    }
+
+    /// Serves until `shutdown` completes, then drains: health flips to
+    /// NOT_SERVING, in-flight requests finish, models are unloaded.
+    pub async fn serve(
+        self,
+        listeners: WorkerListeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Worker {
+            config,
+            runtime,
+            registry,
+            state,
+        } = self;
+        serve(config, runtime, registry, state, listeners, shutdown).await
+    }
+}
+
+async fn serve(
+    config: WorkerConfig,
+    runtime: Arc<dyn Runtime>,
+    registry: Registry,
+    state: Arc<WorkerState>,
+    listeners: WorkerListeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let metrics = WorkerMetrics::new(&registry);
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_not_serving::<GrpcInferenceServiceServer<WorkerService>>()
-        .await;
+    shamal_rpc::set_health(&health_reporter, false).await;
 
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let shutdown_signal = {
@@ -63,9 +116,7 @@ pub async fn run(
             tracing::info!("worker draining");
             state.draining.store(true, Ordering::SeqCst);
             readiness.set(false);
-            health
-                .set_not_serving::<GrpcInferenceServiceServer<WorkerService>>()
-                .await;
+            shamal_rpc::set_health(&health, false).await;
             let _ = stop_sender.send(true);
         }
     };
@@ -97,7 +148,7 @@ pub async fn run(
             state.loaded.store(true, Ordering::SeqCst);
             if state.ready() {
                 readiness.set(true);
-                handle.block_on(health.set_serving::<GrpcInferenceServiceServer<WorkerService>>());
+                handle.block_on(shamal_rpc::set_health(&health, true));
             }
         })
     };

@@ -136,6 +136,12 @@ pub fn prepare_inputs(
                     spec.name
                 )));
             }
+            if batch > model.settings.max_batch_size {
+                return Err(Status::invalid_argument(format!(
+                    "input '{}': batch size {batch} exceeds the model's max_batch_size {}",
+                    spec.name, model.settings.max_batch_size
+                )));
+            }
             match rows {
                 Some(rows) if rows != batch => {
                     return Err(Status::invalid_argument(format!(
@@ -374,13 +380,20 @@ impl GrpcInferenceService for WorkerService {
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let ready_only = request.into_inner().ready;
+        // A draining worker lists its models as unavailable, so routers stop
+        // sending it work before it goes.
+        let draining = self.state.draining.load(Ordering::SeqCst);
         let models = self
             .state
             .store
             .index()
             .into_iter()
             .filter_map(|(name, version, state)| {
-                let (state, reason) = state.describe();
+                let (state, reason) = if draining {
+                    ("UNAVAILABLE", "worker is draining".to_owned())
+                } else {
+                    state.describe()
+                };
                 if ready_only && state != "READY" {
                     return None;
                 }

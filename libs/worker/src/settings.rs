@@ -403,7 +403,7 @@ mod tests {
               default_queue_policy { max_queue_size: 7 }
             }
             instance_group [ { count: 2 kind: KIND_CPU } ]
-            parameters { key: "intra_op_threads" value: { string_value: "2" } }
+            parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
             "#,
             -1,
         )
@@ -418,7 +418,7 @@ mod tests {
         );
         assert_eq!(settings.instances, 2);
         assert_eq!(settings.max_queue_size, 7);
-        assert_eq!(settings.parameters["intra_op_threads"], "2");
+        assert_eq!(settings.parameters["intra_op_thread_count"], "2");
         assert_eq!(effective.input[0].dims, vec![16]);
         assert_eq!(effective.max_batch_size, 64);
     }

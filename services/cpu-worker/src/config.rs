@@ -16,7 +16,8 @@ use crate::onnx::{Optimization, SessionOptions};
 pub struct CpuWorkerConfig {
     /// Address of the v2 gRPC service the router calls.
     pub grpc_listen: SocketAddr,
-    /// Address of `/metrics` and probes; `None` disables it.
+    /// Address of `/metrics` and probes; `None` (only when embedding the
+    /// service as a library) disables it.
     pub metrics_listen: Option<SocketAddr>,
     /// Triton-layout model repository.
     pub model_repository: PathBuf,

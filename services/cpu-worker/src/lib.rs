@@ -8,10 +8,25 @@ use std::future::Future;
 use std::sync::Arc;
 
 use shamal_telemetry::Registry;
-use shamal_worker::WorkerListeners;
+use shamal_worker::{Worker, WorkerListeners};
 
 pub use config::{CpuWorkerArgs, CpuWorkerConfig};
 pub use onnx::{OnnxRuntime, Optimization, SessionOptions};
+
+/// Builds a cpu-worker (loads ONNX Runtime) without serving it yet.
+pub fn build(config: &CpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
+    let library = config
+        .onnxruntime_library
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
+    let runtime =
+        OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
+    Ok(Worker::new(
+        config.worker_config(),
+        Arc::new(runtime),
+        registry,
+    ))
+}
 
 /// Runs a cpu-worker until `shutdown` completes, then drains.
 pub async fn run(
@@ -20,18 +35,5 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let library = config
-        .onnxruntime_library
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
-    let runtime =
-        OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
-    shamal_worker::run(
-        config.worker_config(),
-        Arc::new(runtime),
-        listeners,
-        registry,
-        shutdown,
-    )
-    .await
+    build(&config, registry)?.serve(listeners, shutdown).await
 }

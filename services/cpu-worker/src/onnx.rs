@@ -103,11 +103,15 @@ impl OnnxRuntime {
         let mut intra_threads = self.options.intra_threads;
         let mut optimization = self.options.optimization;
         if let Some(value) = options.parameters.get("intra_op_thread_count") {
-            intra_threads = value.parse().map_err(|_| {
-                BackendError::InvalidInput(format!(
-                    "intra_op_thread_count '{value}' is not a number"
-                ))
-            })?;
+            intra_threads = value
+                .parse()
+                .ok()
+                .filter(|threads| *threads > 0)
+                .ok_or_else(|| {
+                    BackendError::InvalidInput(format!(
+                        "intra_op_thread_count '{value}' is not a positive number"
+                    ))
+                })?;
         }
         if let Some(value) = options.parameters.get("graph_optimization_level") {
             optimization = Optimization::parse(value).ok_or_else(|| {

@@ -14,7 +14,8 @@ pub struct RouterConfig {
     pub grpc_listen: SocketAddr,
     /// KServe v2 HTTP/JSON front door (Triton's 8000).
     pub http_listen: SocketAddr,
-    /// Prometheus `/metrics` and probes (Triton's 8002); `None` disables it.
+    /// Prometheus `/metrics` and probes (Triton's 8002); `None` (only when embedding the
+    /// service as a library) disables it.
     pub metrics_listen: Option<SocketAddr>,
     /// Worker gRPC addresses (`host:port` or URLs).
     pub workers: Vec<String>,
@@ -110,15 +111,17 @@ impl RouterConfig {
         if let Some(value) = args.max_inflight {
             config.max_inflight = value;
         }
+        // A standalone router needs workers; `shamal up` adds in-process
+        // ones through the library instead.
+        if config.workers.is_empty() {
+            return Err("workers must list at least one worker address".to_owned());
+        }
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every value, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
-        if self.workers.is_empty() {
-            return Err("workers must list at least one worker address".to_owned());
-        }
         if self.workers.iter().any(|worker| worker.trim().is_empty()) {
             return Err("workers must not contain empty addresses".to_owned());
         }

@@ -6,15 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
 use tokio::sync::Semaphore;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::metrics::RouterMetrics;
-use crate::pool::{InflightGuard, PickError, WorkerPool};
+use crate::pool::{InflightGuard, PickError, UpstreamClient, WorkerPool};
 
 /// Protocol extensions the router implements (HTTP binary tensors included).
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
@@ -44,7 +42,7 @@ pub struct Frontend {
     pub default_timeout: Duration,
 }
 
-type Client = GrpcInferenceServiceClient<Channel>;
+type Client = UpstreamClient;
 
 fn pick_status(error: PickError, model: &str, version: &str) -> Status {
     match error {

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -54,6 +55,7 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
             post(infer_version),
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(request_id_layer))
         .with_state(frontend)
 }
 
@@ -76,27 +78,41 @@ fn error_response(status: &Status) -> Response {
     (http_status, Json(json!({ "error": status.message() }))).into_response()
 }
 
-fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
-    let request_id = headers
-        .get(shamal_rpc::REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    CallContext {
-        request_id,
-        deadline: frontend.deadline(Instant::now(), None),
-        protocol: "http",
+/// Gives every request an id (the caller's `x-request-id` when sane, a
+/// fresh one otherwise) and echoes it on every response.
+async fn request_id_layer(mut request: Request, next: Next) -> Response {
+    let id = shamal_rpc::checked_request_id(
+        request
+            .headers()
+            .get(shamal_rpc::REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let value = HeaderValue::from_str(&id).ok();
+    if let Some(value) = &value {
+        request
+            .headers_mut()
+            .insert(shamal_rpc::REQUEST_ID_HEADER, value.clone());
     }
-}
-
-fn with_request_id(mut response: Response, context: &CallContext) -> Response {
-    if let Ok(value) = HeaderValue::from_str(&context.request_id) {
+    let mut response = next.run(request).await;
+    if let Some(value) = value {
         response
             .headers_mut()
             .insert(shamal_rpc::REQUEST_ID_HEADER, value);
     }
     response
+}
+
+fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
+    let request_id = shamal_rpc::checked_request_id(
+        headers
+            .get(shamal_rpc::REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok()),
+    );
+    CallContext {
+        request_id,
+        deadline: frontend.deadline(Instant::now(), None),
+        protocol: "http",
+    }
 }
 
 fn json_or_error(result: Result<Value, String>) -> Response {
@@ -131,7 +147,7 @@ async fn metadata_response(
     headers: &HeaderMap,
 ) -> Response {
     let context = context(frontend, headers);
-    let response = match frontend.model_metadata(model, version, &context).await {
+    match frontend.model_metadata(model, version, &context).await {
         Ok(metadata) => {
             let tensors =
                 |tensors: &[shamal_proto::inference::model_metadata_response::TensorMetadata]| {
@@ -150,8 +166,7 @@ async fn metadata_response(
             .into_response()
         }
         Err(status) => error_response(&status),
-    };
-    with_request_id(response, &context)
+    }
 }
 
 async fn model_metadata(
@@ -319,7 +334,7 @@ async fn infer_response(
             Json(json!({"error": "compressed request bodies are not supported; send them uncompressed"})),
         )
             .into_response();
-        return with_request_id(response, &context);
+        return response;
     }
     let header_length = match headers.get(HEADER_LENGTH) {
         None => None,
@@ -333,17 +348,17 @@ async fn infer_response(
                 let status = Status::invalid_argument(
                     "Inference-Header-Content-Length must be a byte count",
                 );
-                return with_request_id(error_response(&status), &context);
+                return error_response(&status);
             }
         },
     };
     let (request, encoding) = match parse_infer_request(model, version, body, header_length) {
         Ok(parsed) => parsed,
         Err(bad) => {
-            return with_request_id(error_response(&Status::invalid_argument(bad.0)), &context);
+            return error_response(&Status::invalid_argument(bad.0));
         }
     };
-    let response = match frontend.infer(request, &context).await {
+    match frontend.infer(request, &context).await {
         Ok(response) => match render_infer_response(response, &encoding) {
             Ok((body, None)) => {
                 ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -364,8 +379,7 @@ async fn infer_response(
             ))),
         },
         Err(status) => error_response(&status),
-    };
-    with_request_id(response, &context)
+    }
 }
 
 async fn infer(

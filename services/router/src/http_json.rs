@@ -350,6 +350,19 @@ fn json_data(tensor: &Tensor) -> Value {
                 .map(|item| Value::String(String::from_utf8_lossy(item).into_owned()))
                 .collect(),
         ),
+        // 64-bit integers are read exactly, not through f64.
+        TensorData::Fixed(bytes) if tensor.datatype == DataType::Int64 => Value::Array(
+            bytes
+                .chunks_exact(8)
+                .map(|chunk| json!(i64::from_le_bytes(chunk.try_into().unwrap_or_default())))
+                .collect(),
+        ),
+        TensorData::Fixed(bytes) if tensor.datatype == DataType::Uint64 => Value::Array(
+            bytes
+                .chunks_exact(8)
+                .map(|chunk| json!(u64::from_le_bytes(chunk.try_into().unwrap_or_default())))
+                .collect(),
+        ),
         TensorData::Fixed(_) => {
             let numbers = to_f64_values(tensor).unwrap_or_default();
             let as_integer = !matches!(
@@ -511,6 +524,28 @@ mod tests {
                 error.0
             );
         }
+    }
+
+    #[test]
+    fn sixty_four_bit_integers_render_exactly() {
+        let big = u64::MAX - 1;
+        let tensor = Tensor::from_raw(
+            "U",
+            DataType::Uint64,
+            vec![1],
+            Bytes::copy_from_slice(&big.to_le_bytes()),
+        )
+        .unwrap();
+        assert_eq!(json_data(&tensor), json!([big]));
+        let odd = (1i64 << 53) + 1;
+        let tensor = Tensor::from_raw(
+            "I",
+            DataType::Int64,
+            vec![1],
+            Bytes::copy_from_slice(&odd.to_le_bytes()),
+        )
+        .unwrap();
+        assert_eq!(json_data(&tensor), json!([odd]));
     }
 
     #[test]

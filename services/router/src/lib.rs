@@ -25,6 +25,7 @@ pub use config::{RouterArgs, RouterConfig};
 use frontend::Frontend;
 use grpc::RouterService;
 use metrics::RouterMetrics;
+pub use pool::LocalService;
 use pool::WorkerPool;
 
 /// Pre-bound listeners (port 0 in tests).
@@ -42,9 +43,25 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with_local_workers(config, listeners, registry, shutdown, Vec::new()).await
+}
+
+/// Like [`run`], with workers that live in this process (`shamal up`): they
+/// are routed to like remote ones, but called without a network hop.
+pub async fn run_with_local_workers(
+    config: RouterConfig,
+    listeners: RouterListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    local_workers: Vec<(String, LocalService)>,
+) -> anyhow::Result<()> {
+    if config.workers.is_empty() && local_workers.is_empty() {
+        anyhow::bail!("workers must list at least one worker address");
+    }
     let pool = Arc::new(
         WorkerPool::new(
             &config.workers,
+            local_workers,
             config.connections_per_worker,
             config.max_message_bytes,
         )
@@ -59,9 +76,7 @@ pub async fn run(
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_not_serving::<GrpcInferenceServiceServer<RouterService>>()
-        .await;
+    shamal_rpc::set_health(&health_reporter, false).await;
     let readiness = Readiness::default();
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
@@ -81,13 +96,9 @@ pub async fn run(
                 readiness.set(ready);
                 if ready != was_ready {
                     if ready {
-                        health
-                            .set_serving::<GrpcInferenceServiceServer<RouterService>>()
-                            .await;
+                        shamal_rpc::set_health(&health, true).await;
                     } else {
-                        health
-                            .set_not_serving::<GrpcInferenceServiceServer<RouterService>>()
-                            .await;
+                        shamal_rpc::set_health(&health, false).await;
                     }
                     was_ready = ready;
                 }

@@ -9,21 +9,63 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use shamal_proto::inference::RepositoryIndexRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use shamal_proto::inference::*;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// A worker's service living in the router's own process (`shamal up`).
+pub type LocalService = Arc<dyn GrpcInferenceService>;
+
+/// How the router reaches one worker: over gRPC, or by calling its service
+/// in process (same service code, batcher and metrics; no network hop).
+#[derive(Clone)]
+pub enum UpstreamClient {
+    Remote(GrpcInferenceServiceClient<Channel>),
+    Local(LocalService),
+}
+
+macro_rules! forward_rpc {
+    ($($method:ident($request:ty) -> $response:ty;)+) => {
+        impl UpstreamClient {
+            $(pub async fn $method(&mut self, request: Request<$request>) -> Result<Response<$response>, Status> {
+                match self {
+                    UpstreamClient::Remote(client) => client.$method(request).await,
+                    UpstreamClient::Local(service) => service.$method(request).await,
+                }
+            })+
+        }
+    };
+}
+
+forward_rpc! {
+    model_infer(ModelInferRequest) -> ModelInferResponse;
+    model_metadata(ModelMetadataRequest) -> ModelMetadataResponse;
+    model_config(ModelConfigRequest) -> ModelConfigResponse;
+    model_ready(ModelReadyRequest) -> ModelReadyResponse;
+    model_statistics(ModelStatisticsRequest) -> ModelStatisticsResponse;
+    repository_index(RepositoryIndexRequest) -> RepositoryIndexResponse;
+}
+
+enum Transport {
+    Remote {
+        channels: Vec<Channel>,
+        next_channel: AtomicUsize,
+        max_message_bytes: usize,
+    },
+    Local(LocalService),
+}
 
 /// One worker process.
 pub struct Upstream {
     pub address: String,
-    channels: Vec<Channel>,
-    next_channel: AtomicUsize,
+    transport: Transport,
     /// Requests currently forwarded to this worker.
     pub inflight: AtomicUsize,
     healthy: AtomicBool,
     /// Ready models and their ready versions, from the last refresh.
     models: RwLock<BTreeMap<String, BTreeSet<String>>>,
-    max_message_bytes: usize,
 }
 
 impl Upstream {
@@ -41,29 +83,53 @@ impl Upstream {
             .map_err(|error| format!("invalid worker address '{address}': {error}"))?
             .tcp_nodelay(true)
             .http2_adaptive_window(true)
-            .connect_timeout(Duration::from_secs(2));
+            .connect_timeout(Duration::from_secs(2))
+            // Find dead peers on idle connections, not at the next request.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         // Several HTTP/2 connections spread the load of many concurrent
         // streams over more than one socket and I/O task.
         let channels = (0..connections.max(1))
             .map(|_| endpoint.connect_lazy())
             .collect();
-        Ok(Upstream {
+        Ok(Upstream::with_transport(
+            address,
+            Transport::Remote {
+                channels,
+                next_channel: AtomicUsize::new(0),
+                max_message_bytes,
+            },
+        ))
+    }
+
+    fn with_transport(address: &str, transport: Transport) -> Upstream {
+        Upstream {
             address: address.to_owned(),
-            channels,
-            next_channel: AtomicUsize::new(0),
+            transport,
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             models: RwLock::new(BTreeMap::new()),
-            max_message_bytes,
-        })
+        }
     }
 
-    /// A client on one of this worker's connections.
-    pub fn client(&self) -> GrpcInferenceServiceClient<Channel> {
-        let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        GrpcInferenceServiceClient::new(self.channels[index].clone())
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes)
+    /// A client for this worker (for remote ones, on one of its connections).
+    pub fn client(&self) -> UpstreamClient {
+        match &self.transport {
+            Transport::Remote {
+                channels,
+                next_channel,
+                max_message_bytes,
+            } => {
+                let index = next_channel.fetch_add(1, Ordering::Relaxed) % channels.len();
+                UpstreamClient::Remote(
+                    GrpcInferenceServiceClient::new(channels[index].clone())
+                        .max_decoding_message_size(*max_message_bytes)
+                        .max_encoding_message_size(*max_message_bytes),
+                )
+            }
+            Transport::Local(service) => UpstreamClient::Local(service.clone()),
+        }
     }
 
     pub fn healthy(&self) -> bool {
@@ -95,13 +161,15 @@ impl Upstream {
     }
 
     async fn refresh(&self) {
-        let index = self
-            .client()
-            .repository_index(RepositoryIndexRequest {
-                repository_name: String::new(),
-                ready: true,
-            })
-            .await;
+        let mut request = Request::new(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        });
+        // A hung worker must not stall the refresh of the others.
+        request.set_timeout(REFRESH_TIMEOUT);
+        let index = tokio::time::timeout(REFRESH_TIMEOUT, self.client().repository_index(request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("repository index timed out")));
         match index {
             Ok(response) => {
                 let mut models: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -126,6 +194,8 @@ impl Upstream {
     }
 }
 
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why no worker can take a request.
 pub enum PickError {
     /// No worker serves this model (or version) at all.
@@ -141,15 +211,20 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
+    /// Remote workers by address, plus workers living in this process.
     pub fn new(
         addresses: &[String],
+        local: Vec<(String, LocalService)>,
         connections: usize,
         max_message_bytes: usize,
     ) -> Result<WorkerPool, String> {
-        let upstreams = addresses
+        let mut upstreams: Vec<Arc<Upstream>> = addresses
             .iter()
             .map(|address| Upstream::new(address, connections, max_message_bytes).map(Arc::new))
             .collect::<Result<_, _>>()?;
+        upstreams.extend(local.into_iter().map(|(name, service)| {
+            Arc::new(Upstream::with_transport(&name, Transport::Local(service)))
+        }));
         Ok(WorkerPool {
             upstreams,
             refreshed_once: AtomicBool::new(false),

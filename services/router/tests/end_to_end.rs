@@ -434,14 +434,18 @@ async fn http_json_and_binary_inference() {
         .await
         .unwrap();
     assert_eq!(metadata["inputs"][0]["shape"], serde_json::json!([-1, 16]));
-    let config: serde_json::Value = http
+    let response = http
         .get(format!("{base}/v2/models/demo/config"))
+        .header("x-request-id", "http-42")
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    assert_eq!(
+        response.headers()["x-request-id"],
+        "http-42",
+        "request ids are echoed"
+    );
+    let config: serde_json::Value = response.json().await.unwrap();
     assert_eq!(config["max_batch_size"], 64);
     assert_eq!(config["input"][0]["data_type"], "TYPE_FP32");
 
