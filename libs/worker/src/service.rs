@@ -298,6 +298,11 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let received = Instant::now();
         let deadline = request_timeout(request.metadata()).map(|timeout| received + timeout);
+        let request_id = request
+            .metadata()
+            .get(shamal_rpc::REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let mut request = request.into_inner();
         let model = self.lookup(&request.model_name, &request.model_version)?;
         let result = async {
@@ -306,7 +311,9 @@ impl GrpcInferenceService for WorkerService {
             let raw = std::mem::take(&mut request.raw_input_contents);
             let tensors = decode_inputs(inputs, raw).map_err(|error| codec_status(&error))?;
             let (tensors, rows) = prepare_inputs(&model, tensors)?;
-            let outputs = model.batcher.infer(tensors, rows, deadline).await;
+            let queued = model.batcher.infer(tensors, rows, deadline);
+            model.stats.set_queue_depth(model.batcher.queue_depth() + 1);
+            let outputs = queued.await;
             model.stats.set_queue_depth(model.batcher.queue_depth());
             let mut outputs = outputs.map_err(infer_status)?;
             if !requested.is_empty() {
@@ -337,6 +344,12 @@ impl GrpcInferenceService for WorkerService {
             }
             Err(status) => {
                 model.stats.record_request(elapsed, outcome_label(&status));
+                let request_id = request_id.as_deref().unwrap_or("-");
+                if status.code() == tonic::Code::Internal {
+                    tracing::error!(request_id, model = %model.name, version = model.version, message = status.message(), "inference failed");
+                } else {
+                    tracing::debug!(request_id, model = %model.name, version = model.version, code = ?status.code(), message = status.message(), "inference refused");
+                }
                 Err(status)
             }
         }

@@ -20,6 +20,7 @@ pub struct WorkerMetrics {
     pub inference_duration: HistogramVec,
     pub batch_size: HistogramVec,
     pub queue_depth: IntGaugeVec,
+    pub dropped: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -64,6 +65,16 @@ impl WorkerMetrics {
                     "Rows per model execution formed by the dynamic batcher.",
                     BATCH_BUCKETS,
                 )?,
+                dropped: register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "shamal_worker_dropped_total",
+                            "Queued requests dropped unrun because their deadline passed or their caller left.",
+                        ),
+                        labels,
+                    )?,
+                ),
                 queue_depth: register(
                     registry,
                     IntGaugeVec::new(
@@ -223,6 +234,10 @@ impl ModelStats {
     /// passed.
     pub fn record_dropped(&self) {
         self.counters().dropped += 1;
+        self.metrics
+            .dropped
+            .with_label_values(&[self.model.as_str(), self.version.as_str()])
+            .inc();
     }
 
     pub fn dropped(&self) -> u64 {

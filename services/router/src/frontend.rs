@@ -210,12 +210,17 @@ impl Frontend {
         } else {
             "_unknown"
         };
-        let code = match &result {
-            Ok(_) => Code::Ok,
-            Err(status) => status.code(),
+        let (code, answered_version) = match &result {
+            Ok(response) => (Code::Ok, response.model_version.as_str()),
+            Err(status) => (status.code(), ""),
         };
-        self.metrics
-            .observe(label, context.protocol, code, started.elapsed());
+        self.metrics.observe(
+            label,
+            answered_version,
+            context.protocol,
+            code,
+            started.elapsed(),
+        );
         if let Err(status) = &result {
             tracing::debug!(request_id = %context.request_id, model = %model, code = ?status.code(), message = status.message(), "inference failed");
         }

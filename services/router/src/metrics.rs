@@ -41,9 +41,9 @@ impl RouterMetrics {
                     IntCounterVec::new(
                         Opts::new(
                             "shamal_router_requests_total",
-                            "Inference requests answered by the router, by model, protocol and gRPC code.",
+                            "Inference requests answered by the router, by model, version, protocol and gRPC code.",
                         ),
-                        &["model", "protocol", "code"],
+                        &["model", "version", "protocol", "code"],
                     )?,
                 ),
                 duration: register(
@@ -79,9 +79,18 @@ impl RouterMetrics {
         }
     }
 
-    pub fn observe(&self, model: &str, protocol: &str, code: Code, elapsed: Duration) {
+    /// `version` is the version that answered (empty for failures, so that
+    /// made-up versions cannot grow the label set).
+    pub fn observe(
+        &self,
+        model: &str,
+        version: &str,
+        protocol: &str,
+        code: Code,
+        elapsed: Duration,
+    ) {
         self.requests
-            .with_label_values(&[model, protocol, code_label(code)])
+            .with_label_values(&[model, version, protocol, code_label(code)])
             .inc();
         self.duration
             .with_label_values(&[model, protocol])

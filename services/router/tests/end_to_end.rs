@@ -554,7 +554,7 @@ async fn metrics_count_requests_by_model_and_outcome() {
         .unwrap();
     assert!(
         text.contains(
-            r#"shamal_router_requests_total{code="ok",model="simple",protocol="grpc"} 1"#
+            r#"shamal_router_requests_total{code="ok",model="simple",protocol="grpc",version="2"} 1"#
         ),
         "{text}"
     );
