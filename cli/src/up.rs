@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
+use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 use shamal_proto::inference::RepositoryIndexRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_router::{RouterConfig, RouterListeners};
@@ -53,24 +53,6 @@ pub struct UpArgs {
     max_queue_delay_us: Option<u64>,
 }
 
-/// Looks for the ONNX Runtime library that scripts/setup-deps.sh installs.
-fn bundled_onnxruntime() -> Option<PathBuf> {
-    let lib = Path::new(".deps/venv/lib");
-    let python = std::fs::read_dir(lib)
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|entry| entry.file_name().to_string_lossy().starts_with("python3"))?;
-    let capi = python.path().join("site-packages/onnxruntime/capi");
-    std::fs::read_dir(capi)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .find(|path| {
-            path.file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with("libonnxruntime.so"))
-        })
-}
-
 async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(SocketAddr::new(host, port))
         .await
@@ -84,7 +66,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         onnxruntime_library: args
             .onnxruntime_library
             .clone()
-            .or_else(bundled_onnxruntime),
+            .or_else(|| bundled_onnxruntime(Path::new("."))),
         instances: args.instances,
         intra_threads: args.intra_threads,
         max_batch_size: args.max_batch_size,

@@ -2,13 +2,34 @@
 //! < command-line flags, validated before anything starts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shamal_worker::{ModelDefaults, WorkerConfig};
 
 use crate::onnx::{Optimization, SessionOptions};
+
+/// The ONNX Runtime library that `scripts/setup-deps.sh` installs under
+/// `<root>/.deps/` (the PyPI wheel's `libonnxruntime.so.*`), if present.
+pub fn bundled_onnxruntime(root: &Path) -> Option<PathBuf> {
+    let lib = root.join(".deps/venv/lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("python3"))
+        .find_map(|python| {
+            let capi = python.path().join("site-packages/onnxruntime/capi");
+            std::fs::read_dir(capi)
+                .ok()?
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .find(|path| {
+                    path.file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with("libonnxruntime.so"))
+                })
+        })
+}
 
 /// Effective configuration of a cpu-worker.
 #[derive(Clone, Debug, Deserialize, Serialize)]

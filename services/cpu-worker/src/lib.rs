@@ -10,7 +10,7 @@ use std::sync::Arc;
 use shamal_telemetry::Registry;
 use shamal_worker::{Worker, WorkerListeners};
 
-pub use config::{CpuWorkerArgs, CpuWorkerConfig};
+pub use config::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 pub use onnx::{OnnxRuntime, Optimization, SessionOptions};
 
 /// Builds a cpu-worker (loads ONNX Runtime) without serving it yet.

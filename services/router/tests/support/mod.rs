@@ -31,20 +31,7 @@ pub fn onnxruntime_library() -> PathBuf {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
         return PathBuf::from(path);
     }
-    let lib = workspace_root().join(".deps/venv/lib");
-    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
-        entries.filter_map(Result::ok).find_map(|python| {
-            let capi = python.path().join("site-packages/onnxruntime/capi");
-            std::fs::read_dir(capi)
-                .ok()?
-                .filter_map(Result::ok)
-                .map(|entry| entry.path())
-                .find(|path| {
-                    path.file_name()
-                        .is_some_and(|name| name.to_string_lossy().starts_with("libonnxruntime.so"))
-                })
-        })
-    });
+    let found = shamal_cpu_worker::bundled_onnxruntime(&workspace_root());
     found.unwrap_or_else(|| {
         panic!("ONNX Runtime not found: run scripts/setup-deps.sh or set ORT_DYLIB_PATH")
     })
