@@ -21,6 +21,15 @@ const HEADER_LENGTH: &str = "inference-header-content-length";
 
 type AppState = Arc<Frontend>;
 
+/// `/v2/models/{model}[/versions/{version}]/...`: one handler serves both
+/// forms; no version means the server's choice (the highest ready one).
+#[derive(serde::Deserialize)]
+struct ModelPath {
+    model: String,
+    #[serde(default)]
+    version: String,
+}
+
 /// Builds the v2 HTTP routes.
 pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
     Router::new()
@@ -30,30 +39,24 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
         .route("/v2/models/stats", get(all_statistics))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/models/{model}", get(model_metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            get(model_metadata_version),
-        )
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route(
             "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready_version),
+            get(model_ready),
         )
         .route("/v2/models/{model}/config", get(model_config))
         .route(
             "/v2/models/{model}/versions/{version}/config",
-            get(model_config_version),
+            get(model_config),
         )
         .route("/v2/models/{model}/stats", get(model_statistics))
         .route(
             "/v2/models/{model}/versions/{version}/stats",
-            get(model_statistics_version),
+            get(model_statistics),
         )
         .route("/v2/models/{model}/infer", post(infer))
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            post(infer_version),
-        )
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(request_id_layer))
         .with_state(frontend)
@@ -140,14 +143,13 @@ async fn server_metadata(State(frontend): State<AppState>) -> Response {
     .into_response()
 }
 
-async fn metadata_response(
-    frontend: &Frontend,
-    model: &str,
-    version: &str,
-    headers: &HeaderMap,
+async fn model_metadata(
+    State(frontend): State<AppState>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
+    headers: HeaderMap,
 ) -> Response {
-    let context = context(frontend, headers);
-    match frontend.model_metadata(model, version, &context).await {
+    let context = context(&frontend, &headers);
+    match frontend.model_metadata(&model, &version, &context).await {
         Ok(metadata) => {
             let tensors =
                 |tensors: &[shamal_proto::inference::model_metadata_response::TensorMetadata]| {
@@ -169,82 +171,32 @@ async fn metadata_response(
     }
 }
 
-async fn model_metadata(
+async fn model_ready(
     State(frontend): State<AppState>,
-    Path(model): Path<String>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Response {
-    metadata_response(&frontend, &model, "", &headers).await
-}
-
-async fn model_metadata_version(
-    State(frontend): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    metadata_response(&frontend, &model, &version, &headers).await
-}
-
-async fn ready_response(
-    frontend: &Frontend,
-    model: &str,
-    version: &str,
-    headers: &HeaderMap,
-) -> Response {
-    let context = context(frontend, headers);
-    match frontend.model_ready(model, version, &context).await {
+    let context = context(&frontend, &headers);
+    match frontend.model_ready(&model, &version, &context).await {
         Ok(true) => StatusCode::OK.into_response(),
         Ok(false) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
         Err(status) => error_response(&status),
     }
 }
 
-async fn model_ready(
+async fn model_config(
     State(frontend): State<AppState>,
-    Path(model): Path<String>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Response {
-    ready_response(&frontend, &model, "", &headers).await
-}
-
-async fn model_ready_version(
-    State(frontend): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    ready_response(&frontend, &model, &version, &headers).await
-}
-
-async fn config_response(
-    frontend: &Frontend,
-    model: &str,
-    version: &str,
-    headers: &HeaderMap,
-) -> Response {
-    let context = context(frontend, headers);
-    match frontend.model_config(model, version, &context).await {
+    let context = context(&frontend, &headers);
+    match frontend.model_config(&model, &version, &context).await {
         Ok(response) => json_or_error(message_json(
             &response.config.unwrap_or_default(),
             "inference.ModelConfig",
         )),
         Err(status) => error_response(&status),
     }
-}
-
-async fn model_config(
-    State(frontend): State<AppState>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    config_response(&frontend, &model, "", &headers).await
-}
-
-async fn model_config_version(
-    State(frontend): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    config_response(&frontend, &model, &version, &headers).await
 }
 
 async fn statistics_response(
@@ -266,15 +218,7 @@ async fn all_statistics(State(frontend): State<AppState>, headers: HeaderMap) ->
 
 async fn model_statistics(
     State(frontend): State<AppState>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    statistics_response(&frontend, &model, "", &headers).await
-}
-
-async fn model_statistics_version(
-    State(frontend): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
     headers: HeaderMap,
 ) -> Response {
     statistics_response(&frontend, &model, &version, &headers).await
@@ -318,14 +262,13 @@ async fn repository_index(
     }
 }
 
-async fn infer_response(
-    frontend: &Frontend,
-    model: &str,
-    version: &str,
-    headers: &HeaderMap,
+async fn infer(
+    State(frontend): State<AppState>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let context = context(frontend, headers);
+    let context = context(&frontend, &headers);
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
         && encoding.as_bytes() != b"identity"
     {
@@ -352,7 +295,7 @@ async fn infer_response(
             }
         },
     };
-    let (request, encoding) = match parse_infer_request(model, version, body, header_length) {
+    let (request, encoding) = match parse_infer_request(&model, &version, body, header_length) {
         Ok(parsed) => parsed,
         Err(bad) => {
             return error_response(&Status::invalid_argument(bad.0));
@@ -380,22 +323,4 @@ async fn infer_response(
         },
         Err(status) => error_response(&status),
     }
-}
-
-async fn infer(
-    State(frontend): State<AppState>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    infer_response(&frontend, &model, "", &headers, body).await
-}
-
-async fn infer_version(
-    State(frontend): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    infer_response(&frontend, &model, &version, &headers, body).await
 }
