@@ -53,11 +53,31 @@ struct Args {
     /// Label shown in the report.
     #[arg(long, default_value = "")]
     label: String,
+    /// Runtime threads of the load generator (default: 1 for a closed loop
+    /// at concurrency 1, where more threads only add cross-thread wake-ups
+    /// to every request; otherwise one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() {
-    if let Err(error) = real_main(Args::parse()).await {
+fn main() {
+    let args = Args::parse();
+    let threads = args.threads.unwrap_or_else(|| {
+        if args.rate.is_none() && args.concurrency.unwrap_or(1) == 1 {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |cores| cores.get())
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(real_main(args)),
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = result {
         eprintln!("shamal-loadgen: {error:#}");
         std::process::exit(1);
     }

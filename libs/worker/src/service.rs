@@ -17,7 +17,9 @@ use crate::batcher::InferError;
 use crate::repository::{Lookup, ModelStore, ModelVersion, VersionState};
 
 /// Protocol extensions the worker really implements.
-const EXTENSIONS: &[&str] = &["model_repository", "statistics"];
+/// (`model_repository` is not listed: the index is served, load and unload
+/// are not.)
+const EXTENSIONS: &[&str] = &["statistics"];
 
 /// Shared state behind the worker's gRPC service.
 pub struct WorkerState {

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 use shamal_tensor::{DataType, Tensor, TensorData};
 use shamal_worker::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
@@ -339,18 +339,19 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
 
 impl Backend for OnnxBackend {
     fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
-        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
-        for tensor in &inputs {
-            values.push((tensor.name.clone(), to_ort(tensor)?));
-        }
-        let outputs = self.session.run(values).map_err(|error| {
+        // Inputs arrive in signature order, which is the session's input
+        // order: pass them by position, no name lookups.
+        let values = inputs
+            .iter()
+            .map(|tensor| to_ort(tensor).map(SessionInputValue::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = self.session.run(values.as_slice()).map_err(|error| {
             // ORT reports shape problems of a request (e.g. an unexpected
             // dimension inside the graph) as invalid arguments.
-            let message = error.to_string();
-            if message.contains("Invalid") || message.contains("invalid") {
-                BackendError::InvalidInput(message)
+            if error.code() == ort::error::ErrorCode::InvalidArgument {
+                BackendError::InvalidInput(error.to_string())
             } else {
-                BackendError::Internal(message)
+                BackendError::Internal(error.to_string())
             }
         })?;
         self.output_names

@@ -14,8 +14,10 @@ use tonic::{Code, Status};
 use crate::metrics::RouterMetrics;
 use crate::pool::{InflightGuard, PickError, UpstreamClient, WorkerPool};
 
-/// Protocol extensions the router implements (HTTP binary tensors included).
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
+/// Protocol extensions the router implements in full (HTTP binary tensors
+/// included). `model_repository` is not listed: the index is served but
+/// load and unload are not.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics"];
 
 /// Attempts per request: the first try plus retries on other workers.
 const MAX_ATTEMPTS: usize = 3;
