@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use shamal_proto::inference::{
     InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration,
 };
@@ -126,11 +129,24 @@ struct Counters {
     batches: BTreeMap<u64, (u64, u64, u64, u64)>,
 }
 
+/// The metric series of one model version, resolved once: the hot path
+/// then records without hashing label values.
+struct Series {
+    ok: IntCounter,
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    inference_duration: Histogram,
+    batch_size: Histogram,
+    queue_depth: IntGauge,
+    dropped: IntCounter,
+}
+
 /// Statistics of one model version.
 pub struct ModelStats {
     model: String,
     version: String,
     metrics: WorkerMetrics,
+    series: Series,
     counters: Mutex<Counters>,
 }
 
@@ -140,10 +156,21 @@ fn saturating_u64(value: u128) -> u64 {
 
 impl ModelStats {
     pub fn new(model: &str, version: &str, metrics: WorkerMetrics) -> ModelStats {
+        let labels = [model, version];
+        let series = Series {
+            ok: metrics.requests.with_label_values(&[model, version, "ok"]),
+            request_duration: metrics.request_duration.with_label_values(&labels),
+            queue_duration: metrics.queue_duration.with_label_values(&labels),
+            inference_duration: metrics.inference_duration.with_label_values(&labels),
+            batch_size: metrics.batch_size.with_label_values(&labels),
+            queue_depth: metrics.queue_depth.with_label_values(&labels),
+            dropped: metrics.dropped.with_label_values(&labels),
+        };
         ModelStats {
             model: model.to_owned(),
             version: version.to_owned(),
             metrics,
+            series,
             counters: Mutex::new(Counters::default()),
         }
     }
@@ -188,21 +215,13 @@ impl ModelStats {
                 .map(|elapsed| saturating_u64(elapsed.as_millis()))
                 .unwrap_or(0);
         }
-        let labels = [self.model.as_str(), self.version.as_str()];
-        self.metrics
+        self.series
             .inference_duration
-            .with_label_values(&labels)
             .observe(record.compute.as_secs_f64());
-        self.metrics
-            .batch_size
-            .with_label_values(&labels)
-            .observe(record.batch_rows as f64);
+        self.series.batch_size.observe(record.batch_rows as f64);
         if record.requests > 0 {
             let mean_queue = record.queue_ns as f64 / record.requests as f64 / 1e9;
-            self.metrics
-                .queue_duration
-                .with_label_values(&labels)
-                .observe(mean_queue);
+            self.series.queue_duration.observe(mean_queue);
         }
     }
 
@@ -219,25 +238,22 @@ impl ModelStats {
             slot.0 += 1;
             slot.1 += ns;
         }
-        let labels = [self.model.as_str(), self.version.as_str()];
-        self.metrics
-            .requests
-            .with_label_values(&[self.model.as_str(), self.version.as_str(), outcome])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
+        if outcome == "ok" {
+            self.series.ok.inc();
+        } else {
+            self.metrics
+                .requests
+                .with_label_values(&[self.model.as_str(), self.version.as_str(), outcome])
+                .inc();
+        }
+        self.series.request_duration.observe(elapsed.as_secs_f64());
     }
 
     /// A queued request dropped because its caller left or its deadline
     /// passed.
     pub fn record_dropped(&self) {
         self.counters().dropped += 1;
-        self.metrics
-            .dropped
-            .with_label_values(&[self.model.as_str(), self.version.as_str()])
-            .inc();
+        self.series.dropped.inc();
     }
 
     pub fn dropped(&self) -> u64 {
@@ -245,9 +261,8 @@ impl ModelStats {
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
-        self.metrics
+        self.series
             .queue_depth
-            .with_label_values(&[self.model.as_str(), self.version.as_str()])
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
@@ -284,6 +299,60 @@ impl ModelStats {
                 })
                 .collect(),
             ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::Encoder;
+
+    use super::*;
+
+    fn exported(registry: &Registry) -> String {
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn records_reach_statistics_and_metrics() {
+        let registry = Registry::new();
+        let stats = ModelStats::new("m", "3", WorkerMetrics::new(&registry));
+        stats.record_execution(ExecutionRecord {
+            batch_rows: 4,
+            requests: 2,
+            queue_ns: 2_000,
+            compute_input: Duration::from_micros(1),
+            compute: Duration::from_micros(50),
+            compute_output: Duration::from_micros(2),
+            success: true,
+        });
+        stats.record_request(Duration::from_micros(80), "ok");
+        stats.record_request(Duration::from_micros(80), "resource_exhausted");
+        stats.record_dropped();
+        stats.set_queue_depth(5);
+
+        let snapshot = stats.snapshot();
+        assert_eq!((snapshot.inference_count, snapshot.execution_count), (4, 1));
+        let inference = snapshot.inference_stats.unwrap();
+        assert_eq!(inference.success.unwrap().count, 1);
+        assert_eq!(inference.fail.unwrap().count, 1);
+        assert_eq!(inference.compute_infer.unwrap().ns, 50_000);
+        assert_eq!(snapshot.batch_stats[0].batch_size, 4);
+
+        let text = exported(&registry);
+        for line in [
+            r#"shamal_worker_requests_total{model="m",outcome="ok",version="3"} 1"#,
+            r#"shamal_worker_requests_total{model="m",outcome="resource_exhausted",version="3"} 1"#,
+            r#"shamal_worker_dropped_total{model="m",version="3"} 1"#,
+            r#"shamal_worker_queue_depth{model="m",version="3"} 5"#,
+            r#"shamal_worker_batch_size_sum{model="m",version="3"} 4"#,
+            r#"shamal_worker_inference_duration_seconds_count{model="m",version="3"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
         }
     }
 }
