@@ -269,9 +269,14 @@ async fn expired_and_abandoned_requests_are_dropped_not_run() {
         let batcher = harness.batcher.clone();
         async move { batcher.infer(vec![tensor(7, 2, 0.0)], 7, None).await }
     });
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Both are queued behind the blocked instance...
+    while harness.batcher.queue_depth() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...the first deadline passes, and the second caller leaves.
+    tokio::time::sleep(Duration::from_millis(40)).await;
     abandoned.abort();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _ = abandoned.await;
     let release = harness.release.as_ref().unwrap();
     release.send(()).unwrap();
     assert!(first.await.unwrap().is_ok());

@@ -571,6 +571,9 @@ async fn metrics_count_requests_by_model_and_outcome() {
 async fn a_dead_worker_is_unavailable_and_a_live_one_takes_over() {
     let first = start_worker(workspace_root().join("models/repository"), |_| {}).await;
     let second = start_worker(workspace_root().join("models/repository"), |_| {}).await;
+    // Both workers serve before the router's one and only refresh.
+    wait_ready(first.address, "simple").await;
+    wait_ready(second.address, "simple").await;
     let router = start_router(
         vec![first.address.to_string(), second.address.to_string()],
         |config| {
@@ -579,8 +582,6 @@ async fn a_dead_worker_is_unavailable_and_a_live_one_takes_over() {
     )
     .await;
     wait_ready(router.running.address, "simple").await;
-    // Give the single refresh time to see both workers.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut client = client(router.running.address).await;
     first.stop().await.unwrap();
     // With one worker gone, every request still succeeds on the other.
@@ -664,7 +665,13 @@ async fn shutdown_lets_in_flight_requests_finish_and_overload_is_refused() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until both requests are at the worker.
+    for _ in 0..500 {
+        if seen.lock().unwrap().timeouts.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Two in flight is the limit: the third is refused at once.
     let status = client
         .clone()
