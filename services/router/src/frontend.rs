@@ -34,6 +34,15 @@ impl CallContext {
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }
+
+    /// A request to a worker carrying this call's id and the time it has
+    /// left (as `grpc-timeout`).
+    pub fn outgoing<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        shamal_rpc::set_request_id(request.metadata_mut(), &self.request_id);
+        request.set_timeout(self.remaining());
+        request
+    }
 }
 
 /// The router's shared state.
@@ -111,7 +120,7 @@ impl Frontend {
         call: F,
     ) -> Result<T, Status>
     where
-        F: Fn(Client, tonic::metadata::MetadataMap, Duration) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         if model.is_empty() {
@@ -131,11 +140,8 @@ impl Frontend {
                 }
             };
             tried.push(index);
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
             let _inflight = InflightGuard::new(upstream.clone());
-            let attempt =
-                tokio::time::timeout(remaining, call(upstream.client(), metadata, remaining)).await;
+            let attempt = tokio::time::timeout(remaining, call(upstream.client())).await;
             match attempt {
                 Err(_) => {
                     return Err(Status::deadline_exceeded(
@@ -189,20 +195,10 @@ impl Frontend {
         let result = match self.admit() {
             Ok(_permit) => {
                 let request = &request;
-                self.forward(
-                    &model,
-                    &version,
-                    context,
-                    |mut client, metadata, timeout| {
-                        let mut outgoing = tonic::Request::from_parts(
-                            metadata,
-                            Default::default(),
-                            request.clone(),
-                        );
-                        outgoing.set_timeout(timeout);
-                        async move { client.model_infer(outgoing).await }
-                    },
-                )
+                self.forward(&model, &version, context, |mut client| {
+                    let outgoing = context.outgoing(request.clone());
+                    async move { client.model_infer(outgoing).await }
+                })
                 .await
             }
             Err(status) => Err(status),
@@ -239,9 +235,8 @@ impl Frontend {
             name: name.to_owned(),
             version: version.to_owned(),
         };
-        self.forward(name, version, context, |mut client, metadata, _| {
-            let outgoing =
-                tonic::Request::from_parts(metadata, Default::default(), message.clone());
+        self.forward(name, version, context, |mut client| {
+            let outgoing = context.outgoing(message.clone());
             async move { client.model_metadata(outgoing).await }
         })
         .await
@@ -257,9 +252,8 @@ impl Frontend {
             name: name.to_owned(),
             version: version.to_owned(),
         };
-        self.forward(name, version, context, |mut client, metadata, _| {
-            let outgoing =
-                tonic::Request::from_parts(metadata, Default::default(), message.clone());
+        self.forward(name, version, context, |mut client| {
+            let outgoing = context.outgoing(message.clone());
             async move { client.model_config(outgoing).await }
         })
         .await
@@ -278,9 +272,8 @@ impl Frontend {
             version: version.to_owned(),
         };
         let answer = self
-            .forward(name, version, context, |mut client, metadata, _| {
-                let outgoing =
-                    tonic::Request::from_parts(metadata, Default::default(), message.clone());
+            .forward(name, version, context, |mut client| {
+                let outgoing = context.outgoing(message.clone());
                 async move { client.model_ready(outgoing).await }
             })
             .await;
@@ -312,11 +305,7 @@ impl Frontend {
         };
         let calls = upstreams.iter().map(|upstream| {
             let mut client = upstream.client();
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
-            let mut outgoing =
-                tonic::Request::from_parts(metadata, Default::default(), message.clone());
-            outgoing.set_timeout(context.remaining());
+            let outgoing = context.outgoing(message.clone());
             async move { client.model_statistics(outgoing).await }
         });
         let mut merged: BTreeMap<(String, String), ModelStatistics> = BTreeMap::new();
@@ -357,17 +346,10 @@ impl Frontend {
     ) -> Result<RepositoryIndexResponse, Status> {
         let calls = self.pool.upstreams().iter().map(|upstream| {
             let mut client = upstream.client();
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            shamal_rpc::set_request_id(&mut metadata, &context.request_id);
-            let mut outgoing = tonic::Request::from_parts(
-                metadata,
-                Default::default(),
-                RepositoryIndexRequest {
-                    repository_name: String::new(),
-                    ready: ready_only,
-                },
-            );
-            outgoing.set_timeout(context.remaining());
+            let outgoing = context.outgoing(RepositoryIndexRequest {
+                repository_name: String::new(),
+                ready: ready_only,
+            });
             async move { client.repository_index(outgoing).await }
         });
         let mut entries: BTreeMap<(String, String), ModelIndex> = BTreeMap::new();
