@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         inference.join("grpc_service.proto"),
         inference.join("model_config.proto"),
     ];
+    let registry = root.join("shamal/registry/v1/registry.proto");
+    println!("cargo:rerun-if-changed={}", registry.display());
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
@@ -27,5 +29,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // RPCs Shamal does not implement answer UNIMPLEMENTED by default.
         .generate_default_stubs(true)
         .compile_protos(&files, &[inference])?;
+
+    // Internal service protocols, one descriptor set each.
+    let registry_descriptors = protox::compile([&registry], [&root])?;
+    let registry_descriptor_path = out_dir.join("registry_descriptor.bin");
+    std::fs::write(
+        &registry_descriptor_path,
+        registry_descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .skip_protoc_run()
+        .file_descriptor_set_path(&registry_descriptor_path)
+        .bytes(".shamal.registry.v1.ArtifactChunk")
+        .compile_protos(&[registry], &[root])?;
     Ok(())
 }

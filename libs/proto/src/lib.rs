@@ -1,6 +1,7 @@
 //! Generated code for Shamal's wire protocols.
 //!
-//! `inference` is the KServe v2 / Open Inference Protocol as Triton defines it.
+//! `inference` is the KServe v2 / Open Inference Protocol as Triton defines it;
+//! `shamal::*` are the internal service protocols.
 //! tonic and prost are re-exported so that every crate agrees on their versions.
 
 pub use prost;
@@ -9,6 +10,17 @@ pub use tonic;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod inference {
     tonic::include_proto!("inference");
+}
+
+/// Shamal's own internal protocols.
+pub mod shamal {
+    /// The model registry (versions, aliases, rollouts, placements, Watch).
+    pub mod registry {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("shamal.registry.v1");
+        }
+    }
 }
 
 /// Encoded `FileDescriptorSet` of the inference protocol, used to parse Triton

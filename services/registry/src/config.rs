@@ -1,0 +1,124 @@
+//! Registry configuration: defaults < TOML file < SHAMAL_REGISTRY_* env < flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Effective configuration of a registry.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// REST API, OpenAPI document and web UI for release managers.
+    pub http_listen: SocketAddr,
+    /// Internal gRPC API for routers and workers.
+    pub grpc_listen: SocketAddr,
+    /// Prometheus `/metrics` and probes; `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `postgres://...` in production; `sqlite://path` for the embedded mode.
+    pub database_url: String,
+    /// Directory of the local artifact store.
+    pub artifact_dir: PathBuf,
+    /// Largest artifact accepted, in bytes.
+    pub max_artifact_bytes: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8101)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8102))),
+            database_url: "sqlite://.shamal/registry.db".to_owned(),
+            artifact_dir: PathBuf::from(".shamal/artifacts"),
+            max_artifact_bytes: 8 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Command-line flags (each also readable from its environment variable).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct RegistryArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "SHAMAL_REGISTRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "SHAMAL_REGISTRY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    #[arg(long, env = "SHAMAL_REGISTRY_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    #[arg(long, env = "SHAMAL_REGISTRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Database URL (postgres://... or sqlite://...).
+    #[arg(long, env = "SHAMAL_REGISTRY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    #[arg(long, env = "SHAMAL_REGISTRY_ARTIFACT_DIR")]
+    pub artifact_dir: Option<PathBuf>,
+    #[arg(long, env = "SHAMAL_REGISTRY_MAX_ARTIFACT_BYTES")]
+    pub max_artifact_bytes: Option<u64>,
+}
+
+impl RegistryConfig {
+    pub fn load(args: &RegistryArgs) -> Result<RegistryConfig, String> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+                toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?
+            }
+            None => RegistryConfig::default(),
+        };
+        if let Some(value) = args.http_listen {
+            config.http_listen = value;
+        }
+        if let Some(value) = args.grpc_listen {
+            config.grpc_listen = value;
+        }
+        if let Some(value) = args.metrics_listen {
+            config.metrics_listen = Some(value);
+        }
+        if let Some(value) = &args.database_url {
+            config.database_url = value.clone();
+        }
+        if let Some(value) = &args.artifact_dir {
+            config.artifact_dir = value.clone();
+        }
+        if let Some(value) = args.max_artifact_bytes {
+            config.max_artifact_bytes = value;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::store::Backend::from_url(&self.database_url).map_err(|error| error.to_string())?;
+        if self.artifact_dir.as_os_str().is_empty() {
+            return Err("artifact_dir must not be empty".to_owned());
+        }
+        if self.max_artifact_bytes == 0 {
+            return Err("max_artifact_bytes must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_defaults_and_bad_values_name_the_field() {
+        let args = RegistryArgs {
+            database_url: Some("postgres://localhost/test".to_owned()),
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(config.database_url, "postgres://localhost/test");
+        let bad = RegistryArgs {
+            database_url: Some("mysql://x".to_owned()),
+            ..RegistryArgs::default()
+        };
+        let error = RegistryConfig::load(&bad).err().unwrap_or_default();
+        assert!(error.contains("database_url"), "{error}");
+    }
+}

@@ -1,0 +1,194 @@
+//! The internal gRPC API (`shamal.registry.v1.Registry`) for routers and
+//! workers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use shamal_proto::shamal::registry::v1 as proto;
+use shamal_proto::shamal::registry::v1::registry_server::Registry;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::model::{WorkerInfo, now_millis};
+use crate::registry::ModelRegistry;
+
+/// How often a Watch looks at the change log even without a local
+/// notification (changes written by another registry replica).
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+pub struct RegistryGrpc {
+    registry: Arc<ModelRegistry>,
+}
+
+impl RegistryGrpc {
+    pub fn new(registry: Arc<ModelRegistry>) -> RegistryGrpc {
+        RegistryGrpc { registry }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::ArtifactChunk, Status>> + Send>>;
+
+/// Builds the next event for a subscriber at `since` (a snapshot when
+/// `since` is 0 or from a future the registry does not know); `None` when
+/// nothing changed.
+async fn next_event(
+    registry: &ModelRegistry,
+    since: u64,
+) -> Result<Option<proto::WatchEvent>, Status> {
+    let current = registry.current_revision().await?;
+    if since == 0 || since > current {
+        // Read the revision first: a change landing meanwhile is sent again
+        // in the next event, never lost.
+        let mut models = Vec::new();
+        for name in registry.model_names().await? {
+            if let Some(state) = registry.model_state(&name).await? {
+                models.push(state);
+            }
+        }
+        return Ok(Some(proto::WatchEvent {
+            revision: current,
+            snapshot: true,
+            models,
+            removed: Vec::new(),
+        }));
+    }
+    let (changed, latest) = registry.changes_since(since).await?;
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let mut models = Vec::new();
+    let mut removed = Vec::new();
+    for name in changed {
+        match registry.model_state(&name).await? {
+            Some(state) => models.push(state),
+            None => removed.push(name),
+        }
+    }
+    Ok(Some(proto::WatchEvent {
+        revision: latest,
+        snapshot: false,
+        models,
+        removed,
+    }))
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryGrpc {
+    type WatchStream = EventStream;
+    type FetchArtifactStream = ChunkStream;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let registry = self.registry.clone();
+        let mut notified = registry.subscribe();
+        let (sender, receiver) = mpsc::channel(16);
+        tracing::info!(subscriber = %request.subscriber, since = request.since_revision, "watch started");
+        tokio::spawn(async move {
+            let mut since = request.since_revision;
+            loop {
+                // Mark the current notification seen before reading, so a
+                // change committed during the read wakes the next round.
+                notified.borrow_and_update();
+                match next_event(&registry, since).await {
+                    Ok(Some(event)) => {
+                        since = event.revision.max(1);
+                        if sender.send(Ok(event)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(status) => {
+                        tracing::warn!(%status, "watch could not read the registry");
+                        let _ = sender.send(Err(status)).await;
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = notified.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = sender.closed() => break,
+                }
+            }
+            tracing::info!(subscriber = %request.subscriber, "watch ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<proto::RegisterWorkerRequest>,
+    ) -> Result<Response<proto::RegisterWorkerResponse>, Status> {
+        let request = request.into_inner();
+        self.registry
+            .register_worker(WorkerInfo {
+                id: request.worker_id,
+                address: request.address,
+                region: request.region,
+                formats: request.formats,
+                device: request.device,
+                last_seen: now_millis(),
+            })
+            .await?;
+        Ok(Response::new(proto::RegisterWorkerResponse {}))
+    }
+
+    async fn report_placement(
+        &self,
+        request: Request<proto::ReportPlacementRequest>,
+    ) -> Result<Response<proto::ReportPlacementResponse>, Status> {
+        let request = request.into_inner();
+        self.registry
+            .report_placement(
+                &request.worker_id,
+                &request.model,
+                request.version,
+                &request.state,
+                &request.reason,
+                &request.signature_json,
+            )
+            .await?;
+        Ok(Response::new(proto::ReportPlacementResponse {}))
+    }
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<proto::FetchArtifactRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let (_, stream) = self
+            .registry
+            .open_artifact(&request.into_inner().sha256)
+            .await?;
+        let chunks = stream.map(|chunk| {
+            chunk
+                .map(|data| proto::ArtifactChunk { data })
+                .map_err(|error| Status::internal(format!("reading artifact: {error}")))
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn report_traffic(
+        &self,
+        request: Request<proto::ReportTrafficRequest>,
+    ) -> Result<Response<proto::ReportTrafficResponse>, Status> {
+        self.registry.report_traffic(&request.into_inner()).await?;
+        Ok(Response::new(proto::ReportTrafficResponse {}))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<proto::GetModelRequest>,
+    ) -> Result<Response<proto::ModelState>, Status> {
+        let name = request.into_inner().name;
+        match self.registry.model_state(&name).await? {
+            Some(state) => Ok(Response::new(state)),
+            None => Err(Status::not_found(format!("model '{name}' does not exist"))),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The registry: system of record for models, versions (content-addressed
+//! artifacts), aliases and rollouts, in Postgres (or SQLite for the
+//! embedded mode) through one set of sqlx queries. Routers and workers use
+//! its gRPC API, with a Watch stream of changes; release managers use its
+//! REST API (OpenAPI document at `/openapi.json`) and web UI.
+
+pub mod artifacts;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod model;
+pub mod registry;
+pub mod rest;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
+use shamal_telemetry::{Readiness, Registry as MetricsRegistry};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::{RegistryArgs, RegistryConfig};
+pub use registry::ModelRegistry;
+
+/// Pre-bound listeners (port 0 in tests).
+pub struct RegistryListeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl RegistryListeners {
+    pub async fn bind(config: &RegistryConfig) -> std::io::Result<RegistryListeners> {
+        Ok(RegistryListeners {
+            http: TcpListener::bind(config.http_listen).await?,
+            grpc: TcpListener::bind(config.grpc_listen).await?,
+            metrics: match config.metrics_listen {
+                Some(address) => Some(TcpListener::bind(address).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Opens the database (migrating it) and the artifact store.
+pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>> {
+    if let Some(path) = config.database_url.strip_prefix("sqlite://")
+        && !path.starts_with(":memory:")
+    {
+        let path = path.split('?').next().unwrap_or(path);
+        if let Some(parent) = std::path::Path::new(path).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    let store = store::Store::connect(&config.database_url).await?;
+    let artifacts = Arc::new(artifacts::LocalArtifactStore::new(&config.artifact_dir)?);
+    Ok(Arc::new(
+        ModelRegistry::new(store, artifacts, config.max_artifact_bytes).await?,
+    ))
+}
+
+/// Runs the registry until `shutdown` completes.
+pub async fn run(
+    config: RegistryConfig,
+    listeners: RegistryListeners,
+    metrics: MetricsRegistry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let registry = open(&config).await?;
+    serve(registry, &config, listeners, metrics, shutdown).await
+}
+
+/// Serves an opened registry until `shutdown` completes.
+pub async fn serve(
+    registry: Arc<ModelRegistry>,
+    config: &RegistryConfig,
+    listeners: RegistryListeners,
+    metrics: MetricsRegistry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RegistryServer<grpc::RegistryGrpc>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let readiness = Readiness::default();
+    readiness.set(true);
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("registry stopping");
+        let _ = stop_sender.send(true);
+    });
+    let metrics_task = listeners.metrics.map(|listener| {
+        tokio::spawn(shamal_telemetry::serve_metrics(
+            listener,
+            metrics.clone(),
+            readiness.clone(),
+            wait_stop(stop.clone()),
+        ))
+    });
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            RegistryServer::new(grpc::RegistryGrpc::new(registry.clone()))
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            wait_stop(stop.clone()),
+        );
+    let http_listener = listeners.http.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
+    let http = axum::serve(
+        http_listener,
+        rest::router(registry.clone(), config.max_artifact_bytes, &metrics),
+    )
+    .with_graceful_shutdown(wait_stop(stop.clone()));
+    let (grpc_result, http_result) = tokio::join!(grpc, http);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("registry stopped");
+    grpc_result?;
+    http_result?;
+    Ok(())
+}
+
+/// A registry running in the background (tests, `shamal up`).
+pub struct RunningRegistry {
+    pub registry: Arc<ModelRegistry>,
+    pub http_address: SocketAddr,
+    pub grpc_address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningRegistry {
+    /// Opens the registry of `config` and serves it on the given
+    /// listeners in a background task.
+    pub async fn start(
+        config: RegistryConfig,
+        listeners: RegistryListeners,
+        metrics: MetricsRegistry,
+    ) -> anyhow::Result<RunningRegistry> {
+        let registry = open(&config).await?;
+        let http_address = listeners.http.local_addr()?;
+        let grpc_address = listeners.grpc.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let serving = registry.clone();
+        let task = tokio::spawn(async move {
+            serve(serving, &config, listeners, metrics, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Ok(RunningRegistry {
+            registry,
+            http_address,
+            grpc_address,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Starts a registry on loopback port 0 with the given database and
+    /// artifact directory (tests).
+    pub async fn start_local(
+        database_url: &str,
+        artifact_dir: &std::path::Path,
+    ) -> anyhow::Result<RunningRegistry> {
+        let config = RegistryConfig {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            database_url: database_url.to_owned(),
+            artifact_dir: artifact_dir.to_owned(),
+            ..RegistryConfig::default()
+        };
+        let listeners = RegistryListeners::bind(&config).await?;
+        RunningRegistry::start(config, listeners, MetricsRegistry::new()).await
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?
+    }
+}

@@ -1,0 +1,259 @@
+//! The database: one set of queries for Postgres and SQLite (sqlx's `Any`
+//! driver), migrations per backend, and row decoding.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+
+use crate::error::{RegistryError, Result};
+use crate::model::*;
+
+/// The database engine behind a connection URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(RegistryError::invalid(
+                "database_url",
+                "must start with postgres://, postgresql:// or sqlite:",
+            ))
+        }
+    }
+}
+
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// A connection pool with the schema migrated.
+#[derive(Clone)]
+pub struct Store {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+impl Store {
+    /// Connects and applies pending migrations. SQLite runs on a single
+    /// connection: its writers are serialised anyway, and a single writer
+    /// never meets `SQLITE_BUSY`.
+    pub async fn connect(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(10))
+            .max_connections(match backend {
+                Backend::Postgres => 16,
+                Backend::Sqlite => 1,
+            });
+        // An in-memory SQLite database lives as long as its connection.
+        let options = if url.contains(":memory:") {
+            options
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .min_connections(1)
+        } else {
+            options
+        };
+        let pool = options.connect(&url).await.map_err(|error| {
+            RegistryError::Internal(format!("cannot open {backend:?} database: {error}"))
+        })?;
+        let migrator = match backend {
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|error| RegistryError::Internal(format!("migrations failed: {error}")))?;
+        Ok(Store { pool, backend })
+    }
+
+    /// Starts a write transaction. On Postgres every writer first takes one
+    /// advisory lock, so that change revisions commit in the order they are
+    /// numbered (a Watch reader never skips a revision committed late);
+    /// SQLite has a single connection.
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(7412001)) AS held")
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+}
+
+/// Records that `model`'s routed state changed; returns the new revision.
+pub async fn record_change(tx: &mut Transaction<'static, Any>, model: &str) -> Result<u64> {
+    let row = sqlx::query("INSERT INTO changes (model, at) VALUES ($1, $2) RETURNING revision")
+        .bind(model)
+        .bind(now_millis())
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.try_get::<i64, _>("revision")? as u64)
+}
+
+pub fn json_text<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|error| RegistryError::Internal(error.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text)
+        .map_err(|error| RegistryError::Internal(format!("stored {what} is not valid: {error}")))
+}
+
+pub fn model_from_row(row: &AnyRow) -> Result<Model> {
+    Ok(Model {
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        created_by: row.try_get("created_by")?,
+        created_at: row.try_get("created_at")?,
+        latest_version: row.try_get::<i64, _>("latest_version")? as u64,
+    })
+}
+
+pub const VERSION_COLUMNS: &str = "model, version, sha256, size_bytes, format, signature, metadata, lineage, lifecycle, reason, created_by, created_at";
+
+pub fn version_from_row(row: &AnyRow) -> Result<Version> {
+    let format: String = row.try_get("format")?;
+    let lifecycle: String = row.try_get("lifecycle")?;
+    let signature: Option<String> = row.try_get("signature")?;
+    Ok(Version {
+        model: row.try_get("model")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        artifact: Artifact {
+            sha256: row.try_get("sha256")?,
+            size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+            format: Format::parse(&format).ok_or_else(|| {
+                RegistryError::Internal(format!("unknown stored format {format}"))
+            })?,
+        },
+        signature: signature
+            .as_deref()
+            .map(|text| from_json(text, "signature"))
+            .transpose()?,
+        metadata: from_json(&row.try_get::<String, _>("metadata")?, "metadata")?,
+        lineage: from_json(&row.try_get::<String, _>("lineage")?, "lineage")?,
+        lifecycle: Lifecycle::parse(&lifecycle).ok_or_else(|| {
+            RegistryError::Internal(format!("unknown stored lifecycle {lifecycle}"))
+        })?,
+        reason: row.try_get("reason")?,
+        created_by: row.try_get("created_by")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub fn alias_from_row(row: &AnyRow) -> Result<Alias> {
+    Ok(Alias {
+        model: row.try_get("model")?,
+        alias: row.try_get("alias")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        updated_by: row.try_get("updated_by")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub fn rollout_from_row(row: &AnyRow) -> Result<Rollout> {
+    let mut rollout: Rollout = from_json(&row.try_get::<String, _>("policy")?, "rollout")?;
+    rollout.revision = row.try_get::<i64, _>("revision")? as u64;
+    Ok(rollout)
+}
+
+pub fn history_from_row(row: &AnyRow) -> Result<HistoryEntry> {
+    let rollout: Rollout = from_json(&row.try_get::<String, _>("policy")?, "rollout")?;
+    Ok(HistoryEntry {
+        id: row.try_get::<i64, _>("id")? as u64,
+        model: row.try_get("model")?,
+        revision: row.try_get::<i64, _>("revision")? as u64,
+        action: row.try_get("action")?,
+        actor: row.try_get("actor")?,
+        reason: row.try_get("reason")?,
+        at: row.try_get("at")?,
+        rollout,
+    })
+}
+
+pub fn worker_from_row(row: &AnyRow) -> Result<WorkerInfo> {
+    Ok(WorkerInfo {
+        id: row.try_get("id")?,
+        address: row.try_get("address")?,
+        region: row.try_get("region")?,
+        formats: from_json(&row.try_get::<String, _>("formats")?, "formats")?,
+        device: row.try_get("device")?,
+        last_seen: row.try_get("last_seen")?,
+    })
+}
+
+pub fn placement_from_row(row: &AnyRow) -> Result<Placement> {
+    Ok(Placement {
+        worker_id: row.try_get("worker_id")?,
+        model: row.try_get("model")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        state: row.try_get("state")?,
+        reason: row.try_get("reason")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Whether a database error is a unique-key violation (a concurrent writer
+/// inserted the same key first).
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => {
+            database.is_unique_violation()
+                || database
+                    .code()
+                    .is_some_and(|code| code == "23505" || code == "2067" || code == "1555")
+        }
+        _ => false,
+    }
+}
+
+/// Page tokens are opaque to clients: base64url of the last key returned.
+pub fn encode_token(key: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+}
+
+pub fn decode_token(token: &str) -> Result<String> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| RegistryError::invalid("page_token", "is not a token this API returned"))
+}
+
+pub fn decode_number_token(token: &str) -> Result<i64> {
+    i64::from_str(&decode_token(token)?)
+        .map_err(|_| RegistryError::invalid("page_token", "is not a token this API returned"))
+}
+
+/// Validates a page size: default 50, 1..=500.
+pub fn page_size(requested: Option<u32>) -> Result<i64> {
+    match requested {
+        None => Ok(50),
+        Some(size @ 1..=500) => Ok(i64::from(size)),
+        Some(_) => Err(RegistryError::invalid(
+            "page_size",
+            "must be between 1 and 500",
+        )),
+    }
+}

@@ -1,0 +1,614 @@
+//! One test-suite, two backends: every case runs against SQLite and against
+//! a real PostgreSQL server.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use shamal_proto::shamal::registry::v1::{ReportTrafficRequest, VersionTraffic};
+use shamal_registry::ModelRegistry;
+use shamal_registry::model::*;
+use support::*;
+
+/// Instantiates each case once per backend.
+macro_rules! both_backends {
+    ($($case:ident),+ $(,)?) => {
+        $(mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = super::TestDb::sqlite().await;
+                super::$case(db.open().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let db = super::TestDb::postgres().await;
+                super::$case(db.open().await).await;
+            }
+        })+
+    };
+}
+
+both_backends!(
+    versions_are_numbered_and_keep_their_metadata,
+    wrong_digests_and_unknown_artifacts_are_refused,
+    pagination_walks_every_item_once,
+    concurrent_rollout_writes_exactly_one_wins,
+    rollout_lifecycle_and_history,
+    rollouts_need_ready_versions,
+    placements_drive_the_version_lifecycle,
+    archive_is_refused_while_in_use,
+    watch_changes_carry_the_routed_state,
+    canary_breaking_its_error_guard_rail_is_rolled_back,
+    canary_breaking_its_latency_guard_rail_is_rolled_back,
+    healthy_canary_is_left_alone,
+);
+
+async fn versions_are_numbered_and_keep_their_metadata(registry: Arc<ModelRegistry>) {
+    let first = push(&registry, "fraud", b"model one").await;
+    let digest = sha256_hex(b"model two");
+    registry
+        .put_artifact(&digest, body(b"model two".to_vec()))
+        .await
+        .unwrap();
+    let second = registry
+        .register_version(
+            "fraud",
+            NewVersion {
+                sha256: digest.clone(),
+                format: "onnx".to_owned(),
+                metadata: [("team".to_owned(), "risk".to_owned())].into(),
+                lineage: Lineage {
+                    training_run_id: Some("run-42".to_owned()),
+                    dataset_digest: Some("sha256:abc".to_owned()),
+                    source_commit: Some("deadbeef".to_owned()),
+                },
+                create_model: None,
+            },
+            "alice",
+        )
+        .await
+        .unwrap();
+    assert_eq!((first, second.version), (1, 2));
+    let stored = registry.get_version("fraud", 2).await.unwrap();
+    assert_eq!(stored, second);
+    assert_eq!(stored.artifact.sha256, digest);
+    assert_eq!(stored.artifact.size_bytes, 9);
+    assert_eq!(stored.created_by, "alice");
+    assert_eq!(stored.lifecycle, Lifecycle::Registered);
+    assert_eq!(stored.lineage.training_run_id.as_deref(), Some("run-42"));
+    assert_eq!(
+        stored.metadata.get("team").map(String::as_str),
+        Some("risk")
+    );
+    assert_eq!(registry.get_model("fraud").await.unwrap().latest_version, 2);
+    let missing = registry.get_version("fraud", 3).await.unwrap_err();
+    assert_eq!(missing.code(), "not_found");
+    let unknown = registry.get_version("nope", 1).await.unwrap_err();
+    assert_eq!(unknown.code(), "not_found");
+    let duplicate = registry.create_model("fraud", "", "bob").await.unwrap_err();
+    assert_eq!(duplicate.code(), "already_exists");
+}
+
+async fn wrong_digests_and_unknown_artifacts_are_refused(registry: Arc<ModelRegistry>) {
+    let declared = sha256_hex(b"what the client claims");
+    let error = registry
+        .put_artifact(&declared, body(b"what it actually sent".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "digest_mismatch");
+    // Nothing was stored, so registering it is refused too.
+    let error = registry
+        .register_version(
+            "fraud",
+            NewVersion {
+                sha256: declared,
+                format: "onnx".to_owned(),
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    assert_eq!(
+        registry.get_model("fraud").await.unwrap_err().code(),
+        "not_found"
+    );
+    let error = registry
+        .register_version(
+            "fraud",
+            NewVersion {
+                sha256: "xyz".to_owned(),
+                format: "onnx".to_owned(),
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "sha256")
+    );
+    let digest = sha256_hex(b"bytes");
+    registry
+        .put_artifact(&digest, body(b"bytes".to_vec()))
+        .await
+        .unwrap();
+    let error = registry
+        .register_version(
+            "fraud",
+            NewVersion {
+                sha256: digest,
+                format: "pickle".to_owned(),
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "format")
+    );
+}
+
+async fn pagination_walks_every_item_once(registry: Arc<ModelRegistry>) {
+    for name in ["a", "b", "c", "d", "e"] {
+        registry.create_model(name, "", "alice").await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = registry
+            .list_models(Some(2), token.as_deref())
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.into_iter().map(|model| model.name));
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+    for _ in 0..3 {
+        push(&registry, "a", uuid::Uuid::new_v4().as_bytes()).await;
+    }
+    let page = registry.list_versions("a", Some(2), None).await.unwrap();
+    assert_eq!(
+        page.items.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let rest = registry
+        .list_versions("a", Some(2), page.next_page_token.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [3]
+    );
+    assert!(rest.next_page_token.is_none());
+    let error = registry.list_models(Some(0), None).await.unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+    let error = registry
+        .list_models(None, Some("!!not a token"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+}
+
+async fn ready_model(registry: &ModelRegistry, versions: usize) {
+    for index in 0..versions {
+        let version = push(registry, "fraud", format!("weights {index}").as_bytes()).await;
+        mark_ready(registry, "fraud", version).await;
+    }
+    registry
+        .set_alias("fraud", "production", 1, "alice")
+        .await
+        .unwrap();
+}
+
+fn start(candidate: u64, weight: u32) -> StartRollout {
+    StartRollout {
+        expected_revision: 0,
+        candidate,
+        weight,
+        ..Default::default()
+    }
+}
+
+async fn concurrent_rollout_writes_exactly_one_wins(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    let rollout = registry
+        .start_rollout("fraud", start(2, 5), "alice")
+        .await
+        .unwrap();
+    assert_eq!(rollout.revision, 1);
+    let writers = (0..8u32).map(|index| {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            registry
+                .shift("fraud", 1, 10 + index, &format!("writer-{index}"))
+                .await
+        })
+    });
+    let results = futures::future::join_all(writers).await;
+    let mut winners = 0;
+    for result in results {
+        match result.unwrap() {
+            Ok(rollout) => {
+                winners += 1;
+                assert_eq!(rollout.revision, 2);
+            }
+            Err(error) => {
+                assert_eq!(error.code(), "conflict", "{error}");
+                assert!(error.to_string().contains("revision 2"), "{error}");
+            }
+        }
+    }
+    assert_eq!(winners, 1);
+    let history = registry.history("fraud", None, None).await.unwrap();
+    assert_eq!(history.items.len(), 2, "the losers left no trace");
+}
+
+async fn rollout_lifecycle_and_history(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    let mut request = start(2, 5);
+    request.sticky_key = Some("user".to_owned());
+    request.shadow = None;
+    let rollout = registry
+        .start_rollout("fraud", request, "alice")
+        .await
+        .unwrap();
+    assert_eq!(rollout.stable_version, 1, "stable defaults to production");
+    assert_eq!(
+        rollout.splits,
+        [
+            Split {
+                version: 2,
+                weight: 5
+            },
+            Split {
+                version: 1,
+                weight: 95
+            }
+        ]
+    );
+    let again = registry
+        .start_rollout("fraud", start(2, 5), "bob")
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), "conflict", "stale revision 0");
+    let mut second = start(2, 5);
+    second.expected_revision = 1;
+    let in_progress = registry
+        .start_rollout("fraud", second, "bob")
+        .await
+        .unwrap_err();
+    assert_eq!(in_progress.code(), "failed_precondition");
+
+    let shifted = registry.shift("fraud", 1, 50, "alice").await.unwrap();
+    assert_eq!(
+        shifted.splits[0],
+        Split {
+            version: 2,
+            weight: 50
+        }
+    );
+    let paused = registry.pause("fraud", 2, "bob").await.unwrap();
+    assert_eq!(
+        paused.effective_splits(),
+        [Split {
+            version: 1,
+            weight: 100
+        }]
+    );
+    let resumed = registry.resume("fraud", 3, "bob").await.unwrap();
+    assert_eq!(resumed.effective_splits(), shifted.splits);
+    let promoted = registry.promote("fraud", 4, "carol").await.unwrap();
+    assert_eq!(promoted.state, RolloutState::Promoted);
+    assert_eq!(
+        promoted.effective_splits(),
+        [Split {
+            version: 2,
+            weight: 100
+        }]
+    );
+    let aliases = registry.list_aliases("fraud").await.unwrap();
+    assert_eq!(aliases[0].alias, "production");
+    assert_eq!(aliases[0].version, 2);
+    assert_eq!(aliases[0].updated_by, "carol");
+
+    // A new rollout back to version 1, then rolled back.
+    let mut back = start(1, 20);
+    back.expected_revision = 5;
+    let rollout = registry.start_rollout("fraud", back, "dave").await.unwrap();
+    assert_eq!(rollout.stable_version, 2);
+    let rolled_back = registry
+        .rollback("fraud", 6, "too slow", "dave")
+        .await
+        .unwrap();
+    assert_eq!(
+        rolled_back.effective_splits(),
+        [Split {
+            version: 2,
+            weight: 100
+        }]
+    );
+    assert_eq!(rolled_back.reason, "too slow");
+    let history = registry.history("fraud", None, None).await.unwrap();
+    let actions: Vec<(&str, &str, u64)> = history
+        .items
+        .iter()
+        .map(|entry| (entry.action.as_str(), entry.actor.as_str(), entry.revision))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("start", "alice", 1),
+            ("shift", "alice", 2),
+            ("pause", "bob", 3),
+            ("resume", "bob", 4),
+            ("promote", "carol", 5),
+            ("start", "dave", 6),
+            ("rollback", "dave", 7),
+        ]
+    );
+    let status = registry.rollout_status("fraud").await.unwrap();
+    assert_eq!(status.rollout.revision, 7);
+}
+
+async fn rollouts_need_ready_versions(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 1).await;
+    let pending = push(&registry, "fraud", b"not loaded yet").await;
+    let error = registry
+        .start_rollout("fraud", start(pending, 10), "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    assert!(
+        error.to_string().contains("no worker has loaded it"),
+        "{error}"
+    );
+    let error = registry
+        .start_rollout("fraud", start(99, 10), "alice")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "candidate"),
+        "{error}"
+    );
+    let error = registry
+        .start_rollout("fraud", start(1, 101), "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+    let error = registry
+        .set_policy(
+            "fraud",
+            SetPolicy {
+                expected_revision: 0,
+                stable: 1,
+                splits: vec![Split {
+                    version: 1,
+                    weight: 60,
+                }],
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("sum to 100"), "{error}");
+}
+
+async fn placements_drive_the_version_lifecycle(registry: Arc<ModelRegistry>) {
+    let version = push(&registry, "fraud", b"weights").await;
+    for id in ["w1", "w2"] {
+        registry
+            .register_worker(WorkerInfo {
+                id: id.to_owned(),
+                address: format!("{id}:8001"),
+                region: "uae-north".to_owned(),
+                formats: vec!["onnx".to_owned()],
+                device: "cpu".to_owned(),
+                last_seen: 0,
+            })
+            .await
+            .unwrap();
+    }
+    registry
+        .report_placement("w1", "fraud", version, "failed", "bad graph", "")
+        .await
+        .unwrap();
+    let failed = registry.get_version("fraud", version).await.unwrap();
+    assert_eq!(failed.lifecycle, Lifecycle::Failed);
+    assert_eq!(failed.reason, "bad graph");
+    registry
+        .report_placement(
+            "w2",
+            "fraud",
+            version,
+            "ready",
+            "",
+            r#"{"inputs":[{"name":"x","datatype":"FP32","dims":[-1,4]}]}"#,
+        )
+        .await
+        .unwrap();
+    let ready = registry.get_version("fraud", version).await.unwrap();
+    assert_eq!(ready.lifecycle, Lifecycle::Ready);
+    assert_eq!(ready.signature.unwrap()["inputs"][0]["name"], "x");
+    let placements = registry.list_placements("fraud").await.unwrap();
+    assert_eq!(placements.len(), 2);
+    let error = registry
+        .report_placement("ghost", "fraud", version, "ready", "", "")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    let error = registry
+        .report_placement("w1", "fraud", version, "exploded", "", "")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+}
+
+async fn archive_is_refused_while_in_use(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    let error = registry
+        .archive_version("fraud", 1, "alice")
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("production"), "{error}");
+    registry
+        .start_rollout("fraud", start(2, 10), "alice")
+        .await
+        .unwrap();
+    let error = registry
+        .archive_version("fraud", 2, "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    registry.rollback("fraud", 1, "", "alice").await.unwrap();
+    let archived = registry.archive_version("fraud", 2, "alice").await.unwrap();
+    assert_eq!(archived.lifecycle, Lifecycle::Archived);
+    let error = registry
+        .set_alias("fraud", "candidate", 2, "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+}
+
+async fn watch_changes_carry_the_routed_state(registry: Arc<ModelRegistry>) {
+    let before = registry.current_revision().await.unwrap();
+    let notified = registry.subscribe();
+    ready_model(&registry, 2).await;
+    assert!(notified.has_changed().unwrap());
+    let (changed, latest) = registry.changes_since(before).await.unwrap();
+    assert_eq!(changed, ["fraud"]);
+    assert!(latest > before);
+    registry
+        .start_rollout("fraud", start(2, 25), "alice")
+        .await
+        .unwrap();
+    let (changed, newest) = registry.changes_since(latest).await.unwrap();
+    assert_eq!(changed, ["fraud"]);
+    assert_eq!(newest, latest + 1);
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    assert_eq!(state.aliases.get("production"), Some(&1));
+    let rollout = state.rollout.unwrap();
+    assert_eq!(rollout.state, "active");
+    assert_eq!(rollout.splits.len(), 2);
+    assert_eq!(rollout.splits[0].version, 2);
+    assert_eq!(rollout.splits[0].weight, 25);
+    assert_eq!(state.versions.len(), 2);
+    assert!(
+        state
+            .versions
+            .iter()
+            .all(|version| version.lifecycle == "ready")
+    );
+    assert_eq!(state.placements.len(), 2);
+    assert_eq!(state.placements[0].address, "127.0.0.1:1");
+    assert!(registry.model_state("nope").await.unwrap().is_none());
+}
+
+fn traffic(version: u64, revision: u64, requests: u64, errors: u64, micros: u64) -> VersionTraffic {
+    let mut buckets = vec![0; shamal_registry_client::latency_bucket_count()];
+    buckets[shamal_registry_client::latency_bucket(micros)] = requests;
+    VersionTraffic {
+        model: "fraud".to_owned(),
+        version,
+        rollout_revision: revision,
+        role: "primary".to_owned(),
+        requests,
+        errors,
+        latency_buckets: buckets,
+    }
+}
+
+fn guarded(candidate: u64) -> StartRollout {
+    StartRollout {
+        expected_revision: 0,
+        candidate,
+        weight: 10,
+        guard_rails: GuardRails {
+            max_error_rate: Some(0.05),
+            max_p99_ratio: Some(2.0),
+            min_requests: Some(50),
+        },
+        ..Default::default()
+    }
+}
+
+async fn canary_breaking_its_error_guard_rail_is_rolled_back(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    registry
+        .start_rollout("fraud", guarded(2), "alice")
+        .await
+        .unwrap();
+    // Too few requests to judge yet.
+    let early = ReportTrafficRequest {
+        router_id: "r1".to_owned(),
+        traffic: vec![traffic(2, 1, 20, 20, 1_000), traffic(1, 1, 180, 0, 1_000)],
+    };
+    assert!(registry.report_traffic(&early).await.unwrap().is_empty());
+    let late = ReportTrafficRequest {
+        router_id: "r2".to_owned(),
+        traffic: vec![traffic(2, 1, 40, 4, 1_000), traffic(1, 1, 360, 0, 1_000)],
+    };
+    assert_eq!(registry.report_traffic(&late).await.unwrap(), ["fraud"]);
+    let status = registry.rollout_status("fraud").await.unwrap();
+    assert_eq!(status.rollout.state, RolloutState::RolledBack);
+    assert_eq!(status.rollout.updated_by, "canary-analysis");
+    assert!(
+        status.rollout.reason.contains("error rate"),
+        "{}",
+        status.rollout.reason
+    );
+    let history = registry.history("fraud", None, None).await.unwrap();
+    assert_eq!(history.items.last().unwrap().action, "auto_rollback");
+}
+
+async fn canary_breaking_its_latency_guard_rail_is_rolled_back(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    registry
+        .start_rollout("fraud", guarded(2), "alice")
+        .await
+        .unwrap();
+    let report = ReportTrafficRequest {
+        router_id: "r1".to_owned(),
+        traffic: vec![traffic(2, 1, 100, 0, 10_000), traffic(1, 1, 900, 0, 1_000)],
+    };
+    assert_eq!(registry.report_traffic(&report).await.unwrap(), ["fraud"]);
+    let rollout = registry.get_rollout("fraud").await.unwrap().unwrap();
+    assert_eq!(rollout.state, RolloutState::RolledBack);
+    assert!(rollout.reason.contains("p99"), "{}", rollout.reason);
+}
+
+async fn healthy_canary_is_left_alone(registry: Arc<ModelRegistry>) {
+    ready_model(&registry, 2).await;
+    registry
+        .start_rollout("fraud", guarded(2), "alice")
+        .await
+        .unwrap();
+    let report = ReportTrafficRequest {
+        router_id: "r1".to_owned(),
+        traffic: vec![traffic(2, 1, 100, 1, 1_200), traffic(1, 1, 900, 9, 1_000)],
+    };
+    assert!(registry.report_traffic(&report).await.unwrap().is_empty());
+    // Traffic of an older revision is not judged against the new one.
+    let stale = ReportTrafficRequest {
+        router_id: "r1".to_owned(),
+        traffic: vec![traffic(2, 0, 500, 500, 1_000)],
+    };
+    assert!(registry.report_traffic(&stale).await.unwrap().is_empty());
+    let status = registry.rollout_status("fraud").await.unwrap();
+    assert_eq!(status.rollout.state, RolloutState::Active);
+    let canary = status
+        .analysis
+        .iter()
+        .find(|entry| entry.version == 2)
+        .unwrap();
+    assert_eq!(canary.requests, 100);
+    assert_eq!(canary.errors, 1);
+}
