@@ -1,5 +1,9 @@
 //! `shamal`: the one command to try the platform and to operate it.
 
+mod client;
+mod model;
+mod output;
+mod rollout;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -9,6 +13,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    registry: client::RegistryOpts,
 }
 
 #[derive(Subcommand)]
@@ -16,13 +22,25 @@ enum Command {
     /// Run the platform in one process on loopback (router + cpu-worker),
     /// serving a model repository (the bundled demo models by default).
     Up(up::UpArgs),
+    /// Model versions in the registry: push, list, show.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Traffic rollouts: canary, shift, promote, rollback, pause, resume.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     shamal_telemetry::init_tracing();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Up(args) => up::run(args).await,
+    let result = match cli.command {
+        Command::Up(args) => return up::run(args).await,
+        Command::Model(command) => model::run(command, &cli.registry).await,
+        Command::Rollout(command) => rollout::run(command, &cli.registry).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => error.report(),
     }
 }

@@ -165,6 +165,6 @@ mod tests {
         assert!((1.0..1.3).contains(&p50), "p50 {p50}");
         assert!((1.0..1.3).contains(&p99), "p99 {p99}");
         assert!((100.0..126.0).contains(&p100), "max {p100}");
-        assert_eq!(latency_quantile_ms(&vec![0; 3], 0.5), None);
+        assert_eq!(latency_quantile_ms(&[0; 3], 0.5), None);
     }
 }

@@ -68,6 +68,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// File name looked for in a version directory, e.g. `model.onnx`.
     fn model_filename(&self) -> &'static str;
+    /// Registry artifact formats this runtime loads (`onnx`, `safetensors`).
+    fn formats(&self) -> &'static [&'static str];
     /// Reads the model's signature from its file.
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError>;
     /// Creates one instance of the model.

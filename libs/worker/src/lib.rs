@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod follow;
 pub mod repository;
 pub mod server;
 pub mod service;
@@ -14,5 +15,6 @@ pub mod stats;
 
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError};
+pub use follow::RegistryFollow;
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;

@@ -145,6 +145,33 @@ impl ModelStore {
             .collect()
     }
 
+    /// Removes one version (and the model when it was its last version),
+    /// returning its state. Requests already holding the version's
+    /// `Arc<ModelVersion>` still complete: its batcher keeps serving queued
+    /// work until the last handle is dropped, then its instance threads exit.
+    pub fn remove(&self, name: &str, version: u64) -> Option<VersionState> {
+        let mut models = self
+            .models
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let versions = models.get_mut(name)?;
+        let removed = versions.remove(&version);
+        if versions.is_empty() {
+            models.remove(name);
+        }
+        removed
+    }
+
+    /// True when that version is loaded and ready.
+    pub fn is_ready(&self, name: &str, version: u64) -> bool {
+        matches!(
+            self.read()
+                .get(name)
+                .and_then(|versions| versions.get(&version)),
+            Some(VersionState::Ready(_))
+        )
+    }
+
     /// True when at least one version is loaded and none failed.
     pub fn all_ready(&self) -> bool {
         let index = self.index();

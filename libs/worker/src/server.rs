@@ -1,7 +1,7 @@
 //! Worker process lifecycle: serve first, load models, drain on shutdown.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -11,7 +11,10 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::backend::Runtime;
-use crate::repository::{VersionState, load_version, scan_repository};
+use crate::follow::{Follower, RegistryFollow, follow as follow_registry};
+use crate::repository::{
+    FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
+};
 use crate::service::{WorkerService, WorkerState};
 use crate::settings::ModelDefaults;
 use crate::stats::WorkerMetrics;
@@ -21,7 +24,12 @@ use crate::stats::WorkerMetrics;
 pub struct WorkerConfig {
     /// Name reported by ServerMetadata.
     pub server_name: String,
-    pub model_repository: PathBuf,
+    /// Triton-layout repository read at start-up; `None` serves only what
+    /// the registry assigns. With both, repository and registry models are
+    /// served side by side (the repository wins on a shared version).
+    pub model_repository: Option<PathBuf>,
+    /// The model registry to follow, if any.
+    pub registry: Option<RegistryFollow>,
     pub defaults: ModelDefaults,
     /// gRPC message size limit, both directions.
     pub max_message_bytes: usize,
@@ -63,6 +71,9 @@ pub struct Worker {
 impl Worker {
     pub fn new(config: WorkerConfig, runtime: Arc<dyn Runtime>, registry: Registry) -> Worker {
         let state = Arc::new(WorkerState::new(&config.server_name));
+        if config.registry.is_some() {
+            state.follow_registry();
+        }
         Worker {
             config,
             runtime,
@@ -101,6 +112,7 @@ async fn serve(
     listeners: WorkerListeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let grpc_address = listeners.grpc.local_addr()?;
     let metrics = WorkerMetrics::new(&registry);
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -134,21 +146,75 @@ async fn serve(
         ))
     });
 
-    // Load models in the background; the gRPC server answers meanwhile
-    // (ServerReady false until every model is warm).
+    // Repository models load in the background, registry models in the
+    // follower; the gRPC server answers meanwhile (ServerReady false until
+    // the repository is loaded and the registry's first snapshot acted on).
+    let listing = match config.model_repository.clone() {
+        Some(repository) => {
+            let model_filename = runtime.model_filename();
+            tokio::task::spawn_blocking(move || scan(&repository, model_filename))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    if let Some((found, problems)) = &listing {
+        state.set_repository_versions(
+            found
+                .iter()
+                .map(|version| (version.model.clone(), version.version))
+                .chain(
+                    problems
+                        .iter()
+                        .map(|problem| (problem.model.clone(), problem.version)),
+                )
+                .collect(),
+        );
+    }
     let loader = {
         let state = state.clone();
         let config = config.clone();
         let runtime = runtime.clone();
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some((found, problems)) = listing {
+                load_repository(&state, found, problems, &config, runtime.as_ref(), &metrics);
+            }
+            state.loaded.store(true, Ordering::SeqCst);
+        })
+    };
+
+    let (synced_sender, mut synced) = tokio::sync::watch::channel(config.registry.is_none());
+    let follower = match &config.registry {
+        Some(follow) => {
+            let (worker_id, address) = follow.identity(grpc_address);
+            let follower = Follower {
+                follow: follow.clone(),
+                worker_id,
+                address,
+                state: state.clone(),
+                runtime: runtime.clone(),
+                defaults: config.defaults.clone(),
+                metrics: metrics.clone(),
+                synced: synced_sender,
+            };
+            Some(tokio::spawn(follow_registry(follower, stop.clone())))
+        }
+        None => None,
+    };
+
+    let became_ready = {
+        let state = state.clone();
         let health = health_reporter.clone();
         let readiness = readiness.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            load_repository(&state, &config, runtime.as_ref(), &metrics);
-            state.loaded.store(true, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let _ = loader.await;
+            let _ = synced.wait_for(|synced| *synced).await;
             if state.ready() {
+                tracing::info!("worker ready");
                 readiness.set(true);
-                handle.block_on(shamal_rpc::set_health(&health, true));
+                shamal_rpc::set_health(&health, true).await;
             }
         })
     };
@@ -164,7 +230,10 @@ async fn serve(
             wait_stop(stop.clone()),
         )
         .await;
-    let _ = loader.await;
+    if let Some(follower) = follower {
+        let _ = follower.await;
+    }
+    let _ = became_ready.await;
     state.store.clear();
     if let Some(task) = metrics_task {
         let _ = task.await;
@@ -173,22 +242,28 @@ async fn serve(
     served.map_err(Into::into)
 }
 
+/// Lists the repository; `None` (logged) when it cannot be read.
+fn scan(
+    repository: &Path,
+    model_filename: &str,
+) -> Option<(Vec<FoundVersion>, Vec<RepositoryProblem>)> {
+    match scan_repository(repository, model_filename) {
+        Ok(listing) => Some(listing),
+        Err(error) => {
+            tracing::error!(repository = %repository.display(), %error, "cannot read model repository");
+            None
+        }
+    }
+}
+
 fn load_repository(
     state: &WorkerState,
+    found: Vec<FoundVersion>,
+    problems: Vec<RepositoryProblem>,
     config: &WorkerConfig,
     runtime: &dyn Runtime,
     metrics: &WorkerMetrics,
 ) {
-    let (found, problems) = match scan_repository(
-        &config.model_repository,
-        runtime.model_filename(),
-    ) {
-        Ok(listing) => listing,
-        Err(error) => {
-            tracing::error!(repository = %config.model_repository.display(), %error, "cannot read model repository");
-            return;
-        }
-    };
     for problem in problems {
         tracing::error!(model = %problem.model, version = problem.version, reason = %problem.reason, "model version cannot be loaded");
         state.store.insert(

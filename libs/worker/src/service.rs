@@ -1,7 +1,8 @@
 //! The worker's `inference.GRPCInferenceService`: what the router talks to.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -25,10 +26,19 @@ const EXTENSIONS: &[&str] = &["statistics"];
 pub struct WorkerState {
     pub server_name: String,
     pub store: ModelStore,
-    /// Set once every model of the repository has been loaded.
+    /// Set once every model of the repository has been loaded (at once
+    /// when the worker has no repository).
     pub loaded: AtomicBool,
+    /// Set once the registry's first snapshot has been acted on: each
+    /// version it assigned has been attempted (at once without a registry).
+    pub registry_synced: AtomicBool,
     /// Set when the worker starts draining: it stops reporting ready.
     pub draining: AtomicBool,
+    /// True when the worker follows a registry.
+    follows_registry: AtomicBool,
+    /// (model, version) of every entry the repository holds, problems
+    /// included; the registry never loads over them.
+    repository_versions: RwLock<BTreeSet<(String, u64)>>,
 }
 
 impl WorkerState {
@@ -37,14 +47,59 @@ impl WorkerState {
             server_name: server_name.to_owned(),
             store: ModelStore::default(),
             loaded: AtomicBool::new(false),
+            registry_synced: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            follows_registry: AtomicBool::new(false),
+            repository_versions: RwLock::new(BTreeSet::new()),
         }
     }
 
+    /// Marks the worker as following a registry: it is not ready before the
+    /// registry's first snapshot has been acted on, and it is ready without
+    /// any model.
+    pub fn follow_registry(&self) {
+        self.follows_registry.store(true, Ordering::SeqCst);
+        self.registry_synced.store(false, Ordering::SeqCst);
+    }
+
+    /// Records the (model, version) entries that come from the repository.
+    pub fn set_repository_versions(&self, versions: BTreeSet<(String, u64)>) {
+        *self
+            .repository_versions
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = versions;
+    }
+
+    /// True when the repository holds that model version (loaded or not).
+    pub fn in_repository(&self, model: &str, version: u64) -> bool {
+        self.repository_versions
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&(model.to_owned(), version))
+    }
+
+    /// Ready to take traffic: not draining, every repository version loaded
+    /// (at least one of them when there is no registry), and, with a
+    /// registry, every version of its first snapshot attempted. Versions the
+    /// registry assigns later, and registry versions that failed, do not
+    /// affect readiness: routers read per-version state from the index.
     pub fn ready(&self) -> bool {
-        self.loaded.load(Ordering::SeqCst)
-            && !self.draining.load(Ordering::SeqCst)
-            && self.store.all_ready()
+        if !self.loaded.load(Ordering::SeqCst)
+            || !self.registry_synced.load(Ordering::SeqCst)
+            || self.draining.load(Ordering::SeqCst)
+        {
+            return false;
+        }
+        let repository = self
+            .repository_versions
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if repository.is_empty() && !self.follows_registry.load(Ordering::SeqCst) {
+            return false;
+        }
+        repository
+            .iter()
+            .all(|(model, version)| self.store.is_ready(model, *version))
     }
 }
 

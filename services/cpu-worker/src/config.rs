@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shamal_worker::{ModelDefaults, WorkerConfig};
+use shamal_worker::{ModelDefaults, RegistryFollow, WorkerConfig};
 
 use crate::onnx::{Optimization, SessionOptions};
+
+/// Repository served when neither a repository nor a registry is set.
+pub const DEFAULT_MODEL_REPOSITORY: &str = "models/repository";
 
 /// The ONNX Runtime library that `scripts/setup-deps.sh` installs under
 /// `<root>/.deps/` (the PyPI wheel's `libonnxruntime.so.*`), if present.
@@ -40,8 +43,22 @@ pub struct CpuWorkerConfig {
     /// Address of `/metrics` and probes; `None` (only when embedding the
     /// service as a library) disables it.
     pub metrics_listen: Option<SocketAddr>,
-    /// Triton-layout model repository.
-    pub model_repository: PathBuf,
+    /// Triton-layout model repository. Unset: `models/repository` when no
+    /// registry is configured, none otherwise. With both, repository and
+    /// registry models are served side by side.
+    pub model_repository: Option<PathBuf>,
+    /// The model registry's internal gRPC address (`host:port` or URL);
+    /// set, the worker loads the versions the registry assigns it.
+    pub registry: Option<String>,
+    /// Identity in the registry; unset: `<hostname>-<gRPC port>`.
+    pub worker_id: Option<String>,
+    /// `host:port` routers reach this worker's gRPC at; unset: the bound
+    /// gRPC address (the host name in place of 0.0.0.0).
+    pub advertise_address: Option<String>,
+    /// Region (data residency) reported to the registry.
+    pub region: String,
+    /// Where artifacts fetched from the registry are kept (by sha256).
+    pub artifact_cache: PathBuf,
     /// libonnxruntime.so; `None` uses ORT_DYLIB_PATH.
     pub onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per model instance.
@@ -61,7 +78,12 @@ impl Default for CpuWorkerConfig {
         CpuWorkerConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8101)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8102))),
-            model_repository: PathBuf::from("models/repository"),
+            model_repository: None,
+            registry: None,
+            worker_id: None,
+            advertise_address: None,
+            region: "local".to_owned(),
+            artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
             onnxruntime_library: None,
             intra_threads: 1,
             optimization: Optimization::All,
@@ -86,6 +108,17 @@ pub struct CpuWorkerArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
+    /// Registry gRPC address to follow (host:port or URL).
+    #[arg(long, env = "SHAMAL_CPU_WORKER_REGISTRY")]
+    pub registry: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_WORKER_ID")]
+    pub worker_id: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_REGION")]
+    pub region: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ARTIFACT_CACHE")]
+    pub artifact_cache: Option<PathBuf>,
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub onnxruntime_library: Option<PathBuf>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_INTRA_THREADS")]
@@ -125,15 +158,31 @@ impl CpuWorkerConfig {
             config,
             args,
             grpc_listen,
-            model_repository,
             intra_threads,
             optimization,
             max_batch_size,
             max_queue_delay_us,
             instances,
             max_queue_size,
-            max_message_bytes
+            max_message_bytes,
+            region,
+            artifact_cache
         );
+        if let Some(path) = &args.model_repository {
+            config.model_repository = Some(path.clone());
+        }
+        if let Some(address) = &args.registry {
+            config.registry = Some(address.clone());
+        }
+        if let Some(id) = &args.worker_id {
+            config.worker_id = Some(id.clone());
+        }
+        if let Some(address) = &args.advertise_address {
+            config.advertise_address = Some(address.clone());
+        }
+        if config.model_repository.is_none() && config.registry.is_none() {
+            config.model_repository = Some(PathBuf::from(DEFAULT_MODEL_REPOSITORY));
+        }
         if let Some(address) = args.metrics_listen {
             config.metrics_listen = Some(address);
         }
@@ -161,11 +210,21 @@ impl CpuWorkerConfig {
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".to_owned());
         }
-        if !self.model_repository.is_dir() {
-            return Err(format!(
-                "model_repository {} is not a directory",
-                self.model_repository.display()
-            ));
+        match &self.model_repository {
+            Some(repository) if !repository.is_dir() => {
+                return Err(format!(
+                    "model_repository {} is not a directory",
+                    repository.display()
+                ));
+            }
+            Some(_) => {}
+            None if self.registry.is_none() => {
+                return Err("set model_repository, registry or both".to_owned());
+            }
+            None => {}
+        }
+        if let Some(registry) = &self.registry {
+            self.validate_registry(registry)?;
         }
         match &self.onnxruntime_library {
             None => Err(
@@ -181,10 +240,65 @@ impl CpuWorkerConfig {
         }
     }
 
+    fn validate_registry(&self, registry: &str) -> Result<(), String> {
+        let url = if registry.starts_with("http://") || registry.starts_with("https://") {
+            registry.to_owned()
+        } else {
+            format!("http://{registry}")
+        };
+        let valid = !registry.trim().is_empty()
+            && url
+                .parse::<tonic::transport::Uri>()
+                .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
+        if !valid {
+            return Err(format!(
+                "registry '{registry}' is not a host:port or http(s) URL"
+            ));
+        }
+        if let Some(id) = &self.worker_id
+            && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(format!(
+                "worker_id '{id}' must be 1 to 128 printable ASCII characters without spaces"
+            ));
+        }
+        if let Some(address) = &self.advertise_address {
+            let port = address
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .filter(|port| *port > 0);
+            if port.is_none() {
+                return Err(format!("advertise_address '{address}' must be host:port"));
+            }
+        }
+        if self.region.trim().is_empty() {
+            return Err("region must not be empty".to_owned());
+        }
+        if self.artifact_cache.as_os_str().is_empty() {
+            return Err("artifact_cache must not be empty".to_owned());
+        }
+        if self.artifact_cache.exists() && !self.artifact_cache.is_dir() {
+            return Err(format!(
+                "artifact_cache {} is not a directory",
+                self.artifact_cache.display()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn worker_config(&self) -> WorkerConfig {
         WorkerConfig {
             server_name: "shamal-cpu-worker".to_owned(),
             model_repository: self.model_repository.clone(),
+            registry: self.registry.as_ref().map(|address| RegistryFollow {
+                address: address.clone(),
+                worker_id: self.worker_id.clone().unwrap_or_default(),
+                advertise_address: self.advertise_address.clone(),
+                region: self.region.clone(),
+                device: "cpu".to_owned(),
+                artifact_cache: self.artifact_cache.clone(),
+            }),
             defaults: ModelDefaults {
                 max_batch_size: self.max_batch_size,
                 max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
@@ -277,5 +391,99 @@ mod tests {
                 .unwrap_err()
                 .contains("onnxruntime_library")
         );
+    }
+
+    #[test]
+    fn a_registry_can_replace_the_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libonnxruntime.so");
+        std::fs::write(&library, b"").unwrap();
+        let args = CpuWorkerArgs {
+            onnxruntime_library: Some(library.clone()),
+            registry: Some("registry.internal:9300".to_owned()),
+            artifact_cache: Some(dir.path().join("cache")),
+            ..Default::default()
+        };
+        let config = CpuWorkerConfig::load(&args).unwrap();
+        assert_eq!(config.model_repository, None, "no default repository");
+        let worker = config.worker_config();
+        assert_eq!(worker.model_repository, None);
+        let follow = worker.registry.unwrap();
+        assert_eq!(follow.address, "registry.internal:9300");
+        assert_eq!(follow.worker_id, "", "derived at start-up");
+        assert_eq!(follow.advertise_address, None);
+        assert_eq!(follow.region, "local");
+        assert_eq!(follow.device, "cpu");
+        assert_eq!(follow.artifact_cache, dir.path().join("cache"));
+        let printed = toml::to_string_pretty(&config).unwrap();
+        assert!(
+            printed.contains("registry = \"registry.internal:9300\""),
+            "{printed}"
+        );
+        assert!(printed.contains("artifact_cache"), "{printed}");
+
+        // Both: served side by side; identity from flags.
+        let args = CpuWorkerArgs {
+            model_repository: Some(dir.path().to_path_buf()),
+            worker_id: Some("cpu-7".to_owned()),
+            advertise_address: Some("10.0.0.7:8101".to_owned()),
+            region: Some("eu-west".to_owned()),
+            ..args
+        };
+        let worker = CpuWorkerConfig::load(&args).unwrap().worker_config();
+        assert_eq!(worker.model_repository.as_deref(), Some(dir.path()));
+        let follow = worker.registry.unwrap();
+        assert_eq!(follow.worker_id, "cpu-7");
+        assert_eq!(follow.advertise_address.as_deref(), Some("10.0.0.7:8101"));
+        assert_eq!(follow.region, "eu-west");
+
+        // Neither: the default repository (absent here) is required.
+        let args = CpuWorkerArgs {
+            onnxruntime_library: Some(library),
+            ..Default::default()
+        };
+        let error = CpuWorkerConfig::load(&args).unwrap_err();
+        assert!(error.contains("models/repository"), "{error}");
+    }
+
+    #[test]
+    fn registry_settings_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libonnxruntime.so");
+        std::fs::write(&library, b"").unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let base = CpuWorkerArgs {
+            onnxruntime_library: Some(library),
+            registry: Some("127.0.0.1:9300".to_owned()),
+            artifact_cache: Some(dir.path().join("cache")),
+            ..Default::default()
+        };
+        type Tune = fn(&mut CpuWorkerArgs);
+        let cases: [(&str, Tune); 6] = [
+            ("registry", |args| {
+                args.registry = Some("http://".to_owned())
+            }),
+            ("registry", |args| args.registry = Some(" ".to_owned())),
+            ("worker_id", |args| args.worker_id = Some("a b".to_owned())),
+            ("advertise_address", |args| {
+                args.advertise_address = Some("no-port".to_owned())
+            }),
+            ("region", |args| args.region = Some(String::new())),
+            ("artifact_cache", |_| {}),
+        ];
+        for (field, tune) in cases {
+            let mut args = base.clone();
+            tune(&mut args);
+            if field == "artifact_cache" {
+                args.artifact_cache = Some(file.clone());
+            }
+            let error = CpuWorkerConfig::load(&args).unwrap_err();
+            assert!(error.contains(field), "{field}: {error}");
+        }
+        assert!(CpuWorkerConfig::load(&base).is_ok());
+        let mut url = base.clone();
+        url.registry = Some("http://registry:9300".to_owned());
+        assert!(CpuWorkerConfig::load(&url).is_ok());
     }
 }

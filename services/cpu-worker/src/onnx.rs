@@ -189,6 +189,10 @@ impl Runtime for OnnxRuntime {
         "model.onnx"
     }
 
+    fn formats(&self) -> &'static [&'static str] {
+        &["onnx"]
+    }
+
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError> {
         let options = InstanceOptions::default();
         let session = self.session(model_file, &options)?;

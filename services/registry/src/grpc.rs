@@ -21,11 +21,17 @@ const WATCH_POLL: Duration = Duration::from_millis(500);
 
 pub struct RegistryGrpc {
     registry: Arc<ModelRegistry>,
+    /// Flips to true when the server stops: Watch streams end then, so
+    /// that graceful shutdown does not wait for them forever.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RegistryGrpc {
-    pub fn new(registry: Arc<ModelRegistry>) -> RegistryGrpc {
-        RegistryGrpc { registry }
+    pub fn new(
+        registry: Arc<ModelRegistry>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> RegistryGrpc {
+        RegistryGrpc { registry, stopping }
     }
 }
 
@@ -88,6 +94,7 @@ impl Registry for RegistryGrpc {
         let request = request.into_inner();
         let registry = self.registry.clone();
         let mut notified = registry.subscribe();
+        let mut stopping = self.stopping.clone();
         let (sender, receiver) = mpsc::channel(16);
         tracing::info!(subscriber = %request.subscriber, since = request.since_revision, "watch started");
         tokio::spawn(async move {
@@ -114,6 +121,7 @@ impl Registry for RegistryGrpc {
                     changed = notified.changed() => if changed.is_err() { break },
                     _ = tokio::time::sleep(WATCH_POLL) => {}
                     _ = sender.closed() => break,
+                    _ = stopping.wait_for(|stopped| *stopped) => break,
                 }
             }
             tracing::info!(subscriber = %request.subscriber, "watch ended");

@@ -113,7 +113,7 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(
-            RegistryServer::new(grpc::RegistryGrpc::new(registry.clone()))
+            RegistryServer::new(grpc::RegistryGrpc::new(registry.clone(), stop.clone()))
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
         )

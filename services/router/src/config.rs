@@ -29,6 +29,19 @@ pub struct RouterConfig {
     pub refresh_interval_ms: u64,
     /// Requests in flight beyond which new ones are refused at once.
     pub max_inflight: usize,
+    /// gRPC address of the model registry (`host:port` or a URL). When set,
+    /// the router follows its rollouts (canary weights, sticky A-B, shadow
+    /// copies, aliases) and reports per-version traffic to it; when absent,
+    /// requests go to whatever version they name (or the workers' latest).
+    pub registry: Option<String>,
+    /// This router's name in registry logs and traffic reports.
+    pub router_id: String,
+    /// How often per-version traffic is reported to the registry, in
+    /// milliseconds.
+    pub traffic_report_interval_ms: u64,
+    /// Shadow copies in flight beyond which further copies are skipped
+    /// (and counted); 0 disables shadow traffic.
+    pub max_shadow_inflight: usize,
 }
 
 impl Default for RouterConfig {
@@ -43,8 +56,35 @@ impl Default for RouterConfig {
             default_timeout_ms: 30_000,
             refresh_interval_ms: 1_000,
             max_inflight: 4_096,
+            registry: None,
+            router_id: default_router_id(),
+            traffic_report_interval_ms: 1_000,
+            max_shadow_inflight: 256,
         }
     }
+}
+
+/// The host name when the system tells it (`HOSTNAME`, then the kernel's),
+/// `router` otherwise.
+fn default_router_id() -> String {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_kernel = || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|name| name.trim().to_owned())
+    };
+    from_env
+        .filter(|name| valid_router_id(name))
+        .or_else(|| from_kernel().filter(|name| valid_router_id(name)))
+        .unwrap_or_else(|| "router".to_owned())
+}
+
+fn valid_router_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'"' && byte != b'\\')
 }
 
 /// Command-line flags (each also readable from its environment variable).
@@ -72,6 +112,16 @@ pub struct RouterArgs {
     pub refresh_interval_ms: Option<u64>,
     #[arg(long, env = "SHAMAL_ROUTER_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
+    /// Registry gRPC address; the router then follows its rollouts.
+    #[arg(long, env = "SHAMAL_ROUTER_REGISTRY")]
+    pub registry: Option<String>,
+    /// Name of this router in traffic reports (default: the host name).
+    #[arg(long, env = "SHAMAL_ROUTER_ID")]
+    pub router_id: Option<String>,
+    #[arg(long, env = "SHAMAL_ROUTER_TRAFFIC_REPORT_INTERVAL_MS")]
+    pub traffic_report_interval_ms: Option<u64>,
+    #[arg(long, env = "SHAMAL_ROUTER_MAX_SHADOW_INFLIGHT")]
+    pub max_shadow_inflight: Option<usize>,
 }
 
 impl RouterConfig {
@@ -111,6 +161,18 @@ impl RouterConfig {
         if let Some(value) = args.max_inflight {
             config.max_inflight = value;
         }
+        if let Some(value) = &args.registry {
+            config.registry = Some(value.clone());
+        }
+        if let Some(value) = &args.router_id {
+            config.router_id = value.clone();
+        }
+        if let Some(value) = args.traffic_report_interval_ms {
+            config.traffic_report_interval_ms = value;
+        }
+        if let Some(value) = args.max_shadow_inflight {
+            config.max_shadow_inflight = value;
+        }
         // A standalone router needs workers; `shamal up` adds in-process
         // ones through the library instead.
         if config.workers.is_empty() {
@@ -139,6 +201,29 @@ impl RouterConfig {
         }
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".to_owned());
+        }
+        if let Some(registry) = &self.registry {
+            if registry.trim().is_empty() {
+                return Err(
+                    "registry must not be empty (leave it out to run without one)".to_owned(),
+                );
+            }
+            let url = if registry.starts_with("http://") || registry.starts_with("https://") {
+                registry.clone()
+            } else {
+                format!("http://{registry}")
+            };
+            tonic::transport::Endpoint::from_shared(url)
+                .map_err(|error| format!("registry: invalid address '{registry}': {error}"))?;
+        }
+        if !valid_router_id(&self.router_id) {
+            return Err(
+                "router_id must be 1 to 128 printable characters without spaces, quotes or backslashes"
+                    .to_owned(),
+            );
+        }
+        if self.traffic_report_interval_ms < 10 {
+            return Err("traffic_report_interval_ms must be at least 10".to_owned());
         }
         Ok(())
     }
@@ -182,6 +267,45 @@ mod tests {
         })
         .unwrap_err();
         assert!(error.contains("max_inflight"), "{error}");
+
+        // Registry settings: absent by default, layered and checked.
+        assert_eq!(config.registry, None);
+        assert_eq!(config.traffic_report_interval_ms, 1_000);
+        assert_eq!(config.max_shadow_inflight, 256);
+        assert!(!config.router_id.is_empty());
+        std::fs::write(
+            &file,
+            "workers = [\"a:1\"]\nregistry = \"registry:7001\"\nrouter_id = \"edge-1\"\n",
+        )
+        .unwrap();
+        let config = RouterConfig::load(&RouterArgs {
+            config: Some(file.clone()),
+            router_id: Some("edge-2".into()),
+            max_shadow_inflight: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.registry.as_deref(), Some("registry:7001"));
+        assert_eq!(config.router_id, "edge-2", "flag beats file");
+        assert_eq!(config.max_shadow_inflight, 0, "0 turns shadow copies off");
+        for (bad, field) in [
+            ("registry = \" \"", "registry"),
+            ("registry = \"http://a b\"", "registry"),
+            ("router_id = \"\"", "router_id"),
+            ("router_id = \"two words\"", "router_id"),
+            (
+                "traffic_report_interval_ms = 0",
+                "traffic_report_interval_ms",
+            ),
+        ] {
+            std::fs::write(&file, format!("workers = [\"a:1\"]\n{bad}\n")).unwrap();
+            let error = RouterConfig::load(&RouterArgs {
+                config: Some(file.clone()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(error.contains(field), "{bad}: {error}");
+        }
 
         std::fs::write(&file, "worker = [\"a:1\"]\n").unwrap();
         let error = RouterConfig::load(&RouterArgs {

@@ -6,13 +6,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::HeaderMap;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tonic::{Code, Status};
 
 use crate::metrics::RouterMetrics;
 use crate::pool::{InflightGuard, PickError, UpstreamClient, WorkerPool};
+use crate::registry_link::{Plan, RegistryRouting};
+use crate::shadow::{self, ShadowCopy};
+use crate::traffic::Role;
 
 /// Protocol extensions the router implements in full (HTTP binary tensors
 /// included). `model_repository` is not listed: the index is served but
@@ -28,6 +32,9 @@ pub struct CallContext {
     pub request_id: String,
     pub deadline: Instant,
     pub protocol: &'static str,
+    /// The caller's headers (gRPC metadata), where a rollout's sticky key
+    /// may be found; filled for inference calls only, empty otherwise.
+    pub headers: HeaderMap,
 }
 
 impl CallContext {
@@ -51,6 +58,8 @@ pub struct Frontend {
     pub metrics: RouterMetrics,
     admission: Arc<Semaphore>,
     pub default_timeout: Duration,
+    /// Rollout routing, when the router follows a registry.
+    registry: Option<Arc<RegistryRouting>>,
 }
 
 type Client = UpstreamClient;
@@ -87,7 +96,34 @@ impl Frontend {
             metrics,
             admission: Arc::new(Semaphore::new(max_inflight)),
             default_timeout,
+            registry: None,
         }
+    }
+
+    /// Routes inference by the registry's rollouts (see `rollout`).
+    pub fn with_registry(mut self, routing: Arc<RegistryRouting>) -> Frontend {
+        self.registry = Some(routing);
+        self
+    }
+
+    pub fn registry(&self) -> Option<&Arc<RegistryRouting>> {
+        self.registry.as_ref()
+    }
+
+    /// A version the caller named by alias, as its number; other versions
+    /// unchanged.
+    fn resolve_version<'a>(
+        &self,
+        model: &str,
+        version: &'a str,
+    ) -> Result<std::borrow::Cow<'a, str>, Status> {
+        let Some(routing) = &self.registry else {
+            return Ok(version.into());
+        };
+        Ok(match routing.resolve_version(model, version)? {
+            Some(number) => number.to_string().into(),
+            None => version.into(),
+        })
     }
 
     /// The deadline of a call: the caller's timeout, or the default.
@@ -123,56 +159,7 @@ impl Frontend {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        if model.is_empty() {
-            return Err(Status::invalid_argument("model name must not be empty"));
-        }
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_error: Option<Status> = None;
-        for _ in 0..MAX_ATTEMPTS {
-            let remaining = context.remaining();
-            if remaining.is_zero() {
-                return Err(Status::deadline_exceeded("deadline exceeded in the router"));
-            }
-            let (index, upstream) = match self.pool.pick(model, version, &tried) {
-                Ok(picked) => picked,
-                Err(error) => {
-                    return Err(last_error.unwrap_or_else(|| pick_status(error, model, version)));
-                }
-            };
-            tried.push(index);
-            let _inflight = InflightGuard::new(upstream.clone());
-            let attempt = tokio::time::timeout(remaining, call(upstream.client())).await;
-            match attempt {
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(
-                        "deadline exceeded waiting for the worker",
-                    ));
-                }
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                // tonic's client enforces the propagated deadline itself and
-                // reports it as CANCELLED; the caller asked for a deadline.
-                Ok(Err(status))
-                    if status.code() == Code::Cancelled && context.remaining().is_zero() =>
-                {
-                    return Err(Status::deadline_exceeded(
-                        "deadline exceeded waiting for the worker",
-                    ));
-                }
-                Ok(Err(status)) if retriable(&status) => {
-                    tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
-                    upstream.mark_unhealthy();
-                    self.metrics.retries.inc();
-                    last_error = Some(Status::unavailable(format!(
-                        "worker for model '{model}' is unavailable: {}",
-                        status.message()
-                    )));
-                }
-                Ok(Err(status)) => return Err(status),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            Status::unavailable(format!("no worker is available for model '{model}'"))
-        }))
+        forward_to(&self.pool, &self.metrics, model, version, context, call).await
     }
 
     /// Admission control: a bounded number of requests in flight; beyond it,
@@ -184,16 +171,40 @@ impl Frontend {
         })
     }
 
+    /// Inference. With a registry, the version is chosen by the model's
+    /// rollout (or alias) first, a shadow copy may be sent off the request
+    /// path, and the outcome is counted for the traffic report. Failures on
+    /// the chosen version are the caller's answer: no other version is
+    /// tried.
     pub async fn infer(
         &self,
-        request: ModelInferRequest,
+        mut request: ModelInferRequest,
         context: &CallContext,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
+        let plan = match &self.registry {
+            None => None,
+            Some(routing) => match routing.plan(&mut request, &context.headers) {
+                Ok(plan) => plan.map(|plan| (routing, plan)),
+                Err(status) => {
+                    self.observe_infer(&request.model_name, context, &Err(status.clone()), started);
+                    return Err(status);
+                }
+            },
+        };
         let model = request.model_name.clone();
         let version = request.model_version.clone();
+        let mut admitted = false;
+        let mut primary_answer: Option<oneshot::Sender<Option<ModelInferResponse>>> = None;
         let result = match self.admit() {
             Ok(_permit) => {
+                admitted = true;
+                if let Some((routing, plan)) = &plan
+                    && let Some(shadow_version) = plan.shadow
+                {
+                    primary_answer =
+                        self.spawn_shadow(routing, &request, shadow_version, plan, context);
+                }
                 let request = &request;
                 self.forward(&model, &version, context, |mut client| {
                     let outgoing = context.outgoing(request.clone());
@@ -203,12 +214,43 @@ impl Frontend {
             }
             Err(status) => Err(status),
         };
-        let label = if self.pool.knows_model(&model) {
-            model.as_str()
+        if let Some(sender) = primary_answer {
+            let _ = sender.send(result.as_ref().ok().cloned());
+        }
+        // Requests shed by admission never reached a version: not traffic.
+        if admitted && let Some((routing, plan)) = &plan {
+            let (code, answered) = match &result {
+                Ok(response) => (Code::Ok, response.model_version.parse().ok()),
+                Err(status) => (status.code(), None),
+            };
+            if let Some(answered) = answered.or(plan.version) {
+                routing.traffic.record(
+                    &model,
+                    answered,
+                    plan.rollout_revision,
+                    Role::Primary,
+                    code,
+                    started.elapsed(),
+                );
+            }
+        }
+        self.observe_infer(&model, context, &result, started);
+        result
+    }
+
+    fn observe_infer(
+        &self,
+        model: &str,
+        context: &CallContext,
+        result: &Result<ModelInferResponse, Status>,
+        started: Instant,
+    ) {
+        let label = if self.pool.knows_model(model) {
+            model
         } else {
             "_unknown"
         };
-        let (code, answered_version) = match &result {
+        let (code, answered_version) = match result {
             Ok(response) => (Code::Ok, response.model_version.as_str()),
             Err(status) => (status.code(), ""),
         };
@@ -219,10 +261,47 @@ impl Frontend {
             code,
             started.elapsed(),
         );
-        if let Err(status) = &result {
+        if let Err(status) = result {
             tracing::debug!(request_id = %context.request_id, model = %model, code = ?status.code(), message = status.message(), "inference failed");
         }
-        result
+    }
+
+    /// Sends a copy of `request` to `shadow_version` in the background,
+    /// when a shadow slot is free. Returns where to send the caller's answer
+    /// for comparison.
+    fn spawn_shadow(
+        &self,
+        routing: &Arc<RegistryRouting>,
+        request: &ModelInferRequest,
+        shadow_version: u64,
+        plan: &Plan,
+        context: &CallContext,
+    ) -> Option<oneshot::Sender<Option<ModelInferResponse>>> {
+        let permit = routing.shadow_permit(&request.model_name)?;
+        let mut copy = request.clone();
+        copy.model_version = shadow_version.to_string();
+        let copy = ShadowCopy {
+            model: request.model_name.clone(),
+            version: shadow_version,
+            rollout_revision: plan.rollout_revision,
+            request: copy,
+            context: CallContext {
+                request_id: context.request_id.clone(),
+                deadline: context.deadline,
+                protocol: context.protocol,
+                headers: HeaderMap::new(),
+            },
+        };
+        let (sender, receiver) = oneshot::channel();
+        tokio::spawn(shadow::run(
+            self.pool.clone(),
+            self.metrics.clone(),
+            routing.clone(),
+            copy,
+            receiver,
+            permit,
+        ));
+        Some(sender)
     }
 
     pub async fn model_metadata(
@@ -231,6 +310,8 @@ impl Frontend {
         version: &str,
         context: &CallContext,
     ) -> Result<ModelMetadataResponse, Status> {
+        let version = self.resolve_version(name, version)?;
+        let version = version.as_ref();
         let message = ModelMetadataRequest {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -248,6 +329,8 @@ impl Frontend {
         version: &str,
         context: &CallContext,
     ) -> Result<ModelConfigResponse, Status> {
+        let version = self.resolve_version(name, version)?;
+        let version = version.as_ref();
         let message = ModelConfigRequest {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -267,6 +350,8 @@ impl Frontend {
         version: &str,
         context: &CallContext,
     ) -> Result<bool, Status> {
+        let version = self.resolve_version(name, version)?;
+        let version = version.as_ref();
         let message = ModelReadyRequest {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -368,6 +453,72 @@ impl Frontend {
             models: entries.into_values().collect(),
         })
     }
+}
+
+/// Calls one worker serving `model`, retrying on another worker when the
+/// chosen one is unreachable, all within the call's deadline.
+pub(crate) async fn forward_to<T, F, Fut>(
+    pool: &WorkerPool,
+    metrics: &RouterMetrics,
+    model: &str,
+    version: &str,
+    context: &CallContext,
+    call: F,
+) -> Result<T, Status>
+where
+    F: Fn(Client) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    if model.is_empty() {
+        return Err(Status::invalid_argument("model name must not be empty"));
+    }
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error: Option<Status> = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let remaining = context.remaining();
+        if remaining.is_zero() {
+            return Err(Status::deadline_exceeded("deadline exceeded in the router"));
+        }
+        let (index, upstream) = match pool.pick(model, version, &tried) {
+            Ok(picked) => picked,
+            Err(error) => {
+                return Err(last_error.unwrap_or_else(|| pick_status(error, model, version)));
+            }
+        };
+        tried.push(index);
+        let _inflight = InflightGuard::new(upstream.clone());
+        let attempt = tokio::time::timeout(remaining, call(upstream.client())).await;
+        match attempt {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for the worker",
+                ));
+            }
+            Ok(Ok(response)) => return Ok(response.into_inner()),
+            // tonic's client enforces the propagated deadline itself and
+            // reports it as CANCELLED; the caller asked for a deadline.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && context.remaining().is_zero() =>
+            {
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for the worker",
+                ));
+            }
+            Ok(Err(status)) if retriable(&status) => {
+                tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
+                upstream.mark_unhealthy();
+                metrics.retries.inc();
+                last_error = Some(Status::unavailable(format!(
+                    "worker for model '{model}' is unavailable: {}",
+                    status.message()
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        Status::unavailable(format!("no worker is available for model '{model}'"))
+    }))
 }
 
 fn add(total: &mut Option<StatisticDuration>, other: &Option<StatisticDuration>) {

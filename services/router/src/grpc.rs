@@ -28,6 +28,7 @@ impl RouterService {
                 .frontend
                 .deadline(Instant::now(), shamal_rpc::request_timeout(metadata)),
             protocol: "grpc",
+            headers: http::HeaderMap::new(),
         }
     }
 }
@@ -107,11 +108,16 @@ impl GrpcInferenceService for RouterService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let context = self.context(&request);
+        let mut context = self.context(&request);
         let span = tracing::debug_span!("infer", request_id = %context.request_id);
+        // The metadata travels along: a rollout's sticky key may be there.
+        let (metadata, _, message) = request.into_parts();
+        if self.frontend.registry().is_some() {
+            context.headers = metadata.into_headers();
+        }
         let response = self
             .frontend
-            .infer(request.into_inner(), &context)
+            .infer(message, &context)
             .instrument(span)
             .await?;
         Ok(respond(response, &context))

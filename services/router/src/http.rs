@@ -115,6 +115,7 @@ fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
         request_id,
         deadline: frontend.deadline(Instant::now(), None),
         protocol: "http",
+        headers: HeaderMap::new(),
     }
 }
 
@@ -268,7 +269,7 @@ async fn infer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let context = context(&frontend, &headers);
+    let mut context = context(&frontend, &headers);
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
         && encoding.as_bytes() != b"identity"
     {
@@ -301,6 +302,10 @@ async fn infer(
             return error_response(&Status::invalid_argument(bad.0));
         }
     };
+    // The headers travel along: a rollout's sticky key may be there.
+    if frontend.registry().is_some() {
+        context.headers = headers;
+    }
     match frontend.infer(request, &context).await {
         Ok(response) => match render_infer_response(response, &encoding) {
             Ok((body, None)) => {

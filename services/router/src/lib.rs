@@ -10,6 +10,10 @@ pub mod http;
 pub mod http_json;
 pub mod metrics;
 pub mod pool;
+pub mod registry_link;
+pub mod rollout;
+pub mod shadow;
+pub mod traffic;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use grpc::RouterService;
 use metrics::RouterMetrics;
 pub use pool::LocalService;
 use pool::WorkerPool;
+use registry_link::RegistryRouting;
 
 /// Pre-bound listeners (port 0 in tests).
 pub struct RouterListeners {
@@ -68,12 +73,32 @@ pub async fn run_with_local_workers(
         .map_err(anyhow::Error::msg)?,
     );
     let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
-    let frontend = Arc::new(Frontend::new(
-        pool,
+    let mut frontend = Frontend::new(
+        pool.clone(),
         RouterMetrics::new(&registry),
         config.max_inflight,
         config.default_timeout(),
-    ));
+    );
+    // With a registry, rollouts drive the version choice; readiness still
+    // follows the workers alone.
+    let registry_link = match &config.registry {
+        Some(address) => {
+            let routing = RegistryRouting::new(&registry, config.max_shadow_inflight);
+            frontend = frontend.with_registry(routing.clone());
+            Some(
+                registry_link::spawn(
+                    address,
+                    &config.router_id,
+                    Duration::from_millis(config.traffic_report_interval_ms),
+                    pool,
+                    routing,
+                )
+                .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
+    let frontend = Arc::new(frontend);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     shamal_rpc::set_health(&health_reporter, false).await;
@@ -146,6 +171,9 @@ pub async fn run_with_local_workers(
     let (grpc_result, http_result) = tokio::join!(grpc, http);
     readiness_task.abort();
     refresher.abort();
+    if let Some(link) = registry_link {
+        link.stop().await;
+    }
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

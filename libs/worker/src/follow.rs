@@ -1,0 +1,997 @@
+//! Following the model registry: the worker registers itself, watches the
+//! registry and loads every version assigned to it, fetching artifacts into
+//! a content-addressed cache; it unloads versions that are no longer
+//! assigned and reports the state of each one back (placements).
+//!
+//! Placement rule: a worker holds every version whose lifecycle is
+//! `registered` or `ready` and whose artifact format its runtime loads.
+//! Versions load one at a time, in one task, so loads do not fight for the
+//! CPU; the watch keeps being consumed meanwhile, and a version that stops
+//! being assigned while it loads is abandoned.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use shamal_registry_client::proto::registry_client::RegistryClient;
+use shamal_registry_client::proto::{
+    Artifact, FetchArtifactRequest, ModelState, RegisterWorkerRequest, ReportPlacementRequest,
+    WatchEvent,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::backend::{ModelSignature, Runtime, TensorSpec};
+use crate::repository::{FoundVersion, ModelVersion, VersionState, load_version};
+use crate::service::WorkerState;
+use crate::settings::ModelDefaults;
+use crate::stats::WorkerMetrics;
+
+/// How a worker follows the registry.
+#[derive(Clone, Debug)]
+pub struct RegistryFollow {
+    /// The registry's internal gRPC address (`host:port` or a URL).
+    pub address: String,
+    /// This worker's identity in the registry; empty: `<hostname>-<port of
+    /// the bound gRPC listener>`.
+    pub worker_id: String,
+    /// `host:port` at which routers reach this worker's inference gRPC;
+    /// `None`: the bound gRPC listener's address (the host name in place of
+    /// an unspecified IP such as 0.0.0.0).
+    pub advertise_address: Option<String>,
+    /// Region (data residency) the worker runs in.
+    pub region: String,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// Directory of fetched artifacts, `<sha256>.<format>`.
+    pub artifact_cache: PathBuf,
+}
+
+impl RegistryFollow {
+    /// Follows the registry at `address` with the defaults: derived id and
+    /// address, region `local`, device `cpu`.
+    pub fn new(address: impl Into<String>, artifact_cache: impl Into<PathBuf>) -> RegistryFollow {
+        RegistryFollow {
+            address: address.into(),
+            worker_id: String::new(),
+            advertise_address: None,
+            region: "local".to_owned(),
+            device: "cpu".to_owned(),
+            artifact_cache: artifact_cache.into(),
+        }
+    }
+
+    /// The worker id and advertised address, given the bound gRPC address.
+    pub fn identity(&self, bound: SocketAddr) -> (String, String) {
+        let worker_id = if self.worker_id.is_empty() {
+            format!("{}-{}", hostname(), bound.port())
+        } else {
+            self.worker_id.clone()
+        };
+        let address = match &self.advertise_address {
+            Some(address) => address.clone(),
+            None if bound.ip().is_unspecified() => format!("{}:{}", hostname(), bound.port()),
+            None => bound.to_string(),
+        };
+        (worker_id, address)
+    }
+}
+
+/// The machine's host name (`/proc/sys/kernel/hostname`, then `HOSTNAME`),
+/// `localhost` when neither is known.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// (model, version).
+pub type Key = (String, u64);
+
+/// Placement states, as the registry spells them.
+pub mod placement {
+    pub const LOADING: &str = "loading";
+    pub const READY: &str = "ready";
+    pub const FAILED: &str = "failed";
+    pub const UNLOADED: &str = "unloaded";
+}
+
+/// The versions a worker must hold: lifecycle `registered` or `ready`, with
+/// an artifact in one of `formats`.
+pub fn desired_versions(
+    models: &BTreeMap<String, ModelState>,
+    formats: &[&str],
+) -> BTreeMap<Key, Artifact> {
+    models
+        .values()
+        .flat_map(|model| {
+            model.versions.iter().filter_map(|version| {
+                let artifact = version.artifact.as_ref()?;
+                let wanted = matches!(version.lifecycle.as_str(), "registered" | "ready")
+                    && formats.contains(&artifact.format.as_str());
+                wanted.then(|| ((model.name.clone(), version.version), artifact.clone()))
+            })
+        })
+        .collect()
+}
+
+/// What to do to go from the versions held to the desired ones.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Desired versions not held yet, in (model, version) order.
+    pub load: Vec<Key>,
+    /// Versions held that are no longer desired.
+    pub unload: Vec<Key>,
+}
+
+/// Diffs the desired set against the versions held (attempted, whatever
+/// the outcome).
+pub fn plan<'a, V>(
+    desired: &BTreeMap<Key, Artifact>,
+    held: impl IntoIterator<Item = (&'a Key, V)>,
+) -> Plan {
+    let held: BTreeSet<&Key> = held.into_iter().map(|(key, _)| key).collect();
+    Plan {
+        load: desired
+            .keys()
+            .filter(|key| !held.contains(key))
+            .cloned()
+            .collect(),
+        unload: held
+            .into_iter()
+            .filter(|key| !desired.contains_key(*key))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The registry's state of every model, as Watch events bring it.
+#[derive(Default)]
+pub struct Catalog {
+    pub models: BTreeMap<String, ModelState>,
+}
+
+impl Catalog {
+    pub fn apply(&mut self, event: &WatchEvent) {
+        if event.snapshot {
+            self.models.clear();
+        }
+        for model in &event.models {
+            self.models.insert(model.name.clone(), model.clone());
+        }
+        for name in &event.removed {
+            self.models.remove(name);
+        }
+    }
+}
+
+/// Why a version could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadFailure {
+    pub reason: String,
+    /// Worth another attempt later (registry unreachable, I/O error), as
+    /// opposed to a bad artifact or model.
+    pub transient: bool,
+}
+
+impl LoadFailure {
+    fn permanent(reason: impl Into<String>) -> LoadFailure {
+        LoadFailure {
+            reason: reason.into(),
+            transient: false,
+        }
+    }
+
+    fn transient(reason: impl Into<String>) -> LoadFailure {
+        LoadFailure {
+            reason: reason.into(),
+            transient: true,
+        }
+    }
+}
+
+fn valid_digest(sha256: &str) -> bool {
+    sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+}
+
+fn valid_format(format: &str) -> bool {
+    !format.is_empty() && format.bytes().all(|byte| byte.is_ascii_alphanumeric())
+}
+
+/// Hashes a file: (lowercase hex sha256, size). Blocking.
+pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        size += read as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// A download in progress; removed when dropped before `keep`.
+struct PartialFile {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Idle time allowed between two chunks of an artifact.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for a unary call to the registry.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Downloads older than this are leftovers of a process that died.
+const STALE_PARTIAL: Duration = Duration::from_secs(3600);
+
+/// Removes leftover downloads (`*.partial`) not written to for an hour.
+pub fn clean_partials(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let stale = entry
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > STALE_PARTIAL);
+        if stale
+            && path
+                .extension()
+                .is_some_and(|extension| extension == "partial")
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+fn status_failure(what: &str, status: &tonic::Status) -> LoadFailure {
+    let reason = format!("{what}: {} ({:?})", status.message(), status.code());
+    match status.code() {
+        tonic::Code::NotFound
+        | tonic::Code::InvalidArgument
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unimplemented => LoadFailure::permanent(reason),
+        _ => LoadFailure::transient(reason),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(error.to_string())))
+}
+
+/// Makes the artifact available in the cache and returns its path:
+/// `<cache>/<sha256>.<format>` when present and intact (a cached file whose
+/// content does not match is deleted and fetched again), otherwise fetched
+/// with FetchArtifact into a `.partial` file, hashed while written, checked
+/// against the artifact's size and digest, synced and renamed into place.
+pub async fn ensure_artifact(
+    client: &mut RegistryClient<Channel>,
+    cache: &Path,
+    artifact: &Artifact,
+) -> Result<PathBuf, LoadFailure> {
+    let sha256 = artifact.sha256.clone();
+    if !valid_digest(&sha256) {
+        return Err(LoadFailure::permanent(format!(
+            "artifact digest '{sha256}' is not a lowercase hex sha256"
+        )));
+    }
+    if !valid_format(&artifact.format) {
+        return Err(LoadFailure::permanent(format!(
+            "artifact format '{}' is not valid",
+            artifact.format
+        )));
+    }
+    let expected_size = artifact.size_bytes;
+    let target = cache.join(format!("{sha256}.{}", artifact.format));
+
+    let cached = target.clone();
+    match blocking(move || match hash_file(&cached) {
+        Ok(found) => Ok(Some(found)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    })
+    .await
+    {
+        Ok(Some((digest, size))) if digest == sha256 && size == expected_size => {
+            tracing::debug!(path = %target.display(), "artifact found in the cache");
+            return Ok(target);
+        }
+        Ok(Some((digest, size))) => {
+            tracing::warn!(path = %target.display(), expected = %sha256, %digest, size, "cached artifact is corrupt; fetching it again");
+            let _ = std::fs::remove_file(&target);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::warn!(path = %target.display(), %error, "cannot read cached artifact; fetching it again");
+            let _ = std::fs::remove_file(&target);
+        }
+    }
+
+    let directory = cache.to_path_buf();
+    blocking(move || std::fs::create_dir_all(&directory))
+        .await
+        .map_err(|error| {
+            LoadFailure::transient(format!(
+                "cannot create artifact cache {}: {error}",
+                cache.display()
+            ))
+        })?;
+    // One download file per fetch, so that workers sharing a cache never
+    // write into each other's file.
+    static FETCHES: AtomicU64 = AtomicU64::new(0);
+    let partial_path = cache.join(format!(
+        "{sha256}.{}.{}-{}.partial",
+        artifact.format,
+        std::process::id(),
+        FETCHES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut partial = PartialFile {
+        path: partial_path.clone(),
+        kept: false,
+    };
+    let io_failure = |error: std::io::Error| {
+        LoadFailure::transient(format!(
+            "cannot write artifact to {}: {error}",
+            partial_path.display()
+        ))
+    };
+    let path = partial.path.clone();
+    let file = blocking(move || std::fs::File::create(&path))
+        .await
+        .map_err(io_failure)?;
+
+    let request = FetchArtifactRequest {
+        sha256: sha256.clone(),
+    };
+    let what = format!("cannot fetch artifact {sha256}");
+    let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.fetch_artifact(request)).await
+    {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return Err(status_failure(&what, &status)),
+        Err(_) => {
+            return Err(LoadFailure::transient(format!(
+                "{what}: the registry did not answer"
+            )));
+        }
+    };
+    let mut sink = Some((file, Sha256::new()));
+    let mut received = 0u64;
+    loop {
+        let chunk = match tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => return Err(status_failure(&what, &status)),
+            Err(_) => {
+                return Err(LoadFailure::transient(format!(
+                    "{what}: no data for {} s",
+                    CHUNK_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        received += chunk.data.len() as u64;
+        if received > expected_size {
+            return Err(LoadFailure::permanent(format!(
+                "artifact {sha256} is larger than its registered size of {expected_size} bytes"
+            )));
+        }
+        let Some((mut file, mut hasher)) = sink.take() else {
+            break;
+        };
+        let data = chunk.data;
+        sink = Some(
+            blocking(move || {
+                file.write_all(&data)?;
+                hasher.update(&data);
+                Ok((file, hasher))
+            })
+            .await
+            .map_err(io_failure)?,
+        );
+    }
+    let Some((file, hasher)) = sink else {
+        return Err(LoadFailure::transient(format!(
+            "{what}: download interrupted"
+        )));
+    };
+    let digest = hex::encode(hasher.finalize());
+    if received != expected_size {
+        return Err(LoadFailure::permanent(format!(
+            "artifact size mismatch: expected {expected_size} bytes, received {received}"
+        )));
+    }
+    if digest != sha256 {
+        return Err(LoadFailure::permanent(format!(
+            "artifact digest mismatch: expected sha256 {sha256}, received content with sha256 {digest}"
+        )));
+    }
+    let (from, to) = (partial.path.clone(), target.clone());
+    blocking(move || {
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&from, &to)?;
+        if let Some(parent) = to.parent()
+            && let Ok(directory) = std::fs::File::open(parent)
+        {
+            let _ = directory.sync_all();
+        }
+        Ok(())
+    })
+    .await
+    .map_err(io_failure)?;
+    partial.kept = true;
+    tracing::info!(sha256 = %sha256, bytes = received, path = %target.display(), "artifact fetched");
+    Ok(target)
+}
+
+/// The signature as the registry stores it:
+/// `{"inputs":[{"name","datatype","dims"}],"outputs":[...]}`.
+pub fn signature_json(signature: &ModelSignature) -> String {
+    let specs = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|spec| {
+                serde_json::json!({
+                    "name": spec.name,
+                    "datatype": spec.datatype.as_str(),
+                    "dims": spec.dims,
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    serde_json::json!({
+        "inputs": specs(&signature.inputs),
+        "outputs": specs(&signature.outputs),
+    })
+    .to_string()
+}
+
+/// What the follower knows of a version it was assigned.
+#[derive(Clone, Debug)]
+enum Held {
+    Loading,
+    Ready { signature_json: String },
+    Failed { reason: String, transient: bool },
+}
+
+impl Held {
+    fn placement(&self) -> &'static str {
+        match self {
+            Held::Loading => placement::LOADING,
+            Held::Ready { .. } => placement::READY,
+            Held::Failed { .. } => placement::FAILED,
+        }
+    }
+}
+
+/// Sends placement reports in the background, latest state per version,
+/// retrying those that fail until they go through or the worker stops.
+#[derive(Clone)]
+struct Reporter {
+    sender: mpsc::UnboundedSender<ReportPlacementRequest>,
+}
+
+impl Reporter {
+    fn spawn(
+        client: RegistryClient<Channel>,
+        stop: watch::Receiver<bool>,
+    ) -> (Reporter, JoinHandle<()>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(report_loop(client, receiver, stop));
+        (Reporter { sender }, task)
+    }
+
+    fn send(&self, request: ReportPlacementRequest) {
+        let _ = self.sender.send(request);
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn report_loop(
+    mut client: RegistryClient<Channel>,
+    mut receiver: mpsc::UnboundedReceiver<ReportPlacementRequest>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pending: BTreeMap<Key, ReportPlacementRequest> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        while let Ok(request) = receiver.try_recv() {
+            pending.insert((request.model.clone(), request.version), request);
+        }
+        while let Some((key, request)) = pending.pop_first() {
+            if *stop.borrow() {
+                return;
+            }
+            let sent =
+                tokio::time::timeout(CALL_TIMEOUT, client.report_placement(request.clone())).await;
+            match sent {
+                Ok(Ok(_)) => {
+                    tracing::debug!(model = %request.model, version = request.version, state = %request.state, "placement reported");
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(model = %request.model, version = request.version, state = %request.state, %status, "cannot report placement; will retry");
+                    pending.entry(key).or_insert(request);
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(model = %request.model, version = request.version, state = %request.state, "placement report timed out; will retry");
+                    pending.entry(key).or_insert(request);
+                    break;
+                }
+            }
+            // Newer states replace queued ones before they are sent.
+            while let Ok(request) = receiver.try_recv() {
+                pending.insert((request.model.clone(), request.version), request);
+            }
+        }
+        let retry = !pending.is_empty();
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            request = receiver.recv() => match request {
+                Some(request) => {
+                    pending.insert((request.model.clone(), request.version), request);
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep(backoff), if retry => {
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Everything the follower needs from the worker.
+pub(crate) struct Follower {
+    pub follow: RegistryFollow,
+    /// Resolved worker id and advertised address.
+    pub worker_id: String,
+    pub address: String,
+    pub state: Arc<WorkerState>,
+    pub runtime: Arc<dyn Runtime>,
+    pub defaults: ModelDefaults,
+    pub metrics: WorkerMetrics,
+    /// Set once the registry's first snapshot has been acted on.
+    pub synced: watch::Sender<bool>,
+}
+
+struct Loaded {
+    model: ModelVersion,
+    signature_json: String,
+}
+
+type Job = (Key, JoinHandle<Result<Loaded, LoadFailure>>);
+
+/// The follower's working state.
+struct Follow {
+    follower: Follower,
+    client: RegistryClient<Channel>,
+    reporter: Reporter,
+    catalog: Catalog,
+    desired: BTreeMap<Key, Artifact>,
+    held: BTreeMap<Key, Held>,
+    /// Versions of the first snapshot not attempted yet; `None` before it.
+    initial: Option<BTreeSet<Key>>,
+    snapshots: u64,
+    job: Option<Job>,
+}
+
+/// Registers with the registry until it succeeds; false when stopped first.
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    request: &RegisterWorkerRequest,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        if *stop.borrow() {
+            return false;
+        }
+        attempt += 1;
+        match tokio::time::timeout(CALL_TIMEOUT, client.register_worker(request.clone())).await {
+            Ok(Ok(_)) => {
+                tracing::info!(worker_id = %request.worker_id, address = %request.address, region = %request.region, formats = ?request.formats, "registered with the registry");
+                return true;
+            }
+            Ok(Err(status)) if attempt == 1 || attempt.is_multiple_of(10) => {
+                tracing::warn!(%status, attempt, "cannot register with the registry yet; retrying");
+            }
+            Err(_) if attempt == 1 || attempt.is_multiple_of(10) => {
+                tracing::warn!(attempt, "registry did not answer RegisterWorker; retrying");
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = stopped(stop) => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Follows the registry until `stop` flips. Never fails: problems are
+/// logged, reported as placements and retried.
+pub(crate) async fn follow(follower: Follower, mut stop: watch::Receiver<bool>) {
+    let channel = match shamal_registry_client::channel(&follower.follow.address) {
+        Ok(channel) => channel,
+        Err(error) => {
+            // Configuration validation normally catches this first.
+            tracing::error!(%error, "cannot follow the registry");
+            return;
+        }
+    };
+    let cache = follower.follow.artifact_cache.clone();
+    let _ = blocking(move || {
+        std::fs::create_dir_all(&cache)?;
+        clean_partials(&cache);
+        Ok(())
+    })
+    .await
+    .inspect_err(|error| tracing::error!(%error, "cannot create the artifact cache"));
+
+    let mut client = shamal_registry_client::client(channel.clone());
+    let registration = RegisterWorkerRequest {
+        worker_id: follower.worker_id.clone(),
+        address: follower.address.clone(),
+        region: follower.follow.region.clone(),
+        formats: follower
+            .runtime
+            .formats()
+            .iter()
+            .map(|format| (*format).to_owned())
+            .collect(),
+        device: follower.follow.device.clone(),
+    };
+    if !register(&mut client, &registration, &mut stop).await {
+        return;
+    }
+    let mut events =
+        shamal_registry_client::watch(channel.clone(), &format!("worker {}", follower.worker_id));
+    let (reporter, reporter_task) = Reporter::spawn(client.clone(), stop.clone());
+    let mut follow = Follow {
+        follower,
+        client,
+        reporter,
+        catalog: Catalog::default(),
+        desired: BTreeMap::new(),
+        held: BTreeMap::new(),
+        initial: None,
+        snapshots: 0,
+        job: None,
+    };
+    loop {
+        follow.start_next();
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            result = async {
+                match follow.job.as_mut() {
+                    Some((_, handle)) => handle.await,
+                    None => std::future::pending().await,
+                }
+            }, if follow.job.is_some() => {
+                if let Some((key, _)) = follow.job.take() {
+                    let result = result.unwrap_or_else(|error| {
+                        Err(LoadFailure::transient(format!("loading stopped: {error}")))
+                    });
+                    follow.finish(key, result);
+                }
+            }
+            event = events.recv() => match event {
+                Some(event) => {
+                    if event.snapshot && follow.snapshots > 0 {
+                        // A snapshot follows a reconnect: the registry may
+                        // have restarted and forgotten this worker.
+                        let Follow { client, .. } = &mut follow;
+                        if !register(client, &registration, &mut stop).await {
+                            break;
+                        }
+                    }
+                    follow.on_event(&event);
+                }
+                None => break,
+            },
+        }
+    }
+    // Draining: report nothing new. A load in progress is abandoned (its
+    // blocking part finishes on its own and is dropped).
+    if let Some((_, handle)) = follow.job.take() {
+        handle.abort();
+    }
+    drop(follow);
+    let _ = reporter_task.await;
+    tracing::info!("stopped following the registry");
+}
+
+impl Follow {
+    fn report(&self, key: &Key, state: &str, reason: &str, signature_json: &str) {
+        self.reporter.send(ReportPlacementRequest {
+            worker_id: self.follower.worker_id.clone(),
+            model: key.0.clone(),
+            version: key.1,
+            state: state.to_owned(),
+            reason: reason.to_owned(),
+            signature_json: signature_json.to_owned(),
+        });
+    }
+
+    fn report_held(&self, key: &Key, held: &Held) {
+        match held {
+            Held::Loading => self.report(key, placement::LOADING, "", ""),
+            Held::Ready { signature_json } => {
+                self.report(key, placement::READY, "", signature_json)
+            }
+            Held::Failed { reason, .. } => self.report(key, placement::FAILED, reason, ""),
+        }
+    }
+
+    fn on_event(&mut self, event: &WatchEvent) {
+        self.catalog.apply(event);
+        if event.snapshot {
+            self.snapshots += 1;
+            if self.snapshots > 1 {
+                // Give versions that failed for a passing reason another
+                // chance after a reconnect.
+                self.held.retain(|key, held| {
+                    let retry = matches!(held, Held::Failed { transient: true, .. });
+                    if retry {
+                        tracing::info!(model = %key.0, version = key.1, "retrying version after reconnect");
+                    }
+                    !retry
+                });
+            }
+            self.reconcile_placements();
+        }
+        self.desired = desired_versions(&self.catalog.models, self.follower.runtime.formats());
+        let plan = plan(&self.desired, &self.held);
+        for key in plan.unload {
+            self.unload(&key);
+        }
+        if event.snapshot && self.initial.is_none() {
+            self.initial = Some(self.desired.keys().cloned().collect());
+        }
+        self.check_synced();
+    }
+
+    /// After a snapshot: re-sends the state of every version whose
+    /// placement the registry has wrong (a lost report, a registry that
+    /// restarted), and reports as unloaded what it believes this worker
+    /// holds but it does not.
+    fn reconcile_placements(&self) {
+        let mut theirs: BTreeMap<Key, &str> = BTreeMap::new();
+        for model in self.catalog.models.values() {
+            for placement in &model.placements {
+                if placement.worker_id == self.follower.worker_id {
+                    theirs.insert(
+                        (model.name.clone(), placement.version),
+                        placement.state.as_str(),
+                    );
+                }
+            }
+        }
+        for (key, held) in &self.held {
+            if theirs.get(key) != Some(&held.placement()) {
+                self.report_held(key, held);
+            }
+        }
+        for (key, state) in theirs {
+            if !self.held.contains_key(&key)
+                && matches!(state, placement::LOADING | placement::READY)
+            {
+                self.report(&key, placement::UNLOADED, "", "");
+            }
+        }
+    }
+
+    fn unload(&mut self, key: &Key) {
+        let Some(held) = self.held.remove(key) else {
+            return;
+        };
+        let in_repository = self.follower.state.in_repository(&key.0, key.1);
+        if !in_repository {
+            // Requests holding the version finish; its batcher stops after.
+            self.follower.state.store.remove(&key.0, key.1);
+        }
+        match held {
+            Held::Loading => {
+                if let Some((_, handle)) = self.job.take_if(|(job, _)| job == key) {
+                    handle.abort();
+                }
+                tracing::info!(model = %key.0, version = key.1, "version no longer assigned; load abandoned");
+                self.report(key, placement::UNLOADED, "", "");
+            }
+            Held::Ready { .. } => {
+                tracing::info!(model = %key.0, version = key.1, "version no longer assigned; unloaded");
+                self.report(key, placement::UNLOADED, "", "");
+            }
+            // Never loaded: nothing to report.
+            Held::Failed { .. } => {}
+        }
+    }
+
+    /// Starts loading the next desired version when nothing is loading.
+    fn start_next(&mut self) {
+        if self.job.is_some() {
+            return;
+        }
+        let plan = plan(&self.desired, &self.held);
+        for key in plan.load {
+            let Some(artifact) = self.desired.get(&key).cloned() else {
+                continue;
+            };
+            if self.follower.state.in_repository(&key.0, key.1) {
+                let reason = format!(
+                    "the worker's model repository already serves '{}' version {}; the repository wins",
+                    key.0, key.1
+                );
+                tracing::warn!(model = %key.0, version = key.1, "registry version shadowed by the model repository");
+                let held = Held::Failed {
+                    reason,
+                    transient: false,
+                };
+                self.report_held(&key, &held);
+                self.held.insert(key, held);
+                continue;
+            }
+            tracing::info!(model = %key.0, version = key.1, sha256 = %artifact.sha256, "loading version assigned by the registry");
+            self.follower
+                .state
+                .store
+                .insert(&key.0, key.1, VersionState::Loading);
+            self.report(&key, placement::LOADING, "", "");
+            self.held.insert(key.clone(), Held::Loading);
+            let handle = tokio::spawn(load_job(
+                self.client.clone(),
+                self.follower.follow.artifact_cache.clone(),
+                self.follower.runtime.clone(),
+                self.follower.defaults.clone(),
+                self.follower.metrics.clone(),
+                key.clone(),
+                artifact,
+            ));
+            self.job = Some((key, handle));
+            break;
+        }
+        self.check_synced();
+    }
+
+    fn finish(&mut self, key: Key, result: Result<Loaded, LoadFailure>) {
+        if !matches!(self.held.get(&key), Some(Held::Loading)) {
+            // Unassigned while loading: already reported and removed.
+            return;
+        }
+        let held = match result {
+            Ok(loaded) => {
+                self.follower.state.store.insert(
+                    &key.0,
+                    key.1,
+                    VersionState::Ready(Arc::new(loaded.model)),
+                );
+                Held::Ready {
+                    signature_json: loaded.signature_json,
+                }
+            }
+            Err(failure) => {
+                tracing::error!(model = %key.0, version = key.1, reason = %failure.reason, "registry version failed to load");
+                self.follower.state.store.insert(
+                    &key.0,
+                    key.1,
+                    VersionState::Unavailable {
+                        reason: failure.reason.clone(),
+                    },
+                );
+                Held::Failed {
+                    reason: failure.reason,
+                    transient: failure.transient,
+                }
+            }
+        };
+        self.report_held(&key, &held);
+        self.held.insert(key, held);
+        self.check_synced();
+    }
+
+    /// Marks the worker synced once every version of the first snapshot
+    /// has been attempted (or is no longer assigned).
+    fn check_synced(&mut self) {
+        let Some(initial) = self.initial.as_mut() else {
+            return;
+        };
+        let (desired, held) = (&self.desired, &self.held);
+        initial.retain(|key| {
+            desired.contains_key(key)
+                && !matches!(
+                    held.get(key),
+                    Some(Held::Ready { .. } | Held::Failed { .. })
+                )
+        });
+        if initial.is_empty() {
+            self.mark_synced();
+        }
+    }
+
+    fn mark_synced(&self) {
+        if self.follower.state.registry_synced.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self
+            .follower
+            .state
+            .registry_synced
+            .swap(true, Ordering::SeqCst)
+        {
+            tracing::info!(
+                versions = self.held.len(),
+                "registry's first snapshot acted on"
+            );
+        }
+        self.follower.synced.send_replace(true);
+    }
+}
+
+async fn load_job(
+    mut client: RegistryClient<Channel>,
+    cache: PathBuf,
+    runtime: Arc<dyn Runtime>,
+    defaults: ModelDefaults,
+    metrics: WorkerMetrics,
+    key: Key,
+    artifact: Artifact,
+) -> Result<Loaded, LoadFailure> {
+    let model_file = ensure_artifact(&mut client, &cache, &artifact).await?;
+    let found = FoundVersion {
+        model: key.0,
+        version: key.1,
+        model_file,
+        config: None,
+    };
+    tokio::task::spawn_blocking(move || {
+        let model = load_version(&found, runtime.as_ref(), &defaults, &metrics)
+            .map_err(LoadFailure::permanent)?;
+        let signature_json = signature_json(&model.signature);
+        Ok(Loaded {
+            model,
+            signature_json,
+        })
+    })
+    .await
+    .unwrap_or_else(|error| Err(LoadFailure::permanent(format!("loading failed: {error}"))))
+}
+
+#[cfg(test)]
+#[path = "follow_tests.rs"]
+mod tests;

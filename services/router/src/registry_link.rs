@@ -1,0 +1,304 @@
+//! The router's link to the model registry: it follows the registry's Watch
+//! stream into the routing table, and reports per-version traffic back.
+//!
+//! The link never gates readiness: while the registry is unreachable the
+//! router keeps routing by the last table it applied (none at first: every
+//! model is then routed as without a registry), and traffic reports that
+//! cannot be delivered are dropped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use prometheus::{IntGaugeVec, Opts, Registry};
+use shamal_proto::inference::ModelInferRequest;
+use shamal_registry_client::proto::{ReportTrafficRequest, WatchEvent};
+use shamal_telemetry::register;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::pool::WorkerPool;
+use crate::rollout::{Change, Draws, ModelRoute, Routes};
+use crate::shadow::ShadowMetrics;
+use crate::traffic::Traffic;
+
+/// How long one traffic report may take before it is given up.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Routing state the registry drives, shared by the front doors and the
+/// link's tasks.
+pub struct RegistryRouting {
+    pub routes: Routes,
+    pub traffic: Traffic,
+    shadow_slots: Arc<Semaphore>,
+    pub(crate) shadow_metrics: ShadowMetrics,
+    rollout_revision: IntGaugeVec,
+}
+
+/// How one request of a model the registry knows is routed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Plan {
+    /// The version chosen (already written into the request), when known.
+    pub version: Option<u64>,
+    /// Rollout revision the request is routed under (0 without a rollout).
+    pub rollout_revision: u64,
+    /// Version a copy goes to, off the request path.
+    pub shadow: Option<u64>,
+}
+
+impl RegistryRouting {
+    /// Registers the rollout and shadow metrics in `registry`.
+    pub fn new(registry: &Registry, max_shadow_inflight: usize) -> Arc<RegistryRouting> {
+        let build = || -> prometheus::Result<RegistryRouting> {
+            Ok(RegistryRouting {
+                routes: Routes::default(),
+                traffic: Traffic::default(),
+                shadow_slots: Arc::new(Semaphore::new(max_shadow_inflight)),
+                shadow_metrics: ShadowMetrics::new(registry)?,
+                rollout_revision: register(
+                    registry,
+                    IntGaugeVec::new(
+                        Opts::new(
+                            "shamal_router_rollout_revision",
+                            "Revision of each model's rollout as the router applies it (0: no rollout).",
+                        ),
+                        &["model"],
+                    )?,
+                ),
+            })
+        };
+        match build() {
+            Ok(routing) => Arc::new(routing),
+            Err(error) => panic!("invalid router rollout metric definition: {error}"),
+        }
+    }
+
+    /// Chooses the version for an inference request and writes it into the
+    /// request's `model_version`; `None` for models the registry does not
+    /// know (routed as without a registry). NOT_FOUND for an unknown alias.
+    pub fn plan(
+        &self,
+        request: &mut ModelInferRequest,
+        headers: &HeaderMap,
+    ) -> Result<Option<Plan>, Status> {
+        self.plan_with(request, headers, Draws::random())
+    }
+
+    /// [`RegistryRouting::plan`] with given random draws.
+    pub fn plan_with(
+        &self,
+        request: &mut ModelInferRequest,
+        headers: &HeaderMap,
+        draws: Draws,
+    ) -> Result<Option<Plan>, Status> {
+        let table = self.routes.current();
+        let Some(route) = table.model(&request.model_name) else {
+            return Ok(None);
+        };
+        let model = request.model_name.as_str();
+        let parameters = &request.parameters;
+        let decision = route.decide(
+            model,
+            &request.model_version,
+            |key| key.bucket(model, parameters, headers),
+            draws,
+        )?;
+        if decision.rewrite
+            && let Some(version) = decision.version
+        {
+            request.model_version.clear();
+            let _ = write!(request.model_version, "{version}");
+        }
+        Ok(Some(Plan {
+            version: decision.version,
+            rollout_revision: decision.rollout_revision,
+            shadow: decision.shadow,
+        }))
+    }
+
+    /// The version an explicit alias names, for calls that name a version
+    /// (metadata, config, readiness); numbers, empty versions and models the
+    /// registry does not know pass unchanged.
+    pub fn resolve_version(&self, model: &str, version: &str) -> Result<Option<u64>, Status> {
+        if version.is_empty() || version.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Ok(None);
+        }
+        match self.routes.current().model(model) {
+            Some(route) => route.resolve_explicit(model, version),
+            None => Ok(None),
+        }
+    }
+
+    /// A slot for one shadow copy; `None` (counted) when all are taken.
+    pub(crate) fn shadow_permit(&self, model: &str) -> Option<OwnedSemaphorePermit> {
+        let permit = self.shadow_slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.shadow_metrics.skipped(model);
+        }
+        permit
+    }
+
+    /// Applies a Watch event to the routing table, logging and exporting
+    /// each model whose routing changed.
+    pub fn apply(&self, event: &WatchEvent) {
+        let changes = self.routes.apply(event);
+        for change in changes {
+            match change {
+                Change::Updated { model, route } => {
+                    let revision = route.rollout.as_ref().map_or(0, |rollout| rollout.revision);
+                    self.rollout_revision
+                        .with_label_values(&[model.as_str()])
+                        .set(i64::try_from(revision).unwrap_or(i64::MAX));
+                    log_route(&model, &route, event.revision);
+                }
+                Change::Removed { model } => {
+                    let _ = self.rollout_revision.remove_label_values(&[model.as_str()]);
+                    tracing::info!(model = %model, registry_revision = event.revision, "model routing removed");
+                }
+            }
+        }
+    }
+}
+
+fn log_route(model: &str, route: &ModelRoute, registry_revision: u64) {
+    let aliases = route
+        .aliases
+        .iter()
+        .map(|(alias, version)| format!("{alias}={version}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    match &route.rollout {
+        Some(rollout) => {
+            let splits = rollout
+                .effective_splits()
+                .iter()
+                .map(|(version, weight)| format!("{version}:{weight}%"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let shadow = rollout
+                .shadow
+                .map(|shadow| format!("{}@{}%", shadow.version, shadow.percent))
+                .unwrap_or_default();
+            let sticky_key = rollout
+                .sticky_key
+                .as_ref()
+                .map(|key| key.name.as_str())
+                .unwrap_or_default();
+            tracing::info!(
+                model = %model,
+                registry_revision,
+                revision = rollout.revision,
+                state = %rollout.state,
+                stable_version = rollout.stable_version,
+                splits = %splits,
+                sticky_key = %sticky_key,
+                shadow = %shadow,
+                aliases = %aliases,
+                "model routing applied"
+            );
+        }
+        None => {
+            tracing::info!(model = %model, registry_revision, aliases = %aliases, "model routing applied (no rollout)");
+        }
+    }
+}
+
+/// The running link; stop it with [`RegistryLink::stop`].
+pub struct RegistryLink {
+    channel: Channel,
+    router_id: String,
+    routing: Arc<RegistryRouting>,
+    watch: JoinHandle<()>,
+    report: JoinHandle<()>,
+}
+
+/// Starts following the registry at `address` and reporting traffic to it
+/// every `report_interval`. Each event first refreshes the worker pool (so
+/// that versions workers just loaded are routable), then is applied.
+pub fn spawn(
+    address: &str,
+    router_id: &str,
+    report_interval: Duration,
+    pool: Arc<WorkerPool>,
+    routing: Arc<RegistryRouting>,
+) -> Result<RegistryLink, String> {
+    let channel = shamal_registry_client::channel(address)?;
+    let watch = {
+        let mut events = shamal_registry_client::watch(channel.clone(), router_id);
+        let routing = routing.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                pool.refresh().await;
+                routing.apply(&event);
+            }
+        })
+    };
+    let report = {
+        let channel = channel.clone();
+        let router_id = router_id.to_owned();
+        let routing = routing.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(report_interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                report_traffic(&channel, &router_id, &routing, REPORT_TIMEOUT).await;
+            }
+        })
+    };
+    tracing::info!(registry = %address, router_id = %router_id, "following the registry");
+    Ok(RegistryLink {
+        channel,
+        router_id: router_id.to_owned(),
+        routing,
+        watch,
+        report,
+    })
+}
+
+impl RegistryLink {
+    /// Stops following the registry and sends the traffic not yet reported
+    /// (giving up after a second).
+    pub async fn stop(self) {
+        self.watch.abort();
+        self.report.abort();
+        let _ = self.report.await;
+        report_traffic(
+            &self.channel,
+            &self.router_id,
+            &self.routing,
+            Duration::from_secs(1),
+        )
+        .await;
+    }
+}
+
+/// Sends the traffic since the last report; drops it when the registry
+/// cannot take it.
+async fn report_traffic(
+    channel: &Channel,
+    router_id: &str,
+    routing: &RegistryRouting,
+    timeout: Duration,
+) {
+    let traffic = routing.traffic.take();
+    if traffic.is_empty() {
+        return;
+    }
+    let request = ReportTrafficRequest {
+        router_id: router_id.to_owned(),
+        traffic,
+    };
+    let mut client = shamal_registry_client::client(channel.clone());
+    match tokio::time::timeout(timeout, client.report_traffic(request)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => {
+            tracing::debug!(%status, "traffic report refused by the registry; dropped");
+        }
+        Err(_) => tracing::debug!("registry unreachable; traffic report dropped"),
+    }
+}
