@@ -26,6 +26,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+step "PostgreSQL for the registry's store tests"
+SHAMAL_TEST_POSTGRES_URL="$(scripts/ensure-postgres.sh | tail -1)"
+export SHAMAL_TEST_POSTGRES_URL
+echo "using $SHAMAL_TEST_POSTGRES_URL"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -52,9 +57,13 @@ free_port() {
 http_port="$(free_port)"
 grpc_port="$(free_port)"
 metrics_port="$(free_port)"
+registry_http_port="$(free_port)"
+registry_grpc_port="$(free_port)"
+data_dir="$(mktemp -d)"
 log="$(mktemp)"
-target/debug/shamal up --model-repository models/repository \
-  --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" >"$log" 2>&1 &
+target/debug/shamal up --model-repository models/repository --data-dir "$data_dir" \
+  --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
+  --registry-http-port "$registry_http_port" --registry-grpc-port "$registry_grpc_port" >"$log" 2>&1 &
 stack_pid=$!
 cleanup() {
   kill "$stack_pid" 2>/dev/null || true
@@ -87,6 +96,10 @@ step "compatibility: tritonclient (gRPC and HTTP)"
 
 step "compatibility: perf_analyzer"
 tests/compat/perf_analyzer.sh
+
+step "release manager workflow: shamal model/rollout CLI"
+SHAMAL_REGISTRY_URL="http://127.0.0.1:$registry_http_port" SHAMAL_HTTP="127.0.0.1:$http_port" \
+  tests/compat/rollout_workflow.sh
 
 step "graceful stop on SIGINT"
 kill -INT "$stack_pid"

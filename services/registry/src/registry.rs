@@ -310,6 +310,21 @@ impl ModelRegistry {
                 current_revision: latest as u64,
             });
         }
+        // A model's first version becomes `production`: later versions take
+        // traffic only through a rollout or an explicit alias move.
+        if fetch_alias(&mut tx, model, "production").await?.is_none() {
+            upsert_alias(
+                &mut tx,
+                &Alias {
+                    model: model.to_owned(),
+                    alias: "production".to_owned(),
+                    version: version.version,
+                    updated_by: version.created_by.clone(),
+                    updated_at: version.created_at,
+                },
+            )
+            .await?;
+        }
         let revision = record_change(&mut tx, model).await?;
         tx.commit().await?;
         self.notify(revision);

@@ -324,7 +324,9 @@ async fn versions_register_list_and_archive() {
     let (status, detail) = api.get("/v1/models/fraud").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(detail["model"]["latest_version"], 1);
-    assert_eq!(detail["aliases"], json!([]));
+    // Its first version became production.
+    assert_eq!(detail["aliases"][0]["alias"], "production");
+    assert_eq!(detail["aliases"][0]["version"], 1);
     assert_eq!(detail["rollout"], Value::Null);
 
     let (status, got) = api.get("/v1/models/fraud/versions/1").await;
@@ -448,7 +450,20 @@ async fn versions_register_list_and_archive() {
     let (status, body) = api.post("/v1/models", json!({"description": "x"})).await;
     assert_invalid(status, &body, "name");
 
-    // Archive.
+    // Archive: refused while the production alias points to the version.
+    let (status, body) = api
+        .call(Method::POST, "/v1/models/fraud/versions/1/archive", None)
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "failed_precondition",
+    );
+    let (status, _) = api
+        .call(Method::DELETE, "/v1/models/fraud/aliases/production", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, archived) = api
         .call(Method::POST, "/v1/models/fraud/versions/1/archive", None)
         .await;
@@ -655,6 +670,12 @@ async fn rollouts_move_traffic_under_optimistic_concurrency() {
         )
         .await;
     assert_invalid(status, &body, "guard_rails.max_error_rate");
+    // Without a production alias (the first version gets one; remove it)
+    // the stable version must be named.
+    let (status, _) = api
+        .call(Method::DELETE, "/v1/models/fraud/aliases/production", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = api
         .post(
             "/v1/models/fraud/rollout",

@@ -82,6 +82,13 @@ async fn versions_are_numbered_and_keep_their_metadata(registry: Arc<ModelRegist
         Some("risk")
     );
     assert_eq!(registry.get_model("fraud").await.unwrap().latest_version, 2);
+    // The first version became production; the second takes no traffic.
+    let aliases = registry.list_aliases("fraud").await.unwrap();
+    assert_eq!(aliases.len(), 1);
+    assert_eq!(
+        (aliases[0].alias.as_str(), aliases[0].version),
+        ("production", 1)
+    );
     let missing = registry.get_version("fraud", 3).await.unwrap_err();
     assert_eq!(missing.code(), "not_found");
     let unknown = registry.get_version("nope", 1).await.unwrap_err();
