@@ -40,6 +40,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+step "registry REST API against its OpenAPI document (schemathesis: no 5xx)"
+SCHEMATHESIS_EXAMPLES="${SCHEMATHESIS_EXAMPLES:-25}" scripts/schemathesis.sh
+
 if [ "${SKIP_COMPAT:-0}" = "1" ]; then
   echo "test.sh: SKIP_COMPAT=1, Triton client compatibility tests not run"
   exit 0

@@ -542,6 +542,17 @@ async fn report_loop(
                     tracing::debug!(model = %request.model, version = request.version, state = %request.state, "placement reported");
                     backoff = Duration::from_millis(100);
                 }
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::NotFound | tonic::Code::InvalidArgument
+                    ) =>
+                {
+                    // The version is gone (e.g. the registry restored an
+                    // older database) or the report is refused for good:
+                    // retrying would hold up every report queued after it.
+                    tracing::warn!(model = %request.model, version = request.version, state = %request.state, %status, "placement report refused; dropped");
+                }
                 Ok(Err(status)) => {
                     tracing::warn!(model = %request.model, version = request.version, state = %request.state, %status, "cannot report placement; will retry");
                     pending.entry(key).or_insert(request);

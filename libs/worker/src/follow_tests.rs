@@ -1,27 +1,24 @@
 //! Registry-follow tests: the desired-set diff, the artifact cache, and a
-//! worker following a small in-test registry (a test peer implementing the
-//! registry's gRPC API from fixed data) with a fake runtime.
+//! worker following the real registry (`shamal-registry`, SQLite in a
+//! temporary directory, on loopback) with a fake runtime.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use shamal_proto::inference::{
     ModelInferRequest, ModelReadyRequest, RepositoryIndexRequest, ServerReadyRequest,
 };
-use shamal_registry_client::proto::registry_server::{Registry, RegistryServer};
-use shamal_registry_client::proto::{
-    ArtifactChunk, GetModelRequest, Placement, RegisterWorkerResponse, ReportPlacementResponse,
-    ReportTrafficRequest, ReportTrafficResponse, VersionState as RegistryVersion, WatchRequest,
-};
+use shamal_registry::model::{Lifecycle, NewVersion, WorkerInfo};
+use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
+use shamal_registry_client::proto::VersionState as RegistryVersion;
 use shamal_tensor::{DataType, Tensor, TensorData, decode_outputs, encode_inputs};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use super::*;
 use crate::backend::{Backend, BackendError, InstanceOptions};
@@ -31,7 +28,8 @@ use crate::service::WorkerService;
 // ---------------------------------------------------------------- runtime
 
 /// A model file says `width N`: FP32 input INPUT0 [-1, N], output OUTPUT0
-/// the same values. Anything else does not load.
+/// the same values. Anything else does not load. Its artifacts are
+/// registered as `onnx`, a format the registry knows.
 struct FakeRuntime {
     /// Executions after warm-up wait for a message here, when set.
     gate: Option<crossbeam_channel::Receiver<()>>,
@@ -69,7 +67,7 @@ impl Runtime for FakeRuntime {
         "model.fake"
     }
     fn formats(&self) -> &'static [&'static str] {
-        &["fake"]
+        &["onnx"]
     }
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError> {
         let width = width_of(model_file)?;
@@ -126,147 +124,126 @@ impl Drop for FakeBackend {
     }
 }
 
-// ---------------------------------------------------------- registry peer
+// --------------------------------------------------------------- registry
 
-/// What the in-test registry serves and what it was told.
-#[derive(Default)]
-struct Peer {
-    /// sha256 -> bytes served under it (not necessarily matching it).
-    artifacts: Mutex<HashMap<String, Bytes>>,
-    fetches: AtomicUsize,
-    registrations: Mutex<Vec<RegisterWorkerRequest>>,
-    reports: Mutex<Vec<ReportPlacementRequest>>,
-    /// Each Watch call hands its stream's sender here.
-    watchers: Mutex<Vec<mpsc::Sender<Result<WatchEvent, Status>>>>,
-}
-
-impl Peer {
-    fn reports_for(&self, model: &str, version: u64) -> Vec<ReportPlacementRequest> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|report| report.model == model && report.version == version)
-            .cloned()
-            .collect()
-    }
-
-    fn states_for(&self, model: &str, version: u64) -> Vec<String> {
-        self.reports_for(model, version)
-            .into_iter()
-            .map(|report| report.state)
-            .collect()
-    }
-
-    fn watcher_count(&self) -> usize {
-        self.watchers.lock().unwrap().len()
-    }
-
-    async fn send(&self, event: WatchEvent) {
-        let sender = self.watchers.lock().unwrap().last().cloned().unwrap();
-        sender.send(Ok(event)).await.unwrap();
+/// The registry's configuration for a database file in `dir`, its
+/// artifacts in `<dir>/artifacts`, gRPC on `grpc`.
+fn registry_config(dir: &Path, database: &str, grpc: SocketAddr) -> RegistryConfig {
+    RegistryConfig {
+        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        grpc_listen: grpc,
+        metrics_listen: None,
+        database_url: format!("sqlite://{}", dir.join(database).display()),
+        artifact_dir: dir.join("artifacts"),
+        ..RegistryConfig::default()
     }
 }
 
-#[derive(Clone)]
-struct TestRegistry(Arc<Peer>);
+/// Serves the registry of `config` on the pre-bound gRPC listener.
+async fn serve_registry(config: RegistryConfig, grpc: TcpListener) -> RunningRegistry {
+    let listeners = RegistryListeners {
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        grpc,
+        metrics: None,
+    };
+    RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
+        .await
+        .unwrap()
+}
 
-#[tonic::async_trait]
-impl Registry for TestRegistry {
-    type WatchStream = ReceiverStream<Result<WatchEvent, Status>>;
-    type FetchArtifactStream = ReceiverStream<Result<ArtifactChunk, Status>>;
-
-    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let (sender, receiver) = mpsc::channel(16);
-        self.0.watchers.lock().unwrap().push(sender);
-        Ok(Response::new(ReceiverStream::new(receiver)))
-    }
-
-    async fn register_worker(
-        &self,
-        request: Request<RegisterWorkerRequest>,
-    ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        self.0
-            .registrations
-            .lock()
-            .unwrap()
-            .push(request.into_inner());
-        Ok(Response::new(RegisterWorkerResponse {}))
-    }
-
-    async fn report_placement(
-        &self,
-        request: Request<ReportPlacementRequest>,
-    ) -> Result<Response<ReportPlacementResponse>, Status> {
-        self.0.reports.lock().unwrap().push(request.into_inner());
-        Ok(Response::new(ReportPlacementResponse {}))
-    }
-
-    async fn fetch_artifact(
-        &self,
-        request: Request<FetchArtifactRequest>,
-    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        self.0.fetches.fetch_add(1, Ordering::SeqCst);
-        let sha256 = request.into_inner().sha256;
-        let Some(bytes) = self.0.artifacts.lock().unwrap().get(&sha256).cloned() else {
-            return Err(Status::not_found(format!("no artifact {sha256}")));
-        };
-        let (sender, receiver) = mpsc::channel(4);
-        tokio::spawn(async move {
-            // Small chunks, so that a fetch spans several messages.
-            for chunk in bytes.chunks(5) {
-                let chunk = ArtifactChunk {
-                    data: Bytes::copy_from_slice(chunk),
-                };
-                if sender.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(receiver)))
-    }
-
-    async fn report_traffic(
-        &self,
-        _: Request<ReportTrafficRequest>,
-    ) -> Result<Response<ReportTrafficResponse>, Status> {
-        Err(Status::unimplemented("not in the test peer"))
-    }
-
-    async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<ModelState>, Status> {
-        Err(Status::unimplemented("not in the test peer"))
+/// Binds `address` again once a stopped registry has released it.
+async fn rebind(address: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => return listener,
+            Err(error) => assert!(Instant::now() < deadline, "cannot bind {address}: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-async fn start_peer() -> (Arc<Peer>, String) {
-    let peer = Arc::new(Peer::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let service = RegistryServer::new(TestRegistry(peer.clone()));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    (peer, address)
+/// A registry serving SQLite in a temporary directory on a loopback port.
+async fn start_registry(dir: &Path) -> (RunningRegistry, RegistryConfig) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = registry_config(dir, "registry.db", grpc.local_addr().unwrap());
+    (serve_registry(config.clone(), grpc).await, config)
 }
 
 fn digest(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// An artifact the peer serves correctly.
-fn publish(peer: &Peer, bytes: &[u8], format: &str) -> Artifact {
+/// Uploads `bytes` to the registry's artifact store.
+async fn upload(registry: &ModelRegistry, bytes: &[u8], format: &str) -> Artifact {
     let sha256 = digest(bytes);
-    peer.artifacts
-        .lock()
-        .unwrap()
-        .insert(sha256.clone(), Bytes::copy_from_slice(bytes));
+    let body = futures::stream::iter(vec![Ok(Bytes::copy_from_slice(bytes))]).boxed();
+    let size_bytes = registry.put_artifact(&sha256, body).await.unwrap();
     Artifact {
         sha256,
-        size_bytes: bytes.len() as u64,
+        size_bytes,
         format: format.to_owned(),
     }
+}
+
+/// Uploads `bytes` and registers them as the next version of `model`.
+async fn push(registry: &ModelRegistry, model: &str, bytes: &[u8], format: &str) -> u64 {
+    let artifact = upload(registry, bytes, format).await;
+    registry
+        .register_version(
+            model,
+            NewVersion {
+                sha256: artifact.sha256,
+                format: format.to_owned(),
+                ..NewVersion::default()
+            },
+            "tester",
+        )
+        .await
+        .unwrap()
+        .version
+}
+
+/// Where the registry keeps an artifact's bytes.
+fn stored_artifact(config: &RegistryConfig, sha256: &str) -> PathBuf {
+    config
+        .artifact_dir
+        .join("sha256")
+        .join(&sha256[..2])
+        .join(sha256)
+}
+
+/// Replaces the bytes the registry stores under `sha256` (a corrupted
+/// artifact store).
+fn tamper(config: &RegistryConfig, sha256: &str, bytes: &[u8]) {
+    std::fs::write(stored_artifact(config, sha256), bytes).unwrap();
+}
+
+/// The (state, reason) of `worker`'s placement of a version.
+async fn placement_of(
+    registry: &ModelRegistry,
+    worker: &str,
+    model: &str,
+    version: u64,
+) -> Option<(String, String)> {
+    registry
+        .list_placements(model)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|placement| placement.worker_id == worker && placement.version == version)
+        .map(|placement| (placement.state, placement.reason))
+}
+
+async fn placement_state(
+    registry: &ModelRegistry,
+    worker: &str,
+    model: &str,
+    version: u64,
+) -> Option<String> {
+    placement_of(registry, worker, model, version)
+        .await
+        .map(|(state, _)| state)
 }
 
 fn version(number: u64, lifecycle: &str, artifact: Option<Artifact>) -> RegistryVersion {
@@ -295,6 +272,18 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// Polls an async condition until it holds, for at most 15 s.
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // ------------------------------------------------------------- pure logic
@@ -432,13 +421,16 @@ fn cache_files(cache: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn artifacts_are_fetched_verified_and_cached() {
-    let (peer, address) = start_peer().await;
-    let mut client =
-        shamal_registry_client::client(shamal_registry_client::channel(&address).unwrap());
     let dir = tempfile::tempdir().unwrap();
+    let (running, config) = start_registry(dir.path()).await;
+    let registry = running.registry.clone();
+    let mut client = shamal_registry_client::client(
+        shamal_registry_client::channel(&running.grpc_address.to_string()).unwrap(),
+    );
     let cache = dir.path().join("cache");
-    let bytes = b"width 4 -- a model of more than one chunk";
-    let artifact = publish(&peer, bytes, "onnx");
+    // Large enough for the registry to stream it in several chunks.
+    let bytes: Vec<u8> = (0..700_000u32).map(|index| (index % 251) as u8).collect();
+    let artifact = upload(&registry, &bytes, "onnx").await;
 
     // Good digest: fetched into <cache>/<sha256>.<format>.
     let path = ensure_artifact(&mut client, &cache, &artifact)
@@ -446,40 +438,51 @@ async fn artifacts_are_fetched_verified_and_cached() {
         .unwrap();
     assert_eq!(path, cache.join(format!("{}.onnx", artifact.sha256)));
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
-    assert_eq!(peer.fetches.load(Ordering::SeqCst), 1);
     assert_eq!(cache_files(&cache), [format!("{}.onnx", artifact.sha256)]);
 
-    // Cached: re-verified and reused without a fetch.
+    // Cached: re-verified and reused without a fetch. The registry no
+    // longer has the bytes, so a fetch could not succeed.
+    std::fs::remove_file(stored_artifact(&config, &artifact.sha256)).unwrap();
     let again = ensure_artifact(&mut client, &cache, &artifact)
         .await
         .unwrap();
     assert_eq!(again, path);
-    assert_eq!(peer.fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
 
-    // Corrupted in the cache: deleted and fetched again.
-    std::fs::write(&path, b"width 4 -- tampered with").unwrap();
+    // Corrupted in the cache: not served; deleted and fetched again.
+    std::fs::write(&path, b"tampered with").unwrap();
+    let failure = ensure_artifact(&mut client, &cache, &artifact)
+        .await
+        .unwrap_err();
+    assert!(
+        failure.reason.contains("cannot fetch artifact"),
+        "a corrupt cached copy is never used: {failure:?}"
+    );
+    assert!(cache_files(&cache).is_empty(), "{:?}", cache_files(&cache));
+    upload(&registry, &bytes, "onnx").await;
+    std::fs::write(&path, b"tampered with").unwrap();
     ensure_artifact(&mut client, &cache, &artifact)
         .await
         .unwrap();
-    assert_eq!(peer.fetches.load(Ordering::SeqCst), 2);
-    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "fetched again");
     assert_eq!(cache_files(&cache).len(), 1, "no download left behind");
+    running.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn bad_artifacts_fail_with_a_clear_reason_and_leave_nothing() {
-    let (peer, address) = start_peer().await;
-    let mut client =
-        shamal_registry_client::client(shamal_registry_client::channel(&address).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().to_path_buf();
-
-    // The registry serves other bytes than the digest names.
-    let claimed = publish(&peer, b"the real model", "onnx");
-    peer.artifacts.lock().unwrap().insert(
-        claimed.sha256.clone(),
-        Bytes::from_static(b"other bytes!!!"),
+    let (running, config) = start_registry(dir.path()).await;
+    let registry = running.registry.clone();
+    let mut client = shamal_registry_client::client(
+        shamal_registry_client::channel(&running.grpc_address.to_string()).unwrap(),
     );
+    let cache = dir.path().join("cache");
+
+    // The registry serves other bytes than the digest names (its store
+    // was corrupted after the upload).
+    let claimed = upload(&registry, b"the real model", "onnx").await;
+    tamper(&config, &claimed.sha256, b"other bytes!!!");
     let failure = ensure_artifact(&mut client, &cache, &claimed)
         .await
         .unwrap_err();
@@ -491,47 +494,64 @@ async fn bad_artifacts_fail_with_a_clear_reason_and_leave_nothing() {
     assert!(cache_files(&cache).is_empty(), "{:?}", cache_files(&cache));
 
     // Fewer or more bytes than registered.
-    let short = Artifact {
-        size_bytes: claimed.size_bytes + 10,
-        ..publish(&peer, b"the real model", "onnx")
-    };
+    let short = upload(&registry, b"a model cut short", "onnx").await;
+    tamper(&config, &short.sha256, b"a model");
     let failure = ensure_artifact(&mut client, &cache, &short)
         .await
         .unwrap_err();
     assert!(failure.reason.contains("size mismatch"), "{failure:?}");
-    let long = Artifact {
-        size_bytes: 3,
-        ..short.clone()
-    };
+    assert!(!failure.transient);
+    let long = upload(&registry, b"a model", "onnx").await;
+    tamper(
+        &config,
+        &long.sha256,
+        b"a model with more bytes than registered",
+    );
     let failure = ensure_artifact(&mut client, &cache, &long)
         .await
         .unwrap_err();
     assert!(failure.reason.contains("larger than"), "{failure:?}");
+    assert!(!failure.transient);
     assert!(cache_files(&cache).is_empty(), "{:?}", cache_files(&cache));
 
     // Unknown to the registry.
-    let unknown = onnx('0');
+    let unknown = Artifact {
+        sha256: digest(b"never uploaded"),
+        size_bytes: 14,
+        format: "onnx".to_owned(),
+    };
     let failure = ensure_artifact(&mut client, &cache, &unknown)
         .await
         .unwrap_err();
     assert!(
-        failure.reason.contains("cannot fetch artifact"),
+        failure.reason.contains("cannot fetch artifact") && failure.reason.contains("NotFound"),
         "{failure:?}"
     );
     assert!(!failure.transient, "NOT_FOUND is final: {failure:?}");
 
-    // A digest that is not one never reaches the file system.
+    // A digest or format that is not one never reaches the registry or
+    // the file system: the worker's own check answers.
     let hostile = Artifact {
         sha256: "../../etc/passwd".to_owned(),
-        ..onnx('a')
+        ..unknown.clone()
     };
-    let fetches = peer.fetches.load(Ordering::SeqCst);
+    let failure = ensure_artifact(&mut client, &cache, &hostile)
+        .await
+        .unwrap_err();
     assert!(
-        ensure_artifact(&mut client, &cache, &hostile)
-            .await
-            .is_err()
+        failure.reason.contains("is not a lowercase hex sha256"),
+        "{failure:?}"
     );
-    assert_eq!(peer.fetches.load(Ordering::SeqCst), fetches);
+    let hostile = Artifact {
+        format: "../onnx".to_owned(),
+        ..claimed.clone()
+    };
+    let failure = ensure_artifact(&mut client, &cache, &hostile)
+        .await
+        .unwrap_err();
+    assert!(failure.reason.contains("format"), "{failure:?}");
+    assert!(cache_files(&cache).is_empty(), "{:?}", cache_files(&cache));
+    running.stop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ worker
@@ -559,6 +579,16 @@ impl Running {
             .ready
     }
 
+    async fn model_ready(&self, model: &str, version: &str) -> bool {
+        self.service
+            .model_ready(Request::new(ModelReadyRequest {
+                name: model.to_owned(),
+                version: version.to_owned(),
+            }))
+            .await
+            .is_ok_and(|response| response.into_inner().ready)
+    }
+
     async fn index(&self) -> Vec<(String, String, String, String)> {
         self.service
             .repository_index(Request::new(RepositoryIndexRequest {
@@ -574,14 +604,19 @@ impl Running {
             .collect()
     }
 
-    async fn infer(&self, model: &str, version: &str) -> Result<Vec<f32>, Status> {
-        let values = [1.0f32, 2.0, 3.0, 4.0];
+    async fn infer(&self, model: &str, version: &str, width: usize) -> Result<Vec<f32>, Status> {
+        let values: Vec<f32> = (1..=width).map(|value| value as f32).collect();
         let bytes: Vec<u8> = values
             .iter()
             .flat_map(|value| value.to_le_bytes())
             .collect();
-        let input =
-            Tensor::from_raw("INPUT0", DataType::Fp32, vec![1, 4], Bytes::from(bytes)).unwrap();
+        let input = Tensor::from_raw(
+            "INPUT0",
+            DataType::Fp32,
+            vec![1, width as i64],
+            Bytes::from(bytes),
+        )
+        .unwrap();
         let (inputs, raw_input_contents) = encode_inputs(&[input]);
         let response = self
             .service
@@ -637,264 +672,334 @@ async fn start_worker(
     }
 }
 
-fn follow_settings(address: &str, cache: &Path) -> RegistryFollow {
+fn follow_settings(address: SocketAddr, cache: &Path) -> RegistryFollow {
     RegistryFollow {
         worker_id: "worker-a".to_owned(),
         advertise_address: Some("worker-a.example:8101".to_owned()),
-        ..RegistryFollow::new(address, cache)
+        ..RegistryFollow::new(address.to_string(), cache)
+    }
+}
+
+fn worker_info(id: &str, address: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.to_owned(),
+        address: address.to_owned(),
+        region: "elsewhere".to_owned(),
+        formats: vec!["onnx".to_owned()],
+        device: "cuda".to_owned(),
+        last_seen: 0,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_loads_and_unloads_what_the_registry_assigns() {
-    let (peer, address) = start_peer().await;
     let dir = tempfile::tempdir().unwrap();
+    // The registry's port is bound, but it does not answer until started
+    // below: the worker's first calls wait in the listen queue.
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = grpc.local_addr().unwrap();
+    let config = registry_config(dir.path(), "registry.db", address);
+
+    let prepared = shamal_registry::open(&config).await.unwrap();
+    // m/1: a good artifact.
+    assert_eq!(push(&prepared, "m", b"width 4", "onnx").await, 1);
+    // m/2: the stored bytes no longer match the digest (same size).
+    assert_eq!(push(&prepared, "m", b"width 4 ", "onnx").await, 2);
+    tamper(&config, &digest(b"width 4 "), b"width 8 ");
+    // m/3: archived.
+    assert_eq!(push(&prepared, "m", b"width 4", "onnx").await, 3);
+    prepared.archive_version("m", 3, "tester").await.unwrap();
+    // m/4: a format the runtime does not load.
+    assert_eq!(push(&prepared, "m", b"width 4", "safetensors").await, 4);
+    // m/5: archived, but the registry believes worker-a (registered
+    // before, with other details) still holds it.
+    assert_eq!(push(&prepared, "m", b"width 4", "onnx").await, 5);
+    prepared
+        .register_worker(worker_info("worker-a", "stale.example:1"))
+        .await
+        .unwrap();
+    prepared
+        .report_placement("worker-a", "m", 5, "ready", "", "")
+        .await
+        .unwrap();
+    prepared.archive_version("m", 5, "tester").await.unwrap();
+    // m/6: the stored bytes are shorter than registered.
+    assert_eq!(push(&prepared, "m", b"width 4   ", "onnx").await, 6);
+    tamper(&config, &digest(b"width 4   "), b"width 4");
+    // m/7: another good artifact.
+    assert_eq!(push(&prepared, "m", b"width 4    ", "onnx").await, 7);
+    // f/1: failed on another worker.
+    assert_eq!(push(&prepared, "f", b"width 4", "onnx").await, 1);
+    prepared
+        .register_worker(worker_info("worker-b", "worker-b.example:1"))
+        .await
+        .unwrap();
+    prepared
+        .report_placement("worker-b", "f", 1, "failed", "out of memory", "")
+        .await
+        .unwrap();
+    drop(prepared);
+
     let worker = start_worker(
-        Some(follow_settings(&address, dir.path())),
+        Some(follow_settings(address, &dir.path().join("cache"))),
         None,
         FakeRuntime::new(),
     )
     .await;
-
-    eventually("registration and watch", || peer.watcher_count() == 1).await;
-    let registration = peer.registrations.lock().unwrap()[0].clone();
-    assert_eq!(registration.worker_id, "worker-a");
-    assert_eq!(registration.address, "worker-a.example:8101");
-    assert_eq!(registration.region, "local");
-    assert_eq!(registration.device, "cpu");
-    assert_eq!(registration.formats, ["fake"]);
-    assert!(!worker.ready().await, "not ready before the first snapshot");
-
-    let good = publish(&peer, b"width 4", "fake");
-    let mut bad = publish(&peer, b"width 4 ", "fake");
-    bad.sha256 = digest(b"something else");
-    bad.size_bytes = 8;
-    peer.artifacts
-        .lock()
-        .unwrap()
-        .insert(bad.sha256.clone(), Bytes::from_static(b"width 4 "));
-    let other_format = Artifact {
-        format: "onnx".to_owned(),
-        ..good.clone()
-    };
-    let stale_placement = Placement {
-        worker_id: "worker-a".to_owned(),
-        version: 9,
-        state: "ready".to_owned(),
-        ..Default::default()
-    };
-    peer.send(WatchEvent {
-        revision: 1,
-        snapshot: true,
-        models: vec![
-            ModelState {
-                placements: vec![stale_placement],
-                ..model(
-                    "m",
-                    vec![
-                        version(1, "ready", Some(good.clone())),
-                        version(2, "registered", Some(bad.clone())),
-                        version(3, "archived", Some(good.clone())),
-                        version(4, "ready", Some(other_format)),
-                    ],
-                )
-            },
-            model("f", vec![version(1, "failed", Some(good.clone()))]),
-        ],
-        removed: vec![],
-    })
-    .await;
-
-    eventually("m/1 ready and m/2 failed reported", || {
-        peer.states_for("m", 1).last().map(String::as_str) == Some("ready")
-            && peer.states_for("m", 2).last().map(String::as_str) == Some("failed")
-    })
-    .await;
-    // A state still queued is replaced by a newer one, so `loading` may
-    // have been superseded before it went out.
     assert!(
-        peer.states_for("m", 1)
-            .iter()
-            .all(|state| state == "loading" || state == "ready")
+        !worker.ready().await,
+        "not ready before the registry answered"
     );
-    let ready = peer.reports_for("m", 1).pop().unwrap();
-    assert_eq!(ready.worker_id, "worker-a");
-    let signature: serde_json::Value = serde_json::from_str(&ready.signature_json).unwrap();
+    let running = serve_registry(config.clone(), grpc).await;
+    let registry = running.registry.clone();
+
+    // Registered with its own details.
+    wait_until("registration", async || {
+        registry
+            .list_workers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|worker| worker.id == "worker-a" && worker.address == "worker-a.example:8101")
+    })
+    .await;
+    let workers = registry.list_workers().await.unwrap();
+    let me = workers
+        .iter()
+        .find(|worker| worker.id == "worker-a")
+        .unwrap();
+    assert_eq!(me.region, "local");
+    assert_eq!(me.device, "cpu");
+    assert_eq!(me.formats, ["onnx"]);
+
+    wait_until(
+        "m/1 and m/7 ready, m/2 and m/6 failed, m/5 unloaded",
+        async || {
+            placement_state(&registry, "worker-a", "m", 1)
+                .await
+                .as_deref()
+                == Some("ready")
+                && placement_state(&registry, "worker-a", "m", 7)
+                    .await
+                    .as_deref()
+                    == Some("ready")
+                && placement_state(&registry, "worker-a", "m", 2)
+                    .await
+                    .as_deref()
+                    == Some("failed")
+                && placement_state(&registry, "worker-a", "m", 6)
+                    .await
+                    .as_deref()
+                    == Some("failed")
+                && placement_state(&registry, "worker-a", "m", 5)
+                    .await
+                    .as_deref()
+                    == Some("unloaded")
+        },
+    )
+    .await;
+    let one = registry.get_version("m", 1).await.unwrap();
+    assert_eq!(one.lifecycle, Lifecycle::Ready);
+    let signature = one.signature.unwrap();
     assert_eq!(signature["inputs"][0]["name"], "INPUT0");
     assert_eq!(signature["outputs"][0]["dims"], serde_json::json!([-1, 4]));
-    let failed = peer.reports_for("m", 2).pop().unwrap();
-    assert!(failed.reason.contains("digest mismatch"), "{failed:?}");
-    assert!(peer.states_for("m", 3).is_empty());
-    assert!(peer.states_for("m", 4).is_empty());
-    assert!(peer.states_for("f", 1).is_empty());
-    eventually("stale placement corrected", || {
-        peer.states_for("m", 9) == ["unloaded"]
-    })
-    .await;
-
-    for _ in 0..100 {
-        if worker.ready().await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (_, reason) = placement_of(&registry, "worker-a", "m", 2).await.unwrap();
+    assert!(reason.contains("digest mismatch"), "{reason}");
+    let two = registry.get_version("m", 2).await.unwrap();
+    assert_eq!(two.lifecycle, Lifecycle::Failed);
     assert!(
-        worker.ready().await,
-        "ready once the snapshot was attempted"
+        two.reason.contains("digest mismatch") && two.reason.contains(&digest(b"width 4 ")),
+        "{}",
+        two.reason
     );
-    assert_eq!(worker.infer("m", "1").await.unwrap(), [1.0, 2.0, 3.0, 4.0]);
-    assert_eq!(worker.infer("m", "").await.unwrap(), [1.0, 2.0, 3.0, 4.0]);
+    assert!(two.signature.is_none());
+    let six = registry.get_version("m", 6).await.unwrap();
+    assert_eq!(six.lifecycle, Lifecycle::Failed);
+    assert!(six.reason.contains("size mismatch"), "{}", six.reason);
+    // Not assigned: archived, another format, failed everywhere.
+    assert_eq!(placement_state(&registry, "worker-a", "m", 3).await, None);
+    assert_eq!(placement_state(&registry, "worker-a", "m", 4).await, None);
+    assert_eq!(placement_state(&registry, "worker-a", "f", 1).await, None);
+    assert_eq!(
+        registry.get_version("m", 4).await.unwrap().lifecycle,
+        Lifecycle::Registered
+    );
+    let failed = registry.get_version("f", 1).await.unwrap();
+    assert_eq!(
+        (failed.lifecycle, failed.reason.as_str()),
+        (Lifecycle::Failed, "out of memory")
+    );
+
+    wait_until("ready once the snapshot was attempted", async || {
+        worker.ready().await
+    })
+    .await;
+    assert_eq!(
+        worker.infer("m", "1", 4).await.unwrap(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
+    assert_eq!(
+        worker.infer("m", "", 4).await.unwrap(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
+    // The registry marked m/2 and m/6 failed (every worker that tried
+    // failed): no longer assigned, they leave the worker too.
+    wait_until("failed versions dropped", async || {
+        worker.index().await.len() == 2
+    })
+    .await;
     let index = worker.index().await;
-    assert_eq!(index.len(), 2, "{index:?}");
-    assert_eq!(index[0].2, "READY");
-    assert_eq!(index[1].2, "UNAVAILABLE");
-    assert!(index[1].3.contains("digest mismatch"));
+    assert_eq!(
+        index,
+        [
+            ("m".into(), "1".into(), "READY".into(), String::new()),
+            ("m".into(), "7".into(), "READY".into(), String::new()),
+        ]
+    );
 
-    // Version 1 archived: unloaded and reported.
-    peer.send(WatchEvent {
-        revision: 2,
-        snapshot: false,
-        models: vec![model(
-            "m",
-            vec![
-                version(1, "archived", Some(good.clone())),
-                version(2, "registered", Some(bad.clone())),
-            ],
-        )],
-        removed: vec![],
+    // Version 1 archived (its `production` alias moved first): unloaded
+    // and reported.
+    registry
+        .set_alias("m", "production", 7, "tester")
+        .await
+        .unwrap();
+    registry.archive_version("m", 1, "tester").await.unwrap();
+    wait_until("m/1 unloaded", async || {
+        placement_state(&registry, "worker-a", "m", 1)
+            .await
+            .as_deref()
+            == Some("unloaded")
     })
     .await;
-    eventually("m/1 unloaded", || {
-        peer.states_for("m", 1).last().map(String::as_str) == Some("unloaded")
-    })
-    .await;
-    let status = worker.infer("m", "1").await.unwrap_err();
+    let status = worker.infer("m", "1", 4).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(!worker.model_ready("m", "1").await);
     assert!(worker.ready().await, "unloading does not affect readiness");
+    assert_eq!(
+        registry.get_version("m", 1).await.unwrap().lifecycle,
+        Lifecycle::Archived
+    );
 
-    // The model deleted: its failed version goes too.
-    peer.send(WatchEvent {
-        revision: 3,
-        snapshot: false,
-        models: vec![],
-        removed: vec!["m".to_owned()],
+    // The registry comes back on the same address with a database it
+    // restored (an older revision, without model m nor this worker): the
+    // worker gets a snapshot, registers again, unloads m/7 (a version the
+    // registry does not know: its reports are refused, and must not hold
+    // up the others) and loads what the restored registry holds.
+    running.stop().await.unwrap();
+    let restored_config = registry_config(dir.path(), "restored.db", address);
+    let restored = shamal_registry::open(&restored_config).await.unwrap();
+    assert_eq!(push(&restored, "n", b"width 2", "onnx").await, 1);
+    drop(restored);
+    let running = serve_registry(restored_config, rebind(address).await).await;
+    let registry = running.registry.clone();
+    wait_until("registered again", async || {
+        registry
+            .list_workers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|worker| worker.id == "worker-a")
     })
     .await;
-    for _ in 0..100 {
-        if worker.index().await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(worker.index().await.is_empty());
-
-    // The stream breaks: the worker reconnects, and registers again after
-    // the snapshot that follows.
-    peer.watchers.lock().unwrap().clear();
-    eventually("watch reconnected", || peer.watcher_count() == 1).await;
-    let other = publish(&peer, b"width 2", "fake");
-    peer.send(WatchEvent {
-        revision: 4,
-        snapshot: true,
-        models: vec![model("n", vec![version(5, "registered", Some(other))])],
-        removed: vec![],
+    wait_until("n/1 ready", async || {
+        placement_state(&registry, "worker-a", "n", 1)
+            .await
+            .as_deref()
+            == Some("ready")
     })
     .await;
-    eventually("registered again", || {
-        peer.registrations.lock().unwrap().len() == 2
+    assert_eq!(
+        registry.get_version("n", 1).await.unwrap().lifecycle,
+        Lifecycle::Ready
+    );
+    wait_until("model m dropped", async || {
+        worker.index().await.iter().all(|(name, ..)| name == "n")
     })
     .await;
-    eventually("n/5 ready", || {
-        peer.states_for("n", 5).last().map(String::as_str) == Some("ready")
-    })
-    .await;
+    let status = worker.infer("m", "7", 4).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert_eq!(worker.infer("n", "1", 2).await.unwrap(), [1.0, 2.0]);
+    assert!(worker.ready().await);
 
     worker.stop().await;
+    running.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_worker_without_assigned_models_is_ready() {
-    let (peer, address) = start_peer().await;
     let dir = tempfile::tempdir().unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = grpc.local_addr().unwrap();
     let worker = start_worker(
-        Some(follow_settings(&address, dir.path())),
+        Some(follow_settings(address, &dir.path().join("cache"))),
         None,
         FakeRuntime::new(),
     )
     .await;
-    eventually("watch", || peer.watcher_count() == 1).await;
-    assert!(!worker.ready().await);
-    peer.send(WatchEvent {
-        revision: 1,
-        snapshot: true,
-        models: vec![],
-        removed: vec![],
-    })
-    .await;
-    for _ in 0..200 {
-        if worker.ready().await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(worker.ready().await);
+    assert!(
+        !worker.ready().await,
+        "not ready before the registry answered"
+    );
+    let running = serve_registry(registry_config(dir.path(), "registry.db", address), grpc).await;
+    wait_until("ready with nothing to load", async || worker.ready().await).await;
+    assert!(worker.index().await.is_empty());
     worker.stop().await;
+    running.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_repository_wins_over_the_registry() {
-    let (peer, address) = start_peer().await;
     let dir = tempfile::tempdir().unwrap();
+    let (running, _) = start_registry(dir.path()).await;
+    let registry = running.registry.clone();
+    assert_eq!(push(&registry, "m", b"width 2", "onnx").await, 1);
+    assert_eq!(push(&registry, "m", b"width 2", "onnx").await, 2);
     let repository = dir.path().join("repository");
     std::fs::create_dir_all(repository.join("m/1")).unwrap();
     std::fs::write(repository.join("m/1/model.fake"), "width 4").unwrap();
     let worker = start_worker(
-        Some(follow_settings(&address, &dir.path().join("cache"))),
+        Some(follow_settings(
+            running.grpc_address,
+            &dir.path().join("cache"),
+        )),
         Some(repository),
         FakeRuntime::new(),
     )
     .await;
-    eventually("watch", || peer.watcher_count() == 1).await;
-    let artifact = publish(&peer, b"width 2", "fake");
-    peer.send(WatchEvent {
-        revision: 1,
-        snapshot: true,
-        models: vec![model(
-            "m",
-            vec![
-                version(1, "ready", Some(artifact.clone())),
-                version(2, "ready", Some(artifact)),
-            ],
-        )],
-        removed: vec![],
+    wait_until("both reported", async || {
+        placement_state(&registry, "worker-a", "m", 1)
+            .await
+            .as_deref()
+            == Some("failed")
+            && placement_state(&registry, "worker-a", "m", 2)
+                .await
+                .as_deref()
+                == Some("ready")
     })
     .await;
-    eventually("both reported", || {
-        peer.states_for("m", 1) == ["failed"]
-            && peer.states_for("m", 2).last().map(String::as_str) == Some("ready")
-    })
-    .await;
-    let failed = peer.reports_for("m", 1).pop().unwrap();
-    assert!(failed.reason.contains("repository"), "{failed:?}");
-    for _ in 0..200 {
-        if worker.ready().await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(worker.ready().await);
-    let ready = worker
-        .service
-        .model_ready(Request::new(ModelReadyRequest {
-            name: "m".to_owned(),
-            version: "1".to_owned(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(ready.ready, "the repository's m/1 serves");
+    let (_, reason) = placement_of(&registry, "worker-a", "m", 1).await.unwrap();
+    assert!(reason.contains("repository wins"), "{reason}");
+    let shadowed = registry.get_version("m", 1).await.unwrap();
+    assert_eq!(shadowed.lifecycle, Lifecycle::Failed);
+    assert!(
+        shadowed.reason.contains("repository"),
+        "{}",
+        shadowed.reason
+    );
+    wait_until("ready", async || worker.ready().await).await;
+    assert!(
+        worker.model_ready("m", "1").await,
+        "the repository's m/1 serves"
+    );
+    assert_eq!(
+        worker.infer("m", "1", 4).await.unwrap(),
+        [1.0, 2.0, 3.0, 4.0],
+        "the repository's m/1 (width 4), not the registry's (width 2)"
+    );
+    assert_eq!(worker.infer("m", "2", 2).await.unwrap(), [1.0, 2.0]);
     assert_eq!(worker.index().await.len(), 2);
     worker.stop().await;
+    running.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -931,7 +1036,7 @@ async fn removing_a_version_lets_requests_in_flight_finish() {
         stop: None,
         task: tokio::spawn(async { Ok(()) }),
     };
-    let request = tokio::spawn(async move { running.infer("m", "1").await });
+    let request = tokio::spawn(async move { running.infer("m", "1", 4).await });
     eventually("request running", || started.load(Ordering::SeqCst) == 1).await;
 
     assert!(state.store.remove("m", 1).is_some());
