@@ -260,3 +260,534 @@ pub async fn start_slow_worker(delay: Duration) -> (SocketAddr, Arc<Mutex<Seen>>
     );
     (address, seen)
 }
+
+// ----- the real registry, and a cpu-worker following it ------------------
+
+/// A registry database for one test: SQLite in a temporary file, or a
+/// fresh database on the PostgreSQL server that `scripts/ensure-postgres.sh`
+/// provides (`SHAMAL_TEST_POSTGRES_URL`, default 127.0.0.1:5432 as user
+/// postgres), dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    /// Artifacts and worker caches live here too.
+    pub dir: tempfile::TempDir,
+    drop_database: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        TestDb {
+            url,
+            dir,
+            drop_database: None,
+        }
+    }
+
+    pub async fn postgres() -> TestDb {
+        use sqlx::Connection;
+        let admin = std::env::var("SHAMAL_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut connection = sqlx::postgres::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "PostgreSQL is not reachable at {admin} ({error}); run scripts/ensure-postgres.sh \
+                     or set SHAMAL_TEST_POSTGRES_URL"
+                )
+            });
+        let name = format!("shamal_router_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap();
+        TestDb {
+            url: format!("{base}/{name}"),
+            dir: tempfile::tempdir().unwrap(),
+            drop_database: Some((admin, name)),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.drop_database.take() {
+            // Best effort, on a thread of its own: Drop cannot await.
+            let _ = std::thread::spawn(move || {
+                use sqlx::Connection;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    if let Ok(mut connection) = sqlx::postgres::PgConnection::connect(&admin).await
+                    {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut connection)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// The model the registry tests roll out: the bundled `simple`, pushed
+/// into the registry as versions 1 and 2 (version 2 adds one to OUTPUT0).
+pub const MODEL: &str = "simple";
+
+/// A real registry with `simple` versions 1 and 2 loaded and reported ready
+/// by a real cpu-worker that follows it (no model repository), and the
+/// `production` alias on version 1.
+pub struct RegistryStack {
+    pub registry: shamal_registry::RunningRegistry,
+    pub worker: Running,
+    pub db: TestDb,
+}
+
+impl RegistryStack {
+    pub async fn start(db: TestDb) -> RegistryStack {
+        let registry = shamal_registry::RunningRegistry::start_local(
+            &db.url,
+            &db.dir.path().join("artifacts"),
+        )
+        .await
+        .unwrap();
+        for version in [1u64, 2] {
+            let bytes = std::fs::read(
+                workspace_root().join(format!("models/repository/simple/{version}/model.onnx")),
+            )
+            .unwrap();
+            let registered = push_artifact(&registry.registry, MODEL, bytes, "onnx").await;
+            assert_eq!(registered, version);
+        }
+        let worker = start_registry_worker(
+            &registry.grpc_address.to_string(),
+            &db.dir.path().join("cpu-worker-cache"),
+            "cpu-worker-1",
+        )
+        .await;
+        for version in [1, 2] {
+            wait_version_ready(&registry.registry, MODEL, version).await;
+        }
+        registry
+            .registry
+            .set_alias(MODEL, "production", 1, "tester")
+            .await
+            .unwrap();
+        RegistryStack {
+            registry,
+            worker,
+            db,
+        }
+    }
+
+    pub fn registry(&self) -> &shamal_registry::ModelRegistry {
+        &self.registry.registry
+    }
+
+    /// A router following this registry, in front of the cpu-worker and
+    /// `extra_workers`.
+    pub async fn router(
+        &self,
+        extra_workers: &[SocketAddr],
+        tune: impl FnOnce(&mut RouterConfig),
+    ) -> Router {
+        let mut workers = vec![self.worker.address.to_string()];
+        workers.extend(extra_workers.iter().map(ToString::to_string));
+        let registry = self.registry.grpc_address.to_string();
+        let router = start_router(workers, |config| {
+            config.registry = Some(registry);
+            config.router_id = "router-test".into();
+            config.traffic_report_interval_ms = 100;
+            tune(config);
+        })
+        .await;
+        wait_ready(router.running.address, MODEL).await;
+        router
+    }
+
+    pub async fn stop(self) {
+        self.worker.stop().await.unwrap();
+        self.registry.stop().await.unwrap();
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Uploads `bytes` and registers them as the next version of `model` (what
+/// `shamal model push` does); returns the version number.
+pub async fn push_artifact(
+    registry: &shamal_registry::ModelRegistry,
+    model: &str,
+    bytes: Vec<u8>,
+    format: &str,
+) -> u64 {
+    use futures::StreamExt;
+    let digest = sha256_hex(&bytes);
+    let body = futures::stream::iter([Ok(bytes::Bytes::from(bytes))]).boxed();
+    registry.put_artifact(&digest, body).await.unwrap();
+    registry
+        .register_version(
+            model,
+            shamal_registry::model::NewVersion {
+                sha256: digest,
+                format: format.to_owned(),
+                ..Default::default()
+            },
+            "tester",
+        )
+        .await
+        .unwrap()
+        .version
+}
+
+/// A cpu-worker with no model repository, loading what the registry at
+/// `registry` assigns it.
+pub async fn start_registry_worker(registry: &str, cache: &std::path::Path, id: &str) -> Running {
+    let grpc = listener().await;
+    let address = grpc.local_addr().unwrap();
+    let args = CpuWorkerArgs {
+        onnxruntime_library: Some(onnxruntime_library()),
+        registry: Some(registry.to_owned()),
+        worker_id: Some(id.to_owned()),
+        artifact_cache: Some(cache.to_path_buf()),
+        ..Default::default()
+    };
+    let config = CpuWorkerConfig::load(&args).unwrap();
+    assert_eq!(config.model_repository, None);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(shamal_cpu_worker::run(
+        config,
+        WorkerListeners {
+            grpc,
+            metrics: None,
+        },
+        shamal_telemetry::Registry::new(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        address,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after
+/// 30 s.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until some worker has reported `version` ready to the registry.
+pub async fn wait_version_ready(
+    registry: &shamal_registry::ModelRegistry,
+    model: &str,
+    version: u64,
+) {
+    wait_until(&format!("{model} version {version} is ready"), || async {
+        registry
+            .get_version(model, version)
+            .await
+            .unwrap()
+            .lifecycle
+            == shamal_registry::model::Lifecycle::Ready
+    })
+    .await;
+}
+
+/// Registers a test peer as a worker holding `model` `version` ready: the
+/// calls a worker makes when it has loaded a version.
+pub async fn report_peer_ready(
+    registry: &shamal_registry::ModelRegistry,
+    id: &str,
+    address: SocketAddr,
+    model: &str,
+    version: u64,
+) {
+    registry
+        .register_worker(shamal_registry::model::WorkerInfo {
+            id: id.to_owned(),
+            address: address.to_string(),
+            region: "local".to_owned(),
+            formats: vec!["safetensors".to_owned()],
+            device: "cpu".to_owned(),
+            last_seen: 0,
+        })
+        .await
+        .unwrap();
+    registry
+        .report_placement(id, model, version, "ready", "", "")
+        .await
+        .unwrap();
+    wait_version_ready(registry, model, version).await;
+}
+
+/// The router's Prometheus text.
+pub async fn router_metrics(router: &Router) -> String {
+    reqwest::get(format!("http://{}/metrics", router.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Polls the router's metrics until `line` shows up.
+pub async fn wait_for_metric(router: &Router, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = router_metrics(router).await;
+        if text.contains(line) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metric never showed {line}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the router routes `model` by rollout revision `revision`
+/// (its `shamal_router_rollout_revision` gauge, set once the new routing
+/// table is in place).
+pub async fn wait_rollout_applied(router: &Router, model: &str, revision: u64) {
+    wait_for_metric(
+        router,
+        &format!("shamal_router_rollout_revision{{model=\"{model}\"}} {revision}\n"),
+    )
+    .await;
+}
+
+/// A request to `simple`: INPUT0 = INPUT1 = 0..16, so that OUTPUT0 is
+/// 2i with version 1 and 2i + 1 with version 2.
+pub fn simple_infer_request(version: &str) -> ModelInferRequest {
+    let tensor = |name: &str| {
+        let raw: Vec<u8> = (0..16).flat_map(|i: i32| i.to_le_bytes()).collect();
+        shamal_tensor::Tensor::from_raw(
+            name,
+            shamal_tensor::DataType::Int32,
+            vec![1, 16],
+            bytes::Bytes::from(raw),
+        )
+        .unwrap()
+    };
+    let (inputs, raw_input_contents) =
+        shamal_tensor::encode_inputs(&[tensor("INPUT0"), tensor("INPUT1")]);
+    ModelInferRequest {
+        model_name: MODEL.into(),
+        model_version: version.into(),
+        inputs,
+        raw_input_contents,
+        ..Default::default()
+    }
+}
+
+/// The version that answered a `simple_infer_request`, by the response's
+/// `model_version`, checked against what it computed.
+pub fn answered_version(response: &ModelInferResponse) -> u64 {
+    let version: u64 = response.model_version.parse().unwrap();
+    let outputs = shamal_tensor::decode_outputs(
+        response.outputs.clone(),
+        response.raw_output_contents.clone(),
+    )
+    .unwrap();
+    let output0 = outputs
+        .iter()
+        .find(|output| output.name == "OUTPUT0")
+        .unwrap();
+    let shamal_tensor::TensorData::Fixed(bytes) = &output0.data else {
+        panic!("OUTPUT0 is not a fixed-size tensor");
+    };
+    let values: Vec<i32> = bytes
+        .chunks_exact(4)
+        .map(|chunk| i32::from_le_bytes(chunk.try_into().unwrap()))
+        .collect();
+    let extra = match version {
+        1 => 0,
+        2 => 1,
+        other => panic!("simple has no version {other} that computes: {response:?}"),
+    };
+    let expected: Vec<i32> = (0..16).map(|i| 2 * i + extra).collect();
+    assert_eq!(
+        values, expected,
+        "version {version} computed the wrong answer"
+    );
+    version
+}
+
+// ----- a scripted worker: a peer for shadow and fault tests -------------
+
+/// What a scripted worker does with each inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    /// Holds every call until the test opens the gate, then answers.
+    Gated,
+    /// Answers every call with INTERNAL at once.
+    Failing,
+}
+
+/// One inference a scripted worker received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub model: String,
+    pub version: String,
+    pub request_id: Option<String>,
+    pub inputs: Vec<String>,
+    pub raw_input_contents: Vec<bytes::Bytes>,
+}
+
+/// A worker serving one version of one model by script, recording what it
+/// receives. Not a product component: a stand-in for a shadow or canary
+/// version's worker whose timing or failures the test controls.
+#[derive(Clone)]
+pub struct ScriptedWorker {
+    pub address: SocketAddr,
+    model: String,
+    version: u64,
+    script: Script,
+    received: Arc<Mutex<Vec<Received>>>,
+    completed: Arc<std::sync::atomic::AtomicUsize>,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl ScriptedWorker {
+    pub async fn start(model: &str, version: u64, script: Script) -> ScriptedWorker {
+        let listener = listener().await;
+        let worker = ScriptedWorker {
+            address: listener.local_addr().unwrap(),
+            model: model.to_owned(),
+            version,
+            script,
+            received: Arc::default(),
+            completed: Arc::default(),
+            gate: tokio::sync::watch::channel(false).0,
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GrpcInferenceServiceServer::new(worker.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        worker
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn received_count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Calls answered so far.
+    pub fn completed(&self) -> usize {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets every held call (and every later one) answer.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for ScriptedWorker {
+    async fn repository_index(
+        &self,
+        _: tonic::Request<RepositoryIndexRequest>,
+    ) -> Result<tonic::Response<RepositoryIndexResponse>, tonic::Status> {
+        Ok(tonic::Response::new(RepositoryIndexResponse {
+            models: vec![ModelIndex {
+                name: self.model.clone(),
+                version: self.version.to_string(),
+                state: "READY".into(),
+                reason: String::new(),
+            }],
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: tonic::Request<ModelReadyRequest>,
+    ) -> Result<tonic::Response<ModelReadyResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let ready = request.name == self.model
+            && (request.version.is_empty() || request.version == self.version.to_string());
+        Ok(tonic::Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: tonic::Request<ModelInferRequest>,
+    ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+        let request_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let request = request.into_inner();
+        self.received.lock().unwrap().push(Received {
+            model: request.model_name.clone(),
+            version: request.model_version.clone(),
+            request_id,
+            inputs: request
+                .inputs
+                .iter()
+                .map(|input| input.name.clone())
+                .collect(),
+            raw_input_contents: request.raw_input_contents.clone(),
+        });
+        let outcome = match self.script {
+            Script::Failing => Err(tonic::Status::internal(format!(
+                "scripted failure of {} version {}",
+                self.model, self.version
+            ))),
+            Script::Gated => {
+                let mut gate = self.gate.subscribe();
+                let _ = gate.wait_for(|open| *open).await;
+                // An answer no real version gives: OUTPUT0 all -7.
+                let raw: Vec<u8> = (0..16).flat_map(|_| (-7i32).to_le_bytes()).collect();
+                let output = shamal_tensor::Tensor::from_raw(
+                    "OUTPUT0",
+                    shamal_tensor::DataType::Int32,
+                    vec![1, 16],
+                    bytes::Bytes::from(raw),
+                )
+                .unwrap();
+                let (outputs, raw_output_contents) = shamal_tensor::encode_outputs(&[output]);
+                Ok(tonic::Response::new(ModelInferResponse {
+                    model_name: request.model_name,
+                    model_version: self.version.to_string(),
+                    id: request.id,
+                    parameters: Default::default(),
+                    outputs,
+                    raw_output_contents,
+                }))
+            }
+        };
+        self.completed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        outcome
+    }
+}
