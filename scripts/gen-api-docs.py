@@ -178,7 +178,7 @@ def render(document):
         f"API version {info['version']}, OpenAPI {document['openapi']}. The machine-readable "
         "document is served at `GET /openapi.json` (committed as "
         "[`docs/openapi.json`](openapi.json)); the registry's HTTP listener "
-        "(default `127.0.0.1:8100`) also serves a web UI at `/`.",
+        "(default `127.0.0.1:8200`) also serves a web UI at `/`.",
         "",
     ]
     for paragraph in info.get("description", "").split("\n\n"):

@@ -17,7 +17,7 @@ pub struct RegistryOpts {
         global = true,
         help_heading = "Registry options",
         env = "SHAMAL_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8100",
+        default_value = "http://127.0.0.1:8200",
         value_name = "URL"
     )]
     pub registry: String,

@@ -54,10 +54,10 @@ pub struct UpArgs {
     #[arg(long, env = "SHAMAL_DATA_DIR", default_value = ".shamal")]
     data_dir: PathBuf,
     /// Registry REST API, OpenAPI document and web UI port.
-    #[arg(long, default_value_t = 8100)]
+    #[arg(long, default_value_t = 8200)]
     registry_http_port: u16,
     /// Registry internal gRPC port (routers and workers), on loopback.
-    #[arg(long, default_value_t = 8101)]
+    #[arg(long, default_value_t = 8201)]
     registry_grpc_port: u16,
     /// Largest dynamic batch for models without a configuration file.
     #[arg(long)]

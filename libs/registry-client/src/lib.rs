@@ -47,6 +47,7 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
     tokio::spawn(async move {
         let mut revision = 0u64;
         let mut backoff = Duration::from_millis(50);
+        let mut failures = 0u32;
         loop {
             let mut registry = client(channel.clone());
             let request = WatchRequest {
@@ -60,6 +61,7 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
                         match stream.message().await {
                             Ok(Some(event)) => {
                                 backoff = Duration::from_millis(50);
+                                failures = 0;
                                 let next = event.revision;
                                 if sender.send(event).await.is_err() {
                                     return;
@@ -78,7 +80,14 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
                     }
                 }
                 Err(status) => {
-                    tracing::debug!(%status, "cannot watch the registry yet");
+                    // Loud at first and then every minute or so: a wrong
+                    // address must not go unnoticed, nor flood the log.
+                    if failures.is_multiple_of(30) {
+                        tracing::warn!(%status, attempts = failures + 1, "cannot watch the registry");
+                    } else {
+                        tracing::debug!(%status, "cannot watch the registry yet");
+                    }
+                    failures += 1;
                 }
             }
             if sender.is_closed() {

@@ -26,9 +26,9 @@ pub struct RegistryConfig {
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
-            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8101)),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8102))),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8200)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8201)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8202))),
             database_url: "sqlite://.shamal/registry.db".to_owned(),
             artifact_dir: PathBuf::from(".shamal/artifacts"),
             max_artifact_bytes: 8 * 1024 * 1024 * 1024,

@@ -97,11 +97,22 @@ pub async fn serve(
     let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("registry stopping");
-        let _ = stop_sender.send(true);
-    });
+    {
+        let health = health_reporter.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("registry stopping");
+            readiness.set(false);
+            health
+                .set_not_serving::<RegistryServer<grpc::RegistryGrpc>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = stop_sender.send(true);
+        });
+    }
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(shamal_telemetry::serve_metrics(
             listener,

@@ -131,8 +131,15 @@ impl Frontend {
         received + caller_timeout.unwrap_or(self.default_timeout)
     }
 
+    /// Ready when a worker serves a ready model and, with a registry, once
+    /// the registry's rollouts are known: a router that has never seen them
+    /// could send traffic to a version no rollout allows.
     pub fn ready(&self) -> bool {
         self.pool.ready()
+            && self
+                .registry
+                .as_ref()
+                .is_none_or(|routing| routing.synced())
     }
 
     pub fn server_metadata(&self) -> ServerMetadataResponse {

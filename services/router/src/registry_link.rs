@@ -36,6 +36,9 @@ pub struct RegistryRouting {
     shadow_slots: Arc<Semaphore>,
     pub(crate) shadow_metrics: ShadowMetrics,
     rollout_revision: IntGaugeVec,
+    /// Set once the first snapshot is applied: until then the router does
+    /// not know the rollouts and reports itself not ready.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 /// How one request of a model the registry knows is routed.
@@ -68,6 +71,7 @@ impl RegistryRouting {
                         &["model"],
                     )?,
                 ),
+                synced: std::sync::atomic::AtomicBool::new(false),
             })
         };
         match build() {
@@ -141,10 +145,21 @@ impl RegistryRouting {
         permit
     }
 
+    /// Whether the registry's first snapshot has been applied.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Applies a Watch event to the routing table, logging and exporting
     /// each model whose routing changed.
     pub fn apply(&self, event: &WatchEvent) {
         let changes = self.routes.apply(event);
+        if event.snapshot && !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(
+                registry_revision = event.revision,
+                "routing table in step with the registry"
+            );
+        }
         for change in changes {
             match change {
                 Change::Updated { model, route } => {
