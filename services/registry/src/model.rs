@@ -324,8 +324,10 @@ pub struct Page<T> {
 #[serde(deny_unknown_fields)]
 pub struct NewVersion {
     /// sha256 of an artifact already uploaded with `PUT /v1/artifacts/{sha256}`.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: String,
     /// onnx or safetensors.
+    #[schema(value_type = Format)]
     pub format: String,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
