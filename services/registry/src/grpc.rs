@@ -38,15 +38,16 @@ impl RegistryGrpc {
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::ArtifactChunk, Status>> + Send>>;
 
-/// Builds the next event for a subscriber at `since` (a snapshot when
-/// `since` is 0 or from a future the registry does not know); `None` when
-/// nothing changed.
+/// Builds the next event for a subscriber at `since`: a snapshot when
+/// `snapshot` is asked for or `since` is from a future the registry does not
+/// know; `None` when nothing changed.
 async fn next_event(
     registry: &ModelRegistry,
     since: u64,
+    snapshot: bool,
 ) -> Result<Option<proto::WatchEvent>, Status> {
     let current = registry.current_revision().await?;
-    if since == 0 || since > current {
+    if snapshot || since > current {
         // Read the revision first: a change landing meanwhile is sent again
         // in the next event, never lost.
         let mut models = Vec::new();
@@ -99,13 +100,17 @@ impl Registry for RegistryGrpc {
         tracing::info!(subscriber = %request.subscriber, since = request.since_revision, "watch started");
         tokio::spawn(async move {
             let mut since = request.since_revision;
+            // Revision 0 means "from the start": a snapshot, even of an
+            // empty registry (whose revision is 0 too), then every change.
+            let mut snapshot = since == 0;
             loop {
                 // Mark the current notification seen before reading, so a
                 // change committed during the read wakes the next round.
                 notified.borrow_and_update();
-                match next_event(&registry, since).await {
+                match next_event(&registry, since, snapshot).await {
                     Ok(Some(event)) => {
-                        since = event.revision.max(1);
+                        snapshot = false;
+                        since = event.revision;
                         if sender.send(Ok(event)).await.is_err() {
                             break;
                         }

@@ -152,3 +152,32 @@ async fn watch_streams_snapshot_then_changes_and_resumes() {
     );
     restarted.stop().await.unwrap();
 }
+
+/// A subscriber that starts on an empty registry (revision 0) gets the
+/// empty snapshot, then the very first change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_an_empty_registry_sees_the_first_change() {
+    let db = TestDb::sqlite().await;
+    let running = RunningRegistry::start_local(&db.url, &db.dir.path().join("artifacts"))
+        .await
+        .unwrap();
+    let channel = shamal_registry_client::channel(&running.grpc_address.to_string()).unwrap();
+    let mut stream = shamal_registry_client::client(channel)
+        .watch(WatchRequest {
+            since_revision: 0,
+            subscriber: "test-empty".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = next(&mut stream).await;
+    assert!(snapshot.snapshot);
+    assert_eq!(snapshot.revision, 0);
+    assert!(snapshot.models.is_empty());
+    push(&running.registry, "first", b"weights").await;
+    let change = next(&mut stream).await;
+    assert!(!change.snapshot, "a change, not another snapshot");
+    assert_eq!(change.revision, 1);
+    assert_eq!(change.models[0].name, "first");
+    running.stop().await.unwrap();
+}
