@@ -143,20 +143,11 @@ impl ModelRegistry {
             .bind(limit + 1)
             .fetch_all(&self.store.pool)
             .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(model_from_row)
             .collect::<Result<Vec<_>>>()?;
-        let next_page_token = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|model| encode_token(&model.name))
-        } else {
-            None
-        };
-        Ok(Page {
-            items,
-            next_page_token,
-        })
+        Ok(page_of(items, limit, |model| model.name.clone()))
     }
 
     // ----- artifacts ----------------------------------------------------
@@ -366,22 +357,11 @@ impl ModelRegistry {
             .bind(limit + 1)
             .fetch_all(&self.store.pool)
             .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(version_from_row)
             .collect::<Result<Vec<_>>>()?;
-        let next_page_token = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items
-                .last()
-                .map(|version| encode_token(&version.version.to_string()))
-        } else {
-            None
-        };
-        Ok(Page {
-            items,
-            next_page_token,
-        })
+        Ok(page_of(items, limit, |version| version.version.to_string()))
     }
 
     /// Retires a version: workers unload it. Refused while a rollout in
@@ -831,22 +811,11 @@ impl ModelRegistry {
             .bind(limit + 1)
             .fetch_all(&self.store.pool)
             .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(history_from_row)
             .collect::<Result<Vec<_>>>()?;
-        let next_page_token = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items
-                .last()
-                .map(|entry| encode_token(&entry.id.to_string()))
-        } else {
-            None
-        };
-        Ok(Page {
-            items,
-            next_page_token,
-        })
+        Ok(page_of(items, limit, |entry| entry.id.to_string()))
     }
 
     /// The one path every rollout change takes: check the expected
@@ -1272,6 +1241,22 @@ impl ModelRegistry {
             }
         }
         Ok(rolled_back)
+    }
+}
+
+/// One page of `items`, fetched with one row more than `limit`: that extra
+/// row only says whether a next page exists, and the token is the key of
+/// the page's last item.
+fn page_of<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+    let next_page_token = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|last| encode_token(&key(last)))
+    } else {
+        None
+    };
+    Page {
+        items,
+        next_page_token,
     }
 }
 
