@@ -21,6 +21,19 @@ pub enum ModelCommand {
     List,
     /// Show a model (aliases, rollout, versions) or one of its versions.
     Show(ShowArgs),
+    /// Load a failed version again (after fixing what made it fail).
+    Retry(VersionArgs),
+    /// Retire a version: workers unload it.
+    Archive(VersionArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VersionArgs {
+    /// Model name.
+    name: String,
+    /// Version number.
+    #[arg(long)]
+    version: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,7 +88,37 @@ pub async fn run(command: ModelCommand, opts: &RegistryOpts) -> CliResult<()> {
         ModelCommand::Push(args) => push(&client, args, opts.output).await,
         ModelCommand::List => list(&client, opts.output).await,
         ModelCommand::Show(args) => show(&client, args, opts.output).await,
+        ModelCommand::Retry(args) => version_action(&client, args, "retry", opts.output).await,
+        ModelCommand::Archive(args) => version_action(&client, args, "archive", opts.output).await,
     }
+}
+
+/// `POST /v1/models/{name}/versions/{version}/{action}`, then the version.
+async fn version_action(
+    client: &Client,
+    args: VersionArgs,
+    action: &str,
+    output: Output,
+) -> CliResult<()> {
+    let name = segment(&args.name);
+    let version = client
+        .send(
+            Method::POST,
+            &format!("/v1/models/{name}/versions/{}/{action}", args.version),
+            &json!({}),
+        )
+        .await?;
+    if output == Output::Json {
+        print_json(&version);
+    } else {
+        print_fields(&[
+            ("model", text(&version["model"])),
+            ("version", text(&version["version"])),
+            ("lifecycle", text(&version["lifecycle"])),
+            ("reason", text(&version["reason"])),
+        ]);
+    }
+    Ok(())
 }
 
 fn format_of(path: &Path) -> Option<&'static str> {

@@ -413,6 +413,39 @@ impl ModelRegistry {
         Ok(archived)
     }
 
+    /// Gives a failed version another chance: its failed placements are
+    /// forgotten and it goes back to `registered`, so workers load it again
+    /// (after the cause — a worker short of memory, a registry outage during
+    /// a fetch — is fixed).
+    pub async fn retry_version(&self, model: &str, version: u64, actor: &str) -> Result<Version> {
+        let mut tx = self.store.begin_write().await?;
+        let current = fetch_version(&mut tx, model, version).await?;
+        if current.lifecycle != Lifecycle::Failed {
+            return Err(RegistryError::FailedPrecondition(format!(
+                "version {version} of '{model}' is {}, not failed",
+                current.lifecycle.as_str()
+            )));
+        }
+        sqlx::query(
+            "DELETE FROM placements WHERE model = $1 AND version = $2 AND state = 'failed'",
+        )
+        .bind(model)
+        .bind(version as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE versions SET lifecycle = 'registered', reason = '' WHERE model = $1 AND version = $2")
+            .bind(model)
+            .bind(version as i64)
+            .execute(&mut *tx)
+            .await?;
+        let revision = record_change(&mut tx, model).await?;
+        let retried = fetch_version(&mut tx, model, version).await?;
+        tx.commit().await?;
+        self.notify(revision);
+        tracing::info!(model, version, actor = %actor_or_anonymous(actor), previous_reason = %current.reason, "failed version retried");
+        Ok(retried)
+    }
+
     // ----- aliases ------------------------------------------------------
 
     pub async fn set_alias(

@@ -72,6 +72,10 @@ pub fn router(
             post(h::archive_version),
         )
         .route(
+            "/v1/models/{name}/versions/{version}/retry",
+            post(h::retry_version),
+        )
+        .route(
             "/v1/artifacts/{sha256}",
             put(h::put_artifact)
                 .get(h::get_artifact)

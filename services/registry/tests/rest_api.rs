@@ -450,6 +450,17 @@ async fn versions_register_list_and_archive() {
     let (status, body) = api.post("/v1/models", json!({"description": "x"})).await;
     assert_invalid(status, &body, "name");
 
+    // Only failed versions can be retried.
+    let (status, body) = api
+        .call(Method::POST, "/v1/models/fraud/versions/1/retry", None)
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "failed_precondition",
+    );
+
     // Archive: refused while the production alias points to the version.
     let (status, body) = api
         .call(Method::POST, "/v1/models/fraud/versions/1/archive", None)
@@ -921,6 +932,9 @@ async fn unknown_routes_methods_and_headers_answer_json() {
         .client
         .post(api.url("/v1/models"))
         .header("content-type", "application/json")
+        // The server answers before reading the whole body and drops the
+        // connection: keep it out of the client's pool.
+        .header("connection", "close")
         .body(big)
         .send()
         .await
@@ -1002,6 +1016,7 @@ const ROUTES: &[&str] = &[
     "POST /v1/models/{name}/versions",
     "GET /v1/models/{name}/versions/{version}",
     "POST /v1/models/{name}/versions/{version}/archive",
+    "POST /v1/models/{name}/versions/{version}/retry",
     "PUT /v1/artifacts/{sha256}",
     "GET /v1/artifacts/{sha256}",
     "HEAD /v1/artifacts/{sha256}",

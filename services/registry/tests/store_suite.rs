@@ -447,6 +447,43 @@ async fn placements_drive_the_version_lifecycle(registry: Arc<ModelRegistry>) {
     assert_eq!(ready.signature.unwrap()["inputs"][0]["name"], "x");
     let placements = registry.list_placements("fraud").await.unwrap();
     assert_eq!(placements.len(), 2);
+    // A failed version can be retried: back to registered, failures forgotten.
+    let other = push(&registry, "fraud", b"other weights").await;
+    registry
+        .report_placement("w1", "fraud", other, "failed", "out of memory", "")
+        .await
+        .unwrap();
+    assert_eq!(
+        registry
+            .get_version("fraud", other)
+            .await
+            .unwrap()
+            .lifecycle,
+        Lifecycle::Failed
+    );
+    let retried = registry
+        .retry_version("fraud", other, "alice")
+        .await
+        .unwrap();
+    assert_eq!(retried.lifecycle, Lifecycle::Registered);
+    assert_eq!(retried.reason, "");
+    assert!(
+        registry
+            .list_placements("fraud")
+            .await
+            .unwrap()
+            .iter()
+            .all(|placement| placement.version != other)
+    );
+    let error = registry
+        .retry_version("fraud", version, "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        "failed_precondition",
+        "a ready version is not retried"
+    );
     let error = registry
         .report_placement("ghost", "fraud", version, "ready", "", "")
         .await

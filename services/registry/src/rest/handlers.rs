@@ -397,6 +397,40 @@ pub async fn archive_version(
     ))
 }
 
+/// Retry a failed version
+///
+/// Forgets the version's failed placements and sets it back to
+/// `registered`, so workers load it again. Only failed versions can be
+/// retried.
+#[utoipa::path(
+    post,
+    path = "/v1/models/{name}/versions/{version}/retry",
+    tag = "versions",
+    params(
+        ("name" = String, Path, description = "Model name"),
+        ("version" = u64, Path, description = "Version number"),
+    ),
+    responses(
+        (status = 200, description = "The version, registered again", body = Version),
+        (status = 400, description = "The version is not a number", body = ErrorBody),
+        (status = 404, description = "No such model or version", body = ErrorBody),
+        (status = 422, description = "The version is not failed (`failed_precondition`)", body = ErrorBody),
+    )
+)]
+pub async fn retry_version(
+    State(state): State<AppState>,
+    params: PathParams,
+    Actor(actor): Actor,
+) -> ApiResult<Json<Version>> {
+    let version = params.version()?;
+    Ok(Json(
+        state
+            .registry
+            .retry_version(params.name(), version, &actor)
+            .await?,
+    ))
+}
+
 // ----- artifacts ------------------------------------------------------------
 
 /// Upload an artifact

@@ -29,6 +29,7 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         handlers::register_version,
         handlers::get_version,
         handlers::archive_version,
+        handlers::retry_version,
         handlers::put_artifact,
         handlers::get_artifact,
         handlers::head_artifact,
