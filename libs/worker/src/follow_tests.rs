@@ -857,6 +857,27 @@ async fn worker_loads_and_unloads_what_the_registry_assigns() {
         ]
     );
 
+    // m/2 repaired (the stored bytes are the uploaded ones again) and
+    // retried: back to registered, the worker loads it this time.
+    tamper(&config, &digest(b"width 4 "), b"width 4 ");
+    let retried = registry.retry_version("m", 2, "tester").await.unwrap();
+    assert_eq!(retried.lifecycle, Lifecycle::Registered);
+    wait_until("m/2 ready after the retry", async || {
+        placement_state(&registry, "worker-a", "m", 2)
+            .await
+            .as_deref()
+            == Some("ready")
+    })
+    .await;
+    assert_eq!(
+        registry.get_version("m", 2).await.unwrap().lifecycle,
+        Lifecycle::Ready
+    );
+    assert_eq!(
+        worker.infer("m", "2", 4).await.unwrap(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
+
     // Version 1 archived (its `production` alias moved first): unloaded
     // and reported.
     registry
