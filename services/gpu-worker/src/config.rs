@@ -1,0 +1,347 @@
+//! gpu-worker configuration: defaults < TOML file < SHAMAL_GPU_WORKER_* env
+//! < command-line flags, validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shamal_worker::{ModelDefaults, RegistryFollow, WorkerConfig};
+
+use crate::spec::DevicePreference;
+
+/// Repository served when neither a repository nor a registry is set.
+pub const DEFAULT_MODEL_REPOSITORY: &str = "models/gpu/repository";
+
+/// Effective configuration of a gpu-worker.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuWorkerConfig {
+    /// Address of the v2 gRPC service the router calls.
+    pub grpc_listen: SocketAddr,
+    /// Address of `/metrics` and probes; `None` (only when embedding the
+    /// service as a library) disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Triton-layout model repository. Unset: `models/repository` when no
+    /// registry is configured, none otherwise. With both, repository and
+    /// registry models are served side by side.
+    pub model_repository: Option<PathBuf>,
+    /// The model registry's internal gRPC address (`host:port` or URL);
+    /// set, the worker loads the versions the registry assigns it.
+    pub registry: Option<String>,
+    /// Identity in the registry; unset: `<hostname>-<gRPC port>`.
+    pub worker_id: Option<String>,
+    /// `host:port` routers reach this worker's gRPC at; unset: the bound
+    /// gRPC address (the host name in place of 0.0.0.0).
+    pub advertise_address: Option<String>,
+    /// Region (data residency) reported to the registry.
+    pub region: String,
+    /// Where artifacts fetched from the registry are kept (by sha256).
+    pub artifact_cache: PathBuf,
+    /// Compute device: `auto` (CUDA when built with the `cuda` feature and
+    /// a GPU answers, else CPU), `cpu`, or `cuda` (fail without a GPU).
+    pub device: DevicePreference,
+    /// CUDA device ordinal used for `auto` and `cuda`.
+    pub cuda_device: usize,
+    /// Defaults for models whose configuration leaves them out.
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub instances: usize,
+    pub max_queue_size: usize,
+    pub max_message_bytes: usize,
+}
+
+impl Default for GpuWorkerConfig {
+    fn default() -> Self {
+        let defaults = ModelDefaults::default();
+        GpuWorkerConfig {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8301)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8302))),
+            model_repository: None,
+            registry: None,
+            worker_id: None,
+            advertise_address: None,
+            region: "local".to_owned(),
+            artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
+            device: DevicePreference::Auto,
+            cuda_device: 0,
+            max_batch_size: defaults.max_batch_size,
+            max_queue_delay_us: u64::try_from(defaults.max_queue_delay.as_micros()).unwrap_or(0),
+            instances: defaults.instances,
+            max_queue_size: defaults.max_queue_size,
+            max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// Command-line flags (each also readable from its environment variable).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct GpuWorkerArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "SHAMAL_GPU_WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+    /// Registry gRPC address to follow (host:port or URL).
+    #[arg(long, env = "SHAMAL_GPU_WORKER_REGISTRY")]
+    pub registry: Option<String>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_WORKER_ID")]
+    pub worker_id: Option<String>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_REGION")]
+    pub region: Option<String>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_ARTIFACT_CACHE")]
+    pub artifact_cache: Option<PathBuf>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_DEVICE", value_enum)]
+    pub device: Option<DevicePreference>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_CUDA_DEVICE")]
+    pub cuda_device: Option<usize>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_QUEUE_DELAY_US")]
+    pub max_queue_delay_us: Option<u64>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_INSTANCES")]
+    pub instances: Option<usize>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_QUEUE_SIZE")]
+    pub max_queue_size: Option<usize>,
+    #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+macro_rules! overlay {
+    ($config:ident, $args:ident, $($field:ident),+) => {
+        $(if let Some(value) = $args.$field.clone() { $config.$field = value; })+
+    };
+}
+
+impl GpuWorkerConfig {
+    /// Builds the effective configuration from flags, environment and file.
+    pub fn load(args: &GpuWorkerArgs) -> Result<GpuWorkerConfig, String> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+                toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?
+            }
+            None => GpuWorkerConfig::default(),
+        };
+        overlay!(
+            config,
+            args,
+            grpc_listen,
+            device,
+            cuda_device,
+            max_batch_size,
+            max_queue_delay_us,
+            instances,
+            max_queue_size,
+            max_message_bytes,
+            region,
+            artifact_cache
+        );
+        if let Some(path) = &args.model_repository {
+            config.model_repository = Some(path.clone());
+        }
+        if let Some(address) = &args.registry {
+            config.registry = Some(address.clone());
+        }
+        if let Some(id) = &args.worker_id {
+            config.worker_id = Some(id.clone());
+        }
+        if let Some(address) = &args.advertise_address {
+            config.advertise_address = Some(address.clone());
+        }
+        if config.model_repository.is_none() && config.registry.is_none() {
+            config.model_repository = Some(PathBuf::from(DEFAULT_MODEL_REPOSITORY));
+        }
+        if let Some(address) = args.metrics_listen {
+            config.metrics_listen = Some(address);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instances == 0 {
+            return Err("instances must be at least 1".to_owned());
+        }
+        if self.max_queue_size == 0 {
+            return Err("max_queue_size must be at least 1".to_owned());
+        }
+        if self.max_batch_size == 0 {
+            return Err("max_batch_size must be at least 1".to_owned());
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("max_message_bytes must be at least 1024".to_owned());
+        }
+        match &self.model_repository {
+            Some(repository) if !repository.is_dir() => {
+                return Err(format!(
+                    "model_repository {} is not a directory",
+                    repository.display()
+                ));
+            }
+            Some(_) => {}
+            None if self.registry.is_none() => {
+                return Err("set model_repository, registry or both".to_owned());
+            }
+            None => {}
+        }
+        if let Some(registry) = &self.registry {
+            self.validate_registry(registry)?;
+        }
+        Ok(())
+    }
+
+    fn validate_registry(&self, registry: &str) -> Result<(), String> {
+        let url = if registry.starts_with("http://") || registry.starts_with("https://") {
+            registry.to_owned()
+        } else {
+            format!("http://{registry}")
+        };
+        let valid = !registry.trim().is_empty()
+            && url
+                .parse::<tonic::transport::Uri>()
+                .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
+        if !valid {
+            return Err(format!(
+                "registry '{registry}' is not a host:port or http(s) URL"
+            ));
+        }
+        if let Some(id) = &self.worker_id
+            && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(format!(
+                "worker_id '{id}' must be 1 to 128 printable ASCII characters without spaces"
+            ));
+        }
+        if let Some(address) = &self.advertise_address {
+            let port = address
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .filter(|port| *port > 0);
+            if port.is_none() {
+                return Err(format!("advertise_address '{address}' must be host:port"));
+            }
+        }
+        if self.region.trim().is_empty() {
+            return Err("region must not be empty".to_owned());
+        }
+        if self.artifact_cache.as_os_str().is_empty() {
+            return Err("artifact_cache must not be empty".to_owned());
+        }
+        if self.artifact_cache.exists() && !self.artifact_cache.is_dir() {
+            return Err(format!(
+                "artifact_cache {} is not a directory",
+                self.artifact_cache.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The framework configuration; `device` is the label of the device
+    /// chosen at start-up, reported to the registry.
+    pub fn worker_config(&self, device: &str) -> WorkerConfig {
+        WorkerConfig {
+            server_name: "shamal-gpu-worker".to_owned(),
+            model_repository: self.model_repository.clone(),
+            registry: self.registry.as_ref().map(|address| RegistryFollow {
+                address: address.clone(),
+                worker_id: self.worker_id.clone().unwrap_or_default(),
+                advertise_address: self.advertise_address.clone(),
+                region: self.region.clone(),
+                device: device.to_owned(),
+                artifact_cache: self.artifact_cache.clone(),
+            }),
+            defaults: ModelDefaults {
+                max_batch_size: self.max_batch_size,
+                max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+                instances: self.instances,
+                max_queue_size: self.max_queue_size,
+            },
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args_with_repository(dir: &std::path::Path) -> GpuWorkerArgs {
+        GpuWorkerArgs {
+            model_repository: Some(dir.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("worker.toml");
+        std::fs::write(
+            &file,
+            "device = \"cpu\"\ninstances = 2\nmax_queue_delay_us = 100\n",
+        )
+        .unwrap();
+        let mut args = args_with_repository(dir.path());
+        args.config = Some(file);
+        args.instances = Some(4);
+        let config = GpuWorkerConfig::load(&args).unwrap();
+        assert_eq!(config.device, DevicePreference::Cpu, "from the file");
+        assert_eq!(config.instances, 4, "flag wins over the file");
+        assert_eq!(config.max_queue_delay_us, 100);
+        assert_eq!(config.grpc_listen.port(), 8301);
+        assert_eq!(config.metrics_listen.unwrap().port(), 8302);
+        let printed = toml::to_string_pretty(&config).unwrap();
+        assert!(printed.contains("device = \"cpu\""), "{printed}");
+    }
+
+    #[test]
+    fn invalid_configuration_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = args_with_repository(dir.path());
+        args.instances = Some(0);
+        assert!(
+            GpuWorkerConfig::load(&args)
+                .unwrap_err()
+                .contains("instances")
+        );
+
+        let args = args_with_repository(&dir.path().join("missing"));
+        assert!(
+            GpuWorkerConfig::load(&args)
+                .unwrap_err()
+                .contains("model_repository")
+        );
+
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "device = \"tpu\"\n").unwrap();
+        let mut args = args_with_repository(dir.path());
+        args.config = Some(file);
+        let error = GpuWorkerConfig::load(&args).unwrap_err();
+        assert!(error.contains("tpu"), "{error}");
+    }
+
+    #[test]
+    fn the_device_is_reported_to_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = GpuWorkerArgs {
+            registry: Some("registry.internal:9300".to_owned()),
+            artifact_cache: Some(dir.path().join("cache")),
+            ..Default::default()
+        };
+        let config = GpuWorkerConfig::load(&args).unwrap();
+        assert_eq!(config.model_repository, None, "no default repository");
+        let follow = config.worker_config("cuda:0").registry.unwrap();
+        assert_eq!(follow.device, "cuda:0");
+    }
+}

@@ -1,0 +1,105 @@
+//! Compute device selection: CUDA when compiled in (`--features cuda`) and a
+//! GPU answers, the CPU otherwise.
+
+use candle_core::{Device, DeviceLocation};
+
+use crate::spec::DevicePreference;
+
+/// True when this binary was built with candle's CUDA backend.
+pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
+
+/// The label of a device as reported in logs, metrics and model
+/// configurations: `cpu` or `cuda:<ordinal>`.
+pub fn label(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".to_owned(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Opens CUDA device `ordinal`, explaining why it cannot be had.
+pub fn open_cuda(ordinal: usize) -> Result<Device, String> {
+    if !CUDA_COMPILED {
+        return Err(
+            "this shamal-gpu-worker was built without CUDA support (build with --features cuda)"
+                .to_owned(),
+        );
+    }
+    // The CUDA driver library is loaded dynamically; a host without it must
+    // fall back (or fail clearly), not abort.
+    match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(error)) => Err(format!("CUDA device {ordinal} is not available: {error}")),
+        Err(_) => Err(format!(
+            "CUDA device {ordinal} is not available: the CUDA driver library cannot be loaded"
+        )),
+    }
+}
+
+/// The worker's device for `preference`: `Cuda` requires a GPU, `Auto`
+/// takes one when there is one.
+pub fn select(preference: DevicePreference, ordinal: usize) -> Result<Device, String> {
+    match preference {
+        DevicePreference::Cpu => Ok(Device::Cpu),
+        DevicePreference::Cuda => open_cuda(ordinal),
+        DevicePreference::Auto => {
+            if !CUDA_COMPILED {
+                return Ok(Device::Cpu);
+            }
+            match open_cuda(ordinal) {
+                Ok(device) => Ok(device),
+                Err(reason) => {
+                    tracing::warn!(%reason, "no usable GPU; running on the CPU");
+                    Ok(Device::Cpu)
+                }
+            }
+        }
+    }
+}
+
+/// The device a model runs on, given the worker's device and the model's
+/// preference. A model asking for CUDA on a CPU-only worker is refused.
+pub fn for_model(worker: &Device, preference: DevicePreference) -> Result<Device, String> {
+    match preference {
+        DevicePreference::Auto => Ok(worker.clone()),
+        DevicePreference::Cpu => Ok(Device::Cpu),
+        DevicePreference::Cuda if worker.is_cuda() => Ok(worker.clone()),
+        DevicePreference::Cuda => Err(format!(
+            "the model requires device \"cuda\" but this worker runs on {}{}",
+            label(worker),
+            if CUDA_COMPILED {
+                " (no usable GPU was found at start-up)"
+            } else {
+                " (built without the cuda feature)"
+            }
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cpu_is_always_available() {
+        let device = select(DevicePreference::Cpu, 0).unwrap();
+        assert_eq!(label(&device), "cpu");
+        assert_eq!(
+            label(&for_model(&device, DevicePreference::Auto).unwrap()),
+            "cpu"
+        );
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_on_a_cpu_build_fails_clearly() {
+        let error = select(DevicePreference::Cuda, 0).unwrap_err();
+        assert!(error.contains("built without CUDA"), "{error}");
+        assert_eq!(label(&select(DevicePreference::Auto, 0).unwrap()), "cpu");
+        let error = for_model(&Device::Cpu, DevicePreference::Cuda).unwrap_err();
+        assert!(error.contains("requires device \"cuda\""), "{error}");
+        assert!(error.contains("built without the cuda feature"), "{error}");
+    }
+}

@@ -1,0 +1,62 @@
+//! The gpu-worker: safetensors models on candle (CUDA when built with the
+//! `cuda` feature and a GPU is present, the CPU otherwise) behind Shamal's
+//! worker framework (KServe v2 gRPC, dynamic batching, Triton model
+//! repository). See [`spec`] for the model format.
+
+pub mod candle;
+pub mod config;
+pub mod device;
+pub mod mlp;
+pub mod spec;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use shamal_telemetry::Registry;
+use shamal_worker::{Worker, WorkerListeners};
+
+pub use candle::{CandleRuntime, MlpBackend};
+pub use config::{GpuWorkerArgs, GpuWorkerConfig};
+pub use spec::{DevicePreference, ModelSpec};
+
+/// Registers `shamal_gpu_worker_device_info{device="cpu"|"cuda:N"} 1`.
+pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Result<()> {
+    let gauge = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "shamal_gpu_worker_device_info",
+            "Compute device of the gpu-worker (always 1; the device is the label).",
+        ),
+        &["device"],
+    )?;
+    shamal_telemetry::register(registry, gauge)
+        .with_label_values(&[device])
+        .set(1);
+    Ok(())
+}
+
+/// Builds a gpu-worker (selects its device) without serving it yet.
+pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
+    let device = device::select(config.device, config.cuda_device).map_err(anyhow::Error::msg)?;
+    let label = device::label(&device);
+    tracing::info!(
+        device = %label,
+        cuda_compiled = device::CUDA_COMPILED,
+        "gpu-worker compute device selected"
+    );
+    register_device_metric(&registry, &label)?;
+    Ok(Worker::new(
+        config.worker_config(&label),
+        Arc::new(CandleRuntime::new(device)),
+        registry,
+    ))
+}
+
+/// Runs a gpu-worker until `shutdown` completes, then drains.
+pub async fn run(
+    config: GpuWorkerConfig,
+    listeners: WorkerListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    build(&config, registry)?.serve(listeners, shutdown).await
+}

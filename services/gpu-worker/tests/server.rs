@@ -1,0 +1,240 @@
+#![allow(clippy::unwrap_used)]
+//! The gpu-worker end to end: a repository of candle models served over the
+//! KServe v2 gRPC protocol, with dynamic batching.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shamal_gpu_worker::{DevicePreference, GpuWorkerArgs, GpuWorkerConfig};
+use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::inference::model_config::SchedulingChoice;
+use shamal_proto::inference::{
+    ModelConfigRequest, ModelInferRequest, ModelStatisticsRequest, ServerMetadataRequest,
+    ServerReadyRequest,
+};
+use shamal_tensor::{DataType, Tensor, TensorData, decode_outputs, encode_inputs};
+use shamal_worker::WorkerListeners;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn reference(model: &str) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
+    let path = workspace_root().join(format!("models/gpu/reference/{model}.json"));
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rows = |key: &str| -> Vec<Vec<f64>> { serde_json::from_value(value[key].clone()).unwrap() };
+    let input = rows("input")
+        .into_iter()
+        .map(|row| row.into_iter().map(|v| v as f32).collect())
+        .collect();
+    (input, rows("output"))
+}
+
+async fn infer(
+    client: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    input_name: &str,
+    rows: &[Vec<f32>],
+) -> Vec<f32> {
+    let values: Vec<f32> = rows.iter().flatten().copied().collect();
+    let tensor = Tensor {
+        name: input_name.to_owned(),
+        datatype: DataType::Fp32,
+        shape: vec![rows.len() as i64, rows[0].len() as i64],
+        data: TensorData::Fixed(Bytes::copy_from_slice(bytemuck::cast_slice(&values))),
+    };
+    let (inputs, raw_input_contents) = encode_inputs(&[tensor]);
+    let response = client
+        .model_infer(ModelInferRequest {
+            model_name: model.to_owned(),
+            inputs,
+            raw_input_contents,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let outputs = decode_outputs(response.outputs, response.raw_output_contents).unwrap();
+    let TensorData::Fixed(bytes) = &outputs[0].data else {
+        panic!("not fixed-size data")
+    };
+    bytemuck::pod_collect_to_vec(bytes)
+}
+
+fn assert_close(actual: &[f32], expected: &[f64], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}");
+    for (&a, &e) in actual.iter().zip(expected) {
+        assert!(
+            (f64::from(a) - e).abs() <= 1e-5 + 1e-4 * e.abs(),
+            "{what}: {a} vs {e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_candle_models_over_grpc_with_dynamic_batching() {
+    // The committed repository, with mlp_regressor's batching delay raised
+    // so that concurrent requests surely meet in one batch.
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().join("repository");
+    copy_dir(&workspace_root().join("models/gpu/repository"), &repository);
+    std::fs::write(
+        repository.join("mlp_regressor/config.pbtxt"),
+        "name: \"mlp_regressor\"\nbackend: \"candle\"\nmax_batch_size: 8\n\
+         dynamic_batching { max_queue_delay_microseconds: 2000000 preferred_batch_size: [ 6 ] }\n",
+    )
+    .unwrap();
+    let config = GpuWorkerConfig::load(&GpuWorkerArgs {
+        model_repository: Some(repository),
+        device: Some(DevicePreference::Auto),
+        ..Default::default()
+    })
+    .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = grpc.local_addr().unwrap();
+    let metrics = shamal_telemetry::Registry::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(shamal_gpu_worker::run(
+        config,
+        WorkerListeners {
+            grpc,
+            metrics: None,
+        },
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..200 {
+        ready = client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "worker never became ready");
+
+    let metadata = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metadata.name, "shamal-gpu-worker");
+
+    // ModelConfig: candle, batching derived from the graph (no config.pbtxt).
+    let config = client
+        .model_config(ModelConfigRequest {
+            name: "mlp_demo".to_owned(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(config.platform, "candle");
+    assert_eq!(config.backend, "candle");
+    assert_eq!(config.max_batch_size, 32);
+    assert!(matches!(
+        config.scheduling_choice,
+        Some(SchedulingChoice::DynamicBatching(_))
+    ));
+    assert_eq!(config.input[0].name, "INPUT0");
+    assert_eq!(config.input[0].dims, vec![16]);
+    assert_eq!(config.output[0].dims, vec![4]);
+
+    // ModelInfer against the numpy reference, whole batch and one row.
+    let (input, output) = reference("mlp_demo");
+    let batched = infer(&mut client, "mlp_demo", "INPUT0", &input).await;
+    let expected: Vec<f64> = output.iter().flatten().copied().collect();
+    assert_close(&batched, &expected, "mlp_demo batch");
+    let single = infer(&mut client, "mlp_demo", "INPUT0", &input[2..3]).await;
+    assert_close(&single, &output[2], "mlp_demo row 2");
+
+    // Six concurrent single-row requests form one batch of six; each answer
+    // is its own row of the reference.
+    let (input, output) = reference("mlp_regressor");
+    let requests = input.iter().map(|row| {
+        let mut client = client.clone();
+        let row = row.clone();
+        async move { infer(&mut client, "mlp_regressor", "features", &[row]).await }
+    });
+    let answers = futures_join_all(requests).await;
+    for (row, answer) in answers.iter().enumerate() {
+        assert_close(answer, &output[row], &format!("mlp_regressor row {row}"));
+    }
+    let stats = client
+        .model_statistics(ModelStatisticsRequest {
+            name: "mlp_regressor".to_owned(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = &stats.model_stats[0];
+    assert_eq!(stats.inference_count, 6, "warm-up is not counted");
+    assert!(
+        stats.execution_count < stats.inference_count,
+        "requests were batched: {} executions for {} inferences",
+        stats.execution_count,
+        stats.inference_count
+    );
+
+    // The device is exported as a metric.
+    let mut text = Vec::new();
+    shamal_telemetry::Encoder::encode(
+        &shamal_telemetry::TextEncoder::new(),
+        &metrics.gather(),
+        &mut text,
+    )
+    .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("shamal_gpu_worker_device_info{device=\"cpu\"} 1")
+            || text.contains("shamal_gpu_worker_device_info{device=\"cuda:"),
+        "{text}"
+    );
+
+    stop.send(()).unwrap();
+    worker.await.unwrap().unwrap();
+}
+
+/// Awaits every future concurrently (tokio tasks, no extra dependency).
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
