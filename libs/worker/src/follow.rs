@@ -83,6 +83,62 @@ impl RegistryFollow {
     }
 }
 
+/// Checks a worker's registry settings as configured (before the worker
+/// binds its port), naming the field at fault. Shared by every worker
+/// binary.
+pub fn validate_follow_settings(
+    registry: &str,
+    worker_id: Option<&str>,
+    advertise_address: Option<&str>,
+    region: &str,
+    artifact_cache: &Path,
+) -> Result<(), String> {
+    let url = if registry.starts_with("http://") || registry.starts_with("https://") {
+        registry.to_owned()
+    } else {
+        format!("http://{registry}")
+    };
+    let valid = !registry.trim().is_empty()
+        && url
+            .parse::<tonic::transport::Uri>()
+            .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
+    if !valid {
+        return Err(format!(
+            "registry '{registry}' is not a host:port or http(s) URL"
+        ));
+    }
+    if let Some(id) = worker_id
+        && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
+    {
+        return Err(format!(
+            "worker_id '{id}' must be 1 to 128 printable ASCII characters without spaces"
+        ));
+    }
+    if let Some(address) = advertise_address {
+        let port = address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .filter(|port| *port > 0);
+        if port.is_none() {
+            return Err(format!("advertise_address '{address}' must be host:port"));
+        }
+    }
+    if region.trim().is_empty() {
+        return Err("region must not be empty".to_owned());
+    }
+    if artifact_cache.as_os_str().is_empty() {
+        return Err("artifact_cache must not be empty".to_owned());
+    }
+    if artifact_cache.exists() && !artifact_cache.is_dir() {
+        return Err(format!(
+            "artifact_cache {} is not a directory",
+            artifact_cache.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The machine's host name (`/proc/sys/kernel/hostname`, then `HOSTNAME`),
 /// `localhost` when neither is known.
 pub fn hostname() -> String {

@@ -15,6 +15,6 @@ pub mod stats;
 
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError};
-pub use follow::RegistryFollow;
+pub use follow::{RegistryFollow, validate_follow_settings};
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;

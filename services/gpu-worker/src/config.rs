@@ -194,54 +194,13 @@ impl GpuWorkerConfig {
             None => {}
         }
         if let Some(registry) = &self.registry {
-            self.validate_registry(registry)?;
-        }
-        Ok(())
-    }
-
-    fn validate_registry(&self, registry: &str) -> Result<(), String> {
-        let url = if registry.starts_with("http://") || registry.starts_with("https://") {
-            registry.to_owned()
-        } else {
-            format!("http://{registry}")
-        };
-        let valid = !registry.trim().is_empty()
-            && url
-                .parse::<tonic::transport::Uri>()
-                .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
-        if !valid {
-            return Err(format!(
-                "registry '{registry}' is not a host:port or http(s) URL"
-            ));
-        }
-        if let Some(id) = &self.worker_id
-            && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
-        {
-            return Err(format!(
-                "worker_id '{id}' must be 1 to 128 printable ASCII characters without spaces"
-            ));
-        }
-        if let Some(address) = &self.advertise_address {
-            let port = address
-                .rsplit_once(':')
-                .filter(|(host, _)| !host.is_empty())
-                .and_then(|(_, port)| port.parse::<u16>().ok())
-                .filter(|port| *port > 0);
-            if port.is_none() {
-                return Err(format!("advertise_address '{address}' must be host:port"));
-            }
-        }
-        if self.region.trim().is_empty() {
-            return Err("region must not be empty".to_owned());
-        }
-        if self.artifact_cache.as_os_str().is_empty() {
-            return Err("artifact_cache must not be empty".to_owned());
-        }
-        if self.artifact_cache.exists() && !self.artifact_cache.is_dir() {
-            return Err(format!(
-                "artifact_cache {} is not a directory",
-                self.artifact_cache.display()
-            ));
+            shamal_worker::validate_follow_settings(
+                registry,
+                self.worker_id.as_deref(),
+                self.advertise_address.as_deref(),
+                &self.region,
+                &self.artifact_cache,
+            )?;
         }
         Ok(())
     }

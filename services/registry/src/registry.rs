@@ -1221,8 +1221,14 @@ impl ModelRegistry {
                 .traffic
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut newest: BTreeMap<&str, u64> = BTreeMap::new();
             for entry in &report.traffic {
                 book.add(entry);
+                let seen = newest.entry(entry.model.as_str()).or_default();
+                *seen = (*seen).max(entry.rollout_revision);
+            }
+            for (model, revision) in newest {
+                book.prune(model, revision);
             }
             report
                 .traffic
@@ -1545,11 +1551,13 @@ impl TrafficBook {
         for (total, add) in tally.buckets.iter_mut().zip(&entry.latency_buckets) {
             *total += add;
         }
-        // Windows of older revisions of this model are no longer judged.
-        let model = entry.model.clone();
-        let revision = entry.rollout_revision;
+    }
+
+    /// Forgets the windows of rollout revisions older than the previous
+    /// one: they are no longer judged.
+    fn prune(&mut self, model: &str, revision: u64) {
         self.entries.retain(|(other, other_revision, _, _), _| {
-            *other != model || *other_revision + 1 >= revision
+            other != model || *other_revision + 1 >= revision
         });
     }
 
