@@ -40,6 +40,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+step "docs/registry-api.md matches the OpenAPI document"
+.deps/venv/bin/python scripts/gen-api-docs.py --check-markdown
+
 step "registry REST API against its OpenAPI document (schemathesis: no 5xx)"
 SCHEMATHESIS_EXAMPLES="${SCHEMATHESIS_EXAMPLES:-25}" scripts/schemathesis.sh
 
