@@ -42,6 +42,36 @@ pub struct RouterConfig {
     /// Shadow copies in flight beyond which further copies are skipped
     /// (and counted); 0 disables shadow traffic.
     pub max_shadow_inflight: usize,
+    /// Region of the workers listed in `workers` (data residency), unless
+    /// the registry knows them and says otherwise.
+    pub static_worker_region: String,
+    /// Percent of `max_inflight` kept for high-priority requests
+    /// (`priority` parameter 1).
+    pub priority_reserve_percent: u8,
+    /// Percent of `max_inflight` that low-priority requests (`priority` 3
+    /// or more) may use.
+    pub low_priority_percent: u8,
+    /// Retries allowed per request, as a share of requests (0.2: retries
+    /// add at most 20% load).
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per second even with little traffic.
+    pub retry_budget_min_per_second: u32,
+    /// Outlier detection: how often worker latencies are compared, in ms.
+    pub outlier_interval_ms: u64,
+    /// Failed calls in a row that eject a worker.
+    pub outlier_consecutive_failures: u32,
+    /// A worker this many times slower than the fastest other one serving
+    /// the same model is ejected.
+    pub outlier_slow_factor: f64,
+    /// First ejection length in ms (multiplied by recent ejections).
+    pub outlier_base_ejection_ms: u64,
+    /// Time over which a returning worker's weight ramps back to full, ms.
+    pub outlier_slow_start_ms: u64,
+    /// Most workers ejected at once, percent of the pool.
+    pub outlier_max_ejection_percent: u8,
+    /// Concurrency one replica should carry: the target of the
+    /// `shamal_router_desired_replicas` autoscaling signal.
+    pub autoscale_target_inflight: u32,
 }
 
 impl Default for RouterConfig {
@@ -60,6 +90,18 @@ impl Default for RouterConfig {
             router_id: default_router_id(),
             traffic_report_interval_ms: 1_000,
             max_shadow_inflight: 256,
+            static_worker_region: "local".to_owned(),
+            priority_reserve_percent: 10,
+            low_priority_percent: 70,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
+            outlier_interval_ms: 500,
+            outlier_consecutive_failures: 5,
+            outlier_slow_factor: 3.0,
+            outlier_base_ejection_ms: 2_000,
+            outlier_slow_start_ms: 3_000,
+            outlier_max_ejection_percent: 50,
+            autoscale_target_inflight: 8,
         }
     }
 }
@@ -122,6 +164,19 @@ pub struct RouterArgs {
     pub traffic_report_interval_ms: Option<u64>,
     #[arg(long, env = "SHAMAL_ROUTER_MAX_SHADOW_INFLIGHT")]
     pub max_shadow_inflight: Option<usize>,
+    /// Region of the workers given with --worker.
+    #[arg(long, env = "SHAMAL_ROUTER_STATIC_WORKER_REGION")]
+    pub static_worker_region: Option<String>,
+    #[arg(long, env = "SHAMAL_ROUTER_PRIORITY_RESERVE_PERCENT")]
+    pub priority_reserve_percent: Option<u8>,
+    #[arg(long, env = "SHAMAL_ROUTER_LOW_PRIORITY_PERCENT")]
+    pub low_priority_percent: Option<u8>,
+    #[arg(long, env = "SHAMAL_ROUTER_RETRY_BUDGET_RATIO")]
+    pub retry_budget_ratio: Option<f64>,
+    #[arg(long, env = "SHAMAL_ROUTER_OUTLIER_SLOW_FACTOR")]
+    pub outlier_slow_factor: Option<f64>,
+    #[arg(long, env = "SHAMAL_ROUTER_AUTOSCALE_TARGET_INFLIGHT")]
+    pub autoscale_target_inflight: Option<u32>,
 }
 
 impl RouterConfig {
@@ -173,10 +228,31 @@ impl RouterConfig {
         if let Some(value) = args.max_shadow_inflight {
             config.max_shadow_inflight = value;
         }
-        // A standalone router needs workers; `shamal up` adds in-process
-        // ones through the library instead.
-        if config.workers.is_empty() {
-            return Err("workers must list at least one worker address".to_owned());
+        if let Some(value) = &args.static_worker_region {
+            config.static_worker_region = value.clone();
+        }
+        if let Some(value) = args.priority_reserve_percent {
+            config.priority_reserve_percent = value;
+        }
+        if let Some(value) = args.low_priority_percent {
+            config.low_priority_percent = value;
+        }
+        if let Some(value) = args.retry_budget_ratio {
+            config.retry_budget_ratio = value;
+        }
+        if let Some(value) = args.outlier_slow_factor {
+            config.outlier_slow_factor = value;
+        }
+        if let Some(value) = args.autoscale_target_inflight {
+            config.autoscale_target_inflight = value;
+        }
+        // A standalone router needs workers: listed, or learnt from the
+        // registry. `shamal up` adds in-process ones through the library.
+        if config.workers.is_empty() && config.registry.is_none() {
+            return Err(
+                "workers must list at least one worker address (or set registry to learn them from it)"
+                    .to_owned(),
+            );
         }
         config.validate()?;
         Ok(config)
@@ -225,7 +301,67 @@ impl RouterConfig {
         if self.traffic_report_interval_ms < 10 {
             return Err("traffic_report_interval_ms must be at least 10".to_owned());
         }
+        if !crate::residency::valid_name(&self.static_worker_region) {
+            return Err("static_worker_region must be 1 to 64 of A-Z a-z 0-9 . _ -".to_owned());
+        }
+        if self.priority_reserve_percent > 90 {
+            return Err("priority_reserve_percent must be at most 90".to_owned());
+        }
+        if !(1..=100).contains(&self.low_priority_percent) {
+            return Err("low_priority_percent must be between 1 and 100".to_owned());
+        }
+        if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
+            return Err("retry_budget_ratio must be between 0 and 1".to_owned());
+        }
+        if self.outlier_interval_ms < 10 {
+            return Err("outlier_interval_ms must be at least 10".to_owned());
+        }
+        if self.outlier_consecutive_failures == 0 {
+            return Err("outlier_consecutive_failures must be at least 1".to_owned());
+        }
+        if !(self.outlier_slow_factor > 1.0 && self.outlier_slow_factor.is_finite()) {
+            return Err("outlier_slow_factor must be a number above 1".to_owned());
+        }
+        if self.outlier_base_ejection_ms == 0 {
+            return Err("outlier_base_ejection_ms must be at least 1".to_owned());
+        }
+        if self.outlier_max_ejection_percent > 100 {
+            return Err("outlier_max_ejection_percent must be at most 100".to_owned());
+        }
+        if self.autoscale_target_inflight == 0 {
+            return Err("autoscale_target_inflight must be at least 1".to_owned());
+        }
         Ok(())
+    }
+
+    /// Overload and retry limits.
+    pub fn limits(&self) -> crate::frontend::Limits {
+        crate::frontend::Limits {
+            max_inflight: self.max_inflight,
+            priority_reserve_percent: self.priority_reserve_percent,
+            low_priority_percent: self.low_priority_percent,
+            retry_budget_ratio: self.retry_budget_ratio,
+            retry_budget_min_per_second: self.retry_budget_min_per_second,
+            default_timeout: self.default_timeout(),
+        }
+    }
+
+    /// Worker pool settings.
+    pub fn pool_settings(&self) -> crate::pool::PoolSettings {
+        crate::pool::PoolSettings {
+            connections: self.connections_per_worker,
+            max_message_bytes: self.max_message_bytes,
+            static_region: self.static_worker_region.clone(),
+            outlier: crate::outlier::OutlierSettings {
+                interval: Duration::from_millis(self.outlier_interval_ms),
+                consecutive_failures: self.outlier_consecutive_failures,
+                slow_factor: self.outlier_slow_factor,
+                base_ejection: Duration::from_millis(self.outlier_base_ejection_ms),
+                slow_start: Duration::from_millis(self.outlier_slow_start_ms),
+                max_ejection_percent: self.outlier_max_ejection_percent,
+                ..Default::default()
+            },
+        }
     }
 
     pub fn default_timeout(&self) -> Duration {
@@ -259,6 +395,15 @@ mod tests {
 
         let error = RouterConfig::load(&RouterArgs::default()).unwrap_err();
         assert!(error.contains("workers"), "{error}");
+        // With a registry, workers may all come from it.
+        let followed = RouterConfig::load(&RouterArgs {
+            registry: Some("127.0.0.1:8201".into()),
+            static_worker_region: Some("me-central-1".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(followed.workers.is_empty());
+        assert_eq!(followed.pool_settings().static_region, "me-central-1");
 
         std::fs::write(&file, "workers = [\"a:1\"]\nmax_inflight = 0\n").unwrap();
         let error = RouterConfig::load(&RouterArgs {
@@ -297,6 +442,11 @@ mod tests {
                 "traffic_report_interval_ms = 0",
                 "traffic_report_interval_ms",
             ),
+            ("static_worker_region = \"a b\"", "static_worker_region"),
+            ("retry_budget_ratio = 1.5", "retry_budget_ratio"),
+            ("low_priority_percent = 0", "low_priority_percent"),
+            ("outlier_slow_factor = 1.0", "outlier_slow_factor"),
+            ("autoscale_target_inflight = 0", "autoscale_target_inflight"),
         ] {
             std::fs::write(&file, format!("workers = [\"a:1\"]\n{bad}\n")).unwrap();
             let error = RouterConfig::load(&RouterArgs {

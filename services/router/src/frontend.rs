@@ -9,12 +9,17 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tonic::{Code, Status};
 
+use crate::admission::{Admission, Permit, Priority};
+use crate::autoscale::ModelInflight;
+use crate::budget::RetryBudget;
 use crate::metrics::RouterMetrics;
-use crate::pool::{InflightGuard, PickError, UpstreamClient, WorkerPool};
+use crate::outlier::{counts_as_failure, now_ms};
+use crate::pool::{InflightGuard, PickError, Upstream, UpstreamClient, WorkerPool};
 use crate::registry_link::{Plan, RegistryRouting};
+use crate::residency::{self, RegionPolicy};
 use crate::shadow::{self, ShadowCopy};
 use crate::traffic::Role;
 
@@ -23,8 +28,37 @@ use crate::traffic::Role;
 /// load and unload are not.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics"];
 
-/// Attempts per request: the first try plus retries on other workers.
+/// Attempts per request: the first try plus retries on other workers
+/// (each retry also needs the retry budget's leave).
 const MAX_ATTEMPTS: usize = 3;
+
+/// Overload and retry limits of a router.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_inflight: usize,
+    /// Share of `max_inflight` kept for high-priority requests.
+    pub priority_reserve_percent: u8,
+    /// Share of `max_inflight` low-priority requests may use.
+    pub low_priority_percent: u8,
+    /// Retries allowed per request (0.2: at most 20% extra load).
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per second even without traffic.
+    pub retry_budget_min_per_second: u32,
+    pub default_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inflight: 4_096,
+            priority_reserve_percent: 10,
+            low_priority_percent: 70,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
+            default_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Per-call context: who is asking and until when.
 #[derive(Clone, Debug)]
@@ -56,7 +90,10 @@ impl CallContext {
 pub struct Frontend {
     pub pool: Arc<WorkerPool>,
     pub metrics: RouterMetrics,
-    admission: Arc<Semaphore>,
+    admission: Admission,
+    retry_budget: RetryBudget,
+    /// Requests in flight per model (autoscaling signal).
+    pub model_inflight: ModelInflight,
     pub default_timeout: Duration,
     /// Rollout routing, when the router follows a registry.
     registry: Option<Arc<RegistryRouting>>,
@@ -75,6 +112,10 @@ fn pick_status(error: PickError, model: &str, version: &str) -> Status {
         PickError::NoneHealthy => {
             Status::unavailable(format!("no worker is available for model '{model}'"))
         }
+        // Only reachable with a policy (see `forward_to`).
+        PickError::NoneInRegion => Status::failed_precondition(format!(
+            "data residency: no worker for model '{model}' in an allowed region"
+        )),
     }
 }
 
@@ -85,19 +126,28 @@ fn retriable(status: &Status) -> bool {
 }
 
 impl Frontend {
-    pub fn new(
-        pool: Arc<WorkerPool>,
-        metrics: RouterMetrics,
-        max_inflight: usize,
-        default_timeout: Duration,
-    ) -> Frontend {
+    pub fn new(pool: Arc<WorkerPool>, metrics: RouterMetrics, limits: &Limits) -> Frontend {
         Frontend {
             pool,
             metrics,
-            admission: Arc::new(Semaphore::new(max_inflight)),
-            default_timeout,
+            admission: Admission::new(
+                limits.max_inflight,
+                limits.priority_reserve_percent,
+                limits.low_priority_percent,
+            ),
+            retry_budget: RetryBudget::new(
+                limits.retry_budget_ratio,
+                limits.retry_budget_min_per_second,
+            ),
+            default_timeout: limits.default_timeout,
+            model_inflight: ModelInflight::default(),
             registry: None,
         }
+    }
+
+    /// Requests admitted and not yet answered.
+    pub fn inflight(&self) -> usize {
+        self.admission.inflight()
     }
 
     /// Routes inference by the registry's rollouts (see `rollout`).
@@ -166,16 +216,40 @@ impl Frontend {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        forward_to(&self.pool, &self.metrics, model, version, context, call).await
+        let route = Route {
+            model,
+            version,
+            regions: None,
+            retry_budget: Some(&self.retry_budget),
+        };
+        forward_to(&self.pool, &self.metrics, &route, context, call).await
     }
 
-    /// Admission control: a bounded number of requests in flight; beyond it,
-    /// an immediate RESOURCE_EXHAUSTED with no work done.
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.shed.inc();
-            Status::resource_exhausted("router is at capacity, retry later")
+    /// Admission control: a bounded number of requests in flight, the last
+    /// slots kept for high priority; beyond its limit an immediate
+    /// RESOURCE_EXHAUSTED with no work done.
+    fn admit(&self, priority: Priority) -> Result<Permit, Status> {
+        self.admission.try_admit(priority).ok_or_else(|| {
+            self.metrics.shed(priority);
+            Status::resource_exhausted(format!(
+                "router is at capacity for {} priority requests, retry later",
+                priority.label()
+            ))
         })
+    }
+
+    /// The regions a request may be processed in (see `residency`).
+    fn region_policy(
+        &self,
+        request: &ModelInferRequest,
+        context: &CallContext,
+    ) -> Result<Option<RegionPolicy>, Status> {
+        let requested = residency::requested_regions(&request.parameters, &context.headers)?;
+        let tenant = residency::tenant(&request.parameters, &context.headers)?;
+        match &self.registry {
+            None => residency::combine(requested, None, None),
+            Some(routing) => routing.region_policy(&request.model_name, requested, tenant),
+        }
     }
 
     /// Inference. With a registry, the version is chosen by the model's
@@ -189,6 +263,15 @@ impl Frontend {
         context: &CallContext,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
+        let admission = Priority::of(&request.parameters)
+            .and_then(|priority| Ok((priority, self.region_policy(&request, context)?)));
+        let (priority, regions) = match admission {
+            Ok(found) => found,
+            Err(status) => {
+                self.observe_infer(&request.model_name, context, &Err(status.clone()), started);
+                return Err(status);
+            }
+        };
         let plan = match &self.registry {
             None => None,
             Some(routing) => match routing.plan(&mut request, &context.headers) {
@@ -203,17 +286,35 @@ impl Frontend {
         let version = request.model_version.clone();
         let mut admitted = false;
         let mut primary_answer: Option<oneshot::Sender<Option<ModelInferResponse>>> = None;
-        let result = match self.admit() {
+        let result = match self.admit(priority) {
             Ok(_permit) => {
                 admitted = true;
+                self.retry_budget.deposit();
+                let _model_inflight = self
+                    .pool
+                    .knows_model(&model)
+                    .then(|| self.model_inflight.enter(&model));
+                let regions = regions.map(Arc::new);
                 if let Some((routing, plan)) = &plan
                     && let Some(shadow_version) = plan.shadow
                 {
-                    primary_answer =
-                        self.spawn_shadow(routing, &request, shadow_version, plan, context);
+                    primary_answer = self.spawn_shadow(
+                        routing,
+                        &request,
+                        shadow_version,
+                        plan,
+                        context,
+                        regions.clone(),
+                    );
                 }
                 let request = &request;
-                self.forward(&model, &version, context, |mut client| {
+                let route = Route {
+                    model: &model,
+                    version: &version,
+                    regions: regions.as_deref(),
+                    retry_budget: Some(&self.retry_budget),
+                };
+                forward_to(&self.pool, &self.metrics, &route, context, |mut client| {
                     let outgoing = context.outgoing(request.clone());
                     async move { client.model_infer(outgoing).await }
                 })
@@ -283,6 +384,7 @@ impl Frontend {
         shadow_version: u64,
         plan: &Plan,
         context: &CallContext,
+        regions: Option<Arc<RegionPolicy>>,
     ) -> Option<oneshot::Sender<Option<ModelInferResponse>>> {
         let permit = routing.shadow_permit(&request.model_name)?;
         let mut copy = request.clone();
@@ -298,6 +400,7 @@ impl Frontend {
                 protocol: context.protocol,
                 headers: HeaderMap::new(),
             },
+            regions,
         };
         let (sender, receiver) = oneshot::channel();
         tokio::spawn(shadow::run(
@@ -436,7 +539,8 @@ impl Frontend {
         ready_only: bool,
         context: &CallContext,
     ) -> Result<RepositoryIndexResponse, Status> {
-        let calls = self.pool.upstreams().iter().map(|upstream| {
+        let upstreams = self.pool.upstreams();
+        let calls = upstreams.iter().map(|upstream| {
             let mut client = upstream.client();
             let outgoing = context.outgoing(RepositoryIndexRequest {
                 repository_name: String::new(),
@@ -462,13 +566,23 @@ impl Frontend {
     }
 }
 
-/// Calls one worker serving `model`, retrying on another worker when the
-/// chosen one is unreachable, all within the call's deadline.
+/// Where a call goes: a model (and version), the regions it may be
+/// processed in, and the budget its retries draw on (`None`: no retries).
+pub(crate) struct Route<'a> {
+    pub model: &'a str,
+    pub version: &'a str,
+    pub regions: Option<&'a RegionPolicy>,
+    pub retry_budget: Option<&'a RetryBudget>,
+}
+
+/// Calls one worker serving the route's model in an allowed region,
+/// retrying on another worker when the chosen one is unreachable (within
+/// the retry budget and the call's deadline). Every worker tried is in an
+/// allowed region: `pick` offers no other.
 pub(crate) async fn forward_to<T, F, Fut>(
     pool: &WorkerPool,
     metrics: &RouterMetrics,
-    model: &str,
-    version: &str,
+    route: &Route<'_>,
     context: &CallContext,
     call: F,
 ) -> Result<T, Status>
@@ -476,24 +590,42 @@ where
     F: Fn(Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
+    let Route { model, version, .. } = *route;
     if model.is_empty() {
         return Err(Status::invalid_argument("model name must not be empty"));
     }
-    let mut tried: Vec<usize> = Vec::new();
+    let outlier = &pool.settings().outlier;
+    let mut tried: Vec<Arc<Upstream>> = Vec::new();
     let mut last_error: Option<Status> = None;
-    for _ in 0..MAX_ATTEMPTS {
+    for attempt in 0..MAX_ATTEMPTS {
         let remaining = context.remaining();
         if remaining.is_zero() {
             return Err(Status::deadline_exceeded("deadline exceeded in the router"));
         }
-        let (index, upstream) = match pool.pick(model, version, &tried) {
+        let upstream = match pool.pick(model, version, &tried, route.regions) {
             Ok(picked) => picked,
+            Err(PickError::NoneInRegion) if last_error.is_none() => {
+                return Err(match route.regions {
+                    Some(policy) => residency::no_worker_in_region(model, policy),
+                    None => pick_status(PickError::NoneInRegion, model, version),
+                });
+            }
             Err(error) => {
                 return Err(last_error.unwrap_or_else(|| pick_status(error, model, version)));
             }
         };
-        tried.push(index);
+        if attempt > 0 {
+            if !route.retry_budget.is_some_and(RetryBudget::try_withdraw) {
+                metrics.retries_refused.inc();
+                return Err(last_error.unwrap_or_else(|| {
+                    Status::unavailable(format!("no worker is available for model '{model}'"))
+                }));
+            }
+            metrics.retries.inc();
+        }
+        tried.push(upstream.clone());
         let _inflight = InflightGuard::new(upstream.clone());
+        let sent = Instant::now();
         let attempt = tokio::time::timeout(remaining, call(upstream.client())).await;
         match attempt {
             Err(_) => {
@@ -501,7 +633,10 @@ where
                     "deadline exceeded waiting for the worker",
                 ));
             }
-            Ok(Ok(response)) => return Ok(response.into_inner()),
+            Ok(Ok(response)) => {
+                upstream.outlier.record_success(model, sent.elapsed());
+                return Ok(response.into_inner());
+            }
             // tonic's client enforces the propagated deadline itself and
             // reports it as CANCELLED; the caller asked for a deadline.
             Ok(Err(status))
@@ -511,16 +646,25 @@ where
                     "deadline exceeded waiting for the worker",
                 ));
             }
-            Ok(Err(status)) if retriable(&status) => {
+            Ok(Err(status)) => {
+                if counts_as_failure(status.code()) {
+                    if upstream.outlier.record_failure(outlier, now_ms()) {
+                        tracing::warn!(worker = %upstream.address, "worker ejected after repeated failures");
+                    }
+                } else {
+                    // The worker answered: the request, not the worker, failed.
+                    upstream.outlier.record_success(model, sent.elapsed());
+                }
+                if !retriable(&status) {
+                    return Err(status);
+                }
                 tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
                 upstream.mark_unhealthy();
-                metrics.retries.inc();
                 last_error = Some(Status::unavailable(format!(
                     "worker for model '{model}' is unavailable: {}",
                     status.message()
                 )));
             }
-            Ok(Err(status)) => return Err(status),
         }
     }
     Err(last_error.unwrap_or_else(|| {

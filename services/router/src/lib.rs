@@ -3,14 +3,19 @@
 //! request to a worker serving the model, with deadlines, retries on another
 //! worker, load shedding and metrics.
 
+pub mod admission;
+pub mod autoscale;
+pub mod budget;
 pub mod config;
 pub mod frontend;
 pub mod grpc;
 pub mod http;
 pub mod http_json;
 pub mod metrics;
+pub mod outlier;
 pub mod pool;
 pub mod registry_link;
+pub mod residency;
 pub mod rollout;
 pub mod shadow;
 pub mod traffic;
@@ -60,24 +65,21 @@ pub async fn run_with_local_workers(
     shutdown: impl Future<Output = ()> + Send + 'static,
     local_workers: Vec<(String, LocalService)>,
 ) -> anyhow::Result<()> {
-    if config.workers.is_empty() && local_workers.is_empty() {
-        anyhow::bail!("workers must list at least one worker address");
+    if config.workers.is_empty() && local_workers.is_empty() && config.registry.is_none() {
+        anyhow::bail!(
+            "workers must list at least one worker address (or set registry to learn them from it)"
+        );
     }
     let pool = Arc::new(
-        WorkerPool::new(
-            &config.workers,
-            local_workers,
-            config.connections_per_worker,
-            config.max_message_bytes,
-        )
-        .map_err(anyhow::Error::msg)?,
+        WorkerPool::new(&config.workers, local_workers, config.pool_settings())
+            .map_err(anyhow::Error::msg)?,
     );
     let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
+    let outlier_detection = pool.spawn_outlier_detection();
     let mut frontend = Frontend::new(
         pool.clone(),
         RouterMetrics::new(&registry),
-        config.max_inflight,
-        config.default_timeout(),
+        &config.limits(),
     );
     // With a registry, rollouts drive the version choice; readiness still
     // follows the workers alone.
@@ -99,6 +101,11 @@ pub async fn run_with_local_workers(
         None => None,
     };
     let frontend = Arc::new(frontend);
+    let autoscale_signals = autoscale::spawn(
+        &registry,
+        frontend.clone(),
+        config.autoscale_target_inflight,
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     shamal_rpc::set_health(&health_reporter, false).await;
@@ -171,6 +178,8 @@ pub async fn run_with_local_workers(
     let (grpc_result, http_result) = tokio::join!(grpc, http);
     readiness_task.abort();
     refresher.abort();
+    outlier_detection.abort();
+    autoscale_signals.abort();
     if let Some(link) = registry_link {
         link.stop().await;
     }

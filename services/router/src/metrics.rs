@@ -6,12 +6,16 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, R
 use shamal_telemetry::{LATENCY_BUCKETS, register};
 use tonic::Code;
 
+use crate::admission::Priority;
+
 #[derive(Clone)]
 pub struct RouterMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     pub retries: IntCounter,
-    pub shed: IntCounter,
+    /// Retries not made because the retry budget was spent.
+    pub retries_refused: IntCounter,
+    shed: IntCounterVec,
 }
 
 /// Stable, lower-case names of gRPC codes for metric labels.
@@ -64,11 +68,21 @@ impl RouterMetrics {
                         "Requests sent again to another worker after the first was unavailable.",
                     )?,
                 ),
-                shed: register(
+                retries_refused: register(
                     registry,
                     IntCounter::new(
-                        "shamal_router_shed_total",
-                        "Requests refused at once because the router was at capacity.",
+                        "shamal_router_retries_refused_total",
+                        "Retries not made because the retry budget (share of extra load) was spent.",
+                    )?,
+                ),
+                shed: register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "shamal_router_shed_total",
+                            "Requests refused at once because the router was at capacity for their priority.",
+                        ),
+                        &["priority"],
                     )?,
                 ),
             })
@@ -77,6 +91,10 @@ impl RouterMetrics {
             Ok(metrics) => metrics,
             Err(error) => panic!("invalid router metric definition: {error}"),
         }
+    }
+
+    pub fn shed(&self, priority: Priority) {
+        self.shed.with_label_values(&[priority.label()]).inc();
     }
 
     /// `version` is the version that answered (empty for failures, so that

@@ -1,8 +1,11 @@
 //! The workers behind the router and what each of them serves.
 //!
-//! Workers are configured statically for now. A background task asks each
-//! one for its repository index every refresh interval; a worker that fails a
-//! call is taken out of rotation until its next successful refresh.
+//! Workers are configured statically, live in the router's process
+//! (`shamal up`), or join and leave through the registry's Watch stream. A
+//! background task health-checks each one (asks for its repository index)
+//! every refresh interval; a worker that fails a call is taken out of
+//! rotation until its next successful check. Outlier detection
+//! (`outlier`) passes over workers that fail or slow down.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,8 +15,12 @@ use std::time::Duration;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use shamal_proto::inference::*;
+use shamal_registry_client::proto::WorkerState;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+
+use crate::outlier::{OutlierSettings, OutlierState, now_ms};
+use crate::residency::RegionPolicy;
 
 /// A worker's service living in the router's own process (`shamal up`).
 pub type LocalService = Arc<dyn GrpcInferenceService>;
@@ -48,69 +55,120 @@ forward_rpc! {
     repository_index(RepositoryIndexRequest) -> RepositoryIndexResponse;
 }
 
+#[derive(Clone)]
 enum Transport {
     Remote {
         channels: Vec<Channel>,
-        next_channel: AtomicUsize,
         max_message_bytes: usize,
     },
     Local(LocalService),
 }
 
+/// Where a worker came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Listed in the router's configuration.
+    Static,
+    /// Living in the router's process (`shamal up`).
+    Local,
+    /// Learnt from the registry's Watch stream.
+    Registry,
+}
+
+/// What the router knows about a worker besides how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerMeta {
+    /// Registry worker id (the address or name for configured workers).
+    pub id: String,
+    pub address: String,
+    /// Region it processes data in.
+    pub region: String,
+    /// cpu | cuda
+    pub device: String,
+    /// Requests it is sized to run at once (load-balancing weight, ≥ 1).
+    pub capacity: u32,
+    pub source: Source,
+}
+
 /// One worker process.
 pub struct Upstream {
+    pub meta: WorkerMeta,
     pub address: String,
     transport: Transport,
+    next_channel: AtomicUsize,
     /// Requests currently forwarded to this worker.
     pub inflight: AtomicUsize,
     healthy: AtomicBool,
+    /// Set when the registry says a configured worker is draining or lost:
+    /// no new requests until it serves again.
+    withdrawn: AtomicBool,
     /// Ready models and their ready versions, from the last refresh.
     models: RwLock<BTreeMap<String, BTreeSet<String>>>,
+    /// Failure and latency record for outlier ejection.
+    pub(crate) outlier: OutlierState,
+}
+
+fn remote_transport(
+    address: &str,
+    connections: usize,
+    max_message_bytes: usize,
+) -> Result<Transport, String> {
+    let url = if address.starts_with("http://") || address.starts_with("https://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|error| format!("invalid worker address '{address}': {error}"))?
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true)
+        .connect_timeout(Duration::from_secs(2))
+        // Find dead peers on idle connections, not at the next request.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    // Several HTTP/2 connections spread the load of many concurrent
+    // streams over more than one socket and I/O task.
+    let channels = (0..connections.max(1))
+        .map(|_| endpoint.connect_lazy())
+        .collect();
+    Ok(Transport::Remote {
+        channels,
+        max_message_bytes,
+    })
 }
 
 impl Upstream {
-    fn new(
-        address: &str,
-        connections: usize,
-        max_message_bytes: usize,
-    ) -> Result<Upstream, String> {
-        let url = if address.starts_with("http://") || address.starts_with("https://") {
-            address.to_owned()
-        } else {
-            format!("http://{address}")
-        };
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|error| format!("invalid worker address '{address}': {error}"))?
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true)
-            .connect_timeout(Duration::from_secs(2))
-            // Find dead peers on idle connections, not at the next request.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        // Several HTTP/2 connections spread the load of many concurrent
-        // streams over more than one socket and I/O task.
-        let channels = (0..connections.max(1))
-            .map(|_| endpoint.connect_lazy())
-            .collect();
-        Ok(Upstream::with_transport(
-            address,
-            Transport::Remote {
-                channels,
-                next_channel: AtomicUsize::new(0),
-                max_message_bytes,
-            },
-        ))
-    }
-
-    fn with_transport(address: &str, transport: Transport) -> Upstream {
+    fn new(meta: WorkerMeta, transport: Transport) -> Upstream {
         Upstream {
-            address: address.to_owned(),
+            address: meta.address.clone(),
+            meta,
             transport,
+            next_channel: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
+            withdrawn: AtomicBool::new(false),
             models: RwLock::new(BTreeMap::new()),
+            outlier: OutlierState::default(),
         }
+    }
+
+    /// The same worker with new facts from the registry: same connections,
+    /// health and models.
+    fn with_meta(&self, meta: WorkerMeta) -> Upstream {
+        let upstream = Upstream::new(meta, self.transport.clone());
+        upstream
+            .healthy
+            .store(self.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+        *upstream
+            .models
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = self
+            .models
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        upstream
     }
 
     /// A client for this worker (for remote ones, on one of its connections).
@@ -118,10 +176,9 @@ impl Upstream {
         match &self.transport {
             Transport::Remote {
                 channels,
-                next_channel,
                 max_message_bytes,
             } => {
-                let index = next_channel.fetch_add(1, Ordering::Relaxed) % channels.len();
+                let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % channels.len();
                 UpstreamClient::Remote(
                     GrpcInferenceServiceClient::new(channels[index].clone())
                         .max_decoding_message_size(*max_message_bytes)
@@ -132,8 +189,9 @@ impl Upstream {
         }
     }
 
+    /// Answered its last health check and is not withdrawn.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.withdrawn.load(Ordering::Relaxed)
     }
 
     /// Takes the worker out of rotation after a transport failure.
@@ -160,6 +218,23 @@ impl Upstream {
             .contains_key(model)
     }
 
+    fn has_models(&self) -> bool {
+        !self
+            .models
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_empty()
+    }
+
+    /// Load relative to capacity, lower is better: in-flight requests per
+    /// unit of capacity, raised while the worker is warming up again after
+    /// an ejection.
+    fn load_score(&self, now_ms: u64, slow_start: Duration) -> f64 {
+        let inflight = self.inflight.load(Ordering::Relaxed) as f64 + 1.0;
+        let weight = f64::from(self.meta.capacity.max(1)) * self.outlier.ramp(now_ms, slow_start);
+        inflight / weight
+    }
+
     async fn refresh(&self) {
         let mut request = Request::new(RepositoryIndexRequest {
             repository_name: String::new(),
@@ -183,7 +258,7 @@ impl Upstream {
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = models;
                 if !self.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(worker = %self.address, "worker in rotation");
+                    tracing::info!(worker = %self.address, region = %self.meta.region, "worker in rotation");
                 }
             }
             Err(status) => {
@@ -197,47 +272,235 @@ impl Upstream {
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why no worker can take a request.
+#[derive(Debug, PartialEq, Eq)]
 pub enum PickError {
     /// No worker serves this model (or version) at all.
     UnknownModel,
-    /// Workers serve it but none is healthy right now.
+    /// Workers serve it in an allowed region but none is healthy now.
     NoneHealthy,
+    /// Workers serve it, but none in a region the request allows.
+    NoneInRegion,
 }
 
-/// All workers of the router.
+/// How the pool is built and balances.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub connections: usize,
+    pub max_message_bytes: usize,
+    /// Region of configured and in-process workers (the registry's word
+    /// wins when it knows them).
+    pub static_region: String,
+    pub outlier: OutlierSettings,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            connections: 2,
+            max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
+            static_region: "local".to_owned(),
+            outlier: OutlierSettings::default(),
+        }
+    }
+}
+
+/// A worker the registry reported that changed the pool.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Membership {
+    Joined(String),
+    Updated(String),
+    Left { id: String, state: String },
+}
+
+/// All workers of the router. The member list is replaced whole when
+/// workers join or leave; a request holds the worker it was sent to, so a
+/// worker leaving never fails requests already sent to it.
 pub struct WorkerPool {
-    upstreams: Vec<Arc<Upstream>>,
+    members: RwLock<Arc<Vec<Arc<Upstream>>>>,
+    settings: PoolSettings,
     refreshed_once: AtomicBool,
 }
 
 impl WorkerPool {
-    /// Remote workers by address, plus workers living in this process.
+    /// Remote workers by address, plus workers living in this process
+    /// (named by their worker id).
     pub fn new(
         addresses: &[String],
         local: Vec<(String, LocalService)>,
-        connections: usize,
-        max_message_bytes: usize,
+        settings: PoolSettings,
     ) -> Result<WorkerPool, String> {
-        let mut upstreams: Vec<Arc<Upstream>> = addresses
-            .iter()
-            .map(|address| Upstream::new(address, connections, max_message_bytes).map(Arc::new))
-            .collect::<Result<_, _>>()?;
-        upstreams.extend(local.into_iter().map(|(name, service)| {
-            Arc::new(Upstream::with_transport(&name, Transport::Local(service)))
-        }));
+        let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
+        for address in addresses {
+            let transport =
+                remote_transport(address, settings.connections, settings.max_message_bytes)?;
+            upstreams.push(Arc::new(Upstream::new(
+                WorkerMeta {
+                    id: address.clone(),
+                    address: address.clone(),
+                    region: settings.static_region.clone(),
+                    device: "cpu".to_owned(),
+                    capacity: 1,
+                    source: Source::Static,
+                },
+                transport,
+            )));
+        }
+        for (name, service) in local {
+            upstreams.push(Arc::new(Upstream::new(
+                WorkerMeta {
+                    id: name.clone(),
+                    address: name,
+                    region: settings.static_region.clone(),
+                    device: "cpu".to_owned(),
+                    capacity: 1,
+                    source: Source::Local,
+                },
+                Transport::Local(service),
+            )));
+        }
         Ok(WorkerPool {
-            upstreams,
+            members: RwLock::new(Arc::new(upstreams)),
+            settings,
             refreshed_once: AtomicBool::new(false),
         })
     }
 
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
     }
 
-    /// Refreshes every worker concurrently.
+    /// The workers now (a cheap `Arc` clone).
+    pub fn upstreams(&self) -> Arc<Vec<Arc<Upstream>>> {
+        self.members
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Applies the workers of a registry Watch event: serving workers join
+    /// (or are updated), draining, lost and gone ones leave at once. In a
+    /// snapshot, registry workers not listed leave too. Configured and
+    /// in-process workers the registry knows (same id or address) take its
+    /// region and capacity, and are withdrawn while it says they are not
+    /// serving. Returns what changed; new workers are health-checked by
+    /// the caller's refresh.
+    pub fn apply_workers(&self, workers: &[WorkerState], snapshot: bool) -> Vec<Membership> {
+        let mut guard = self
+            .members
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut members: Vec<Arc<Upstream>> = guard.as_ref().clone();
+        let mut changes = Vec::new();
+        let mut listed: BTreeSet<&str> = BTreeSet::new();
+        for worker in workers {
+            listed.insert(worker.worker_id.as_str());
+            let serving = worker.state == "serving";
+            let position = members.iter().position(|upstream| {
+                upstream.meta.id == worker.worker_id
+                    || (upstream.meta.source != Source::Registry
+                        && upstream.meta.address == worker.address)
+            });
+            match position {
+                Some(index) if members[index].meta.source != Source::Registry => {
+                    // A configured worker the registry also knows.
+                    let current = &members[index];
+                    let meta = WorkerMeta {
+                        region: worker.region.clone(),
+                        device: worker.device.clone(),
+                        capacity: worker.capacity.max(1),
+                        ..current.meta.clone()
+                    };
+                    if meta != current.meta {
+                        members[index] = Arc::new(current.with_meta(meta));
+                        changes.push(Membership::Updated(worker.worker_id.clone()));
+                    }
+                    let was = members[index].withdrawn.swap(!serving, Ordering::Relaxed);
+                    if was == serving {
+                        changes.push(if serving {
+                            Membership::Updated(worker.worker_id.clone())
+                        } else {
+                            Membership::Left {
+                                id: worker.worker_id.clone(),
+                                state: worker.state.clone(),
+                            }
+                        });
+                    }
+                }
+                Some(index) if !serving => {
+                    members.remove(index);
+                    changes.push(Membership::Left {
+                        id: worker.worker_id.clone(),
+                        state: worker.state.clone(),
+                    });
+                }
+                Some(index) => {
+                    let current = &members[index];
+                    let meta = registry_meta(worker);
+                    if meta.address != current.meta.address {
+                        match self.remote(meta) {
+                            Ok(upstream) => members[index] = Arc::new(upstream),
+                            Err(error) => {
+                                tracing::warn!(worker = %worker.worker_id, %error, "worker address refused");
+                                members.remove(index);
+                            }
+                        }
+                        changes.push(Membership::Updated(worker.worker_id.clone()));
+                    } else if meta != current.meta {
+                        members[index] = Arc::new(current.with_meta(meta));
+                        changes.push(Membership::Updated(worker.worker_id.clone()));
+                    }
+                }
+                None if serving => match self.remote(registry_meta(worker)) {
+                    Ok(upstream) => {
+                        members.push(Arc::new(upstream));
+                        changes.push(Membership::Joined(worker.worker_id.clone()));
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker = %worker.worker_id, %error, "worker address refused");
+                    }
+                },
+                None => {}
+            }
+        }
+        if snapshot {
+            members.retain(|upstream| {
+                let keep = upstream.meta.source != Source::Registry
+                    || listed.contains(upstream.meta.id.as_str());
+                if !keep {
+                    changes.push(Membership::Left {
+                        id: upstream.meta.id.clone(),
+                        state: "gone".to_owned(),
+                    });
+                }
+                keep
+            });
+        }
+        for change in &changes {
+            match change {
+                Membership::Joined(id) => tracing::info!(worker = %id, "worker joined"),
+                Membership::Updated(id) => tracing::info!(worker = %id, "worker updated"),
+                Membership::Left { id, state } => {
+                    tracing::info!(worker = %id, state = %state, "worker left the pool")
+                }
+            }
+        }
+        *guard = Arc::new(members);
+        changes
+    }
+
+    fn remote(&self, meta: WorkerMeta) -> Result<Upstream, String> {
+        let transport = remote_transport(
+            &meta.address,
+            self.settings.connections,
+            self.settings.max_message_bytes,
+        )?;
+        Ok(Upstream::new(meta, transport))
+    }
+
+    /// Health-checks every worker concurrently (asks what it serves).
     pub async fn refresh(&self) {
-        futures::future::join_all(self.upstreams.iter().map(|upstream| upstream.refresh())).await;
+        let members = self.upstreams();
+        futures::future::join_all(members.iter().map(|upstream| upstream.refresh())).await;
         self.refreshed_once.store(true, Ordering::SeqCst);
     }
 
@@ -262,43 +525,67 @@ impl WorkerPool {
     /// serves a ready model.
     pub fn ready(&self) -> bool {
         self.refreshed_once.load(Ordering::SeqCst)
-            && self.upstreams.iter().any(|upstream| {
-                upstream.healthy()
-                    && !upstream
-                        .models
-                        .read()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .is_empty()
-            })
+            && self
+                .upstreams()
+                .iter()
+                .any(|upstream| upstream.healthy() && upstream.has_models())
     }
 
     /// Whether any worker, healthy or not, has reported this model.
     pub fn knows_model(&self, model: &str) -> bool {
-        self.upstreams.iter().any(|upstream| upstream.knows(model))
+        self.upstreams()
+            .iter()
+            .any(|upstream| upstream.knows(model))
     }
 
-    /// Chooses the worker for a request: among the healthy workers serving
-    /// the model (and version), the less loaded of two picked at random
-    /// (power of two choices), skipping `exclude`.
+    /// Chooses the worker for a request among the healthy workers serving
+    /// the model (and version) in an allowed region, skipping `exclude`:
+    /// the less loaded of two picked at random (power of two choices, load
+    /// relative to capacity). Ejected outliers are passed over while any
+    /// other candidate remains.
     pub fn pick(
         &self,
         model: &str,
         version: &str,
-        exclude: &[usize],
-    ) -> Result<(usize, Arc<Upstream>), PickError> {
+        exclude: &[Arc<Upstream>],
+        regions: Option<&RegionPolicy>,
+    ) -> Result<Arc<Upstream>, PickError> {
+        let members = self.upstreams();
+        let now_ms = now_ms();
         let mut serving = false;
-        let mut candidates: Vec<usize> = Vec::new();
-        for (index, upstream) in self.upstreams.iter().enumerate() {
+        let mut in_region = false;
+        let mut candidates: Vec<&Arc<Upstream>> = Vec::new();
+        let mut ejected: Vec<&Arc<Upstream>> = Vec::new();
+        for upstream in members.iter() {
             if !upstream.serves(model, version) {
                 continue;
             }
             serving = true;
-            if upstream.healthy() && !exclude.contains(&index) {
-                candidates.push(index);
+            if regions.is_some_and(|policy| !policy.allows(&upstream.meta.region)) {
+                continue;
+            }
+            in_region = true;
+            if !upstream.healthy()
+                || exclude
+                    .iter()
+                    .any(|excluded| Arc::ptr_eq(excluded, upstream))
+            {
+                continue;
+            }
+            if upstream.outlier.ejected(now_ms) {
+                ejected.push(upstream);
+            } else {
+                candidates.push(upstream);
             }
         }
+        // Every candidate ejected: better a suspect worker than none.
+        if candidates.is_empty() {
+            candidates = ejected;
+        }
+        let slow_start = self.settings.outlier.slow_start;
         let chosen = match candidates.len() {
-            0 if serving => return Err(PickError::NoneHealthy),
+            0 if in_region => return Err(PickError::NoneHealthy),
+            0 if serving => return Err(PickError::NoneInRegion),
             0 => return Err(PickError::UnknownModel),
             1 => candidates[0],
             count => {
@@ -306,24 +593,48 @@ impl WorkerPool {
                 let first_slot = fastrand_index(count);
                 let second_slot = (first_slot + 1 + fastrand_index(count - 1)) % count;
                 let (first, second) = (candidates[first_slot], candidates[second_slot]);
-                let load = |index: usize| self.upstreams[index].inflight.load(Ordering::Relaxed);
-                if load(second) < load(first) {
+                if second.load_score(now_ms, slow_start) < first.load_score(now_ms, slow_start) {
                     second
                 } else {
                     first
                 }
             }
         };
-        Ok((chosen, self.upstreams[chosen].clone()))
+        Ok(chosen.clone())
     }
 
     /// Healthy workers serving `model` (all healthy workers when empty).
     pub fn serving(&self, model: &str) -> Vec<Arc<Upstream>> {
-        self.upstreams
+        self.upstreams()
             .iter()
             .filter(|upstream| upstream.healthy() && (model.is_empty() || upstream.knows(model)))
             .cloned()
             .collect()
+    }
+
+    /// Runs outlier detection every `interval` until the task is aborted.
+    pub fn spawn_outlier_detection(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(pool.settings.outlier.interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let members = pool.upstreams();
+                crate::outlier::detect(&members, &pool.settings.outlier, now_ms());
+            }
+        })
+    }
+}
+
+fn registry_meta(worker: &WorkerState) -> WorkerMeta {
+    WorkerMeta {
+        id: worker.worker_id.clone(),
+        address: worker.address.clone(),
+        region: worker.region.clone(),
+        device: worker.device.clone(),
+        capacity: worker.capacity.max(1),
+        source: Source::Registry,
     }
 }
 
@@ -378,3 +689,7 @@ impl Drop for InflightGuard {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

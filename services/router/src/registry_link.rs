@@ -6,8 +6,9 @@
 //! model is then routed as without a registry), and traffic reports that
 //! cannot be delivered are dropped.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -21,6 +22,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::pool::WorkerPool;
+use crate::residency::{self, RegionPolicy};
 use crate::rollout::{Change, Draws, ModelRoute, Routes};
 use crate::shadow::ShadowMetrics;
 use crate::traffic::Traffic;
@@ -39,6 +41,8 @@ pub struct RegistryRouting {
     /// Set once the first snapshot is applied: until then the router does
     /// not know the rollouts and reports itself not ready.
     synced: std::sync::atomic::AtomicBool,
+    /// Tenants' data-residency defaults: tenant -> allowed regions.
+    tenants: RwLock<Arc<HashMap<String, Vec<String>>>>,
 }
 
 /// How one request of a model the registry knows is routed.
@@ -72,6 +76,7 @@ impl RegistryRouting {
                     )?,
                 ),
                 synced: std::sync::atomic::AtomicBool::new(false),
+                tenants: RwLock::new(Arc::new(HashMap::new())),
             })
         };
         match build() {
@@ -145,6 +150,28 @@ impl RegistryRouting {
         permit
     }
 
+    /// The regions a request may use: its own list, its tenant's default
+    /// and its model's policy, combined (see `residency`).
+    pub fn region_policy(
+        &self,
+        model: &str,
+        requested: Option<BTreeSet<String>>,
+        tenant: Option<&str>,
+    ) -> Result<Option<RegionPolicy>, Status> {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let tenant =
+            tenant.and_then(|name| tenants.get(name).map(|regions| (name, regions.as_slice())));
+        let table = self.routes.current();
+        let model_policy = table
+            .model(model)
+            .map(|route| (model, route.allowed_regions.as_slice()));
+        residency::combine(requested, tenant, model_policy)
+    }
+
     /// Whether the registry's first snapshot has been applied.
     pub fn synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::SeqCst)
@@ -153,6 +180,22 @@ impl RegistryRouting {
     /// Applies a Watch event to the routing table, logging and exporting
     /// each model whose routing changed.
     pub fn apply(&self, event: &WatchEvent) {
+        if let Some(policies) = &event.tenant_policies {
+            let tenants: HashMap<String, Vec<String>> = policies
+                .policies
+                .iter()
+                .map(|policy| (policy.tenant.clone(), policy.allowed_regions.clone()))
+                .collect();
+            tracing::info!(
+                tenants = tenants.len(),
+                registry_revision = event.revision,
+                "tenant residency policies applied"
+            );
+            *self
+                .tenants
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(tenants);
+        }
         let changes = self.routes.apply(event);
         if event.snapshot && !self.synced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             tracing::info!(
@@ -246,6 +289,9 @@ pub fn spawn(
         let routing = routing.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
+                // Workers first: a version is routable once a worker that
+                // holds it is in the pool and has been asked what it serves.
+                pool.apply_workers(&event.workers, event.snapshot);
                 pool.refresh().await;
                 routing.apply(&event);
             }

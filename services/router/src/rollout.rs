@@ -193,6 +193,9 @@ impl RolloutRoute {
 pub struct ModelRoute {
     pub aliases: BTreeMap<String, u64>,
     pub rollout: Option<RolloutRoute>,
+    /// Data residency: regions the model's requests may be processed in
+    /// (empty: no model-level restriction).
+    pub allowed_regions: Vec<String>,
 }
 
 /// Random numbers a choice may need, drawn by the caller (tests fix them).
@@ -238,6 +241,7 @@ impl ModelRoute {
                 .map(|(alias, version)| (alias.clone(), *version))
                 .collect(),
             rollout: state.rollout.as_ref().map(RolloutRoute::from_proto),
+            allowed_regions: state.allowed_regions.clone(),
         }
     }
 

@@ -316,6 +316,7 @@ fn event(revision: u64, snapshot: bool, models: Vec<ModelState>, removed: &[&str
         snapshot,
         models,
         removed: removed.iter().map(|name| (*name).to_owned()).collect(),
+        ..Default::default()
     }
 }
 

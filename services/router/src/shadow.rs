@@ -13,10 +13,11 @@ use shamal_telemetry::register;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tonic::Code;
 
-use crate::frontend::{CallContext, forward_to};
+use crate::frontend::{CallContext, Route, forward_to};
 use crate::metrics::{RouterMetrics, code_label};
 use crate::pool::WorkerPool;
 use crate::registry_link::RegistryRouting;
+use crate::residency::RegionPolicy;
 use crate::traffic::Role;
 
 /// Shadow metrics, registered only when a registry is configured.
@@ -100,6 +101,8 @@ pub(crate) struct ShadowCopy {
     pub request: ModelInferRequest,
     /// The caller's id and deadline: the copy gets the same budget.
     pub context: CallContext,
+    /// The caller's data-residency policy: the copy obeys it too.
+    pub regions: Option<Arc<RegionPolicy>>,
 }
 
 /// Sends the copy, then compares its answer with the caller's (sent on
@@ -117,17 +120,18 @@ pub(crate) async fn run(
     let version_label = copy.version.to_string();
     let request = &copy.request;
     let context = &copy.context;
-    let result = forward_to(
-        &pool,
-        &metrics,
-        &copy.model,
-        &version_label,
-        context,
-        |mut client| {
-            let outgoing = context.outgoing(request.clone());
-            async move { client.model_infer(outgoing).await }
-        },
-    )
+    // Shadow copies are never retried: they must not add load to a fleet
+    // that is already failing.
+    let route = Route {
+        model: &copy.model,
+        version: &version_label,
+        regions: copy.regions.as_deref(),
+        retry_budget: None,
+    };
+    let result = forward_to(&pool, &metrics, &route, context, |mut client| {
+        let outgoing = context.outgoing(request.clone());
+        async move { client.model_infer(outgoing).await }
+    })
     .await;
     drop(permit);
     let code = match &result {

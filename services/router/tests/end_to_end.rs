@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use shamal_proto::inference::infer_parameter::ParameterChoice;
 use shamal_proto::inference::model_config::SchedulingChoice;
 use shamal_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use shamal_proto::inference::*;
@@ -649,39 +650,80 @@ async fn deadlines_and_request_ids_reach_the_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_requests_finish_and_overload_is_refused() {
     let (slow, seen) = start_slow_worker(Duration::from_millis(400)).await;
-    let mut router = start_router(vec![slow.to_string()], |config| config.max_inflight = 2).await;
+    // Four slots, one of them kept for high-priority requests.
+    let mut router = start_router(vec![slow.to_string()], |config| {
+        config.max_inflight = 4;
+        config.priority_reserve_percent = 25;
+    })
+    .await;
     wait_ready(router.running.address, "slow").await;
     let client = client(router.running.address).await;
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            let mut client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .model_infer(ModelInferRequest {
-                        model_name: "slow".into(),
-                        ..Default::default()
-                    })
-                    .await
-            })
-        })
-        .collect();
-    // Wait until both requests are at the worker.
-    for _ in 0..500 {
-        if seen.lock().unwrap().timeouts.len() >= 2 {
-            break;
+    let request = |priority: Option<u64>| {
+        let mut parameters = std::collections::HashMap::new();
+        if let Some(priority) = priority {
+            parameters.insert(
+                "priority".to_owned(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::Uint64Param(priority)),
+                },
+            );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Two in flight is the limit: the third is refused at once.
+        ModelInferRequest {
+            model_name: "slow".into(),
+            parameters,
+            ..Default::default()
+        }
+    };
+    let spawn_call = |priority: Option<u64>| {
+        let mut client = client.clone();
+        let request = request(priority);
+        tokio::spawn(async move { client.model_infer(request).await })
+    };
+    let mut calls: Vec<_> = (0..3).map(|_| spawn_call(None)).collect();
+    let wait_at_worker = |count: usize| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..500 {
+                if seen.lock().unwrap().timeouts.len() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{count} requests never reached the worker");
+        }
+    };
+    wait_at_worker(3).await;
+    // Three normal requests fill the normal share: the next is refused at once...
+    let status = client.clone().model_infer(request(None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("normal priority"), "{status}");
+    // ...and so is a low-priority one, while a high-priority one is admitted.
     let status = client
         .clone()
-        .model_infer(ModelInferRequest {
-            model_name: "slow".into(),
-            ..Default::default()
-        })
+        .model_infer(request(Some(5)))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    calls.push(spawn_call(Some(1)));
+    wait_at_worker(4).await;
+    // Now the router is full for every priority.
+    let status = client
+        .clone()
+        .model_infer(request(Some(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // A malformed priority is the caller's error, named.
+    let mut bad = request(None);
+    bad.parameters.insert(
+        "priority".to_owned(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::BoolParam(true)),
+        },
+    );
+    let status = client.clone().model_infer(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("priority"), "{status}");
 
     router.running.begin_stop();
     for call in calls {
@@ -690,6 +732,6 @@ async fn shutdown_lets_in_flight_requests_finish_and_overload_is_refused() {
             "in-flight requests finish during drain"
         );
     }
-    assert_eq!(seen.lock().unwrap().completed, 2);
+    assert_eq!(seen.lock().unwrap().completed, 4);
     router.running.stop().await.unwrap();
 }
