@@ -119,10 +119,18 @@ fn pick_status(error: PickError, model: &str, version: &str) -> Status {
     }
 }
 
-/// Failures worth another worker: the request never ran or its worker went
-/// away. Inference is idempotent, so running it again elsewhere is safe.
+/// Failures worth another worker: the worker said it is unavailable, or
+/// the call failed in the transport (connection refused or reset, the
+/// worker died mid-request: tonic reports these as UNKNOWN or CANCELLED with
+/// the transport error as source, unlike statuses a worker sends). The
+/// request may have run, but inference is idempotent, so running it again
+/// elsewhere is safe.
 fn retriable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable)
+    status.code() == Code::Unavailable || transport_failure(status)
+}
+
+fn transport_failure(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 impl Frontend {
@@ -647,7 +655,7 @@ where
                 ));
             }
             Ok(Err(status)) => {
-                if counts_as_failure(status.code()) {
+                if counts_as_failure(status.code()) || transport_failure(&status) {
                     if upstream.outlier.record_failure(outlier, now_ms()) {
                         tracing::warn!(worker = %upstream.address, "worker ejected after repeated failures");
                     }
