@@ -31,6 +31,11 @@ SHAMAL_TEST_POSTGRES_URL="$(scripts/ensure-postgres.sh | tail -1)"
 export SHAMAL_TEST_POSTGRES_URL
 echo "using $SHAMAL_TEST_POSTGRES_URL"
 
+step "Redis for the async queue's tests (and redis-server for its crash test)"
+SHAMAL_TEST_REDIS_URL="$(scripts/ensure-redis.sh | tail -1)"
+export SHAMAL_TEST_REDIS_URL
+echo "using $SHAMAL_TEST_REDIS_URL"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

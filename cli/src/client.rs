@@ -11,7 +11,7 @@ use serde_json::Value;
 /// Flags every registry command takes (`--registry`, `--actor`, `--output`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct RegistryOpts {
-    /// Registry REST endpoint (model and rollout commands).
+    /// Registry REST endpoint (model, rollout, workers and residency commands).
     #[arg(
         long,
         global = true,
@@ -30,7 +30,7 @@ pub struct RegistryOpts {
         value_name = "NAME"
     )]
     pub actor: Option<String>,
-    /// Output format of model and rollout commands.
+    /// Output format of the registry commands.
     #[arg(
         long,
         global = true,

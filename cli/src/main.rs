@@ -3,8 +3,10 @@
 mod client;
 mod model;
 mod output;
+mod residency;
 mod rollout;
 mod up;
+mod workers;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,13 @@ enum Command {
     /// Traffic rollouts: canary, shift, promote, rollback, pause, resume.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Workers known to the registry: state, capacity, last heartbeat.
+    #[command(subcommand)]
+    Workers(workers::WorkersCommand),
+    /// Data residency: regions a model's or a tenant's requests may be
+    /// processed in.
+    #[command(subcommand)]
+    Residency(residency::ResidencyCommand),
 }
 
 #[tokio::main]
@@ -38,6 +47,8 @@ async fn main() -> std::process::ExitCode {
         Command::Up(args) => return up::run(args).await,
         Command::Model(command) => model::run(command, &cli.registry).await,
         Command::Rollout(command) => rollout::run(command, &cli.registry).await,
+        Command::Workers(command) => workers::run(command, &cli.registry).await,
+        Command::Residency(command) => residency::run(command, &cli.registry).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

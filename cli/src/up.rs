@@ -1,7 +1,9 @@
-//! `shamal up`: registry, router and cpu-worker in one process, on
-//! loopback. The registry keeps its state (SQLite) and artifacts under the
-//! data directory; the worker serves the model repository and every version
-//! the registry assigns it; the router follows the registry's rollouts.
+//! `shamal up`: registry, router, cpu-worker and gpu-worker in one process,
+//! on loopback. The registry keeps its state (SQLite) and artifacts under
+//! the data directory; each worker serves its model repository (ONNX for the
+//! cpu-worker, safetensors on candle for the gpu-worker) and every version
+//! of its format the registry assigns it; the router follows the registry's
+//! rollouts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,13 +11,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shamal_async_queue::{JobQueue, MemoryQueue, QueueConfig};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
+use shamal_gpu_worker::{GpuWorkerArgs, GpuWorkerConfig};
 use shamal_proto::inference::RepositoryIndexRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_registry::model::NewVersion;
 use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
-use shamal_router::{RouterConfig, RouterListeners};
-use shamal_worker::WorkerListeners;
+use shamal_router::{RouterConfig, RouterExtras, RouterListeners};
+use shamal_worker::{AsyncInference, QueueSource, WorkerListeners};
 use tokio::net::TcpListener;
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +70,53 @@ pub struct UpArgs {
     /// without a configuration file.
     #[arg(long)]
     max_queue_delay_us: Option<u64>,
+    /// Safetensors model repository of the gpu-worker (candle; CUDA when
+    /// built with the `cuda` feature and a GPU answers, else the CPU).
+    /// Default: `models/gpu/repository` when it exists, else none (the
+    /// gpu-worker then serves only what the registry assigns it).
+    #[arg(long, env = "SHAMAL_GPU_MODEL_REPOSITORY")]
+    gpu_model_repository: Option<PathBuf>,
+    /// Start without the gpu-worker.
+    #[arg(long)]
+    no_gpu_worker: bool,
+}
+
+/// The gpu-worker's default repository (the bundled demo models).
+const DEFAULT_GPU_REPOSITORY: &str = "models/gpu/repository";
+
+/// Registry identities of the in-process workers. The router's local
+/// workers carry the same names, so the registry's view of them (region,
+/// capacity, drain) applies to the in-process ones instead of adding a
+/// second, networked copy of each.
+const CPU_WORKER_ID: &str = "local-cpu-worker";
+const GPU_WORKER_ID: &str = "local-gpu-worker";
+
+/// The gpu-worker's configuration, `None` with `--no-gpu-worker`.
+fn gpu_worker_config(
+    args: &UpArgs,
+    registry_grpc: SocketAddr,
+) -> Result<Option<GpuWorkerConfig>, String> {
+    if args.no_gpu_worker {
+        return Ok(None);
+    }
+    let model_repository = args.gpu_model_repository.clone().or_else(|| {
+        let default = PathBuf::from(DEFAULT_GPU_REPOSITORY);
+        default.is_dir().then_some(default)
+    });
+    GpuWorkerConfig::load(&GpuWorkerArgs {
+        model_repository,
+        registry: Some(registry_grpc.to_string()),
+        worker_id: Some(GPU_WORKER_ID.to_owned()),
+        artifact_cache: Some(args.data_dir.join("cache")),
+        instances: args.instances,
+        max_batch_size: args.max_batch_size,
+        max_queue_delay_us: args.max_queue_delay_us,
+        // As for the cpu-worker: no router is left to route around it.
+        drain_grace_ms: Some(0),
+        ..Default::default()
+    })
+    .map(Some)
+    .map_err(|error| format!("gpu-worker: {error}"))
 }
 
 async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String> {
@@ -80,7 +131,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let worker_args = CpuWorkerArgs {
         model_repository: Some(args.model_repository.clone()),
         registry: Some(registry_grpc.to_string()),
-        worker_id: Some("local-cpu-worker".to_owned()),
+        worker_id: Some(CPU_WORKER_ID.to_owned()),
         artifact_cache: Some(args.data_dir.join("cache")),
         onnxruntime_library: args
             .onnxruntime_library
@@ -90,9 +141,19 @@ pub async fn run(args: UpArgs) -> ExitCode {
         intra_threads: args.intra_threads,
         max_batch_size: args.max_batch_size,
         max_queue_delay_us: args.max_queue_delay_us,
+        // The in-process router stops before the worker drains: no router
+        // is left to route around it, so no grace.
+        drain_grace_ms: Some(0),
         ..Default::default()
     };
     let worker_config = match CpuWorkerConfig::load(&worker_args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("shamal up: invalid configuration: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    let gpu_worker_config = match gpu_worker_config(&args, registry_grpc) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("shamal up: invalid configuration: {error}");
@@ -119,6 +180,16 @@ pub async fn run(args: UpArgs) -> ExitCode {
                 return ExitCode::from(71);
             }
         };
+    let gpu_worker_listener = match &gpu_worker_config {
+        Some(_) => match bind(loopback, 0, "gpu-worker").await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                eprintln!("shamal up: {error}");
+                return ExitCode::from(71);
+            }
+        },
+        None => None,
+    };
     let address = |listener: &TcpListener| {
         listener
             .local_addr()
@@ -169,16 +240,49 @@ pub async fn run(args: UpArgs) -> ExitCode {
         refresh_interval_ms: 500,
         registry: Some(registry_grpc.to_string()),
         router_id: "local-router".to_owned(),
+        // Async inference on one in-process queue shared with the worker:
+        // no Redis needed (jobs do not survive a restart).
+        async_queue: Some(shamal_router::config::MEMORY_QUEUE.to_owned()),
         ..RouterConfig::default()
     };
+    let async_queue: Arc<dyn JobQueue> = match MemoryQueue::new(QueueConfig {
+        result_ttl: Duration::from_millis(router_config.async_result_ttl_ms),
+        ..QueueConfig::default()
+    }) {
+        Ok(queue) => Arc::new(queue),
+        Err(error) => {
+            eprintln!("shamal up: cannot create the async queue: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let worker = match shamal_cpu_worker::build(&worker_config, registry.clone()) {
-        Ok(worker) => worker,
+        Ok(worker) => worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
+            async_queue.clone(),
+        ))),
         Err(error) => {
             eprintln!("shamal up: {error:#}");
             return ExitCode::FAILURE;
         }
     };
     let local_service: shamal_router::LocalService = Arc::new(worker.service());
+    let gpu_worker = match gpu_worker_config.zip(gpu_worker_listener) {
+        Some((config, listener)) => {
+            match shamal_gpu_worker::build_with_device(&config, registry.clone()) {
+                Ok((worker, device)) => Some((
+                    worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
+                        async_queue.clone(),
+                    ))),
+                    listener,
+                    device,
+                )),
+                Err(error) => {
+                    eprintln!("shamal up: gpu-worker: {error:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
 
     // Shutdown order: the router stops intake and finishes its requests,
     // then the worker drains and unloads.
@@ -192,12 +296,25 @@ pub async fn run(args: UpArgs) -> ExitCode {
             let _ = router_done_signal.await;
         },
     ));
-    let local_workers = vec![(
-        format!("local cpu-worker ({worker_address})"),
-        local_service,
-    )];
+    let mut local_workers = vec![(CPU_WORKER_ID.to_owned(), local_service)];
+    let (gpu_router_done, gpu_router_done_signal) = tokio::sync::oneshot::channel::<()>();
+    let mut gpu_announce = None;
+    let gpu_worker = gpu_worker.map(|(gpu_worker, listener, device)| {
+        gpu_announce = Some((address(&listener), device));
+        let service: shamal_router::LocalService = Arc::new(gpu_worker.service());
+        local_workers.push((GPU_WORKER_ID.to_owned(), service));
+        tokio::spawn(gpu_worker.serve(
+            WorkerListeners {
+                grpc: listener,
+                metrics: None,
+            },
+            async move {
+                let _ = gpu_router_done_signal.await;
+            },
+        ))
+    });
     let router = tokio::spawn(async move {
-        let result = shamal_router::run_with_local_workers(
+        let result = shamal_router::run_with(
             router_config,
             RouterListeners {
                 grpc,
@@ -206,15 +323,20 @@ pub async fn run(args: UpArgs) -> ExitCode {
             },
             registry,
             shamal_telemetry::shutdown_signal(),
-            local_workers,
+            RouterExtras {
+                local_workers,
+                async_queue: Some(async_queue),
+            },
         )
         .await;
         let _ = router_done.send(());
+        let _ = gpu_router_done.send(());
         result
     });
 
     tokio::spawn(announce(
         worker_address,
+        gpu_announce,
         grpc_address,
         http_address,
         metrics_address,
@@ -223,11 +345,18 @@ pub async fn run(args: UpArgs) -> ExitCode {
 
     let router_result = router.await;
     let worker_result = worker.await;
+    let gpu_worker_result = match gpu_worker {
+        Some(task) => task.await,
+        None => Ok(Ok(())),
+    };
+    if let Ok(Err(error)) = &gpu_worker_result {
+        eprintln!("shamal up: gpu-worker failed: {error}");
+    }
     if let Err(error) = model_registry.stop().await {
         eprintln!("shamal up: registry failed: {error:#}");
     }
     match (router_result, worker_result) {
-        (Ok(Ok(())), Ok(Ok(()))) => ExitCode::SUCCESS,
+        (Ok(Ok(())), Ok(Ok(()))) if matches!(gpu_worker_result, Ok(Ok(()))) => ExitCode::SUCCESS,
         (router_result, worker_result) => {
             if let Ok(Err(error)) = router_result {
                 eprintln!("shamal up: router failed: {error}");
@@ -240,11 +369,53 @@ pub async fn run(args: UpArgs) -> ExitCode {
     }
 }
 
-/// Prints the endpoints and the served models once the worker has loaded.
-async fn announce(worker: String, grpc: String, http: String, metrics: String, registry: String) {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{worker}")) else {
+/// Prints the endpoints and the served models once the workers have loaded.
+/// `gpu_worker`: the gpu-worker's address and device label.
+async fn announce(
+    worker: String,
+    gpu_worker: Option<(String, String)>,
+    grpc: String,
+    http: String,
+    metrics: String,
+    registry: String,
+) {
+    let Some(models) = loaded_models(&worker).await else {
         return;
     };
+    let gpu_models = match &gpu_worker {
+        Some((address, device)) => loaded_models(address)
+            .await
+            .map(|models| (models, device.clone())),
+        None => None,
+    };
+    println!("Shamal is up.");
+    println!("  KServe v2 HTTP:  http://{http}/v2");
+    println!("  KServe v2 gRPC:  {grpc}");
+    println!(
+        "  Async inference: POST http://{http}/v2/models/<model>/infer/async, GET http://{http}/v2/async/<id>"
+    );
+    println!("  Metrics:         http://{metrics}/metrics");
+    println!(
+        "  Registry:        http://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
+    );
+    println!("  Models:          {} (ONNX Runtime)", models.join(", "));
+    if let Some((models, device)) = gpu_models {
+        println!(
+            "  GPU worker:      {} (candle on {device})",
+            if models.is_empty() {
+                "no models yet".to_owned()
+            } else {
+                models.join(", ")
+            }
+        );
+    }
+    println!("Press Ctrl-C to stop.");
+}
+
+/// Waits until `worker` has finished loading (at most a minute) and lists
+/// its versions, with the reason of those not ready.
+async fn loaded_models(worker: &str) -> Option<Vec<String>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{worker}")).ok()?;
     let channel = endpoint.connect_lazy();
     let mut client = GrpcInferenceServiceClient::new(channel);
     for _ in 0..600 {
@@ -274,19 +445,11 @@ async fn announce(worker: String, grpc: String, http: String, metrics: String, r
                     }
                 })
                 .collect();
-            println!("Shamal is up.");
-            println!("  KServe v2 HTTP:  http://{http}/v2");
-            println!("  KServe v2 gRPC:  {grpc}");
-            println!("  Metrics:         http://{metrics}/metrics");
-            println!(
-                "  Registry:        http://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
-            );
-            println!("  Models:          {}", models.join(", "));
-            println!("Press Ctrl-C to stop.");
-            return;
+            return Some(models);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    None
 }
 
 /// Name under which the bundled demo classifier is registered.

@@ -395,5 +395,162 @@ fn help_lists_the_registry_commands() {
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("model") && text.contains("rollout"), "{text}");
+    assert!(
+        text.contains("workers") && text.contains("residency"),
+        "{text}"
+    );
     assert!(Path::new(env!("CARGO_BIN_EXE_shamal")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_residency_commands() {
+    let fixture = Fixture::start().await;
+    let registry = fixture.running.registry.clone();
+
+    // Workers.
+    let output = fixture.shamal(&["workers", "list"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(stdout(&output).contains("no workers registered"));
+    for (id, device) in [("cpu-1", "cpu"), ("gpu-1", "cuda")] {
+        registry
+            .register_member(
+                WorkerInfo {
+                    id: id.to_owned(),
+                    address: format!("{id}.internal:8101"),
+                    region: "eu-west".to_owned(),
+                    formats: vec!["onnx".to_owned()],
+                    device: device.to_owned(),
+                    last_seen: 0,
+                },
+                32,
+            )
+            .await
+            .unwrap();
+    }
+    registry
+        .deregister_worker("gpu-1", false, "SIGTERM")
+        .await
+        .unwrap();
+    let output = fixture.shamal(&["workers", "list"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.starts_with("ID"), "{text}");
+    assert!(text.contains("LAST HEARTBEAT"), "{text}");
+    let cpu = text.lines().find(|line| line.starts_with("cpu-1")).unwrap();
+    assert!(
+        cpu.contains("cpu-1.internal:8101") && cpu.contains("eu-west") && cpu.contains(" 32 "),
+        "{cpu}"
+    );
+    assert!(cpu.contains("serving"), "{cpu}");
+    let gpu = text.lines().find(|line| line.starts_with("gpu-1")).unwrap();
+    assert!(gpu.contains("draining") && gpu.contains("SIGTERM"), "{gpu}");
+    registry.deregister_worker("gpu-1", true, "").await.unwrap();
+    let output = fixture
+        .shamal(&["workers", "list", "--output", "json"])
+        .await;
+    let listed = json(&output);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["items"][0]["id"], "cpu-1");
+    assert_eq!(listed["items"][0]["capacity"], 32);
+    let output = fixture
+        .shamal(&["workers", "list", "--all", "--output", "json"])
+        .await;
+    let everyone = json(&output);
+    assert_eq!(everyone["items"][1]["id"], "gpu-1");
+    assert_eq!(everyone["items"][1]["state"], "gone");
+
+    // Residency.
+    let file = fixture.file("fraud.onnx", b"weights");
+    let output = fixture
+        .shamal(&["model", "push", &file, "--name", "fraud"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&[
+            "residency",
+            "set-model",
+            "fraud",
+            "--regions",
+            "eu-west, eu-central",
+        ])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("eu-west,eu-central"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        registry
+            .get_model_residency("fraud")
+            .await
+            .unwrap()
+            .updated_by,
+        "tester"
+    );
+    let output = fixture
+        .shamal(&["residency", "set-tenant", "acme", "--regions", "uae-north"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let output = fixture.shamal(&["residency", "show"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("acme") && line.contains("uae-north")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("fraud") && line.contains("eu-west,eu-central")),
+        "{text}"
+    );
+    let output = fixture
+        .shamal(&["residency", "show", "--output", "json"])
+        .await;
+    let shown = json(&output);
+    assert_eq!(shown["tenants"][0]["allowed_regions"][0], "uae-north");
+    assert_eq!(shown["models"][0]["model"], "fraud");
+    let output = fixture
+        .shamal(&["residency", "show", "--model", "fraud", "--output", "json"])
+        .await;
+    assert_eq!(
+        json(&output)["allowed_regions"],
+        serde_json::json!(["eu-west", "eu-central"])
+    );
+
+    // Errors: a bad region names the field (exit 1), an unknown model is
+    // 4, no region at all for a tenant is a usage error (2).
+    let output = fixture
+        .shamal(&["residency", "set-model", "fraud", "--regions", "eu west"])
+        .await;
+    assert_eq!(code(&output), 1);
+    assert!(
+        stderr(&output).contains("allowed_regions[0]"),
+        "{}",
+        stderr(&output)
+    );
+    let output = fixture
+        .shamal(&["residency", "set-model", "nope", "--regions", "eu-west"])
+        .await;
+    assert_eq!(code(&output), 4, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&["residency", "set-tenant", "acme", "--regions", ""])
+        .await;
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&["residency", "delete-tenant", "acme"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&["residency", "delete-tenant", "acme"])
+        .await;
+    assert_eq!(code(&output), 4);
+    // An empty list lifts the model's restriction.
+    let output = fixture
+        .shamal(&["residency", "set-model", "fraud", "--regions", ""])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(stdout(&output).contains("any"), "{}", stdout(&output));
+    fixture.running.stop().await.unwrap();
 }

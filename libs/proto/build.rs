@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".inference")
         // RPCs Shamal does not implement answer UNIMPLEMENTED by default.
         .generate_default_stubs(true)
-        .compile_protos(&files, &[inference])?;
+        .compile_protos(&files, std::slice::from_ref(&inference))?;
 
     // Internal service protocols, one descriptor set each.
     let registry_descriptors = protox::compile([&registry], [&root])?;
@@ -41,6 +41,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .file_descriptor_set_path(&registry_descriptor_path)
         .bytes(".shamal.registry.v1.ArtifactChunk")
-        .compile_protos(&[registry], &[root])?;
+        .compile_protos(&[registry], std::slice::from_ref(&root))?;
+
+    // Asynchronous inference: its messages embed the inference protocol's
+    // (generated above, referenced through `crate::inference`).
+    let async_inference = root.join("shamal/async/v1/async.proto");
+    println!("cargo:rerun-if-changed={}", async_inference.display());
+    // prost generates every file of the set, imports included: into a
+    // directory of its own, so that the inference module generated above
+    // is not overwritten (only `shamal.async.v1.rs` is used from there).
+    let async_descriptors = protox::compile([&async_inference], [&root, &inference])?;
+    let async_descriptor_path = out_dir.join("async_descriptor.bin");
+    std::fs::write(&async_descriptor_path, async_descriptors.encode_to_vec())?;
+    let async_out = out_dir.join("async");
+    std::fs::create_dir_all(&async_out)?;
+    tonic_prost_build::configure()
+        .skip_protoc_run()
+        .out_dir(&async_out)
+        .file_descriptor_set_path(&async_descriptor_path)
+        .extern_path(".inference", "crate::inference")
+        .compile_protos(&[async_inference], &[root, inference])?;
     Ok(())
 }

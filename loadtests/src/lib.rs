@@ -52,6 +52,9 @@ pub struct Config {
     /// gRPC deadline of each request.
     pub timeout: Duration,
     pub label: String,
+    /// Inputs sent with every element set to one value instead of random
+    /// contents (e.g. an attention mask of 1s), by input name.
+    pub fill: Vec<(String, f64)>,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             connections: 1,
             timeout: Duration::from_secs(5),
             label: String::new(),
+            fill: Vec::new(),
         }
     }
 
@@ -125,6 +129,9 @@ pub async fn run(config: Config) -> Result<Report> {
         config.dim,
         42,
     )?;
+    for (input, value) in &config.fill {
+        request::fill_input(&mut infer_request, input, *value)?;
+    }
     // Address the model by the name we were given, whatever metadata echoes.
     infer_request.model_name = config.model.clone();
 
@@ -202,6 +209,9 @@ pub async fn run(config: Config) -> Result<Report> {
         max_us: 0,
         min_us: 0,
         mean_us: 0.0,
+        rejected_p50_us: 0,
+        rejected_p99_us: 0,
+        rejected_max_us: 0,
     };
     report.fill(&stats, dropped);
     Ok(report)
@@ -285,7 +295,7 @@ async fn closed_loop(
                 }
                 match result {
                     Ok(()) => stats.record_ok(sent.elapsed()),
-                    Err((code, message)) => stats.record_error(code, &message),
+                    Err((code, message)) => stats.record_error(code, &message, sent.elapsed()),
                 }
             }
             stats
@@ -342,7 +352,7 @@ async fn open_loop(
                 let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
                     Ok(()) => stats.record_ok(latency),
-                    Err((code, message)) => stats.record_error(code, &message),
+                    Err((code, message)) => stats.record_error(code, &message, latency),
                 }
             }
             // Released only after recording, so the final drain sees every result.

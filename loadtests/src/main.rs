@@ -26,6 +26,10 @@ struct Args {
     /// Size of the other variable dimensions.
     #[arg(long, default_value_t = 1)]
     dim: usize,
+    /// NAME=VALUE: send input NAME with every element set to VALUE instead
+    /// of random contents (e.g. `--fill attention_mask=1`); repeatable.
+    #[arg(long, value_parser = parse_fill)]
+    fill: Vec<(String, f64)>,
     /// Closed loop: requests kept in flight (default 1 when --rate is absent).
     #[arg(long, conflicts_with = "rate")]
     concurrency: Option<usize>,
@@ -58,6 +62,21 @@ struct Args {
     /// to every request; otherwise one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+/// Parses `NAME=VALUE` of `--fill`.
+fn parse_fill(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    let value: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if name.is_empty() {
+        return Err(format!("expected NAME=VALUE, got {text:?}"));
+    }
+    Ok((name.to_owned(), value))
 }
 
 fn main() {
@@ -107,6 +126,7 @@ async fn real_main(args: Args) -> Result<()> {
         warmup: args.warmup,
         timeout: args.timeout,
         label: args.label,
+        fill: args.fill,
     };
     let report = run(config).await?;
     println!("{report}");

@@ -11,6 +11,9 @@ use tonic::Code;
 /// Latencies of successful requests and counts of failed ones.
 pub struct Stats {
     pub histogram: Histogram<u64>,
+    /// Latencies of RESOURCE_EXHAUSTED answers (load shedding): how fast
+    /// an overloaded server says no.
+    pub rejected: Histogram<u64>,
     pub ok: u64,
     pub errors: BTreeMap<String, u64>,
     pub first_error: Option<String>,
@@ -22,6 +25,7 @@ impl Stats {
         let high = (max_latency.as_micros() as u64).max(60_000_000);
         Self {
             histogram: Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds"),
+            rejected: Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds"),
             ok: 0,
             errors: BTreeMap::new(),
             first_error: None,
@@ -34,7 +38,11 @@ impl Stats {
             .saturating_record((latency.as_micros() as u64).max(1));
     }
 
-    pub fn record_error(&mut self, code: Code, message: &str) {
+    pub fn record_error(&mut self, code: Code, message: &str, latency: Duration) {
+        if code == Code::ResourceExhausted {
+            self.rejected
+                .saturating_record((latency.as_micros() as u64).max(1));
+        }
         *self.errors.entry(format!("{code:?}")).or_default() += 1;
         if self.first_error.is_none() {
             self.first_error = Some(format!("{code:?}: {message}"));
@@ -51,6 +59,7 @@ impl Stats {
         }
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.histogram.add(&other.histogram);
+        let _ = self.rejected.add(&other.rejected);
     }
 }
 
@@ -90,6 +99,10 @@ pub struct Report {
     pub max_us: u64,
     pub min_us: u64,
     pub mean_us: f64,
+    /// RESOURCE_EXHAUSTED answers: their latency percentiles (0 when none).
+    pub rejected_p50_us: u64,
+    pub rejected_p99_us: u64,
+    pub rejected_max_us: u64,
 }
 
 impl Report {
@@ -122,6 +135,17 @@ impl Report {
         self.max_us = if h.is_empty() { 0 } else { h.max() };
         self.min_us = if h.is_empty() { 0 } else { h.min() };
         self.mean_us = if h.is_empty() { 0.0 } else { h.mean() };
+        let r = &stats.rejected;
+        let rq = |q: f64| {
+            if r.is_empty() {
+                0
+            } else {
+                r.value_at_quantile(q)
+            }
+        };
+        self.rejected_p50_us = rq(0.5);
+        self.rejected_p99_us = rq(0.99);
+        self.rejected_max_us = if r.is_empty() { 0 } else { r.max() };
     }
 }
 
@@ -183,6 +207,14 @@ impl fmt::Display for Report {
             f,
             "latency us   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
-        )
+        )?;
+        if self.rejected_max_us > 0 {
+            write!(
+                f,
+                "\nrejected us  p50 {}  p99 {}  max {} (RESOURCE_EXHAUSTED answers)",
+                self.rejected_p50_us, self.rejected_p99_us, self.rejected_max_us
+            )?;
+        }
+        Ok(())
     }
 }

@@ -88,6 +88,40 @@ pub fn random_contents(datatype: &str, count: usize, rng: &mut impl Rng) -> Resu
     Ok(Bytes::from(out))
 }
 
+/// `count` elements of `datatype`, each `value` (converted to the type:
+/// truncated towards zero for integers, non-zero is true for BOOL).
+pub fn constant_contents(datatype: &str, count: usize, value: f64) -> Result<Bytes> {
+    let element: Vec<u8> = match datatype {
+        "BOOL" => vec![u8::from(value != 0.0)],
+        "INT8" => (value as i8).to_le_bytes().to_vec(),
+        "UINT8" => (value as u8).to_le_bytes().to_vec(),
+        "INT16" => (value as i16).to_le_bytes().to_vec(),
+        "UINT16" => (value as u16).to_le_bytes().to_vec(),
+        "INT32" => (value as i32).to_le_bytes().to_vec(),
+        "UINT32" => (value as u32).to_le_bytes().to_vec(),
+        "INT64" => (value as i64).to_le_bytes().to_vec(),
+        "UINT64" => (value as u64).to_le_bytes().to_vec(),
+        "FP32" => (value as f32).to_le_bytes().to_vec(),
+        "FP64" => value.to_le_bytes().to_vec(),
+        other => bail!("cannot fill a {other} input with a number"),
+    };
+    Ok(Bytes::from(element.repeat(count)))
+}
+
+/// Replaces the contents of `input` in `request` with `value` everywhere.
+pub fn fill_input(request: &mut ModelInferRequest, input: &str, value: f64) -> Result<()> {
+    let index = request
+        .inputs
+        .iter()
+        .position(|tensor| tensor.name == input)
+        .with_context(|| format!("the model has no input {input} to fill"))?;
+    let tensor = &request.inputs[index];
+    let count = tensor.shape.iter().product::<i64>() as usize;
+    request.raw_input_contents[index] = constant_contents(&tensor.datatype, count, value)
+        .with_context(|| format!("input {input}"))?;
+    Ok(())
+}
+
 /// Builds one request with random `raw_input_contents` for every input of the model.
 pub fn build_request(
     metadata: &ModelMetadataResponse,
@@ -196,6 +230,34 @@ mod tests {
             assert_eq!(len as usize, BYTES_ELEMENT_LEN);
         }
         assert!(random_contents("COMPLEX", 1, &mut rng).is_err());
+    }
+
+    #[test]
+    fn filled_inputs_hold_one_value() {
+        let metadata = ModelMetadataResponse {
+            name: "encoder".to_string(),
+            inputs: vec![
+                tensor("input_ids", "INT64", &[-1, -1]),
+                tensor("attention_mask", "INT64", &[-1, -1]),
+            ],
+            ..Default::default()
+        };
+        let mut request = build_request(&metadata, "", 2, 16, 3).expect("request");
+        fill_input(&mut request, "attention_mask", 1.0).expect("fill");
+        assert_eq!(request.inputs[1].shape, vec![2, 16]);
+        let mask = &request.raw_input_contents[1];
+        assert_eq!(mask.len(), 2 * 16 * 8);
+        for chunk in mask.chunks_exact(8) {
+            assert_eq!(i64::from_le_bytes(chunk.try_into().expect("8 bytes")), 1);
+        }
+        // The other input keeps its random ids.
+        assert_eq!(request.raw_input_contents[0].len(), 2 * 16 * 8);
+        assert!(fill_input(&mut request, "missing", 1.0).is_err());
+        assert_eq!(
+            constant_contents("FP32", 2, 0.5).expect("fp32").as_ref(),
+            [0.5f32.to_le_bytes(), 0.5f32.to_le_bytes()].concat()
+        );
+        assert!(constant_contents("BYTES", 1, 1.0).is_err());
     }
 
     #[test]

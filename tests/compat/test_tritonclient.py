@@ -14,6 +14,7 @@ initial wait for the server and the models to become ready.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from tritonclient.utils import InferenceServerException
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = Path(os.environ.get("SHAMAL_MODEL_REPOSITORY", REPO_ROOT / "models" / "repository"))
+# Numpy references of the gpu-worker's demo models (models/generate_gpu.py).
+GPU_REFERENCE = REPO_ROOT / "models" / "gpu" / "reference"
 ALL_MODELS = ["demo", "demo_int8", "simple", "identity_fp16", "identity_bytes", "identity_bool_i8"]
 
 GRPC_URL = os.environ.get("SHAMAL_GRPC_URL", "")
@@ -454,3 +457,58 @@ def test_inference_statistics(grpc_client, http_client):
     assert sum(s.inference_stats.success.count for s in stats) >= 3
     h = http_client.get_inference_statistics("demo")
     assert sum(s["inference_count"] for s in h["model_stats"]) >= count
+
+
+# ------------------------------------------- gpu-worker (candle) via router
+# `shamal up` also runs a gpu-worker serving models/gpu/repository; the
+# router sends these requests to it like to any worker.
+
+def _wait_gpu_model(client, model):
+    deadline = time.monotonic() + float(os.environ.get("SHAMAL_READY_TIMEOUT", "60"))
+    while not _safe_ready(client, model):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{model} (gpu-worker) not ready through the router", pytrace=False)
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def text_reference():
+    return json.loads((GPU_REFERENCE / "minilm_tiny_text.json").read_text())
+
+
+def test_text_encoder_grpc(grpc_client, text_reference):
+    _wait_gpu_model(grpc_client, "minilm_tiny_text")
+    md = grpc_client.get_model_metadata("minilm_tiny_text")
+    assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == [("text", "BYTES", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("embedding", "FP32", [-1, 32])]
+    sentences = np.array(text_reference["text"], dtype=object)
+    result = grpc_client.infer("minilm_tiny_text", [_grpc_input("text", sentences, "BYTES")])
+    embeddings = result.as_numpy("embedding")
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == (len(sentences), 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings.astype(np.float64), axis=1), 1.0, atol=1e-5)
+    tolerance = text_reference["tolerance"]
+    np.testing.assert_allclose(embeddings, np.array(text_reference["embedding"]),
+                               atol=tolerance["abs"], rtol=tolerance["rel"])
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_text_encoder_http(http_client, grpc_client, text_reference, binary):
+    _wait_gpu_model(grpc_client, "minilm_tiny_text")
+    sentences = np.array(["The quick brown fox jumps over the lazy dog.", "Hello, world!"], dtype=object)
+    result = http_client.infer("minilm_tiny_text", [_http_input("text", sentences, "BYTES", binary)])
+    embeddings = result.as_numpy("embedding")
+    assert embeddings.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings.astype(np.float64), axis=1), 1.0, atol=1e-5)
+    expected = dict(zip(text_reference["text"], text_reference["embedding"]))
+    for sentence, row in zip(sentences, embeddings):
+        np.testing.assert_allclose(row, expected[sentence], atol=1e-5, rtol=1e-4)
+
+
+def test_text_encoder_rejects_empty_text(grpc_client):
+    _wait_gpu_model(grpc_client, "minilm_tiny_text")
+    with pytest.raises(InferenceServerException) as error:
+        grpc_client.infer("minilm_tiny_text",
+                          [_grpc_input("text", np.array(["   "], dtype=object), "BYTES")])
+    assert "INVALID_ARGUMENT" in str(error.value.status()), error.value
+    assert "text" in error.value.message()

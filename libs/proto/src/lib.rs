@@ -21,6 +21,14 @@ pub mod shamal {
             tonic::include_proto!("shamal.registry.v1");
         }
     }
+
+    /// Asynchronous inference (submit now, fetch the answer by id later).
+    pub mod r#async {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/async/shamal.r#async.v1.rs"));
+        }
+    }
 }
 
 /// Encoded `FileDescriptorSet` of the inference protocol, used to parse Triton

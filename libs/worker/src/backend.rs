@@ -44,6 +44,26 @@ pub enum BackendError {
     Internal(String),
 }
 
+/// Where a backend instance computes, as the model configuration's
+/// `instance_group` reports it (Triton's `KIND_CPU`, or `KIND_GPU` with the
+/// device in `gpus`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InstanceDevice {
+    #[default]
+    Cpu,
+    /// A GPU, by ordinal.
+    Gpu(u32),
+}
+
+/// An input axis (never the batch axis 0) along which requests of different
+/// sizes may share a batch; see [`Backend::ragged_axes`]. `input` indexes
+/// the model's inputs in signature order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaggedAxis {
+    pub input: usize,
+    pub axis: usize,
+}
+
 /// One instance of a loaded model. Each instance lives on its own thread, so
 /// `infer` may block and needs no interior synchronisation.
 pub trait Backend: Send + 'static {
@@ -51,6 +71,33 @@ pub trait Backend: Send + 'static {
     /// batching, their first dimension is the sum over the batched requests
     /// and every output must carry the same first dimension.
     fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError>;
+
+    /// Checks one request's inputs before it joins a batch. The batcher
+    /// calls it for every request it is about to run (batched or not); a
+    /// request refused here is answered with this error on its own, and the
+    /// rest of its batch runs without it. Default: every request is
+    /// accepted, and `infer` alone judges (failing the whole batch).
+    fn check(&self, _inputs: &[Tensor]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Input axes whose size may differ between the requests of one batch
+    /// (sequence lengths of token ids, say). The batcher puts such requests
+    /// in one batch and zero-pads those inputs, at the end of the axis, to
+    /// the largest size in the batch, so the model must read zeros there as
+    /// absent (an attention mask that is 0 over the padding). Only inputs of
+    /// fixed-size datatypes are padded. Outputs are split by rows as usual,
+    /// so they must not depend on the padded size. Default: none, and
+    /// requests of different shapes never share a batch.
+    fn ragged_axes(&self) -> Vec<RaggedAxis> {
+        Vec::new()
+    }
+
+    /// Where this instance computes; reported in the model configuration.
+    /// Default: the CPU.
+    fn device(&self) -> InstanceDevice {
+        InstanceDevice::Cpu
+    }
 }
 
 /// Per-model settings a runtime may use (from the model's configuration).

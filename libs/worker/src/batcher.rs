@@ -11,16 +11,29 @@
 //! dropped before they run. Waiting happens on a condition variable, so
 //! sub-millisecond delays are honoured (tokio timers round up to 1 ms), and a
 //! request reaches its instance with a single thread hand-off.
+//!
+//! Two hooks of the [`Backend`] refine this. [`Backend::check`] judges each
+//! request on its own before it runs, so one bad request in a batch is
+//! refused alone instead of failing its neighbours. [`Backend::ragged_axes`]
+//! names input axes whose size may differ within a batch (token sequences of
+//! different lengths): such requests do share a batch, those inputs being
+//! zero-padded to the longest, which the backend reads as absent through
+//! its attention mask. Padding was preferred to bucketing by length: with
+//! real text nearly every request has its own length, so exact-length
+//! buckets would rarely hold more than one request, and coarse buckets need
+//! the same masking anyway; padding to the longest of a batch fills batches
+//! as well as fixed shapes do, at the cost of computing the padded
+//! positions (bounded by the model's longest sequence).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use shamal_tensor::{Tensor, concat_batch, split_batch};
+use shamal_tensor::{Tensor, TensorData, concat_batch, split_batch};
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, InstanceDevice, RaggedAxis};
 use crate::stats::{ExecutionRecord, ModelStats};
 
 /// How a batcher forms batches.
@@ -71,14 +84,26 @@ struct Pending {
 
 impl Pending {
     /// Requests with equal keys may share a batch: same datatypes and the
-    /// same dimensions after the batch dimension, input by input.
-    fn compatible(&self, other: &Pending) -> bool {
+    /// same dimensions after the batch dimension, input by input, except
+    /// along the backend's ragged axes (of fixed-size inputs), where sizes
+    /// may differ.
+    fn compatible(&self, other: &Pending, ragged: &[RaggedAxis]) -> bool {
         self.inputs.len() == other.inputs.len()
             && self
                 .inputs
                 .iter()
                 .zip(&other.inputs)
-                .all(|(a, b)| a.datatype == b.datatype && a.shape.get(1..) == b.shape.get(1..))
+                .enumerate()
+                .all(|(input, (a, b))| {
+                    let paddable = |axis: usize| {
+                        a.datatype.element_size().is_some()
+                            && ragged.contains(&RaggedAxis { input, axis })
+                    };
+                    a.datatype == b.datatype
+                        && a.shape.len() == b.shape.len()
+                        && (1..a.shape.len())
+                            .all(|axis| a.shape[axis] == b.shape[axis] || paddable(axis))
+                })
     }
 
     fn abandoned(&self, now: Instant) -> bool {
@@ -129,6 +154,7 @@ pub struct Batcher {
     depth: Arc<AtomicUsize>,
     max_queue_size: usize,
     max_batch_size: usize,
+    device: InstanceDevice,
     _closer: Arc<Closer>,
 }
 
@@ -148,8 +174,13 @@ impl Batcher {
             changed: Condvar::new(),
         });
         let depth = Arc::new(AtomicUsize::new(0));
+        let device = instances
+            .first()
+            .map(|backend| backend.device())
+            .unwrap_or_default();
         for (index, backend) in instances.into_iter().enumerate() {
             let instance = Instance {
+                ragged: backend.ragged_axes(),
                 backend,
                 shared: shared.clone(),
                 depth: depth.clone(),
@@ -169,8 +200,14 @@ impl Batcher {
             depth,
             max_queue_size: config.max_queue_size,
             max_batch_size: config.max_batch_size,
+            device,
             _closer: Arc::new(Closer(shared)),
         }
+    }
+
+    /// Where the model's instances compute (as the first one reports it).
+    pub fn device(&self) -> InstanceDevice {
+        self.device
     }
 
     /// Requests waiting to run.
@@ -223,6 +260,8 @@ impl Batcher {
 /// One model instance on its own thread, pulling batches from the queue.
 struct Instance {
     backend: Box<dyn Backend>,
+    /// The backend's ragged axes, asked once.
+    ragged: Vec<RaggedAxis>,
     shared: Arc<Shared>,
     depth: Arc<AtomicUsize>,
     config: BatcherConfig,
@@ -233,7 +272,13 @@ impl Instance {
     fn run(mut self) {
         let batching = self.config.max_batch_size > 0;
         while let Some(requests) = self.next_batch() {
-            run_job(self.backend.as_mut(), requests, &self.stats, batching);
+            run_job(
+                self.backend.as_mut(),
+                requests,
+                &self.stats,
+                batching,
+                &self.ragged,
+            );
         }
     }
 
@@ -302,7 +347,7 @@ impl Instance {
             if rows >= max_rows {
                 break;
             }
-            if candidate.compatible(&queue[0]) && rows + candidate.rows <= max_rows {
+            if candidate.compatible(&queue[0], &self.ragged) && rows + candidate.rows <= max_rows {
                 rows += candidate.rows;
                 selected.push(index);
             }
@@ -344,7 +389,13 @@ fn take(queue: &mut VecDeque<Pending>, selected: &[usize]) -> Vec<Pending> {
     requests
 }
 
-fn run_job(backend: &mut dyn Backend, requests: Vec<Pending>, stats: &ModelStats, batching: bool) {
+fn run_job(
+    backend: &mut dyn Backend,
+    requests: Vec<Pending>,
+    stats: &ModelStats,
+    batching: bool,
+    ragged: &[RaggedAxis],
+) {
     let started = Instant::now();
     // A caller may have left while the batch was formed.
     let (live, gone): (Vec<Pending>, Vec<Pending>) = requests
@@ -354,6 +405,18 @@ fn run_job(backend: &mut dyn Backend, requests: Vec<Pending>, stats: &ModelStats
         stats.record_dropped();
         let _ = pending.reply.send(Err(InferError::DeadlineExceeded));
     }
+    // The backend refuses bad requests one by one, before they can fail a
+    // batch.
+    let live: Vec<Pending> = live
+        .into_iter()
+        .filter_map(|pending| match backend.check(&pending.inputs) {
+            Ok(()) => Some(pending),
+            Err(error) => {
+                let _ = pending.reply.send(Err(InferError::from(error)));
+                None
+            }
+        })
+        .collect();
     if live.is_empty() {
         return;
     }
@@ -367,7 +430,7 @@ fn run_job(backend: &mut dyn Backend, requests: Vec<Pending>, stats: &ModelStats
     let mut requests = live;
     let input_started = Instant::now();
     let inputs = if batching && requests.len() > 1 {
-        match merge_inputs(&requests) {
+        match merge_inputs(&requests, ragged) {
             Ok(inputs) => inputs,
             Err(error) => {
                 fail_all(requests, &error);
@@ -427,7 +490,7 @@ fn run_job(backend: &mut dyn Backend, requests: Vec<Pending>, stats: &ModelStats
     }
 }
 
-fn merge_inputs(requests: &[Pending]) -> Result<Vec<Tensor>, InferError> {
+fn merge_inputs(requests: &[Pending], ragged: &[RaggedAxis]) -> Result<Vec<Tensor>, InferError> {
     let input_count = requests[0].inputs.len();
     (0..input_count)
         .map(|index| {
@@ -435,9 +498,91 @@ fn merge_inputs(requests: &[Pending]) -> Result<Vec<Tensor>, InferError> {
                 .iter()
                 .map(|pending| &pending.inputs[index])
                 .collect();
+            let padded;
+            let parts = if ragged.iter().any(|axis| axis.input == index)
+                && parts.iter().any(|part| part.shape != parts[0].shape)
+            {
+                padded = pad_to_largest(&parts)?;
+                padded.iter().collect()
+            } else {
+                parts
+            };
             concat_batch(&parts).map_err(|error| InferError::Internal(error.to_string()))
         })
         .collect()
+}
+
+/// Zero-pads every part, at the end of each axis after the first, to the
+/// largest size among the parts (the batch axis keeps each part's rows).
+fn pad_to_largest(parts: &[&Tensor]) -> Result<Vec<Tensor>, InferError> {
+    let rank = parts[0].shape.len();
+    let mut target = parts[0].shape.clone();
+    for part in parts {
+        if part.shape.len() != rank {
+            return Err(InferError::Internal(format!(
+                "cannot pad '{}': ranks differ within the batch",
+                part.name
+            )));
+        }
+        for (size, &dim) in target.iter_mut().zip(&part.shape).skip(1) {
+            *size = (*size).max(dim);
+        }
+    }
+    parts
+        .iter()
+        .map(|part| {
+            let mut shape = target.clone();
+            shape[0] = part.shape[0];
+            pad_zeros(part, &shape)
+        })
+        .collect()
+}
+
+/// Copies `tensor` into a zero-filled tensor of shape `target` (same rank,
+/// no dimension smaller), keeping every element at its index.
+fn pad_zeros(tensor: &Tensor, target: &[i64]) -> Result<Tensor, InferError> {
+    if tensor.shape == target {
+        return Ok(tensor.clone());
+    }
+    let refuse = |why: &str| InferError::Internal(format!("cannot pad '{}': {why}", tensor.name));
+    let (TensorData::Fixed(bytes), Some(size)) = (&tensor.data, tensor.datatype.element_size())
+    else {
+        return Err(refuse("only fixed-size datatypes are padded"));
+    };
+    let dims = |shape: &[i64]| -> Option<Vec<usize>> {
+        shape.iter().map(|&dim| usize::try_from(dim).ok()).collect()
+    };
+    let (Some(from), Some(to)) = (dims(&tensor.shape), dims(target)) else {
+        return Err(refuse("negative dimension"));
+    };
+    if from.len() != to.len() || from.is_empty() || from.iter().zip(&to).any(|(f, t)| f > t) {
+        return Err(refuse("target shape is smaller"));
+    }
+    let last = from.len() - 1;
+    let row_in = from[last] * size;
+    let row_out = to[last] * size;
+    let total: usize = to.iter().product::<usize>() * size;
+    let mut out = vec![0u8; total];
+    let rows: usize = from[..last].iter().product();
+    for row in 0..rows {
+        // The row's index in the source, re-linearised in the target.
+        let mut rest = row;
+        let mut target_row = 0;
+        let mut stride = 1;
+        for axis in (0..last).rev() {
+            target_row += (rest % from[axis]) * stride;
+            rest /= from[axis];
+            stride *= to[axis];
+        }
+        let start = target_row * row_out;
+        out[start..start + row_in].copy_from_slice(&bytes[row * row_in..(row + 1) * row_in]);
+    }
+    Ok(Tensor {
+        name: tensor.name.clone(),
+        datatype: tensor.datatype,
+        shape: target.to_vec(),
+        data: TensorData::Fixed(bytes::Bytes::from(out)),
+    })
 }
 
 /// Splits every output by request rows: result[request][output].
@@ -466,3 +611,206 @@ fn fail_all(requests: Vec<Pending>, error: &InferError) {
 #[cfg(test)]
 #[path = "batcher_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod ragged_tests {
+    //! The batcher's backend hooks: per-request checks and ragged axes.
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use shamal_tensor::DataType;
+
+    use super::*;
+    use crate::stats::{ModelStats, WorkerMetrics};
+
+    fn int64(name: &str, rows: &[Vec<i64>]) -> Tensor {
+        let width = rows[0].len();
+        assert!(rows.iter().all(|row| row.len() == width));
+        let data: Vec<u8> = rows
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        Tensor::from_raw(
+            name,
+            DataType::Int64,
+            vec![rows.len() as i64, width as i64],
+            Bytes::from(data),
+        )
+        .unwrap()
+    }
+
+    fn int64_values(tensor: &Tensor) -> Vec<i64> {
+        let TensorData::Fixed(bytes) = &tensor.data else {
+            unreachable!()
+        };
+        bytes
+            .chunks_exact(8)
+            .map(|chunk| i64::from_le_bytes(chunk.try_into().unwrap()))
+            .collect()
+    }
+
+    /// Per row: the sum of `x` where `mask` is 1 (a masked model, as an
+    /// encoder is). Refuses negative values in `check`.
+    struct MaskedSum {
+        seen: Arc<Mutex<Vec<Vec<i64>>>>,
+        ragged: bool,
+    }
+
+    impl Backend for MaskedSum {
+        fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
+            self.seen.lock().unwrap().push(inputs[0].shape.clone());
+            let width = inputs[0].shape[1] as usize;
+            let x = int64_values(&inputs[0]);
+            let mask = int64_values(&inputs[1]);
+            let sums: Vec<u8> = x
+                .chunks(width.max(1))
+                .zip(mask.chunks(width.max(1)))
+                .flat_map(|(x, mask)| {
+                    let sum: i64 = x.iter().zip(mask).map(|(x, m)| x * m).sum();
+                    sum.to_le_bytes()
+                })
+                .collect();
+            let rows = inputs[0].shape[0];
+            Ok(vec![
+                Tensor::from_raw("sum", DataType::Int64, vec![rows, 1], Bytes::from(sums)).unwrap(),
+            ])
+        }
+
+        fn check(&self, inputs: &[Tensor]) -> Result<(), BackendError> {
+            if int64_values(&inputs[0]).iter().any(|&v| v < 0) {
+                return Err(BackendError::InvalidInput("negative value in 'x'".into()));
+            }
+            Ok(())
+        }
+
+        fn ragged_axes(&self) -> Vec<RaggedAxis> {
+            if self.ragged {
+                vec![
+                    RaggedAxis { input: 0, axis: 1 },
+                    RaggedAxis { input: 1, axis: 1 },
+                ]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    fn start(ragged: bool, preferred: usize) -> (Batcher, Arc<Mutex<Vec<Vec<i64>>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let backend = Box::new(MaskedSum {
+            seen: seen.clone(),
+            ragged,
+        });
+        let metrics = WorkerMetrics::new(&prometheus::Registry::new());
+        let stats = Arc::new(ModelStats::new("m", "1", metrics));
+        let config = BatcherConfig {
+            max_batch_size: 16,
+            max_queue_delay: Duration::from_secs(2),
+            preferred_batch_sizes: vec![preferred],
+            max_queue_size: 64,
+        };
+        (Batcher::start("m", config, vec![backend], stats), seen)
+    }
+
+    /// `(x, mask)` requests of one row each, of different lengths.
+    fn requests() -> Vec<(Vec<i64>, Vec<i64>)> {
+        vec![
+            (vec![1, 2], vec![1, 1]),
+            (vec![10, 20, 30, 40, 50], vec![1, 1, 1, 0, 1]),
+            (vec![7, 8, 9], vec![1, 1, 1]),
+        ]
+    }
+
+    async fn run_all(
+        batcher: &Batcher,
+        requests: Vec<(Vec<i64>, Vec<i64>)>,
+    ) -> Vec<Result<Vec<Tensor>, InferError>> {
+        let calls = requests.into_iter().map(|(x, mask)| {
+            let batcher = batcher.clone();
+            async move {
+                batcher
+                    .infer(vec![int64("x", &[x]), int64("mask", &[mask])], 1, None)
+                    .await
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_of_different_lengths_share_a_zero_padded_batch() {
+        let (batcher, seen) = start(true, 3);
+        let results = run_all(&batcher, requests()).await;
+        let sums: Vec<i64> = results
+            .into_iter()
+            .map(|result| int64_values(&result.unwrap()[0])[0])
+            .collect();
+        assert_eq!(sums, vec![3, 110, 24]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![vec![3, 5]],
+            "one batch, padded to the longest"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_ragged_axes_lengths_are_never_mixed() {
+        let (batcher, seen) = start(false, 3);
+        // Nothing reaches the preferred size: each request waits out the
+        // delay and runs alone.
+        let results = run_all(&batcher, requests()).await;
+        assert!(results.iter().all(Result::is_ok));
+        let mut shapes = seen.lock().unwrap().clone();
+        shapes.sort();
+        assert_eq!(shapes, vec![vec![1, 2], vec![1, 3], vec![1, 5]]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_refused_by_check_fails_alone() {
+        let (batcher, seen) = start(true, 4);
+        let mut requests = requests();
+        requests.insert(1, (vec![1, -1, 1], vec![1, 1, 1]));
+        let results = run_all(&batcher, requests).await;
+        assert!(
+            matches!(&results[1], Err(InferError::InvalidInput(message)) if message.contains("negative")),
+            "{:?}",
+            results[1]
+        );
+        let sums: Vec<i64> = [0, 2, 3]
+            .iter()
+            .map(|&index| int64_values(&results[index].as_ref().unwrap()[0])[0])
+            .collect();
+        assert_eq!(sums, vec![3, 110, 24]);
+        assert_eq!(*seen.lock().unwrap(), vec![vec![3, 5]]);
+    }
+
+    #[test]
+    fn padding_keeps_every_element_at_its_index() {
+        // [2, 2, 3] -> [2, 3, 4]
+        let values: Vec<i64> = (1..=12).collect();
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor =
+            Tensor::from_raw("t", DataType::Int64, vec![2, 2, 3], Bytes::from(data)).unwrap();
+        let padded = pad_zeros(&tensor, &[2, 3, 4]).unwrap();
+        assert_eq!(padded.shape, vec![2, 3, 4]);
+        #[rustfmt::skip]
+        let expected = vec![
+            1, 2, 3, 0,    4, 5, 6, 0,    0, 0, 0, 0,
+            7, 8, 9, 0,    10, 11, 12, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(int64_values(&padded), expected);
+        assert!(pad_zeros(&tensor, &[2, 1, 3]).is_err(), "never shrinks");
+        let strings = Tensor {
+            name: "s".into(),
+            datatype: DataType::Bytes,
+            shape: vec![1, 1],
+            data: TensorData::Strings(vec![Bytes::new()]),
+        };
+        assert!(
+            pad_zeros(&strings, &[1, 2]).is_err(),
+            "BYTES are not padded"
+        );
+    }
+}

@@ -3,6 +3,13 @@
 //! a content-addressed cache; it unloads versions that are no longer
 //! assigned and reports the state of each one back (placements).
 //!
+//! Membership: the worker registers with its capacity, then heartbeats at
+//! the interval the registry answers (with its in-flight requests and queue
+//! depth), registering again when the registry no longer knows it. On
+//! shutdown it drains: it tells the registry it is `draining`, keeps serving
+//! for `drain_grace` so routers route around it, stops taking requests,
+//! finishes those it holds, then deregisters for good (`gone`).
+//!
 //! Placement rule: a worker holds every version whose lifecycle is
 //! `registered` or `ready` and whose artifact format its runtime loads.
 //! Versions load one at a time, in one task, so loads do not fight for the
@@ -14,14 +21,14 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use shamal_registry_client::proto::registry_client::RegistryClient;
 use shamal_registry_client::proto::{
-    Artifact, FetchArtifactRequest, ModelState, RegisterWorkerRequest, ReportPlacementRequest,
-    WatchEvent,
+    Artifact, DeregisterWorkerRequest, FetchArtifactRequest, HeartbeatRequest, ModelState,
+    RegisterWorkerRequest, ReportPlacementRequest, WatchEvent,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -51,7 +58,18 @@ pub struct RegistryFollow {
     pub device: String,
     /// Directory of fetched artifacts, `<sha256>.<format>`.
     pub artifact_cache: PathBuf,
+    /// Requests the worker is sized to run concurrently, reported to the
+    /// registry (routers weight their choice by it); 0: derived from the
+    /// model defaults, `instances × max_batch_size` (32 by default).
+    pub capacity: u32,
+    /// How long a worker that starts draining keeps taking requests after
+    /// the registry accepted its drain notice, so that routers hear of it
+    /// and route around it first.
+    pub drain_grace: Duration,
 }
+
+/// Default of [`RegistryFollow::drain_grace`].
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_millis(1000);
 
 impl RegistryFollow {
     /// Follows the registry at `address` with the defaults: derived id and
@@ -64,7 +82,22 @@ impl RegistryFollow {
             region: "local".to_owned(),
             device: "cpu".to_owned(),
             artifact_cache: artifact_cache.into(),
+            capacity: 0,
+            drain_grace: DEFAULT_DRAIN_GRACE,
         }
+    }
+
+    /// The capacity reported to the registry: `capacity`, or
+    /// `instances × max_batch_size` of the model defaults when it is 0.
+    pub fn effective_capacity(&self, defaults: &ModelDefaults) -> u32 {
+        if self.capacity > 0 {
+            return self.capacity;
+        }
+        let derived = defaults
+            .instances
+            .max(1)
+            .saturating_mul(defaults.max_batch_size.max(1));
+        u32::try_from(derived).unwrap_or(u32::MAX)
     }
 
     /// The worker id and advertised address, given the bound gRPC address.
@@ -644,15 +677,16 @@ async fn report_loop(
 /// Everything the follower needs from the worker.
 pub(crate) struct Follower {
     pub follow: RegistryFollow,
-    /// Resolved worker id and advertised address.
+    /// Resolved worker id.
     pub worker_id: String,
-    pub address: String,
     pub state: Arc<WorkerState>,
     pub runtime: Arc<dyn Runtime>,
     pub defaults: ModelDefaults,
     pub metrics: WorkerMetrics,
     /// Set once the registry's first snapshot has been acted on.
     pub synced: watch::Sender<bool>,
+    /// Registration and heartbeats (shared with the drain on shutdown).
+    pub membership: Arc<Membership>,
 }
 
 struct Loaded {
@@ -676,51 +710,11 @@ struct Follow {
     job: Option<Job>,
 }
 
-/// Registers with the registry until it succeeds; false when stopped first.
-async fn register(
-    client: &mut RegistryClient<Channel>,
-    request: &RegisterWorkerRequest,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut backoff = Duration::from_millis(100);
-    let mut attempt = 0u32;
-    loop {
-        if *stop.borrow() {
-            return false;
-        }
-        attempt += 1;
-        match tokio::time::timeout(CALL_TIMEOUT, client.register_worker(request.clone())).await {
-            Ok(Ok(_)) => {
-                tracing::info!(worker_id = %request.worker_id, address = %request.address, region = %request.region, formats = ?request.formats, "registered with the registry");
-                return true;
-            }
-            Ok(Err(status)) if attempt == 1 || attempt.is_multiple_of(10) => {
-                tracing::warn!(%status, attempt, "cannot register with the registry yet; retrying");
-            }
-            Err(_) if attempt == 1 || attempt.is_multiple_of(10) => {
-                tracing::warn!(attempt, "registry did not answer RegisterWorker; retrying");
-            }
-            _ => {}
-        }
-        tokio::select! {
-            _ = stopped(stop) => return false,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Follows the registry until `stop` flips. Never fails: problems are
 /// logged, reported as placements and retried.
 pub(crate) async fn follow(follower: Follower, mut stop: watch::Receiver<bool>) {
-    let channel = match shamal_registry_client::channel(&follower.follow.address) {
-        Ok(channel) => channel,
-        Err(error) => {
-            // Configuration validation normally catches this first.
-            tracing::error!(%error, "cannot follow the registry");
-            return;
-        }
-    };
+    let membership = follower.membership.clone();
+    let channel = membership.channel.clone();
     let cache = follower.follow.artifact_cache.clone();
     let _ = blocking(move || {
         std::fs::create_dir_all(&cache)?;
@@ -730,20 +724,8 @@ pub(crate) async fn follow(follower: Follower, mut stop: watch::Receiver<bool>) 
     .await
     .inspect_err(|error| tracing::error!(%error, "cannot create the artifact cache"));
 
-    let mut client = shamal_registry_client::client(channel.clone());
-    let registration = RegisterWorkerRequest {
-        worker_id: follower.worker_id.clone(),
-        address: follower.address.clone(),
-        region: follower.follow.region.clone(),
-        formats: follower
-            .runtime
-            .formats()
-            .iter()
-            .map(|format| (*format).to_owned())
-            .collect(),
-        device: follower.follow.device.clone(),
-    };
-    if !register(&mut client, &registration, &mut stop).await {
+    let client = shamal_registry_client::client(channel.clone());
+    if !membership.register(&mut stop).await {
         return;
     }
     let mut events =
@@ -782,9 +764,10 @@ pub(crate) async fn follow(follower: Follower, mut stop: watch::Receiver<bool>) 
                 Some(event) => {
                     if event.snapshot && follow.snapshots > 0 {
                         // A snapshot follows a reconnect: the registry may
-                        // have restarted and forgotten this worker.
-                        let Follow { client, .. } = &mut follow;
-                        if !register(client, &registration, &mut stop).await {
+                        // have restarted and forgotten this worker. (A
+                        // draining worker does not come back: it stops
+                        // following.)
+                        if !membership.register(&mut stop).await {
                             break;
                         }
                     }
@@ -1057,6 +1040,270 @@ async fn load_job(
     })
     .await
     .unwrap_or_else(|error| Err(LoadFailure::permanent(format!("loading failed: {error}"))))
+}
+
+/// Time allowed for a drain notice (DeregisterWorker): shutdown does not
+/// wait longer on an unreachable registry.
+const DRAIN_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Repeated heartbeat failures are logged at most this often.
+const HEARTBEAT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Heartbeat timings the registry answered at registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+}
+
+/// A worker's membership in the registry: registration, heartbeats and the
+/// two drain notices. Shared by the follower (which registers), the
+/// heartbeat task and the server's shutdown path.
+pub(crate) struct Membership {
+    pub channel: Channel,
+    registration: RegisterWorkerRequest,
+    /// Timings of the last successful registration; `None` before one.
+    timings: watch::Sender<Option<Timings>>,
+    /// Set when the worker starts draining: it no longer registers.
+    draining: AtomicBool,
+    state: Arc<WorkerState>,
+    /// Requests the worker's gRPC service is handling now.
+    inflight: Arc<AtomicUsize>,
+}
+
+impl Membership {
+    pub fn new(
+        follow: &RegistryFollow,
+        worker_id: String,
+        address: String,
+        formats: &[&str],
+        capacity: u32,
+        state: Arc<WorkerState>,
+        inflight: Arc<AtomicUsize>,
+    ) -> Result<Arc<Membership>, String> {
+        let channel =
+            shamal_registry_client::channel(&follow.address).map_err(|error| error.to_string())?;
+        Ok(Arc::new(Membership {
+            channel,
+            registration: RegisterWorkerRequest {
+                worker_id,
+                address,
+                region: follow.region.clone(),
+                formats: formats.iter().map(|format| (*format).to_owned()).collect(),
+                device: follow.device.clone(),
+                capacity,
+            },
+            timings: watch::Sender::new(None),
+            draining: AtomicBool::new(false),
+            state,
+            inflight,
+        }))
+    }
+
+    fn client(&self) -> RegistryClient<Channel> {
+        shamal_registry_client::client(self.channel.clone())
+    }
+
+    /// Whether the registry has accepted a registration of this worker.
+    pub fn registered(&self) -> bool {
+        self.timings.borrow().is_some()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// One RegisterWorker call; keeps the timings the registry answers.
+    async fn register_once(&self) -> Result<(), String> {
+        let mut client = self.client();
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.register_worker(self.registration.clone()),
+        )
+        .await
+        {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                // A registry that predates leases answers zeros: heartbeat
+                // every second then.
+                let heartbeat_interval = match response.heartbeat_interval_ms {
+                    0 => Duration::from_secs(1),
+                    ms => Duration::from_millis(ms),
+                };
+                let lease = Duration::from_millis(response.lease_ms)
+                    .max(heartbeat_interval.saturating_mul(2));
+                self.timings.send_replace(Some(Timings {
+                    heartbeat_interval,
+                    lease,
+                }));
+                let request = &self.registration;
+                tracing::info!(worker_id = %request.worker_id, address = %request.address, region = %request.region, capacity = request.capacity, formats = ?request.formats, heartbeat_interval_ms = heartbeat_interval.as_millis() as u64, lease_ms = lease.as_millis() as u64, "registered with the registry");
+                Ok(())
+            }
+            Ok(Err(status)) => Err(status.to_string()),
+            Err(_) => Err("the registry did not answer RegisterWorker".to_owned()),
+        }
+    }
+
+    /// Registers until it succeeds; false when stopped or draining first.
+    pub async fn register(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            if *stop.borrow() || self.draining() {
+                return false;
+            }
+            attempt += 1;
+            match self.register_once().await {
+                Ok(()) => return true,
+                Err(error) if attempt == 1 || attempt.is_multiple_of(10) => {
+                    tracing::warn!(%error, attempt, "cannot register with the registry yet; retrying");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stopped(stop) => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The load reported with each heartbeat: requests in the worker's gRPC
+    /// service now, and requests waiting in its batch queues.
+    pub fn load(&self) -> (u32, u32) {
+        let inflight = self.inflight.load(Ordering::Relaxed);
+        let queued: usize = self
+            .state
+            .store
+            .index()
+            .iter()
+            .map(|(_, _, state)| match state {
+                VersionState::Ready(model) => model.batcher.queue_depth(),
+                _ => 0,
+            })
+            .sum();
+        (
+            u32::try_from(inflight).unwrap_or(u32::MAX),
+            u32::try_from(queued).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// Heartbeats at the registry's interval until `stop` flips (after the
+    /// final deregistration). A registry that no longer knows the worker
+    /// gets a new registration (unless the worker is draining). Failures are
+    /// logged, at most every 10 s, and never stop the worker.
+    pub async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut timings = self.timings.subscribe();
+        let mut failures = 0u64;
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            let current = *timings.borrow_and_update();
+            let Some(current) = current else {
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    changed = timings.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                _ = tokio::time::sleep(current.heartbeat_interval) => {}
+            }
+            let (inflight, queue_depth) = self.load();
+            let request = HeartbeatRequest {
+                worker_id: self.registration.worker_id.clone(),
+                inflight,
+                queue_depth,
+            };
+            let mut client = self.client();
+            let sent =
+                tokio::time::timeout(current.lease.min(CALL_TIMEOUT), client.heartbeat(request))
+                    .await;
+            let failure = match sent {
+                Ok(Ok(response)) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "heartbeats reach the registry again");
+                    }
+                    failures = 0;
+                    last_warning = None;
+                    if !response.into_inner().registered {
+                        if self.draining() {
+                            tracing::debug!("the registry no longer knows this draining worker");
+                        } else {
+                            tracing::info!(
+                                "the registry does not know this worker (lost or restarted); registering again"
+                            );
+                            if let Err(error) = self.register_once().await {
+                                tracing::warn!(%error, "cannot register again; retrying at the next heartbeat");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!(%status, "the registry does not take heartbeats; not sending any");
+                    return;
+                }
+                Ok(Err(status)) => status.to_string(),
+                Err(_) => format!(
+                    "no answer within {} ms",
+                    current.lease.min(CALL_TIMEOUT).as_millis()
+                ),
+            };
+            failures += 1;
+            if last_warning.is_none_or(|at| at.elapsed() >= HEARTBEAT_LOG_EVERY) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(error = %failure, failures, "heartbeat to the registry failed; still serving");
+            }
+        }
+    }
+
+    /// First drain notice: the registry marks the worker `draining`, so
+    /// routers stop sending it new requests. True when the registry
+    /// accepted it (the worker then waits its drain grace); the worker
+    /// stops registering either way.
+    pub async fn drain_notice(&self, reason: &str) -> bool {
+        self.draining.store(true, Ordering::SeqCst);
+        if !self.registered() {
+            return false;
+        }
+        self.deregister(false, reason).await
+    }
+
+    /// Last drain notice: the worker has finished and leaves (`gone`).
+    pub async fn leave(&self, reason: &str) -> bool {
+        self.draining.store(true, Ordering::SeqCst);
+        if !self.registered() {
+            return false;
+        }
+        self.deregister(true, reason).await
+    }
+
+    async fn deregister(&self, done: bool, reason: &str) -> bool {
+        let mut client = self.client();
+        let request = DeregisterWorkerRequest {
+            worker_id: self.registration.worker_id.clone(),
+            done,
+            reason: reason.to_owned(),
+        };
+        match tokio::time::timeout(DRAIN_CALL_TIMEOUT, client.deregister_worker(request)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    state = if done { "gone" } else { "draining" },
+                    "drain notice accepted by the registry"
+                );
+                true
+            }
+            Ok(Err(status)) => {
+                tracing::warn!(%status, done, "the registry refused the drain notice");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(done, "the registry did not answer the drain notice in time");
+                false
+            }
+        }
+    }
 }
 
 #[cfg(test)]

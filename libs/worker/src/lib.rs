@@ -4,6 +4,7 @@
 //! the KServe v2 gRPC service, the dynamic batcher, the Triton-layout model
 //! repository, warm-up, statistics and metrics.
 
+pub mod async_consumer;
 pub mod backend;
 pub mod batcher;
 pub mod follow;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod settings;
 pub mod stats;
 
+pub use async_consumer::{AsyncInference, QueueSource};
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError};
 pub use follow::{RegistryFollow, validate_follow_settings};

@@ -1,17 +1,28 @@
 //! Worker process lifecycle: serve first, load models, drain on shutdown.
+//!
+//! Drain, on shutdown: the worker reports not ready (health NOT_SERVING,
+//! its models UNAVAILABLE in RepositoryIndex); with a registry, it tells the
+//! registry it is draining and, once the registry accepted that, keeps
+//! serving for the follow setting's `drain_grace` so that routers route
+//! around it; then it stops taking requests, finishes those in flight, tells
+//! the registry it is gone, and exits.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_telemetry::{Readiness, Registry};
 use tokio::net::TcpListener;
+use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 
+use crate::async_consumer::AsyncInference;
 use crate::backend::Runtime;
-use crate::follow::{Follower, RegistryFollow, follow as follow_registry};
+use crate::follow::{Follower, Membership, RegistryFollow, follow as follow_registry};
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
 };
@@ -66,6 +77,7 @@ pub struct Worker {
     runtime: Arc<dyn Runtime>,
     registry: Registry,
     state: Arc<WorkerState>,
+    async_inference: Option<AsyncInference>,
 }
 
 impl Worker {
@@ -79,7 +91,15 @@ impl Worker {
             runtime,
             registry,
             state,
+            async_inference: None,
         }
+    }
+
+    /// Also runs async inference jobs of this worker's region from `queue`
+    /// (see `async_consumer`).
+    pub fn with_async_inference(mut self, settings: AsyncInference) -> Worker {
+        self.async_inference = Some(settings);
+        self
     }
 
     /// The worker's gRPC service, callable in process.
@@ -99,8 +119,18 @@ impl Worker {
             runtime,
             registry,
             state,
+            async_inference,
         } = self;
-        serve(config, runtime, registry, state, listeners, shutdown).await
+        serve(
+            config,
+            runtime,
+            registry,
+            state,
+            listeners,
+            shutdown,
+            async_inference,
+        )
+        .await
     }
 }
 
@@ -111,6 +141,7 @@ async fn serve(
     state: Arc<WorkerState>,
     listeners: WorkerListeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    async_inference: Option<AsyncInference>,
 ) -> anyhow::Result<()> {
     let grpc_address = listeners.grpc.local_addr()?;
     let metrics = WorkerMetrics::new(&registry);
@@ -118,17 +149,56 @@ async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     shamal_rpc::set_health(&health_reporter, false).await;
 
+    // Requests the gRPC inference service is handling (heartbeat load).
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let membership = config.registry.as_ref().and_then(|follow| {
+        let (worker_id, address) = follow.identity(grpc_address);
+        Membership::new(
+            follow,
+            worker_id,
+            address,
+            runtime.formats(),
+            follow.effective_capacity(&config.defaults),
+            state.clone(),
+            inflight.clone(),
+        )
+        .inspect_err(|error| tracing::error!(%error, "cannot follow the registry"))
+        .ok()
+    });
+    let drain_grace = config
+        .registry
+        .as_ref()
+        .map_or(Duration::ZERO, |follow| follow.drain_grace);
+    let (heartbeats_stop, heartbeats_stopped) = tokio::sync::watch::channel(false);
+    let heartbeats = membership
+        .clone()
+        .map(|membership| tokio::spawn(membership.heartbeat_loop(heartbeats_stopped)));
+
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let shutdown_signal = {
         let state = state.clone();
         let health = health_reporter.clone();
         let readiness = readiness.clone();
+        let membership = membership.clone();
         async move {
             shutdown.await;
             tracing::info!("worker draining");
             state.draining.store(true, Ordering::SeqCst);
             readiness.set(false);
             shamal_rpc::set_health(&health, false).await;
+            if let Some(membership) = membership
+                && membership.drain_notice("worker shutting down").await
+                && !drain_grace.is_zero()
+            {
+                // Still serving: routers hear of the drain through the
+                // registry and route around this worker meanwhile.
+                tracing::info!(
+                    grace_ms = drain_grace.as_millis() as u64,
+                    "draining: serving until routers have routed around this worker"
+                );
+                tokio::time::sleep(drain_grace).await;
+            }
+            tracing::info!("worker stops taking requests; finishing those in flight");
             let _ = stop_sender.send(true);
         }
     };
@@ -186,22 +256,22 @@ async fn serve(
     };
 
     let (synced_sender, mut synced) = tokio::sync::watch::channel(config.registry.is_none());
-    let follower = match &config.registry {
-        Some(follow) => {
-            let (worker_id, address) = follow.identity(grpc_address);
+    let follower = match (&config.registry, &membership) {
+        (Some(follow), Some(membership)) => {
+            let (worker_id, _) = follow.identity(grpc_address);
             let follower = Follower {
                 follow: follow.clone(),
                 worker_id,
-                address,
                 state: state.clone(),
                 runtime: runtime.clone(),
                 defaults: config.defaults.clone(),
                 metrics: metrics.clone(),
                 synced: synced_sender,
+                membership: membership.clone(),
             };
             Some(tokio::spawn(follow_registry(follower, stop.clone())))
         }
-        None => None,
+        _ => None,
     };
 
     let became_ready = {
@@ -219,9 +289,28 @@ async fn serve(
         })
     };
 
-    let service = GrpcInferenceServiceServer::new(WorkerService::new(state.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    // Async jobs of this worker's region; stops taking them when the
+    // worker drains, and finishes the ones it holds before models unload.
+    let async_consumer = async_inference.map(|settings| {
+        let identity = async_identity(&config, &settings, grpc_address);
+        crate::async_consumer::spawn(
+            crate::async_consumer::Consumer {
+                settings,
+                identity,
+                state: state.clone(),
+                inflight: inflight.clone(),
+            },
+            &registry,
+            stop.clone(),
+        )
+    });
+    let service = CountInFlight {
+        inner: GrpcInferenceServiceServer::new(WorkerService::new(state.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        count: inflight,
+    };
+    // Returns once intake has stopped and the requests in flight are done.
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(service)
@@ -230,16 +319,67 @@ async fn serve(
             wait_stop(stop.clone()),
         )
         .await;
+    if let Some(consumer) = async_consumer {
+        let _ = consumer.await;
+    }
     if let Some(follower) = follower {
         let _ = follower.await;
     }
     let _ = became_ready.await;
+    if let Some(membership) = &membership {
+        membership.leave("worker drained and stopped").await;
+    }
+    let _ = heartbeats_stop.send(true);
+    if let Some(heartbeats) = heartbeats {
+        let _ = heartbeats.await;
+    }
     state.store.clear();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     tracing::info!("worker stopped");
     served.map_err(Into::into)
+}
+
+/// The async consumer's region, name and concurrency (see
+/// [`AsyncInference`] for the defaults).
+fn async_identity(
+    config: &WorkerConfig,
+    settings: &AsyncInference,
+    grpc_address: std::net::SocketAddr,
+) -> crate::async_consumer::Identity {
+    let follow = config.registry.as_ref();
+    let region = settings
+        .region
+        .clone()
+        .or_else(|| follow.map(|follow| follow.region.clone()))
+        .unwrap_or_else(|| "local".to_owned());
+    let consumer_id = settings
+        .consumer_id
+        .clone()
+        .unwrap_or_else(|| match follow {
+            Some(follow) => follow.identity(grpc_address).0,
+            None => format!(
+                "{}-{}-{}",
+                config.server_name,
+                crate::follow::hostname(),
+                grpc_address.port()
+            ),
+        });
+    let concurrency = if settings.concurrency > 0 {
+        settings.concurrency
+    } else {
+        config
+            .defaults
+            .instances
+            .max(1)
+            .saturating_mul(config.defaults.max_batch_size.max(1))
+    };
+    crate::async_consumer::Identity {
+        region,
+        consumer_id,
+        concurrency,
+    }
 }
 
 /// Lists the repository; `None` (logged) when it cannot be read.
@@ -299,4 +439,55 @@ fn load_repository(
             }
         }
     }
+}
+
+/// Counts the requests the wrapped gRPC service is handling (the load a
+/// worker reports with its heartbeats).
+#[derive(Clone)]
+struct CountInFlight<S> {
+    inner: S,
+    count: Arc<AtomicUsize>,
+}
+
+/// Decrements the count when the request finishes, however it ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for CountInFlight<S>
+where
+    S: tonic::codegen::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let guard = InFlight::start(self.count.clone());
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let _guard = guard;
+            future.await
+        })
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountInFlight<S> {
+    const NAME: &'static str = S::NAME;
 }

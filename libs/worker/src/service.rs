@@ -344,8 +344,10 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let model = self.lookup(&request.name, &request.version)?;
+        let mut config = model.config.clone();
+        crate::settings::report_device(&mut config, model.batcher.device());
         Ok(Response::new(ModelConfigResponse {
-            config: Some(model.config.clone()),
+            config: Some(config),
         }))
     }
 

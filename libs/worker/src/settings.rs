@@ -13,7 +13,7 @@ use shamal_proto::inference::{
 };
 use shamal_tensor::DataType;
 
-use crate::backend::{ModelSignature, TensorSpec};
+use crate::backend::{InstanceDevice, ModelSignature, TensorSpec};
 
 /// Worker-wide defaults for models without a configuration file (or with one
 /// that leaves a setting out).
@@ -252,6 +252,26 @@ pub fn resolve(
     Ok((settings, effective))
 }
 
+/// Reports where the model's instances compute in its effective
+/// configuration: every instance group becomes `KIND_CPU`, or `KIND_GPU`
+/// with `gpus` set to the device's ordinal. (The configuration is resolved
+/// before any instance exists, so it starts as `KIND_CPU`; the worker's
+/// service applies the device its instances report.)
+pub fn report_device(config: &mut ModelConfig, device: InstanceDevice) {
+    for group in &mut config.instance_group {
+        match device {
+            InstanceDevice::Cpu => {
+                group.kind = Kind::Cpu as i32;
+                group.gpus.clear();
+            }
+            InstanceDevice::Gpu(ordinal) => {
+                group.kind = Kind::Gpu as i32;
+                group.gpus = vec![i32::try_from(ordinal).unwrap_or(i32::MAX)];
+            }
+        }
+    }
+}
+
 fn has_explicit_shapes(config: &ModelConfig) -> bool {
     // A config that lists tensors but leaves max_batch_size at 0 means "does
     // not batch", as in Triton.
@@ -444,6 +464,26 @@ mod tests {
             "no dynamic_batching when it is off"
         );
         assert_eq!(effective.input[0].dims, vec![1, 16]);
+    }
+
+    #[test]
+    fn the_instances_device_is_reported() {
+        let (_, mut effective) = resolve(
+            "demo",
+            None,
+            &signature(-1),
+            &ModelDefaults::default(),
+            "p",
+            "b",
+        )
+        .unwrap();
+        assert_eq!(effective.instance_group[0].kind, Kind::Cpu as i32);
+        report_device(&mut effective, InstanceDevice::Gpu(1));
+        assert_eq!(effective.instance_group[0].kind, Kind::Gpu as i32);
+        assert_eq!(effective.instance_group[0].gpus, vec![1]);
+        report_device(&mut effective, InstanceDevice::Cpu);
+        assert_eq!(effective.instance_group[0].kind, Kind::Cpu as i32);
+        assert!(effective.instance_group[0].gpus.is_empty());
     }
 
     #[test]

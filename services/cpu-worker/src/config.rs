@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shamal_worker::{ModelDefaults, RegistryFollow, WorkerConfig};
+use shamal_async_queue::{QueueConfig, RedisOptions};
+use shamal_worker::{AsyncInference, ModelDefaults, QueueSource, RegistryFollow, WorkerConfig};
 
 use crate::onnx::{Optimization, SessionOptions};
 
@@ -59,6 +60,14 @@ pub struct CpuWorkerConfig {
     pub region: String,
     /// Where artifacts fetched from the registry are kept (by sha256).
     pub artifact_cache: PathBuf,
+    /// Requests this worker is sized to run concurrently, reported to the
+    /// registry (routers weight their choice by it); unset: `instances ×
+    /// max_batch_size`.
+    pub capacity: Option<u32>,
+    /// On shutdown with a registry: how long the worker keeps serving after
+    /// the registry marked it draining, so routers route around it before
+    /// it stops taking requests (milliseconds).
+    pub drain_grace_ms: u64,
     /// libonnxruntime.so; `None` uses ORT_DYLIB_PATH.
     pub onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per model instance.
@@ -70,6 +79,18 @@ pub struct CpuWorkerConfig {
     pub instances: usize,
     pub max_queue_size: usize,
     pub max_message_bytes: usize,
+    /// Redis URL of the async inference queue (`redis://host:port[/db]`);
+    /// set, the worker also runs the async jobs of its `region` for the
+    /// models it serves. Unset: no async jobs.
+    pub async_queue: Option<String>,
+    /// Prefix of the queue's Redis keys (the routers' `async_key_prefix`).
+    pub async_key_prefix: String,
+    /// How long the results this worker writes are kept, in ms (the
+    /// routers' `async_result_ttl_ms`).
+    pub async_result_ttl_ms: u64,
+    /// Async jobs run at once; unset: `capacity` (`instances ×
+    /// max_batch_size` when that is unset too).
+    pub async_concurrency: Option<usize>,
 }
 
 impl Default for CpuWorkerConfig {
@@ -84,6 +105,9 @@ impl Default for CpuWorkerConfig {
             advertise_address: None,
             region: "local".to_owned(),
             artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
+            capacity: None,
+            drain_grace_ms: u64::try_from(shamal_worker::follow::DEFAULT_DRAIN_GRACE.as_millis())
+                .unwrap_or(1000),
             onnxruntime_library: None,
             intra_threads: 1,
             optimization: Optimization::All,
@@ -92,6 +116,10 @@ impl Default for CpuWorkerConfig {
             instances: defaults.instances,
             max_queue_size: defaults.max_queue_size,
             max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
+            async_queue: None,
+            async_key_prefix: "shamal:async".to_owned(),
+            async_result_ttl_ms: 3_600_000,
+            async_concurrency: None,
         }
     }
 }
@@ -119,6 +147,14 @@ pub struct CpuWorkerArgs {
     pub region: Option<String>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_ARTIFACT_CACHE")]
     pub artifact_cache: Option<PathBuf>,
+    /// Requests the worker is sized to run concurrently (default: instances
+    /// × max batch size).
+    #[arg(long, env = "SHAMAL_CPU_WORKER_CAPACITY")]
+    pub capacity: Option<u32>,
+    /// Milliseconds the worker keeps serving after the registry marked it
+    /// draining, before it stops taking requests (default 1000).
+    #[arg(long, env = "SHAMAL_CPU_WORKER_DRAIN_GRACE_MS")]
+    pub drain_grace_ms: Option<u64>,
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub onnxruntime_library: Option<PathBuf>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_INTRA_THREADS")]
@@ -135,6 +171,15 @@ pub struct CpuWorkerArgs {
     pub max_queue_size: Option<usize>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Redis URL of the async inference queue.
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ASYNC_QUEUE")]
+    pub async_queue: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ASYNC_KEY_PREFIX")]
+    pub async_key_prefix: Option<String>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ASYNC_RESULT_TTL_MS")]
+    pub async_result_ttl_ms: Option<u64>,
+    #[arg(long, env = "SHAMAL_CPU_WORKER_ASYNC_CONCURRENCY")]
+    pub async_concurrency: Option<usize>,
 }
 
 macro_rules! overlay {
@@ -166,8 +211,12 @@ impl CpuWorkerConfig {
             max_queue_size,
             max_message_bytes,
             region,
-            artifact_cache
+            artifact_cache,
+            drain_grace_ms
         );
+        if let Some(capacity) = args.capacity {
+            config.capacity = Some(capacity);
+        }
         if let Some(path) = &args.model_repository {
             config.model_repository = Some(path.clone());
         }
@@ -188,6 +237,13 @@ impl CpuWorkerConfig {
         }
         if let Some(path) = &args.onnxruntime_library {
             config.onnxruntime_library = Some(path.clone());
+        }
+        overlay!(config, args, async_key_prefix, async_result_ttl_ms);
+        if let Some(url) = &args.async_queue {
+            config.async_queue = Some(url.clone());
+        }
+        if let Some(concurrency) = args.async_concurrency {
+            config.async_concurrency = Some(concurrency);
         }
         config.validate()?;
         Ok(config)
@@ -223,6 +279,14 @@ impl CpuWorkerConfig {
             }
             None => {}
         }
+        if self.capacity == Some(0) {
+            return Err(
+                "capacity must be at least 1 (or unset: instances × max_batch_size)".to_owned(),
+            );
+        }
+        if self.drain_grace_ms > 600_000 {
+            return Err("drain_grace_ms must be at most 600000 (10 minutes)".to_owned());
+        }
         if let Some(registry) = &self.registry {
             shamal_worker::validate_follow_settings(
                 registry,
@@ -231,6 +295,28 @@ impl CpuWorkerConfig {
                 &self.region,
                 &self.artifact_cache,
             )?;
+        }
+        if let Some(url) = &self.async_queue
+            && !(url.starts_with("redis://") || url.starts_with("redis+unix://"))
+        {
+            return Err(format!("async_queue '{url}' must be a redis:// URL"));
+        }
+        if self.async_key_prefix.is_empty()
+            || self.async_key_prefix.len() > 128
+            || self.async_key_prefix.chars().any(|c| !c.is_ascii_graphic())
+        {
+            return Err(
+                "async_key_prefix must be 1 to 128 printable characters without spaces".to_owned(),
+            );
+        }
+        if self.async_result_ttl_ms < 1_000 {
+            return Err("async_result_ttl_ms must be at least 1000".to_owned());
+        }
+        if self.async_concurrency == Some(0) {
+            return Err("async_concurrency must be at least 1 (or unset: capacity)".to_owned());
+        }
+        if self.region.trim().is_empty() {
+            return Err("region must not be empty".to_owned());
         }
         match &self.onnxruntime_library {
             None => Err(
@@ -257,6 +343,8 @@ impl CpuWorkerConfig {
                 region: self.region.clone(),
                 device: "cpu".to_owned(),
                 artifact_cache: self.artifact_cache.clone(),
+                capacity: self.capacity.unwrap_or(0),
+                drain_grace: Duration::from_millis(self.drain_grace_ms),
             }),
             defaults: ModelDefaults {
                 max_batch_size: self.max_batch_size,
@@ -266,6 +354,24 @@ impl CpuWorkerConfig {
             },
             max_message_bytes: self.max_message_bytes,
         }
+    }
+
+    /// The async inference settings, when `async_queue` is set: the
+    /// streams of `region`, connected to Redis by the worker.
+    pub fn async_inference(&self) -> Option<AsyncInference> {
+        let url = self.async_queue.as_ref()?;
+        let options = RedisOptions::new(url.clone()).with_key_prefix(self.async_key_prefix.clone());
+        let config = QueueConfig {
+            result_ttl: Duration::from_millis(self.async_result_ttl_ms),
+            ..QueueConfig::default()
+        };
+        let mut settings = AsyncInference::new(QueueSource::Redis { options, config });
+        settings.region = Some(self.region.clone());
+        settings.concurrency = self
+            .async_concurrency
+            .or(self.capacity.map(|capacity| capacity as usize))
+            .unwrap_or(0);
+        Some(settings)
     }
 
     pub fn session_options(&self) -> SessionOptions {
@@ -374,6 +480,9 @@ mod tests {
         assert_eq!(follow.region, "local");
         assert_eq!(follow.device, "cpu");
         assert_eq!(follow.artifact_cache, dir.path().join("cache"));
+        assert_eq!(follow.capacity, 0, "derived from the model defaults");
+        assert_eq!(follow.effective_capacity(&worker.defaults), 32);
+        assert_eq!(follow.drain_grace, Duration::from_millis(1000));
         let printed = toml::to_string_pretty(&config).unwrap();
         assert!(
             printed.contains("registry = \"registry.internal:9300\""),
@@ -387,12 +496,16 @@ mod tests {
             worker_id: Some("cpu-7".to_owned()),
             advertise_address: Some("10.0.0.7:8101".to_owned()),
             region: Some("eu-west".to_owned()),
+            capacity: Some(12),
+            drain_grace_ms: Some(250),
             ..args
         };
         let worker = CpuWorkerConfig::load(&args).unwrap().worker_config();
         assert_eq!(worker.model_repository.as_deref(), Some(dir.path()));
         let follow = worker.registry.unwrap();
         assert_eq!(follow.worker_id, "cpu-7");
+        assert_eq!(follow.capacity, 12);
+        assert_eq!(follow.drain_grace, Duration::from_millis(250));
         assert_eq!(follow.advertise_address.as_deref(), Some("10.0.0.7:8101"));
         assert_eq!(follow.region, "eu-west");
 
@@ -419,7 +532,11 @@ mod tests {
             ..Default::default()
         };
         type Tune = fn(&mut CpuWorkerArgs);
-        let cases: [(&str, Tune); 6] = [
+        let cases: [(&str, Tune); 8] = [
+            ("capacity", |args| args.capacity = Some(0)),
+            ("drain_grace_ms", |args| {
+                args.drain_grace_ms = Some(3_600_000)
+            }),
             ("registry", |args| {
                 args.registry = Some("http://".to_owned())
             }),
@@ -444,5 +561,71 @@ mod tests {
         let mut url = base.clone();
         url.registry = Some("http://registry:9300".to_owned());
         assert!(CpuWorkerConfig::load(&url).is_ok());
+    }
+
+    #[test]
+    fn async_queue_settings_layer_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libonnxruntime.so");
+        std::fs::write(&library, b"").unwrap();
+        let base = args_with_repository(dir.path(), &library);
+        let config = CpuWorkerConfig::load(&base).unwrap();
+        assert_eq!(config.async_queue, None);
+        assert!(config.async_inference().is_none(), "off by default");
+
+        let file = dir.path().join("worker.toml");
+        std::fs::write(
+            &file,
+            "async_queue = \"redis://redis:6379/1\"\nasync_key_prefix = \"team-a\"\nregion = \"eu-west\"\ncapacity = 6\n",
+        )
+        .unwrap();
+        let args = CpuWorkerArgs {
+            config: Some(file.clone()),
+            async_result_ttl_ms: Some(120_000),
+            ..base.clone()
+        };
+        let config = CpuWorkerConfig::load(&args).unwrap();
+        let settings = config.async_inference().unwrap();
+        assert_eq!(settings.region.as_deref(), Some("eu-west"));
+        assert_eq!(settings.concurrency, 6, "capacity by default");
+        let QueueSource::Redis {
+            options,
+            config: queue,
+        } = &settings.queue
+        else {
+            panic!("a Redis queue: {settings:?}");
+        };
+        assert_eq!(options.url, "redis://redis:6379/1");
+        assert_eq!(options.key_prefix, "team-a");
+        assert_eq!(queue.result_ttl, Duration::from_millis(120_000), "flag");
+        let args = CpuWorkerArgs {
+            async_concurrency: Some(3),
+            ..args
+        };
+        let settings = CpuWorkerConfig::load(&args)
+            .unwrap()
+            .async_inference()
+            .unwrap();
+        assert_eq!(settings.concurrency, 3);
+
+        type Tune = fn(&mut CpuWorkerArgs);
+        let cases: [(&str, Tune); 4] = [
+            ("async_queue", |args| {
+                args.async_queue = Some("memory".to_owned())
+            }),
+            ("async_key_prefix", |args| {
+                args.async_key_prefix = Some("a b".to_owned())
+            }),
+            ("async_result_ttl_ms", |args| {
+                args.async_result_ttl_ms = Some(5)
+            }),
+            ("async_concurrency", |args| args.async_concurrency = Some(0)),
+        ];
+        for (field, tune) in cases {
+            let mut args = base.clone();
+            tune(&mut args);
+            let error = CpuWorkerConfig::load(&args).unwrap_err();
+            assert!(error.contains(field), "{field}: {error}");
+        }
     }
 }

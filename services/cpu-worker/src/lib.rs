@@ -21,11 +21,11 @@ pub fn build(config: &CpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
         .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
     let runtime =
         OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
-    Ok(Worker::new(
-        config.worker_config(),
-        Arc::new(runtime),
-        registry,
-    ))
+    let worker = Worker::new(config.worker_config(), Arc::new(runtime), registry);
+    Ok(match config.async_inference() {
+        Some(settings) => worker.with_async_inference(settings),
+        None => worker,
+    })
 }
 
 /// Runs a cpu-worker until `shutdown` completes, then drains.

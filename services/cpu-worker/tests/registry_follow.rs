@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::{ModelInferRequest, ModelReadyRequest, ServerReadyRequest};
-use shamal_registry::model::{Lifecycle, NewVersion};
+use shamal_registry::model::{Lifecycle, MemberState, NewVersion};
 use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
 use shamal_tensor::{DataType, Tensor, TensorData, decode_outputs, encode_inputs};
 use shamal_worker::WorkerListeners;
@@ -217,6 +217,8 @@ async fn serves_onnx_versions_the_registry_assigns() {
         registry: Some(registry_address.to_string()),
         worker_id: Some(WORKER.to_owned()),
         artifact_cache: Some(cache.clone()),
+        capacity: Some(6),
+        drain_grace_ms: Some(100),
         ..Default::default()
     };
     let worker_config = CpuWorkerConfig::load(&args).unwrap();
@@ -253,6 +255,8 @@ async fn serves_onnx_versions_the_registry_assigns() {
     let me = workers.iter().find(|worker| worker.id == WORKER).unwrap();
     assert_eq!(me.address, address.to_string());
     assert_eq!(me.formats, ["onnx"]);
+    assert_eq!(me.capacity, 6, "the configured capacity");
+    assert_eq!(me.state, MemberState::Serving);
     wait_until("placements reported", async || {
         placement(&registry, "simple", 1).await.as_deref() == Some("ready")
             && placement(&registry, "simple", 2).await.as_deref() == Some("ready")
@@ -351,7 +355,11 @@ async fn serves_onnx_versions_the_registry_assigns() {
     assert_eq!(infer(&mut client, "1").await.unwrap(), expected(1));
     assert_eq!(infer(&mut client, "2").await.unwrap(), expected(2));
 
+    // Shutdown drains: the registry sees the worker leave.
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
+    let left = registry.get_worker(WORKER).await.unwrap().unwrap();
+    assert_eq!(left.state, MemberState::Gone, "{left:?}");
+    assert!(placement(&registry, "simple", 1).await.is_none());
     running.stop().await.unwrap();
 }

@@ -6,11 +6,14 @@ use std::path::Path;
 use bytes::Bytes;
 use candle_core::Device;
 use shamal_tensor::{DataType, Tensor, TensorData};
+use shamal_worker::backend::InstanceDevice;
 use shamal_worker::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 
+use crate::bert::BertEncoder;
 use crate::device;
+use crate::encoder::{EncoderBackend, load_tokenizer};
 use crate::mlp::Mlp;
-use crate::spec::{Architecture, LocatedSpec, read_spec};
+use crate::spec::{EncoderInputs, LocatedSpec, ModelSpec, encoder_io, read_spec};
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -38,11 +41,31 @@ impl CandleRuntime {
         device::label(&self.device)
     }
 
-    fn located(&self, model_file: &Path) -> Result<(LocatedSpec, Device), BackendError> {
+    /// The spec of a model file, the device it runs on and its compute
+    /// dtype; refuses a model that asks for a device or dtype this worker
+    /// cannot give it.
+    fn located(
+        &self,
+        model_file: &Path,
+    ) -> Result<(LocatedSpec, Device, candle_core::DType), BackendError> {
         let located = read_spec(model_file).map_err(BackendError::InvalidInput)?;
-        let device = device::for_model(&self.device, located.spec.device)
+        let device = device::for_model(&self.device, located.spec.device())
             .map_err(BackendError::InvalidInput)?;
-        Ok((located, device))
+        let dtype = device::compute_dtype(located.spec.dtype(), &device)
+            .map_err(BackendError::InvalidInput)?;
+        Ok((located, device, dtype))
+    }
+}
+
+fn dim(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn tensor_spec(name: &str, datatype: DataType, dims: Vec<i64>) -> TensorSpec {
+    TensorSpec {
+        name: name.to_owned(),
+        datatype,
+        dims,
     }
 }
 
@@ -64,20 +87,36 @@ impl Runtime for CandleRuntime {
     }
 
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError> {
-        let (located, _) = self.located(model_file)?;
-        let spec = &located.spec;
-        let dim = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
-        Ok(ModelSignature {
-            inputs: vec![TensorSpec {
-                name: spec.input_name.clone(),
-                datatype: DataType::Fp32,
-                dims: vec![-1, dim(spec.input_dim)],
-            }],
-            outputs: vec![TensorSpec {
-                name: spec.output_name.clone(),
-                datatype: DataType::Fp32,
-                dims: vec![-1, dim(spec.output_dim)],
-            }],
+        let (located, _, _) = self.located(model_file)?;
+        Ok(match &located.spec {
+            ModelSpec::Mlp(spec) => ModelSignature {
+                inputs: vec![tensor_spec(
+                    &spec.input_name,
+                    DataType::Fp32,
+                    vec![-1, dim(spec.input_dim)],
+                )],
+                outputs: vec![tensor_spec(
+                    &spec.output_name,
+                    DataType::Fp32,
+                    vec![-1, dim(spec.output_dim)],
+                )],
+            },
+            ModelSpec::BertEncoder(spec) => ModelSignature {
+                inputs: match spec.inputs {
+                    EncoderInputs::TokenIds => vec![
+                        tensor_spec(encoder_io::INPUT_IDS, DataType::Int64, vec![-1, -1]),
+                        tensor_spec(encoder_io::ATTENTION_MASK, DataType::Int64, vec![-1, -1]),
+                    ],
+                    EncoderInputs::Text => {
+                        vec![tensor_spec(encoder_io::TEXT, DataType::Bytes, vec![-1])]
+                    }
+                },
+                outputs: vec![tensor_spec(
+                    encoder_io::EMBEDDING,
+                    DataType::Fp32,
+                    vec![-1, dim(spec.hidden)],
+                )],
+            },
         })
     }
 
@@ -86,26 +125,39 @@ impl Runtime for CandleRuntime {
         model_file: &Path,
         _options: &InstanceOptions,
     ) -> Result<Box<dyn Backend>, BackendError> {
-        let (located, device) = self.located(model_file)?;
-        let spec = located.spec;
-        match spec.architecture {
-            Architecture::Mlp => {
-                let model = Mlp::load(&spec, &located.weights, &device)
+        let (located, device, dtype) = self.located(model_file)?;
+        let architecture = located.spec.architecture();
+        let backend: Box<dyn Backend> = match located.spec {
+            ModelSpec::Mlp(spec) => {
+                let model = Mlp::load(&spec, &located.weights, &device, dtype)
                     .map_err(BackendError::InvalidInput)?;
-                tracing::info!(
-                    model_file = %model_file.display(),
-                    device = %device::label(&device),
-                    "candle model instance created"
-                );
-                Ok(Box::new(MlpBackend {
+                Box::new(MlpBackend {
                     model,
                     input_name: spec.input_name,
                     input_dim: spec.input_dim,
                     output_name: spec.output_name,
                     output_dim: spec.output_dim,
-                }))
+                })
             }
-        }
+            ModelSpec::BertEncoder(spec) => {
+                let tokenizer = load_tokenizer(&spec, located.tokenizer.as_ref(), model_file)
+                    .map_err(BackendError::InvalidInput)?;
+                let model = BertEncoder::load(&spec, &located.weights, &device, dtype)
+                    .map_err(BackendError::InvalidInput)?;
+                Box::new(
+                    EncoderBackend::new(model, &spec, tokenizer)
+                        .map_err(BackendError::InvalidInput)?,
+                )
+            }
+        };
+        tracing::info!(
+            model_file = %model_file.display(),
+            architecture,
+            device = %device::label(&device),
+            dtype = ?dtype,
+            "candle model instance created"
+        );
+        Ok(backend)
     }
 }
 
@@ -120,12 +172,16 @@ pub struct MlpBackend {
 
 impl MlpBackend {
     /// The device this instance computes on.
-    pub fn device(&self) -> &Device {
+    pub fn candle_device(&self) -> &Device {
         self.model.device()
     }
 }
 
 impl Backend for MlpBackend {
+    fn device(&self) -> InstanceDevice {
+        device::instance_device(self.model.device())
+    }
+
     fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
         let [input] = <[Tensor; 1]>::try_from(inputs).map_err(|inputs| {
             BackendError::InvalidInput(format!(

@@ -38,6 +38,14 @@ pub struct GpuWorkerConfig {
     pub region: String,
     /// Where artifacts fetched from the registry are kept (by sha256).
     pub artifact_cache: PathBuf,
+    /// Requests this worker is sized to run concurrently, reported to the
+    /// registry (routers weight their choice by it); unset: `instances ×
+    /// max_batch_size`.
+    pub capacity: Option<u32>,
+    /// On shutdown with a registry: how long the worker keeps serving after
+    /// the registry marked it draining, so routers route around it before
+    /// it stops taking requests (milliseconds).
+    pub drain_grace_ms: u64,
     /// Compute device: `auto` (CUDA when built with the `cuda` feature and
     /// a GPU answers, else CPU), `cpu`, or `cuda` (fail without a GPU).
     pub device: DevicePreference,
@@ -63,6 +71,9 @@ impl Default for GpuWorkerConfig {
             advertise_address: None,
             region: "local".to_owned(),
             artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
+            capacity: None,
+            drain_grace_ms: u64::try_from(shamal_worker::follow::DEFAULT_DRAIN_GRACE.as_millis())
+                .unwrap_or(1000),
             device: DevicePreference::Auto,
             cuda_device: 0,
             max_batch_size: defaults.max_batch_size,
@@ -97,6 +108,14 @@ pub struct GpuWorkerArgs {
     pub region: Option<String>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_ARTIFACT_CACHE")]
     pub artifact_cache: Option<PathBuf>,
+    /// Requests the worker is sized to run concurrently (default: instances
+    /// × max batch size).
+    #[arg(long, env = "SHAMAL_GPU_WORKER_CAPACITY")]
+    pub capacity: Option<u32>,
+    /// Milliseconds the worker keeps serving after the registry marked it
+    /// draining, before it stops taking requests (default 1000).
+    #[arg(long, env = "SHAMAL_GPU_WORKER_DRAIN_GRACE_MS")]
+    pub drain_grace_ms: Option<u64>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_DEVICE", value_enum)]
     pub device: Option<DevicePreference>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_CUDA_DEVICE")]
@@ -142,8 +161,12 @@ impl GpuWorkerConfig {
             max_queue_size,
             max_message_bytes,
             region,
-            artifact_cache
+            artifact_cache,
+            drain_grace_ms
         );
+        if let Some(capacity) = args.capacity {
+            config.capacity = Some(capacity);
+        }
         if let Some(path) = &args.model_repository {
             config.model_repository = Some(path.clone());
         }
@@ -193,6 +216,14 @@ impl GpuWorkerConfig {
             }
             None => {}
         }
+        if self.capacity == Some(0) {
+            return Err(
+                "capacity must be at least 1 (or unset: instances × max_batch_size)".to_owned(),
+            );
+        }
+        if self.drain_grace_ms > 600_000 {
+            return Err("drain_grace_ms must be at most 600000 (10 minutes)".to_owned());
+        }
         if let Some(registry) = &self.registry {
             shamal_worker::validate_follow_settings(
                 registry,
@@ -218,6 +249,8 @@ impl GpuWorkerConfig {
                 region: self.region.clone(),
                 device: device.to_owned(),
                 artifact_cache: self.artifact_cache.clone(),
+                capacity: self.capacity.unwrap_or(0),
+                drain_grace: Duration::from_millis(self.drain_grace_ms),
             }),
             defaults: ModelDefaults {
                 max_batch_size: self.max_batch_size,
@@ -300,7 +333,46 @@ mod tests {
         };
         let config = GpuWorkerConfig::load(&args).unwrap();
         assert_eq!(config.model_repository, None, "no default repository");
-        let follow = config.worker_config("cuda:0").registry.unwrap();
+        let worker = config.worker_config("cuda:0");
+        let follow = worker.registry.unwrap();
         assert_eq!(follow.device, "cuda:0");
+        assert_eq!(follow.capacity, 0, "derived from the model defaults");
+        assert_eq!(follow.effective_capacity(&worker.defaults), 32);
+        assert_eq!(follow.drain_grace, Duration::from_millis(1000));
+
+        let args = GpuWorkerArgs {
+            registry: Some("registry.internal:9300".to_owned()),
+            artifact_cache: Some(dir.path().join("cache")),
+            capacity: Some(12),
+            drain_grace_ms: Some(0),
+            ..Default::default()
+        };
+        let follow = GpuWorkerConfig::load(&args)
+            .unwrap()
+            .worker_config("cpu")
+            .registry
+            .unwrap();
+        assert_eq!(follow.capacity, 12);
+        assert_eq!(follow.drain_grace, Duration::ZERO);
+
+        for (field, args) in [
+            (
+                "capacity",
+                GpuWorkerArgs {
+                    capacity: Some(0),
+                    ..args.clone()
+                },
+            ),
+            (
+                "drain_grace_ms",
+                GpuWorkerArgs {
+                    drain_grace_ms: Some(3_600_000),
+                    ..args.clone()
+                },
+            ),
+        ] {
+            let error = GpuWorkerConfig::load(&args).unwrap_err();
+            assert!(error.contains(field), "{field}: {error}");
+        }
     }
 }

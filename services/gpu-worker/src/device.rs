@@ -2,8 +2,9 @@
 //! GPU answers, the CPU otherwise.
 
 use candle_core::{Device, DeviceLocation};
+use shamal_worker::backend::InstanceDevice;
 
-use crate::spec::DevicePreference;
+use crate::spec::{DType, DevicePreference};
 
 /// True when this binary was built with candle's CUDA backend.
 pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
@@ -15,6 +16,33 @@ pub fn label(device: &Device) -> String {
         DeviceLocation::Cpu => "cpu".to_owned(),
         DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The device as the model configuration reports it (`KIND_GPU` with its
+/// ordinal, or `KIND_CPU`).
+pub fn instance_device(device: &Device) -> InstanceDevice {
+    match device.location() {
+        DeviceLocation::Cpu => InstanceDevice::Cpu,
+        DeviceLocation::Cuda { gpu_id } | DeviceLocation::Metal { gpu_id } => {
+            InstanceDevice::Gpu(u32::try_from(gpu_id).unwrap_or(u32::MAX))
+        }
+    }
+}
+
+/// The candle dtype a model computes in. Half precision is CUDA only: on
+/// the CPU it is refused, never silently computed in F32.
+pub fn compute_dtype(dtype: DType, device: &Device) -> Result<candle_core::DType, String> {
+    match dtype {
+        DType::Float32 => Ok(candle_core::DType::F32),
+        DType::Float16 | DType::Bfloat16 if !device.is_cuda() => Err(format!(
+            "the model asks for dtype \"{}\", which needs a CUDA device; it runs on {} \
+             (use \"float32\" on the CPU)",
+            dtype.as_str(),
+            label(device)
+        )),
+        DType::Float16 => Ok(candle_core::DType::F16),
+        DType::Bfloat16 => Ok(candle_core::DType::BF16),
     }
 }
 
@@ -101,5 +129,19 @@ mod tests {
         let error = for_model(&Device::Cpu, DevicePreference::Cuda).unwrap_err();
         assert!(error.contains("requires device \"cuda\""), "{error}");
         assert!(error.contains("built without the cuda feature"), "{error}");
+    }
+
+    #[test]
+    fn half_precision_is_refused_on_the_cpu() {
+        assert_eq!(
+            compute_dtype(DType::Float32, &Device::Cpu).unwrap(),
+            candle_core::DType::F32
+        );
+        for dtype in [DType::Float16, DType::Bfloat16] {
+            let error = compute_dtype(dtype, &Device::Cpu).unwrap_err();
+            assert!(error.contains(dtype.as_str()), "{error}");
+            assert!(error.contains("needs a CUDA device"), "{error}");
+        }
+        assert_eq!(instance_device(&Device::Cpu), InstanceDevice::Cpu);
     }
 }

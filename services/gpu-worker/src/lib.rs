@@ -3,9 +3,11 @@
 //! worker framework (KServe v2 gRPC, dynamic batching, Triton model
 //! repository). See [`spec`] for the model format.
 
+pub mod bert;
 pub mod candle;
 pub mod config;
 pub mod device;
+pub mod encoder;
 pub mod mlp;
 pub mod spec;
 
@@ -17,6 +19,7 @@ use shamal_worker::{Worker, WorkerListeners};
 
 pub use candle::{CandleRuntime, MlpBackend};
 pub use config::{GpuWorkerArgs, GpuWorkerConfig};
+pub use encoder::EncoderBackend;
 pub use spec::{DevicePreference, ModelSpec};
 
 /// Registers `shamal_gpu_worker_device_info{device="cpu"|"cuda:N"} 1`.
@@ -36,6 +39,15 @@ pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Resu
 
 /// Builds a gpu-worker (selects its device) without serving it yet.
 pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
+    build_with_device(config, registry).map(|(worker, _)| worker)
+}
+
+/// Like [`build`], also returning the label of the device chosen (`cpu`,
+/// `cuda:N`), for programs that embed the worker (`shamal up`).
+pub fn build_with_device(
+    config: &GpuWorkerConfig,
+    registry: Registry,
+) -> anyhow::Result<(Worker, String)> {
     let device = device::select(config.device, config.cuda_device).map_err(anyhow::Error::msg)?;
     let label = device::label(&device);
     tracing::info!(
@@ -44,11 +56,12 @@ pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
         "gpu-worker compute device selected"
     );
     register_device_metric(&registry, &label)?;
-    Ok(Worker::new(
+    let worker = Worker::new(
         config.worker_config(&label),
         Arc::new(CandleRuntime::new(device)),
         registry,
-    ))
+    );
+    Ok((worker, label))
 }
 
 /// Runs a gpu-worker until `shutdown` completes, then drains.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
 
-use crate::spec::{Activation, ModelSpec, OutputKind};
+use crate::spec::{Activation, MlpSpec, OutputKind};
 
 /// One linear layer, its weight kept transposed (`[in, out]`) so that the
 /// forward pass is a plain `x @ w`.
@@ -21,6 +21,7 @@ pub struct Mlp {
     activation: Activation,
     output: OutputKind,
     input_dim: usize,
+    dtype: DType,
     device: Device,
 }
 
@@ -33,9 +34,14 @@ fn layer_bias(index: usize) -> String {
 }
 
 impl Mlp {
-    /// Loads the weights of `spec` from a safetensors file onto `device`,
-    /// checking every tensor's presence, dtype and shape.
-    pub fn load(spec: &ModelSpec, weights: &Path, device: &Device) -> Result<Mlp, String> {
+    /// Loads the weights of `spec` from a safetensors file onto `device` in
+    /// `dtype`, checking every tensor's presence, dtype and shape.
+    pub fn load(
+        spec: &MlpSpec,
+        weights: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Mlp, String> {
         // Read on the CPU first: validation needs no device memory, and a
         // malformed file is reported before anything reaches the GPU.
         let mut tensors: HashMap<String, Tensor> =
@@ -48,10 +54,12 @@ impl Mlp {
             let weight_t = weight
                 .t()
                 .and_then(|weight| weight.contiguous())
+                .and_then(|weight| weight.to_dtype(dtype))
                 .and_then(|weight| weight.to_device(device))
                 .map_err(|error| format!("cannot place {}: {error}", layer_weight(index)))?;
             let bias = bias
-                .to_device(device)
+                .to_dtype(dtype)
+                .and_then(|bias| bias.to_device(device))
                 .map_err(|error| format!("cannot place {}: {error}", layer_bias(index)))?;
             layers.push(Linear { weight_t, bias });
         }
@@ -67,6 +75,7 @@ impl Mlp {
             activation: spec.activation,
             output: spec.output,
             input_dim: spec.input_dim,
+            dtype,
             device: device.clone(),
         })
     }
@@ -78,7 +87,8 @@ impl Mlp {
     /// Runs the model on `rows` rows of `input_dim` values, returning
     /// `rows * output_dim` values.
     pub fn forward(&self, values: Vec<f32>, rows: usize) -> candle_core::Result<Vec<f32>> {
-        let mut x = Tensor::from_vec(values, (rows, self.input_dim), &self.device)?;
+        let mut x =
+            Tensor::from_vec(values, (rows, self.input_dim), &self.device)?.to_dtype(self.dtype)?;
         let last = self.layers.len() - 1;
         for (index, layer) in self.layers.iter().enumerate() {
             x = x.matmul(&layer.weight_t)?.broadcast_add(&layer.bias)?;
@@ -90,6 +100,7 @@ impl Mlp {
                 };
             }
         }
+        let mut x = x.to_dtype(DType::F32)?;
         if self.output == OutputKind::Softmax {
             let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
             let exp = shifted.exp()?;

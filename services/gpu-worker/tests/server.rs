@@ -238,3 +238,313 @@ where
     }
     outputs
 }
+
+/// A worker serving `repository` on an ephemeral port: its client, metrics
+/// registry, stop switch and task.
+async fn start_worker(
+    repository: PathBuf,
+) -> (
+    GrpcInferenceServiceClient<Channel>,
+    shamal_telemetry::Registry,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let config = GpuWorkerConfig::load(&GpuWorkerArgs {
+        model_repository: Some(repository),
+        device: Some(DevicePreference::Auto),
+        ..Default::default()
+    })
+    .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = grpc.local_addr().unwrap();
+    let metrics = shamal_telemetry::Registry::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(shamal_gpu_worker::run(
+        config,
+        WorkerListeners {
+            grpc,
+            metrics: None,
+        },
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        if client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+        {
+            return (client, metrics, stop, worker);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("worker never became ready");
+}
+
+async fn infer_tensors(
+    client: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    tensors: Vec<Tensor>,
+) -> Result<Vec<f32>, tonic::Status> {
+    let (inputs, raw_input_contents) = encode_inputs(&tensors);
+    let response = client
+        .model_infer(ModelInferRequest {
+            model_name: model.to_owned(),
+            inputs,
+            raw_input_contents,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let outputs = decode_outputs(response.outputs, response.raw_output_contents).unwrap();
+    assert_eq!(outputs[0].name, "embedding");
+    let TensorData::Fixed(bytes) = &outputs[0].data else {
+        panic!("not fixed-size data")
+    };
+    Ok(bytemuck::pod_collect_to_vec(bytes))
+}
+
+fn int64_tensor(name: &str, datatype: DataType, rows: &[Vec<i64>]) -> Tensor {
+    let values: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|&value| match datatype {
+            DataType::Int32 => (value as i32).to_le_bytes().to_vec(),
+            _ => value.to_le_bytes().to_vec(),
+        })
+        .collect();
+    Tensor {
+        name: name.to_owned(),
+        datatype,
+        shape: vec![rows.len() as i64, rows[0].len() as i64],
+        data: TensorData::Fixed(Bytes::from(values)),
+    }
+}
+
+fn text_tensor(items: &[&str]) -> Tensor {
+    Tensor {
+        name: "text".to_owned(),
+        datatype: DataType::Bytes,
+        shape: vec![items.len() as i64],
+        data: TensorData::Strings(
+            items
+                .iter()
+                .map(|item| Bytes::copy_from_slice(item.as_bytes()))
+                .collect(),
+        ),
+    }
+}
+
+fn reference_json(model: &str) -> serde_json::Value {
+    let path = workspace_root().join(format!("models/gpu/reference/{model}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+async fn statistics(client: &mut GrpcInferenceServiceClient<Channel>, model: &str) -> (u64, u64) {
+    let stats = client
+        .model_statistics(ModelStatisticsRequest {
+            name: model.to_owned(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = &stats.model_stats[0];
+    (stats.inference_count, stats.execution_count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_sentence_encoder_over_grpc_with_mixed_length_batches() {
+    use shamal_proto::inference::ModelMetadataRequest;
+    use shamal_proto::inference::model_instance_group::Kind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().join("repository");
+    copy_dir(&workspace_root().join("models/gpu/repository"), &repository);
+    for (model, preferred) in [("minilm_tiny", 6), ("minilm_tiny_text", 10)] {
+        std::fs::write(
+            repository.join(format!("{model}/config.pbtxt")),
+            format!(
+                "max_batch_size: 16\n\
+                 dynamic_batching {{ max_queue_delay_microseconds: 2000000 \
+                 preferred_batch_size: [ {preferred} ] }}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let (mut client, metrics, stop, worker) = start_worker(repository).await;
+
+    // The device, as metrics report it, is the one ModelConfig reports.
+    let mut text = Vec::new();
+    shamal_telemetry::Encoder::encode(
+        &shamal_telemetry::TextEncoder::new(),
+        &metrics.gather(),
+        &mut text,
+    )
+    .unwrap();
+    let on_cpu = String::from_utf8(text)
+        .unwrap()
+        .contains("shamal_gpu_worker_device_info{device=\"cpu\"} 1");
+    let config = client
+        .model_config(ModelConfigRequest {
+            name: "minilm_tiny".to_owned(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(config.backend, "candle");
+    assert_eq!(config.platform, "candle");
+    let group = &config.instance_group[0];
+    if on_cpu {
+        assert_eq!(group.kind, Kind::Cpu as i32);
+        assert!(group.gpus.is_empty());
+    } else {
+        assert_eq!(group.kind, Kind::Gpu as i32);
+        assert_eq!(group.gpus.len(), 1);
+    }
+    let inputs: Vec<(&str, Vec<i64>)> = config
+        .input
+        .iter()
+        .map(|input| (input.name.as_str(), input.dims.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        vec![("input_ids", vec![-1]), ("attention_mask", vec![-1])]
+    );
+    assert_eq!(config.output[0].dims, vec![32]);
+
+    // A model with a tokenizer advertises text.
+    let metadata = client
+        .model_metadata(ModelMetadataRequest {
+            name: "minilm_tiny_text".to_owned(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metadata.inputs.len(), 1);
+    assert_eq!(metadata.inputs[0].name, "text");
+    assert_eq!(metadata.inputs[0].datatype, "BYTES");
+    assert_eq!(metadata.inputs[0].shape, vec![-1]);
+    assert_eq!(metadata.outputs[0].shape, vec![-1, 32]);
+
+    // Ten concurrent sentences, one per request: one batch, each answer its
+    // own reference row.
+    let reference = reference_json("minilm_tiny_text");
+    let sentences: Vec<String> = serde_json::from_value(reference["text"].clone()).unwrap();
+    let expected: Vec<Vec<f64>> = serde_json::from_value(reference["embedding"].clone()).unwrap();
+    let requests = sentences.iter().map(|sentence| {
+        let mut client = client.clone();
+        let tensor = text_tensor(&[sentence.as_str()]);
+        async move {
+            infer_tensors(&mut client, "minilm_tiny_text", vec![tensor])
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures_join_all(requests).await;
+    for (row, answer) in answers.iter().enumerate() {
+        assert_close(answer, &expected[row], &format!("{:?}", sentences[row]));
+    }
+    let (inferences, executions) = statistics(&mut client, "minilm_tiny_text").await;
+    assert_eq!(inferences, sentences.len() as u64);
+    assert!(executions < inferences, "{executions} for {inferences}");
+
+    // Six concurrent token-id requests of 3 to 32 tokens: batched, padded.
+    let reference = reference_json("minilm_tiny");
+    let ids: Vec<Vec<i64>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    let mask: Vec<Vec<i64>> = serde_json::from_value(reference["attention_mask"].clone()).unwrap();
+    let expected: Vec<Vec<f64>> = serde_json::from_value(reference["embedding"].clone()).unwrap();
+    let requests = ids.iter().zip(&mask).map(|(ids, mask)| {
+        let mut client = client.clone();
+        let tensors = vec![
+            int64_tensor("input_ids", DataType::Int64, std::slice::from_ref(ids)),
+            int64_tensor(
+                "attention_mask",
+                DataType::Int64,
+                std::slice::from_ref(mask),
+            ),
+        ];
+        async move {
+            infer_tensors(&mut client, "minilm_tiny", tensors)
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures_join_all(requests).await;
+    for (row, answer) in answers.iter().enumerate() {
+        assert_close(answer, &expected[row], &format!("ids row {row}"));
+    }
+    let (inferences, executions) = statistics(&mut client, "minilm_tiny").await;
+    assert_eq!(inferences, ids.len() as u64);
+    assert!(executions < inferences, "{executions} for {inferences}");
+
+    // Bad requests: INVALID_ARGUMENT naming the input, sent together so
+    // that they share the batching delay.
+    let int64 = |name: &str, rows: &[Vec<i64>]| int64_tensor(name, DataType::Int64, rows);
+    let cases: Vec<(&str, Vec<Tensor>, &str)> = vec![
+        (
+            "minilm_tiny",
+            vec![
+                int64_tensor("input_ids", DataType::Int32, &[vec![2, 7, 3]]),
+                int64("attention_mask", &[vec![1, 1, 1]]),
+            ],
+            "input 'input_ids': datatype INT32",
+        ),
+        (
+            "minilm_tiny",
+            vec![
+                int64("input_ids", &[vec![2, 160, 3]]),
+                int64("attention_mask", &[vec![1, 1, 1]]),
+            ],
+            "input 'input_ids': token id 160",
+        ),
+        (
+            "minilm_tiny",
+            vec![
+                int64("input_ids", &[vec![2, 7, 3]]),
+                int64("attention_mask", &[vec![1, 1, 1, 1]]),
+            ],
+            "input 'attention_mask' has shape [1, 4]",
+        ),
+        (
+            "minilm_tiny_text",
+            vec![text_tensor(&[""])],
+            "input 'text': element 0 is empty",
+        ),
+        (
+            "minilm_tiny_text",
+            vec![text_tensor(&[])],
+            "input 'text': batch dimension must be at least 1",
+        ),
+    ];
+    let calls = cases.into_iter().map(|(model, tensors, expected)| {
+        let mut client = client.clone();
+        async move {
+            let status = infer_tensors(&mut client, model, tensors)
+                .await
+                .unwrap_err();
+            (status, expected)
+        }
+    });
+    for (status, expected) in futures_join_all(calls).await {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(expected),
+            "{expected}: {status:?}"
+        );
+    }
+
+    stop.send(()).unwrap();
+    worker.await.unwrap().unwrap();
+}

@@ -21,6 +21,11 @@ pub struct RegistryConfig {
     pub artifact_dir: PathBuf,
     /// Largest artifact accepted, in bytes.
     pub max_artifact_bytes: u64,
+    /// How often workers must heartbeat (told to them at registration).
+    pub heartbeat_interval_ms: u64,
+    /// Time without a heartbeat after which a worker is marked `lost`;
+    /// more than twice `heartbeat_interval_ms`.
+    pub lease_ms: u64,
 }
 
 impl Default for RegistryConfig {
@@ -32,6 +37,8 @@ impl Default for RegistryConfig {
             database_url: "sqlite://.shamal/registry.db".to_owned(),
             artifact_dir: PathBuf::from(".shamal/artifacts"),
             max_artifact_bytes: 8 * 1024 * 1024 * 1024,
+            heartbeat_interval_ms: 250,
+            lease_ms: 1000,
         }
     }
 }
@@ -55,6 +62,13 @@ pub struct RegistryArgs {
     pub artifact_dir: Option<PathBuf>,
     #[arg(long, env = "SHAMAL_REGISTRY_MAX_ARTIFACT_BYTES")]
     pub max_artifact_bytes: Option<u64>,
+    /// How often workers heartbeat, in milliseconds (default 250).
+    #[arg(long, env = "SHAMAL_REGISTRY_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Milliseconds without a heartbeat before a worker is marked lost
+    /// (default 1000; more than twice the heartbeat interval).
+    #[arg(long, env = "SHAMAL_REGISTRY_LEASE_MS")]
+    pub lease_ms: Option<u64>,
 }
 
 impl RegistryConfig {
@@ -85,6 +99,12 @@ impl RegistryConfig {
         if let Some(value) = args.max_artifact_bytes {
             config.max_artifact_bytes = value;
         }
+        if let Some(value) = args.heartbeat_interval_ms {
+            config.heartbeat_interval_ms = value;
+        }
+        if let Some(value) = args.lease_ms {
+            config.lease_ms = value;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -98,7 +118,24 @@ impl RegistryConfig {
         if self.max_artifact_bytes == 0 {
             return Err("max_artifact_bytes must be at least 1".to_owned());
         }
+        if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
+            return Err("heartbeat_interval_ms must be between 10 and 60000".to_owned());
+        }
+        if self.lease_ms <= 2 * self.heartbeat_interval_ms || self.lease_ms > 3_600_000 {
+            return Err(format!(
+                "lease_ms must be more than twice heartbeat_interval_ms ({} ms) and at most 3600000",
+                self.heartbeat_interval_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The membership timings this configuration sets.
+    pub fn membership(&self) -> crate::registry::MembershipSettings {
+        crate::registry::MembershipSettings {
+            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_interval_ms),
+            lease: std::time::Duration::from_millis(self.lease_ms),
+        }
     }
 }
 
@@ -120,5 +157,34 @@ mod tests {
         };
         let error = RegistryConfig::load(&bad).err().unwrap_or_default();
         assert!(error.contains("database_url"), "{error}");
+    }
+
+    #[test]
+    fn membership_timings_default_and_are_validated() {
+        let config = RegistryConfig::load(&RegistryArgs::default()).unwrap_or_default();
+        assert_eq!((config.heartbeat_interval_ms, config.lease_ms), (250, 1000));
+        let args = RegistryArgs {
+            heartbeat_interval_ms: Some(100),
+            lease_ms: Some(500),
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(config.membership().lease.as_millis(), 500);
+        assert_eq!(config.membership().heartbeat_interval.as_millis(), 100);
+        for (interval, lease, field) in [
+            (250, 500, "lease_ms"),
+            (250, 400, "lease_ms"),
+            (5, 1000, "heartbeat_interval_ms"),
+        ] {
+            let args = RegistryArgs {
+                heartbeat_interval_ms: Some(interval),
+                lease_ms: Some(lease),
+                ..RegistryArgs::default()
+            };
+            let error = RegistryConfig::load(&args).err().unwrap_or_default();
+            assert!(error.contains(field), "{interval}/{lease}: {error}");
+        }
+        let text = toml::to_string(&RegistryConfig::default()).unwrap_or_default();
+        assert!(text.contains("lease_ms = 1000"), "{text}");
     }
 }

@@ -41,6 +41,11 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::ArtifactChunk, Status
 /// Builds the next event for a subscriber at `since`: a snapshot when
 /// `snapshot` is asked for or `since` is from a future the registry does not
 /// know; `None` when nothing changed.
+///
+/// A snapshot carries every model, every worker that is not `gone` and the
+/// tenant policies. A change carries the models, the workers (in their
+/// current state, `gone` included) changed since `since`, and the complete
+/// tenant policies when any of them changed.
 async fn next_event(
     registry: &ModelRegistry,
     since: u64,
@@ -61,25 +66,39 @@ async fn next_event(
             snapshot: true,
             models,
             removed: Vec::new(),
+            workers: registry.worker_states(None).await?,
+            tenant_policies: Some(registry.tenant_policies_proto().await?),
         }));
     }
-    let (changed, latest) = registry.changes_since(since).await?;
-    if changed.is_empty() {
+    let changes = registry.change_set_since(since).await?;
+    if changes.latest == since {
         return Ok(None);
     }
     let mut models = Vec::new();
     let mut removed = Vec::new();
-    for name in changed {
+    for name in changes.models {
         match registry.model_state(&name).await? {
             Some(state) => models.push(state),
             None => removed.push(name),
         }
     }
+    let workers = if changes.workers.is_empty() {
+        Vec::new()
+    } else {
+        registry.worker_states(Some(&changes.workers)).await?
+    };
+    let tenant_policies = if changes.tenant_policies {
+        Some(registry.tenant_policies_proto().await?)
+    } else {
+        None
+    };
     Ok(Some(proto::WatchEvent {
-        revision: latest,
+        revision: changes.latest,
         snapshot: false,
         models,
         removed,
+        workers,
+        tenant_policies,
     }))
 }
 
@@ -140,16 +159,46 @@ impl Registry for RegistryGrpc {
     ) -> Result<Response<proto::RegisterWorkerResponse>, Status> {
         let request = request.into_inner();
         self.registry
-            .register_worker(WorkerInfo {
-                id: request.worker_id,
-                address: request.address,
-                region: request.region,
-                formats: request.formats,
-                device: request.device,
-                last_seen: now_millis(),
-            })
+            .register_member(
+                WorkerInfo {
+                    id: request.worker_id,
+                    address: request.address,
+                    region: request.region,
+                    formats: request.formats,
+                    device: request.device,
+                    last_seen: now_millis(),
+                },
+                request.capacity,
+            )
             .await?;
-        Ok(Response::new(proto::RegisterWorkerResponse {}))
+        let membership = self.registry.membership();
+        Ok(Response::new(proto::RegisterWorkerResponse {
+            heartbeat_interval_ms: membership.heartbeat_interval.as_millis() as u64,
+            lease_ms: membership.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        let registered = self
+            .registry
+            .heartbeat(&request.worker_id, request.inflight, request.queue_depth)
+            .await?;
+        Ok(Response::new(proto::HeartbeatResponse { registered }))
+    }
+
+    async fn deregister_worker(
+        &self,
+        request: Request<proto::DeregisterWorkerRequest>,
+    ) -> Result<Response<proto::DeregisterWorkerResponse>, Status> {
+        let request = request.into_inner();
+        self.registry
+            .deregister_worker(&request.worker_id, request.done, &request.reason)
+            .await?;
+        Ok(Response::new(proto::DeregisterWorkerResponse {}))
     }
 
     async fn report_placement(

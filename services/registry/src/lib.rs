@@ -2,14 +2,18 @@
 //! artifacts), aliases and rollouts, in Postgres (or SQLite for the
 //! embedded mode) through one set of sqlx queries. Routers and workers use
 //! its gRPC API, with a Watch stream of changes; release managers use its
-//! REST API (OpenAPI document at `/openapi.json`) and web UI.
+//! REST API (OpenAPI document at `/openapi.json`) and web UI. It also keeps
+//! worker membership (registration, heartbeats, leases, graceful drain) and
+//! the data-residency policies routers enforce.
 
 pub mod artifacts;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod membership;
 pub mod model;
 pub mod registry;
+pub mod residency;
 pub mod rest;
 pub mod store;
 
@@ -61,7 +65,9 @@ pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>>
     let store = store::Store::connect(&config.database_url).await?;
     let artifacts = Arc::new(artifacts::LocalArtifactStore::new(&config.artifact_dir)?);
     Ok(Arc::new(
-        ModelRegistry::new(store, artifacts, config.max_artifact_bytes).await?,
+        ModelRegistry::new(store, artifacts, config.max_artifact_bytes)
+            .await?
+            .with_membership(config.membership()),
     ))
 }
 
@@ -113,6 +119,8 @@ pub async fn serve(
             let _ = stop_sender.send(true);
         });
     }
+    // Workers whose lease expires are marked lost while the registry serves.
+    let sweeper = registry.spawn_sweeper(stop.clone());
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(shamal_telemetry::serve_metrics(
             listener,
@@ -141,6 +149,7 @@ pub async fn serve(
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);
+    let _ = sweeper.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -396,3 +396,114 @@ pub struct RolloutStatus {
     pub rollout: Rollout,
     pub analysis: Vec<VersionAnalysis>,
 }
+
+/// Membership state of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Registered and heartbeating: routers may send it requests.
+    Serving,
+    /// Leaving on purpose: finishes what it holds, takes nothing new.
+    Draining,
+    /// Its lease expired without a heartbeat.
+    Lost,
+    /// Left (drained and deregistered); forgotten by Watch snapshots.
+    Gone,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Serving => "serving",
+            MemberState::Draining => "draining",
+            MemberState::Lost => "lost",
+            MemberState::Gone => "gone",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MemberState> {
+        match text {
+            "serving" => Some(MemberState::Serving),
+            "draining" => Some(MemberState::Draining),
+            "lost" => Some(MemberState::Lost),
+            "gone" => Some(MemberState::Gone),
+            _ => None,
+        }
+    }
+
+    /// Serving and draining workers hold a lease that heartbeats renew.
+    pub fn leased(self) -> bool {
+        matches!(self, MemberState::Serving | MemberState::Draining)
+    }
+}
+
+/// A worker as the registry sees it: what it registered, its membership
+/// state and its last heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerStatus {
+    pub id: String,
+    /// gRPC address routers reach it at.
+    pub address: String,
+    /// Region it processes data in.
+    pub region: String,
+    pub formats: Vec<String>,
+    /// cpu | cuda
+    pub device: String,
+    /// Requests it is sized to run concurrently.
+    pub capacity: u32,
+    pub state: MemberState,
+    /// Why it is in that state (e.g. the drain reason, the expired lease).
+    pub state_reason: String,
+    pub state_changed_at: Millis,
+    /// Last heartbeat (the registration counts as one); 0 when unknown.
+    pub last_heartbeat: Millis,
+    /// Requests it held at its last heartbeat.
+    pub inflight: u32,
+    /// Requests waiting in its batch queues at its last heartbeat.
+    pub queue_depth: u32,
+    pub registered_at: Millis,
+}
+
+/// Regions a model's requests may be processed in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelResidency {
+    pub model: String,
+    /// Empty: no model-level restriction.
+    pub allowed_regions: Vec<String>,
+    /// Who set it last (empty when never set).
+    pub updated_by: String,
+    pub updated_at: Millis,
+}
+
+/// Regions a tenant's requests may be processed in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantPolicy {
+    pub tenant: String,
+    /// Never empty.
+    pub allowed_regions: Vec<String>,
+    pub updated_by: String,
+    pub updated_at: Millis,
+}
+
+/// Input of a residency write.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetResidency {
+    /// Region names: 1-64 characters of letters, digits, `-`, `_` and
+    /// `.`, starting with a letter or digit; at most 64, no duplicates.
+    pub allowed_regions: Vec<String>,
+}
+
+/// One recorded residency change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResidencyChange {
+    pub id: u64,
+    /// model | tenant
+    pub scope: String,
+    /// The model or tenant name.
+    pub subject: String,
+    /// The regions after the change; null when a tenant policy was deleted.
+    pub allowed_regions: Option<Vec<String>>,
+    pub actor: String,
+    pub at: Millis,
+}

@@ -26,11 +26,35 @@ pub const ANALYSIS_ACTOR: &str = "canary-analysis";
 /// The registry: database, artifact store, change notifications and the
 /// canary analysis.
 pub struct ModelRegistry {
-    store: Store,
+    pub(crate) store: Store,
     artifacts: Arc<dyn ArtifactStore>,
     max_artifact_bytes: u64,
     revision: watch::Sender<u64>,
     traffic: Mutex<TrafficBook>,
+    /// Heartbeat interval and lease handed to workers.
+    pub(crate) membership: MembershipSettings,
+    /// Live liveness figures of serving and draining workers.
+    pub(crate) members: Mutex<HashMap<String, crate::membership::Member>>,
+    /// Serialises membership state changes (register, deregister, sweep).
+    pub(crate) member_writes: tokio::sync::Mutex<()>,
+}
+
+/// Worker membership timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MembershipSettings {
+    /// How often workers heartbeat.
+    pub heartbeat_interval: std::time::Duration,
+    /// Time without a heartbeat after which a worker is `lost`.
+    pub lease: std::time::Duration,
+}
+
+impl Default for MembershipSettings {
+    fn default() -> Self {
+        MembershipSettings {
+            heartbeat_interval: std::time::Duration::from_millis(250),
+            lease: std::time::Duration::from_millis(1000),
+        }
+    }
 }
 
 /// Validates a model name: what clients put in `model_name`.
@@ -69,7 +93,7 @@ pub fn validate_alias(alias: &str) -> Result<()> {
     }
 }
 
-fn actor_or_anonymous(actor: &str) -> String {
+pub(crate) fn actor_or_anonymous(actor: &str) -> String {
     if actor.trim().is_empty() {
         "anonymous".to_owned()
     } else {
@@ -89,10 +113,24 @@ impl ModelRegistry {
             max_artifact_bytes,
             revision: watch::Sender::new(0),
             traffic: Mutex::new(TrafficBook::default()),
+            membership: MembershipSettings::default(),
+            members: Mutex::new(HashMap::new()),
+            member_writes: tokio::sync::Mutex::new(()),
         };
         let current = registry.current_revision().await?;
         registry.revision.send_replace(current);
+        registry.load_members().await?;
         Ok(registry)
+    }
+
+    /// Sets the heartbeat interval and lease handed to workers.
+    pub fn with_membership(mut self, membership: MembershipSettings) -> ModelRegistry {
+        self.membership = membership;
+        self
+    }
+
+    pub fn membership(&self) -> MembershipSettings {
+        self.membership
     }
 
     pub fn store(&self) -> &Store {
@@ -952,37 +990,6 @@ impl ModelRegistry {
 
     // ----- workers and placements ----------------------------------------
 
-    pub async fn register_worker(&self, worker: WorkerInfo) -> Result<()> {
-        if worker.id.is_empty() {
-            return Err(RegistryError::invalid("worker_id", "must not be empty"));
-        }
-        if worker.address.is_empty() {
-            return Err(RegistryError::invalid("address", "must not be empty"));
-        }
-        let mut tx = self.store.begin_write().await?;
-        sqlx::query("INSERT INTO workers (id, address, region, formats, device, last_seen) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET address = excluded.address, region = excluded.region, formats = excluded.formats, device = excluded.device, last_seen = excluded.last_seen")
-            .bind(&worker.id)
-            .bind(&worker.address)
-            .bind(&worker.region)
-            .bind(json_text(&worker.formats)?)
-            .bind(&worker.device)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        tracing::info!(worker = %worker.id, address = %worker.address, region = %worker.region, "worker registered");
-        Ok(())
-    }
-
-    pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {
-        let rows = sqlx::query(
-            "SELECT id, address, region, formats, device, last_seen FROM workers ORDER BY id",
-        )
-        .fetch_all(&self.store.pool)
-        .await?;
-        rows.iter().map(worker_from_row).collect()
-    }
-
     pub async fn list_placements(&self, model: &str) -> Result<Vec<Placement>> {
         let rows = sqlx::query("SELECT worker_id, model, version, state, reason, updated_at FROM placements WHERE model = $1 ORDER BY version, worker_id")
             .bind(model)
@@ -1017,11 +1024,14 @@ impl ModelRegistry {
             Some(json_text(&value)?)
         };
         let mut tx = self.store.begin_write().await?;
-        let known = sqlx::query("SELECT id FROM workers WHERE id = $1")
+        let known = sqlx::query("SELECT state FROM workers WHERE id = $1")
             .bind(worker_id)
             .fetch_optional(&mut *tx)
             .await?;
-        if known.is_none() {
+        let known_state = known
+            .map(|row| row.try_get::<String, _>("state"))
+            .transpose()?;
+        if known_state.is_none_or(|state| state == MemberState::Gone.as_str()) {
             return Err(RegistryError::FailedPrecondition(format!(
                 "worker '{worker_id}' is not registered; call RegisterWorker first"
             )));
@@ -1082,7 +1092,7 @@ impl ModelRegistry {
 
     // ----- watch --------------------------------------------------------
 
-    fn notify(&self, revision: u64) {
+    pub(crate) fn notify(&self, revision: u64) {
         self.revision.send_if_modified(|current| {
             if revision > *current {
                 *current = revision;
@@ -1108,19 +1118,43 @@ impl ModelRegistry {
     /// Models changed after `revision`, and the revision that brings a
     /// subscriber up to date.
     pub async fn changes_since(&self, revision: u64) -> Result<(Vec<String>, u64)> {
+        let changes = self.change_set_since(revision).await?;
+        Ok((changes.models, changes.latest))
+    }
+
+    /// Everything changed after `revision`: models, workers and whether the
+    /// tenant policies changed, with the revision that brings a subscriber
+    /// up to date.
+    pub async fn change_set_since(&self, revision: u64) -> Result<ChangeSet> {
         let rows = sqlx::query(
-            "SELECT revision, model FROM changes WHERE revision > $1 ORDER BY revision",
+            "SELECT revision, model, kind FROM changes WHERE revision > $1 ORDER BY revision",
         )
         .bind(revision as i64)
         .fetch_all(&self.store.pool)
         .await?;
         let mut latest = revision;
         let mut models = BTreeSet::new();
+        let mut workers = BTreeSet::new();
+        let mut tenant_policies = false;
         for row in &rows {
             latest = latest.max(row.try_get::<i64, _>("revision")? as u64);
-            models.insert(row.try_get::<String, _>("model")?);
+            let subject = row.try_get::<String, _>("model")?;
+            match row.try_get::<String, _>("kind")?.as_str() {
+                change_kind::WORKER => {
+                    workers.insert(subject);
+                }
+                change_kind::TENANTS => tenant_policies = true,
+                _ => {
+                    models.insert(subject);
+                }
+            }
         }
-        Ok((models.into_iter().collect(), latest))
+        Ok(ChangeSet {
+            models: models.into_iter().collect(),
+            workers: workers.into_iter().collect(),
+            tenant_policies,
+            latest,
+        })
     }
 
     pub async fn model_names(&self) -> Result<Vec<String>> {
@@ -1136,13 +1170,14 @@ impl ModelRegistry {
     /// model does not exist.
     pub async fn model_state(&self, name: &str) -> Result<Option<proto::ModelState>> {
         let pool = &self.store.pool;
-        let exists = sqlx::query("SELECT name FROM models WHERE name = $1")
+        let exists = sqlx::query("SELECT allowed_regions FROM models WHERE name = $1")
             .bind(name)
             .fetch_optional(pool)
             .await?;
-        if exists.is_none() {
+        let Some(exists) = exists else {
             return Ok(None);
-        }
+        };
+        let allowed_regions: String = exists.try_get("allowed_regions")?;
         let versions = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM versions WHERE model = $1 ORDER BY version"
         ))
@@ -1204,6 +1239,7 @@ impl ModelRegistry {
             aliases,
             rollout,
             placements,
+            allowed_regions: regions_from_text(&allowed_regions)?,
         }))
     }
 
@@ -1283,10 +1319,23 @@ impl ModelRegistry {
     }
 }
 
+/// What changed after a revision (see [`ModelRegistry::change_set_since`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// Models whose routed state changed (they may since be deleted).
+    pub models: Vec<String>,
+    /// Workers whose membership changed.
+    pub workers: Vec<String>,
+    /// Whether the tenant residency policies changed.
+    pub tenant_policies: bool,
+    /// The revision that brings a subscriber up to date.
+    pub latest: u64,
+}
+
 /// One page of `items`, fetched with one row more than `limit`: that extra
 /// row only says whether a next page exists, and the token is the key of
 /// the page's last item.
-fn page_of<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+pub(crate) fn page_of<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
     let next_page_token = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|last| encode_token(&key(last)))

@@ -100,6 +100,18 @@ pub fn router(
         .route("/v1/models/{name}/rollout/history", get(h::history))
         .route("/v1/models/{name}/placements", get(h::list_placements))
         .route("/v1/workers", get(h::list_workers))
+        .route(
+            "/v1/models/{name}/residency",
+            get(h::get_model_residency).put(h::set_model_residency),
+        )
+        .route("/v1/residency/tenants", get(h::list_tenant_policies))
+        .route(
+            "/v1/residency/tenants/{tenant}",
+            get(h::get_tenant_policy)
+                .put(h::set_tenant_policy)
+                .delete(h::delete_tenant_policy),
+        )
+        .route("/v1/residency/history", get(h::residency_history))
         .fallback(h::no_route)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))

@@ -100,13 +100,35 @@ impl Store {
     }
 }
 
+/// What a change-log record is about (`changes.kind`).
+pub mod change_kind {
+    /// A model's routed state; the record's subject is the model name.
+    pub const MODEL: &str = "model";
+    /// A worker's membership; the subject is the worker id.
+    pub const WORKER: &str = "worker";
+    /// The tenant residency policies; the subject is the tenant.
+    pub const TENANTS: &str = "tenants";
+}
+
 /// Records that `model`'s routed state changed; returns the new revision.
 pub async fn record_change(tx: &mut Transaction<'static, Any>, model: &str) -> Result<u64> {
-    let row = sqlx::query("INSERT INTO changes (model, at) VALUES ($1, $2) RETURNING revision")
-        .bind(model)
-        .bind(now_millis())
-        .fetch_one(&mut **tx)
-        .await?;
+    record_change_of(tx, change_kind::MODEL, model).await
+}
+
+/// Appends a change of `kind` about `subject` to the change log; returns
+/// the new revision.
+pub async fn record_change_of(
+    tx: &mut Transaction<'static, Any>,
+    kind: &str,
+    subject: &str,
+) -> Result<u64> {
+    let row =
+        sqlx::query("INSERT INTO changes (model, kind, at) VALUES ($1, $2, $3) RETURNING revision")
+            .bind(subject)
+            .bind(kind)
+            .bind(now_millis())
+            .fetch_one(&mut **tx)
+            .await?;
     Ok(row.try_get::<i64, _>("revision")? as u64)
 }
 
@@ -190,15 +212,34 @@ pub fn history_from_row(row: &AnyRow) -> Result<HistoryEntry> {
     })
 }
 
-pub fn worker_from_row(row: &AnyRow) -> Result<WorkerInfo> {
-    Ok(WorkerInfo {
+pub const WORKER_COLUMNS: &str = "id, address, region, formats, device, last_seen, capacity, state, state_reason, state_changed_at, registered_at";
+
+/// A worker row (`WORKER_COLUMNS`); heartbeat figures are the registry's
+/// to overlay.
+pub fn worker_status_from_row(row: &AnyRow) -> Result<WorkerStatus> {
+    let state: String = row.try_get("state")?;
+    Ok(WorkerStatus {
         id: row.try_get("id")?,
         address: row.try_get("address")?,
         region: row.try_get("region")?,
         formats: from_json(&row.try_get::<String, _>("formats")?, "formats")?,
         device: row.try_get("device")?,
-        last_seen: row.try_get("last_seen")?,
+        capacity: u32::try_from(row.try_get::<i64, _>("capacity")?).unwrap_or(u32::MAX),
+        state: MemberState::parse(&state).ok_or_else(|| {
+            RegistryError::Internal(format!("unknown stored worker state {state}"))
+        })?,
+        state_reason: row.try_get("state_reason")?,
+        state_changed_at: row.try_get("state_changed_at")?,
+        last_heartbeat: row.try_get("last_seen")?,
+        inflight: 0,
+        queue_depth: 0,
+        registered_at: row.try_get("registered_at")?,
     })
+}
+
+/// A JSON list of region names as stored.
+pub fn regions_from_text(text: &str) -> Result<Vec<String>> {
+    from_json(text, "allowed_regions")
 }
 
 pub fn placement_from_row(row: &AnyRow) -> Result<Placement> {

@@ -892,6 +892,208 @@ async fn rollouts_move_traffic_under_optimistic_concurrency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn residency_policies_and_workers() {
+    let api = Api::start().await;
+    api.push("fraud", b"weights").await;
+
+    // A model's regions.
+    let (status, body) = api.get("/v1/models/fraud/residency").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed_regions"], json!([]));
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/residency",
+            json!({"allowed_regions": ["eu-west", "eu-central"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["updated_by"], "alice");
+    assert_eq!(body["allowed_regions"], json!(["eu-west", "eu-central"]));
+    let state = api
+        .running
+        .registry
+        .model_state("fraud")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.allowed_regions, ["eu-west", "eu-central"]);
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/residency",
+            json!({"allowed_regions": ["eu-west", "eu west"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "allowed_regions[1]");
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/residency",
+            json!({"allowed_regions": ["x".repeat(65)]}),
+        )
+        .await;
+    assert_invalid(status, &body, "allowed_regions[0]");
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/residency",
+            json!({"allowed_regions": "eu-west"}),
+        )
+        .await;
+    assert_invalid(status, &body, "allowed_regions");
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/residency",
+            json!({"regions": ["eu-west"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "regions");
+    let (status, body) = api
+        .raw(
+            Method::PUT,
+            "/v1/models/fraud/residency",
+            "application/json",
+            b"{\"allowed_regions\": [",
+        )
+        .await;
+    assert_invalid(status, &body, "body");
+    let (status, body) = api
+        .raw(
+            Method::PUT,
+            "/v1/models/fraud/residency",
+            "text/plain",
+            b"eu-west",
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let (status, body) = api
+        .put("/v1/models/nope/residency", json!({"allowed_regions": []}))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = api.get("/v1/models/nope/residency").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // Tenant policies.
+    let (status, body) = api.get("/v1/residency/tenants").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"], json!([]));
+    let (status, body) = api
+        .put(
+            "/v1/residency/tenants/acme",
+            json!({"allowed_regions": ["uae-north"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tenant"], "acme");
+    assert_eq!(body["updated_by"], "alice");
+    let (status, body) = api.get("/v1/residency/tenants/acme").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["allowed_regions"], json!(["uae-north"]));
+    let (status, body) = api
+        .put(
+            "/v1/residency/tenants/bad%20tenant",
+            json!({"allowed_regions": ["uae-north"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "tenant");
+    let (status, body) = api
+        .put(
+            &format!("/v1/residency/tenants/{}", "t".repeat(129)),
+            json!({"allowed_regions": ["uae-north"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "tenant");
+    let (status, body) = api
+        .put("/v1/residency/tenants/acme", json!({"allowed_regions": []}))
+        .await;
+    assert_invalid(status, &body, "allowed_regions");
+    let (status, body) = api.get("/v1/residency/tenants/globex").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = api.get("/v1/residency/tenants").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"][0]["tenant"], "acme");
+    let response = api
+        .client
+        .delete(api.url("/v1/residency/tenants/acme"))
+        .header("x-shamal-actor", "bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (status, body) = api
+        .call(Method::DELETE, "/v1/residency/tenants/acme", None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // Who changed what.
+    let (status, body) = api.get("/v1/residency/history").await;
+    assert_eq!(status, StatusCode::OK);
+    let entries: Vec<(String, String, String)> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            (
+                entry["scope"].as_str().unwrap().to_owned(),
+                entry["subject"].as_str().unwrap().to_owned(),
+                entry["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("model", "fraud", "alice"),
+        ("tenant", "acme", "alice"),
+        ("tenant", "acme", "bob"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(entries, expected);
+    assert_eq!(body["items"][2]["allowed_regions"], Value::Null);
+    let (status, body) = api.get("/v1/residency/history?page_size=0").await;
+    assert_invalid(status, &body, "page_size");
+
+    // Workers, with their membership.
+    let registry = &api.running.registry;
+    registry
+        .register_member(
+            WorkerInfo {
+                id: "gpu-1".to_owned(),
+                address: "10.0.0.1:8101".to_owned(),
+                region: "eu-west".to_owned(),
+                formats: vec!["safetensors".to_owned()],
+                device: "cuda".to_owned(),
+                last_seen: 0,
+            },
+            16,
+        )
+        .await
+        .unwrap();
+    registry.heartbeat("gpu-1", 3, 1).await.unwrap();
+    let (status, body) = api.get("/v1/workers").await;
+    assert_eq!(status, StatusCode::OK);
+    let worker = &body["items"][0];
+    assert_eq!(worker["id"], "gpu-1");
+    assert_eq!(worker["state"], "serving");
+    assert_eq!(worker["capacity"], 16);
+    assert_eq!(worker["device"], "cuda");
+    assert_eq!(worker["inflight"], 3);
+    assert!(worker["last_heartbeat"].as_i64().unwrap() > 0);
+    registry.deregister_worker("gpu-1", true, "").await.unwrap();
+    let (_, body) = api.get("/v1/workers").await;
+    assert_eq!(body["items"], json!([]));
+    let (_, body) = api.get("/v1/workers?include_gone=true").await;
+    assert_eq!(body["items"][0]["state"], "gone");
+    let (status, body) = api.get("/v1/workers?include_gone=maybe").await;
+    assert_invalid(status, &body, "include_gone");
+    let (status, body) = api.get("/v1/workers?state=lost").await;
+    assert_invalid(status, &body, "state");
+    api.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_routes_methods_and_headers_answer_json() {
     let api = Api::start().await;
     let (status, body) = api.get("/v2/nothing").await;
@@ -1034,6 +1236,13 @@ const ROUTES: &[&str] = &[
     "GET /v1/models/{name}/rollout/history",
     "GET /v1/workers",
     "GET /v1/models/{name}/placements",
+    "GET /v1/models/{name}/residency",
+    "PUT /v1/models/{name}/residency",
+    "GET /v1/residency/tenants",
+    "GET /v1/residency/tenants/{tenant}",
+    "PUT /v1/residency/tenants/{tenant}",
+    "DELETE /v1/residency/tenants/{tenant}",
+    "GET /v1/residency/history",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1068,6 +1277,12 @@ async fn openapi_document_describes_every_route_and_is_committed() {
         "Version",
         "Rollout",
         "StartRollout",
+        "WorkerStatus",
+        "MemberState",
+        "ModelResidency",
+        "TenantPolicy",
+        "SetResidency",
+        "ResidencyChange",
     ] {
         assert!(schemas.contains_key(schema), "{schema} missing");
     }
@@ -1080,6 +1295,7 @@ async fn openapi_document_describes_every_route_and_is_committed() {
             .replace("{name}", "m")
             .replace("{version}", "1")
             .replace("{alias}", "production")
+            .replace("{tenant}", "acme")
             .replace("{sha256}", &digest);
         let response = api
             .client

@@ -42,6 +42,9 @@ both_backends!(
     canary_breaking_its_error_guard_rail_is_rolled_back,
     canary_breaking_its_latency_guard_rail_is_rolled_back,
     healthy_canary_is_left_alone,
+    workers_join_drain_leave_and_get_lost,
+    residency_policies_are_validated_and_recorded,
+    change_revisions_are_ordered_across_kinds,
 );
 
 async fn versions_are_numbered_and_keep_their_metadata(registry: Arc<ModelRegistry>) {
@@ -655,4 +658,444 @@ async fn healthy_canary_is_left_alone(registry: Arc<ModelRegistry>) {
         .unwrap();
     assert_eq!(canary.requests, 100);
     assert_eq!(canary.errors, 1);
+}
+
+fn worker(id: &str, region: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.to_owned(),
+        address: format!("{id}:8101"),
+        region: region.to_owned(),
+        formats: vec!["onnx".to_owned()],
+        device: "cpu".to_owned(),
+        last_seen: 0,
+    }
+}
+
+async fn state_of(registry: &ModelRegistry, id: &str) -> Option<MemberState> {
+    registry
+        .get_worker(id)
+        .await
+        .unwrap()
+        .map(|worker| worker.state)
+}
+
+async fn workers_join_drain_leave_and_get_lost(registry: Arc<ModelRegistry>) {
+    let lease = registry.membership().lease;
+    let start = registry.current_revision().await.unwrap();
+    let joined = registry
+        .register_member(worker("w1", "eu-west"), 8)
+        .await
+        .unwrap();
+    assert_eq!((joined.state, joined.capacity), (MemberState::Serving, 8));
+    let changes = registry.change_set_since(start).await.unwrap();
+    assert_eq!(changes.workers, ["w1"]);
+    assert!(changes.models.is_empty() && !changes.tenant_policies);
+    assert_eq!(changes.latest, start + 1);
+    // Registering again with the same details is no change; new details are.
+    registry
+        .register_member(worker("w1", "eu-west"), 8)
+        .await
+        .unwrap();
+    assert_eq!(registry.current_revision().await.unwrap(), start + 1);
+    registry
+        .register_member(worker("w1", "eu-west"), 0)
+        .await
+        .unwrap();
+    assert_eq!(registry.current_revision().await.unwrap(), start + 2);
+    let listed = registry.list_workers().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].capacity, 1, "0 means 1");
+    assert_eq!(listed[0].region, "eu-west");
+
+    // Heartbeats: known workers only; the load is kept.
+    assert!(registry.heartbeat("w1", 3, 5).await.unwrap());
+    assert!(!registry.heartbeat("ghost", 0, 0).await.unwrap());
+    let status = registry.get_worker("w1").await.unwrap().unwrap();
+    assert_eq!((status.inflight, status.queue_depth), (3, 5));
+    assert!(status.last_heartbeat > 0);
+
+    // Within its lease nothing happens; past it, lost (a change).
+    assert!(
+        registry
+            .sweep_at(std::time::Instant::now() + lease / 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let before_loss = registry.current_revision().await.unwrap();
+    let lost = registry
+        .sweep_at(std::time::Instant::now() + lease * 2)
+        .await
+        .unwrap();
+    assert_eq!(lost, ["w1"]);
+    let status = registry.get_worker("w1").await.unwrap().unwrap();
+    assert_eq!(status.state, MemberState::Lost);
+    assert!(status.state_reason.contains("no heartbeat"), "{status:?}");
+    let changes = registry.change_set_since(before_loss).await.unwrap();
+    assert_eq!(changes.workers, ["w1"]);
+    assert!(
+        registry
+            .sweep_at(std::time::Instant::now() + lease * 3)
+            .await
+            .unwrap()
+            .is_empty(),
+        "lost once"
+    );
+    // A lost worker is told to register again, and comes back.
+    assert!(!registry.heartbeat("w1", 0, 0).await.unwrap());
+    registry
+        .register_member(worker("w1", "eu-west"), 8)
+        .await
+        .unwrap();
+    assert_eq!(state_of(&registry, "w1").await, Some(MemberState::Serving));
+    assert!(registry.heartbeat("w1", 0, 0).await.unwrap());
+
+    // It holds a version; then drains (still known, still heartbeating).
+    let version = push(&registry, "fraud", b"weights").await;
+    registry
+        .report_placement("w1", "fraud", version, "ready", "", "")
+        .await
+        .unwrap();
+    let draining = registry
+        .deregister_worker("w1", false, "SIGTERM")
+        .await
+        .unwrap();
+    assert_eq!(draining.state, MemberState::Draining);
+    assert_eq!(draining.state_reason, "SIGTERM");
+    assert!(registry.heartbeat("w1", 1, 0).await.unwrap());
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    assert_eq!(
+        state.placements.len(),
+        1,
+        "a draining worker's placements stay"
+    );
+    // Draining twice changes nothing.
+    let revision = registry.current_revision().await.unwrap();
+    registry.deregister_worker("w1", false, "").await.unwrap();
+    assert_eq!(registry.current_revision().await.unwrap(), revision);
+
+    // Gone: placements removed (the model changes too), forgotten by the
+    // list, refused as a reporter, told to register again.
+    let gone = registry
+        .deregister_worker("w1", true, "drained")
+        .await
+        .unwrap();
+    assert_eq!(gone.state, MemberState::Gone);
+    let changes = registry.change_set_since(revision).await.unwrap();
+    assert_eq!(changes.workers, ["w1"]);
+    assert_eq!(changes.models, ["fraud"]);
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    assert!(state.placements.is_empty());
+    assert!(registry.list_workers().await.unwrap().is_empty());
+    assert_eq!(registry.list_workers_in(true).await.unwrap().len(), 1);
+    assert!(registry.worker_states(None).await.unwrap().is_empty());
+    let named = registry
+        .worker_states(Some(&["w1".to_owned()]))
+        .await
+        .unwrap();
+    assert_eq!(named[0].state, "gone");
+    assert!(!registry.heartbeat("w1", 0, 0).await.unwrap());
+    let error = registry
+        .report_placement("w1", "fraud", version, "ready", "", "")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    let error = registry
+        .deregister_worker("w1", false, "")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "failed_precondition");
+    let error = registry
+        .deregister_worker("ghost", true, "")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "not_found");
+    let error = registry
+        .register_member(worker("has space", "eu-west"), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "worker_id")
+    );
+    // A gone worker may come back under the same id.
+    registry
+        .register_member(worker("w1", "eu-west"), 8)
+        .await
+        .unwrap();
+    assert_eq!(state_of(&registry, "w1").await, Some(MemberState::Serving));
+    let snapshot = registry.worker_states(None).await.unwrap();
+    assert_eq!(snapshot.len(), 1);
+    assert_eq!(
+        (
+            snapshot[0].region.as_str(),
+            snapshot[0].capacity,
+            snapshot[0].state.as_str()
+        ),
+        ("eu-west", 8, "serving")
+    );
+}
+
+async fn residency_policies_are_validated_and_recorded(registry: Arc<ModelRegistry>) {
+    push(&registry, "fraud", b"weights").await;
+    let before = registry.current_revision().await.unwrap();
+    let unset = registry.get_model_residency("fraud").await.unwrap();
+    assert!(unset.allowed_regions.is_empty() && unset.updated_by.is_empty());
+    let set = registry
+        .set_model_residency(
+            "fraud",
+            vec!["eu-west".to_owned(), "eu-central".to_owned()],
+            "alice",
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.updated_by, "alice");
+    assert_eq!(registry.get_model_residency("fraud").await.unwrap(), set);
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    assert_eq!(state.allowed_regions, ["eu-west", "eu-central"]);
+    let changes = registry.change_set_since(before).await.unwrap();
+    assert_eq!(changes.models, ["fraud"]);
+    assert!(!changes.tenant_policies);
+
+    for (regions, field) in [
+        (vec!["eu-west", "eu west"], "allowed_regions[1]"),
+        (vec!["eu-west", "eu-west"], "allowed_regions[1]"),
+        (vec![""], "allowed_regions[0]"),
+        (vec!["-eu"], "allowed_regions[0]"),
+    ] {
+        let regions = regions.into_iter().map(str::to_owned).collect();
+        let error = registry
+            .set_model_residency("fraud", regions, "alice")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field: named, .. } if named == field),
+            "{field}: {error}"
+        );
+    }
+    let too_many = (0..65).map(|index| format!("r{index}")).collect();
+    let error = registry
+        .set_model_residency("fraud", too_many, "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+    let long = vec!["r".repeat(65)];
+    assert_eq!(
+        registry
+            .set_model_residency("fraud", long, "alice")
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_argument"
+    );
+    let error = registry
+        .set_model_residency("nope", vec!["eu-west".to_owned()], "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "not_found");
+    // An empty list lifts the restriction.
+    registry
+        .set_model_residency("fraud", Vec::new(), "bob")
+        .await
+        .unwrap();
+    assert!(
+        registry
+            .model_state("fraud")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_regions
+            .is_empty()
+    );
+
+    // Tenants.
+    let revision = registry.current_revision().await.unwrap();
+    registry
+        .set_tenant_policy("acme", vec!["uae-north".to_owned()], "carol")
+        .await
+        .unwrap();
+    registry
+        .set_tenant_policy(
+            "globex",
+            vec!["eu-west".to_owned(), "us-east".to_owned()],
+            "carol",
+        )
+        .await
+        .unwrap();
+    let replaced = registry
+        .set_tenant_policy(
+            "acme",
+            vec!["uae-north".to_owned(), "uae-central".to_owned()],
+            "dave",
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.updated_by, "dave");
+    let policies = registry.list_tenant_policies().await.unwrap();
+    assert_eq!(
+        policies
+            .iter()
+            .map(|policy| (policy.tenant.as_str(), policy.allowed_regions.len()))
+            .collect::<Vec<_>>(),
+        [("acme", 2), ("globex", 2)]
+    );
+    let changes = registry.change_set_since(revision).await.unwrap();
+    assert!(changes.tenant_policies && changes.models.is_empty());
+    assert_eq!(changes.latest, revision + 3);
+    let proto = registry.tenant_policies_proto().await.unwrap();
+    assert_eq!(proto.policies.len(), 2);
+    assert_eq!(
+        proto.policies[0].allowed_regions,
+        ["uae-north", "uae-central"]
+    );
+    let error = registry
+        .set_tenant_policy("acme", Vec::new(), "dave")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "allowed_regions")
+    );
+    for bad in ["", "a b", ".hidden", &"t".repeat(129)] {
+        let error = registry
+            .set_tenant_policy(bad, vec!["eu-west".to_owned()], "dave")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "tenant"),
+            "{bad:?}: {error}"
+        );
+    }
+    registry
+        .delete_tenant_policy("globex", "erin")
+        .await
+        .unwrap();
+    assert_eq!(
+        registry
+            .get_tenant_policy("globex")
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
+    assert_eq!(
+        registry
+            .delete_tenant_policy("globex", "erin")
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
+    assert_eq!(registry.list_tenant_policies().await.unwrap().len(), 1);
+
+    // Every write is in the history, with its actor.
+    let history = registry.residency_history(None, None).await.unwrap().items;
+    let entries: Vec<(&str, &str, &str, Option<usize>)> = history
+        .iter()
+        .map(|change| {
+            (
+                change.scope.as_str(),
+                change.subject.as_str(),
+                change.actor.as_str(),
+                change.allowed_regions.as_ref().map(Vec::len),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("model", "fraud", "alice", Some(2)),
+            ("model", "fraud", "bob", Some(0)),
+            ("tenant", "acme", "carol", Some(1)),
+            ("tenant", "globex", "carol", Some(2)),
+            ("tenant", "acme", "dave", Some(2)),
+            ("tenant", "globex", "erin", None),
+        ]
+    );
+    let page = registry.residency_history(Some(4), None).await.unwrap();
+    assert_eq!(page.items.len(), 4);
+    let rest = registry
+        .residency_history(Some(4), page.next_page_token.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 2);
+    assert!(rest.next_page_token.is_none());
+}
+
+async fn change_revisions_are_ordered_across_kinds(registry: Arc<ModelRegistry>) {
+    push(&registry, "fraud", b"weights").await;
+    let start = registry.current_revision().await.unwrap();
+    // Writers of every kind at once: the revisions they produce are
+    // contiguous, and each one is seen once by a reader resuming anywhere.
+    let mut tasks = Vec::new();
+    for index in 0..6 {
+        let registry = registry.clone();
+        tasks.push(tokio::spawn(async move {
+            match index % 3 {
+                0 => {
+                    registry
+                        .register_member(worker(&format!("w{index}"), "eu-west"), 2)
+                        .await
+                        .unwrap();
+                }
+                1 => {
+                    registry
+                        .set_tenant_policy(&format!("t{index}"), vec!["eu-west".to_owned()], "x")
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    registry
+                        .set_model_residency("fraud", vec![format!("r{index}")], "x")
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let end = registry.current_revision().await.unwrap();
+    assert_eq!(end, start + 6);
+    let all = registry.change_set_since(start).await.unwrap();
+    assert_eq!(all.workers, ["w0", "w3"]);
+    assert_eq!(all.models, ["fraud"]);
+    assert!(all.tenant_policies);
+    assert_eq!(all.latest, end);
+    let rows = sqlx::query(
+        "SELECT revision, kind, model FROM changes WHERE revision > $1 ORDER BY revision",
+    )
+    .bind(start as i64)
+    .fetch_all(&registry.store().pool)
+    .await
+    .unwrap();
+    use sqlx::Row;
+    let revisions: Vec<u64> = rows
+        .iter()
+        .map(|row| row.try_get::<i64, _>("revision").unwrap() as u64)
+        .collect();
+    assert_eq!(revisions, (start + 1..=end).collect::<Vec<_>>(), "no gaps");
+    let mut kinds: Vec<String> = rows
+        .iter()
+        .map(|row| row.try_get::<String, _>("kind").unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["model", "model", "tenants", "tenants", "worker", "worker"]
+    );
+    // A reader resuming just before any revision gets that change.
+    for row in &rows {
+        let revision = row.try_get::<i64, _>("revision").unwrap() as u64;
+        let subject: String = row.try_get("model").unwrap();
+        let resumed = registry.change_set_since(revision - 1).await.unwrap();
+        assert_eq!(resumed.latest, end);
+        match row.try_get::<String, _>("kind").unwrap().as_str() {
+            "worker" => assert!(resumed.workers.contains(&subject)),
+            "tenants" => assert!(resumed.tenant_policies),
+            _ => assert!(resumed.models.contains(&subject)),
+        }
+    }
+    let nothing = registry.change_set_since(end).await.unwrap();
+    assert_eq!(nothing.latest, end);
+    assert!(nothing.models.is_empty() && nothing.workers.is_empty() && !nothing.tenant_policies);
 }

@@ -72,6 +72,29 @@ pub struct RouterConfig {
     /// Concurrency one replica should carry: the target of the
     /// `shamal_router_desired_replicas` autoscaling signal.
     pub autoscale_target_inflight: u32,
+    /// Queue of asynchronous inference jobs: a `redis://` URL, or `memory`
+    /// (only when the router is embedded with its workers in one process,
+    /// which then hands it the shared queue). Unset: the async endpoints
+    /// answer UNIMPLEMENTED / 501.
+    pub async_queue: Option<String>,
+    /// Prefix of the queue's Redis keys; routers and workers of one
+    /// deployment must agree on it.
+    pub async_key_prefix: String,
+    /// How long results (and records of finished jobs) are kept, in ms.
+    pub async_result_ttl_ms: u64,
+    /// Deadline of a job from its submission, in ms: a job no worker has
+    /// taken by then is answered DEADLINE_EXCEEDED without running.
+    pub async_job_timeout_ms: u64,
+    /// Region of the stream a job goes to when no data-residency policy
+    /// applies: `auto` (the region whose healthy workers serving the model
+    /// have the most capacity) or a region name.
+    pub async_region: String,
+    /// Jobs waiting or running per stream (model, region) beyond which
+    /// submissions are refused with RESOURCE_EXHAUSTED / 429.
+    pub max_async_backlog: u64,
+    /// Longest long-poll (`wait_ms`) of a result fetch, in ms; longer
+    /// waits are shortened to it.
+    pub async_max_wait_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -102,9 +125,22 @@ impl Default for RouterConfig {
             outlier_slow_start_ms: 3_000,
             outlier_max_ejection_percent: 50,
             autoscale_target_inflight: 8,
+            async_queue: None,
+            async_key_prefix: "shamal:async".to_owned(),
+            async_result_ttl_ms: 3_600_000,
+            async_job_timeout_ms: 3_600_000,
+            async_region: AUTO_REGION.to_owned(),
+            max_async_backlog: 10_000,
+            async_max_wait_ms: 60_000,
         }
     }
 }
+
+/// `async_region` value: choose the region by capacity.
+pub const AUTO_REGION: &str = "auto";
+
+/// `async_queue` value for a queue handed over by the embedding program.
+pub const MEMORY_QUEUE: &str = "memory";
 
 /// The host name when the system tells it (`HOSTNAME`, then the kernel's),
 /// `router` otherwise.
@@ -177,6 +213,22 @@ pub struct RouterArgs {
     pub outlier_slow_factor: Option<f64>,
     #[arg(long, env = "SHAMAL_ROUTER_AUTOSCALE_TARGET_INFLIGHT")]
     pub autoscale_target_inflight: Option<u32>,
+    /// Queue of async inference jobs (`redis://host:port[/db]`).
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_QUEUE")]
+    pub async_queue: Option<String>,
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_KEY_PREFIX")]
+    pub async_key_prefix: Option<String>,
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_RESULT_TTL_MS")]
+    pub async_result_ttl_ms: Option<u64>,
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_JOB_TIMEOUT_MS")]
+    pub async_job_timeout_ms: Option<u64>,
+    /// Region of async jobs without a residency policy (`auto` or a name).
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_REGION")]
+    pub async_region: Option<String>,
+    #[arg(long, env = "SHAMAL_ROUTER_MAX_ASYNC_BACKLOG")]
+    pub max_async_backlog: Option<u64>,
+    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_MAX_WAIT_MS")]
+    pub async_max_wait_ms: Option<u64>,
 }
 
 impl RouterConfig {
@@ -245,6 +297,35 @@ impl RouterConfig {
         }
         if let Some(value) = args.autoscale_target_inflight {
             config.autoscale_target_inflight = value;
+        }
+        if let Some(value) = &args.async_queue {
+            config.async_queue = Some(value.clone());
+        }
+        if let Some(value) = &args.async_key_prefix {
+            config.async_key_prefix = value.clone();
+        }
+        if let Some(value) = args.async_result_ttl_ms {
+            config.async_result_ttl_ms = value;
+        }
+        if let Some(value) = args.async_job_timeout_ms {
+            config.async_job_timeout_ms = value;
+        }
+        if let Some(value) = &args.async_region {
+            config.async_region = value.clone();
+        }
+        if let Some(value) = args.max_async_backlog {
+            config.max_async_backlog = value;
+        }
+        if let Some(value) = args.async_max_wait_ms {
+            config.async_max_wait_ms = value;
+        }
+        // A standalone router has no in-process workers to share a memory
+        // queue with: nobody would ever run its jobs.
+        if config.async_queue.as_deref() == Some(MEMORY_QUEUE) {
+            return Err(
+                "async_queue = \"memory\" only works when the router is embedded with its workers (shamal up); set a redis:// URL"
+                    .to_owned(),
+            );
         }
         // A standalone router needs workers: listed, or learnt from the
         // registry. `shamal up` adds in-process ones through the library.
@@ -330,6 +411,40 @@ impl RouterConfig {
         }
         if self.autoscale_target_inflight == 0 {
             return Err("autoscale_target_inflight must be at least 1".to_owned());
+        }
+        if let Some(queue) = &self.async_queue
+            && queue != MEMORY_QUEUE
+            && !(queue.starts_with("redis://") || queue.starts_with("redis+unix://"))
+        {
+            return Err(format!(
+                "async_queue '{queue}' must be a redis:// URL (or \"memory\" when embedded)"
+            ));
+        }
+        if self.async_key_prefix.is_empty()
+            || self.async_key_prefix.len() > 128
+            || self.async_key_prefix.chars().any(|c| !c.is_ascii_graphic())
+        {
+            return Err(
+                "async_key_prefix must be 1 to 128 printable characters without spaces".to_owned(),
+            );
+        }
+        if self.async_result_ttl_ms < 1_000 {
+            return Err("async_result_ttl_ms must be at least 1000".to_owned());
+        }
+        if self.async_job_timeout_ms == 0 {
+            return Err("async_job_timeout_ms must be at least 1".to_owned());
+        }
+        if self.async_region != AUTO_REGION && !crate::residency::valid_name(&self.async_region) {
+            return Err(
+                "async_region must be \"auto\" or a region name (1 to 64 of A-Z a-z 0-9 . _ -)"
+                    .to_owned(),
+            );
+        }
+        if self.max_async_backlog == 0 {
+            return Err("max_async_backlog must be at least 1".to_owned());
+        }
+        if self.async_max_wait_ms > 600_000 {
+            return Err("async_max_wait_ms must be at most 600000 (10 minutes)".to_owned());
         }
         Ok(())
     }
@@ -466,6 +581,101 @@ mod tests {
         assert!(
             error.contains("worker"),
             "unknown keys are refused: {error}"
+        );
+    }
+
+    #[test]
+    fn async_settings_layer_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("router.toml");
+        let defaults = RouterConfig::default();
+        assert_eq!(
+            defaults.async_queue, None,
+            "async inference is off by default"
+        );
+        assert_eq!(defaults.async_result_ttl_ms, 3_600_000);
+        assert_eq!(defaults.async_region, AUTO_REGION);
+        assert_eq!(defaults.async_key_prefix, "shamal:async");
+
+        std::fs::write(
+            &file,
+            "workers = [\"a:1\"]\nasync_queue = \"redis://redis:6379/2\"\nmax_async_backlog = 5\nasync_region = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let config = RouterConfig::load(&RouterArgs {
+            config: Some(file.clone()),
+            max_async_backlog: Some(7),
+            async_result_ttl_ms: Some(60_000),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.async_queue.as_deref(), Some("redis://redis:6379/2"));
+        assert_eq!(config.max_async_backlog, 7, "flag beats file");
+        assert_eq!(config.async_result_ttl_ms, 60_000);
+        assert_eq!(config.async_region, "eu-west-1");
+
+        for (bad, field) in [
+            ("async_queue = \"http://redis\"", "async_queue"),
+            ("async_queue = \"memory\"", "async_queue"),
+            ("async_key_prefix = \"a b\"", "async_key_prefix"),
+            ("async_result_ttl_ms = 10", "async_result_ttl_ms"),
+            ("async_job_timeout_ms = 0", "async_job_timeout_ms"),
+            ("async_region = \"\"", "async_region"),
+            ("max_async_backlog = 0", "max_async_backlog"),
+            ("async_max_wait_ms = 3600000", "async_max_wait_ms"),
+        ] {
+            std::fs::write(&file, format!("workers = [\"a:1\"]\n{bad}\n")).unwrap();
+            let error = RouterConfig::load(&RouterArgs {
+                config: Some(file.clone()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(error.contains(field), "{bad}: {error}");
+        }
+        // Embedded (shamal up): the program hands over the memory queue.
+        let embedded = RouterConfig {
+            async_queue: Some(MEMORY_QUEUE.to_owned()),
+            ..RouterConfig::default()
+        };
+        embedded.validate().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod infra_tests {
+    use super::*;
+
+    /// The router.toml block of the Kubernetes ConfigMap, dedented.
+    fn configmap_block(name: &str) -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../infra/k8s/10-config.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines = text
+            .lines()
+            .skip_while(|line| line.trim() != format!("{name}: |"))
+            .skip(1);
+        let mut block = String::new();
+        for line in lines.by_ref() {
+            if !line.is_empty() && !line.starts_with("    ") {
+                break;
+            }
+            block.push_str(line.strip_prefix("    ").unwrap_or(line));
+            block.push('\n');
+        }
+        block
+    }
+
+    #[test]
+    fn the_kubernetes_router_config_is_valid() {
+        let block = configmap_block("router.toml");
+        assert!(block.contains("grpc_listen"), "{block}");
+        let config: RouterConfig = toml::from_str(&block).unwrap();
+        config.validate().unwrap();
+        assert!(
+            config.workers.is_empty() && config.registry.is_some(),
+            "workers come from the registry"
         );
     }
 }

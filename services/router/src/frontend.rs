@@ -101,7 +101,7 @@ pub struct Frontend {
 
 type Client = UpstreamClient;
 
-fn pick_status(error: PickError, model: &str, version: &str) -> Status {
+pub(crate) fn pick_status(error: PickError, model: &str, version: &str) -> Status {
     match error {
         PickError::UnknownModel if version.is_empty() => {
             Status::not_found(format!("unknown model '{model}'"))
@@ -247,7 +247,7 @@ impl Frontend {
     }
 
     /// The regions a request may be processed in (see `residency`).
-    fn region_policy(
+    pub(crate) fn region_policy(
         &self,
         request: &ModelInferRequest,
         context: &CallContext,

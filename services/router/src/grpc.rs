@@ -110,11 +110,10 @@ impl GrpcInferenceService for RouterService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let mut context = self.context(&request);
         let span = tracing::debug_span!("infer", request_id = %context.request_id);
-        // The metadata travels along: a rollout's sticky key may be there.
+        // The metadata travels along: a rollout's sticky key and the
+        // request's data-residency policy may be there.
         let (metadata, _, message) = request.into_parts();
-        if self.frontend.registry().is_some() {
-            context.headers = metadata.into_headers();
-        }
+        context.headers = metadata.into_headers();
         let response = self
             .frontend
             .infer(message, &context)

@@ -14,24 +14,40 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
+use crate::async_api::{AsyncApi, AsyncHttp};
 use crate::frontend::{CallContext, Frontend};
-use crate::http_json::{message_json, parse_infer_request, render_infer_response};
+use crate::http_json::{OutputEncoding, message_json, parse_infer_request, render_infer_response};
+use shamal_proto::inference::ModelInferRequest;
 
-const HEADER_LENGTH: &str = "inference-header-content-length";
+pub(crate) const HEADER_LENGTH: &str = "inference-header-content-length";
 
 type AppState = Arc<Frontend>;
 
 /// `/v2/models/{model}[/versions/{version}]/...`: one handler serves both
 /// forms; no version means the server's choice (the highest ready one).
 #[derive(serde::Deserialize)]
-struct ModelPath {
-    model: String,
+pub(crate) struct ModelPath {
+    pub model: String,
     #[serde(default)]
-    version: String,
+    pub version: String,
 }
 
 /// Builds the v2 HTTP routes.
 pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
+    router_with_async(frontend, None, max_body_bytes)
+}
+
+/// The v2 HTTP routes plus the async inference ones (answering 501 when
+/// `async_api` is `None`).
+pub fn router_with_async(
+    frontend: Arc<Frontend>,
+    async_api: Option<Arc<AsyncApi>>,
+    max_body_bytes: usize,
+) -> Router {
+    let async_routes = crate::async_api::routes(AsyncHttp {
+        frontend: frontend.clone(),
+        api: async_api,
+    });
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
@@ -57,14 +73,15 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .with_state(frontend)
+        .merge(async_routes)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(request_id_layer))
-        .with_state(frontend)
 }
 
 /// The JSON error body of the v2 protocol, with the status mapped from the
 /// gRPC code.
-fn error_response(status: &Status) -> Response {
+pub(crate) fn error_response(status: &Status) -> Response {
     let http_status = match status.code() {
         Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
             StatusCode::BAD_REQUEST
@@ -105,7 +122,7 @@ async fn request_id_layer(mut request: Request, next: Next) -> Response {
     response
 }
 
-fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
+pub(crate) fn context(frontend: &Frontend, headers: &HeaderMap) -> CallContext {
     let request_id = shamal_rpc::checked_request_id(
         headers
             .get(shamal_rpc::REQUEST_ID_HEADER)
@@ -263,13 +280,15 @@ async fn repository_index(
     }
 }
 
-async fn infer(
-    State(frontend): State<AppState>,
-    Path(ModelPath { model, version }): Path<ModelPath>,
-    headers: HeaderMap,
+/// Decodes an inference body (JSON, or JSON header plus binary tensors);
+/// the error response when it is malformed.
+#[allow(clippy::result_large_err)]
+pub(crate) fn decode_infer_body(
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
     body: Bytes,
-) -> Response {
-    let mut context = context(&frontend, &headers);
+) -> Result<(ModelInferRequest, OutputEncoding), Response> {
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
         && encoding.as_bytes() != b"identity"
     {
@@ -278,7 +297,7 @@ async fn infer(
             Json(json!({"error": "compressed request bodies are not supported; send them uncompressed"})),
         )
             .into_response();
-        return response;
+        return Err(response);
     }
     let header_length = match headers.get(HEADER_LENGTH) {
         None => None,
@@ -292,20 +311,28 @@ async fn infer(
                 let status = Status::invalid_argument(
                     "Inference-Header-Content-Length must be a byte count",
                 );
-                return error_response(&status);
+                return Err(error_response(&status));
             }
         },
     };
-    let (request, encoding) = match parse_infer_request(&model, &version, body, header_length) {
-        Ok(parsed) => parsed,
-        Err(bad) => {
-            return error_response(&Status::invalid_argument(bad.0));
-        }
+    parse_infer_request(model, version, body, header_length)
+        .map_err(|bad| error_response(&Status::invalid_argument(bad.0)))
+}
+
+async fn infer(
+    State(frontend): State<AppState>,
+    Path(ModelPath { model, version }): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut context = context(&frontend, &headers);
+    let (request, encoding) = match decode_infer_body(&model, &version, &headers, body) {
+        Ok(decoded) => decoded,
+        Err(response) => return response,
     };
-    // The headers travel along: a rollout's sticky key may be there.
-    if frontend.registry().is_some() {
-        context.headers = headers;
-    }
+    // The headers travel along: a rollout's sticky key and the request's
+    // data-residency policy may be there.
+    context.headers = headers;
     match frontend.infer(request, &context).await {
         Ok(response) => match render_infer_response(response, &encoding) {
             Ok((body, None)) => {

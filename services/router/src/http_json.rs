@@ -66,6 +66,14 @@ pub struct OutputEncoding {
 }
 
 impl OutputEncoding {
+    /// Every output as JSON data (`false`) or every output as binary data.
+    pub fn uniform(binary: bool) -> OutputEncoding {
+        OutputEncoding {
+            default_binary: binary,
+            binary: HashMap::new(),
+        }
+    }
+
     fn binary(&self, name: &str) -> bool {
         self.binary
             .get(name)

@@ -4,6 +4,7 @@
 //! worker, load shedding and metrics.
 
 pub mod admission;
+pub mod async_api;
 pub mod autoscale;
 pub mod budget;
 pub mod config;
@@ -25,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use shamal_async_queue::JobQueue;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use shamal_proto::shamal::r#async::v1::async_inference_server::AsyncInferenceServer;
 use shamal_telemetry::{Readiness, Registry};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -45,6 +48,17 @@ pub struct RouterListeners {
     pub metrics: Option<TcpListener>,
 }
 
+/// What a program embedding the router (`shamal up`) shares with it.
+#[derive(Default)]
+pub struct RouterExtras {
+    /// Workers living in this process, by name: routed to like remote ones,
+    /// but called without a network hop.
+    pub local_workers: Vec<(String, LocalService)>,
+    /// The async inference queue, shared with in-process workers (e.g. one
+    /// `MemoryQueue`); takes precedence over `async_queue`.
+    pub async_queue: Option<Arc<dyn JobQueue>>,
+}
+
 /// Runs the router until `shutdown` completes, then stops intake, lets
 /// in-flight requests finish and returns.
 pub async fn run(
@@ -53,7 +67,14 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_with_local_workers(config, listeners, registry, shutdown, Vec::new()).await
+    run_with(
+        config,
+        listeners,
+        registry,
+        shutdown,
+        RouterExtras::default(),
+    )
+    .await
 }
 
 /// Like [`run`], with workers that live in this process (`shamal up`): they
@@ -65,6 +86,26 @@ pub async fn run_with_local_workers(
     shutdown: impl Future<Output = ()> + Send + 'static,
     local_workers: Vec<(String, LocalService)>,
 ) -> anyhow::Result<()> {
+    let extras = RouterExtras {
+        local_workers,
+        ..RouterExtras::default()
+    };
+    run_with(config, listeners, registry, shutdown, extras).await
+}
+
+/// Like [`run`], with what an embedding program shares (see
+/// [`RouterExtras`]).
+pub async fn run_with(
+    config: RouterConfig,
+    listeners: RouterListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extras: RouterExtras,
+) -> anyhow::Result<()> {
+    let RouterExtras {
+        local_workers,
+        async_queue,
+    } = extras;
     if config.workers.is_empty() && local_workers.is_empty() && config.registry.is_none() {
         anyhow::bail!(
             "workers must list at least one worker address (or set registry to learn them from it)"
@@ -114,6 +155,16 @@ pub async fn run_with_local_workers(
     let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
+    let (async_api, async_tasks) = match async_api::AsyncApi::start(
+        &config,
+        frontend.clone(),
+        &registry,
+        async_queue,
+        stop.clone(),
+    )? {
+        Some((api, tasks)) => (Some(api), Some(tasks)),
+        None => (None, None),
+    };
 
     // Readiness follows the worker pool until shutdown starts.
     let readiness_task = {
@@ -159,9 +210,16 @@ pub async fn run_with_local_workers(
     let grpc_service = GrpcInferenceServiceServer::new(RouterService::new(frontend.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let async_service = AsyncInferenceServer::new(async_api::AsyncService::new(
+        frontend.clone(),
+        async_api.clone(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(grpc_service)
+        .add_service(async_service)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             wait_stop(stop.clone()),
@@ -172,7 +230,7 @@ pub async fn run_with_local_workers(
     });
     let http = axum::serve(
         http_listener,
-        http::router(frontend.clone(), config.max_message_bytes),
+        http::router_with_async(frontend.clone(), async_api, config.max_message_bytes),
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);
@@ -180,6 +238,9 @@ pub async fn run_with_local_workers(
     refresher.abort();
     outlier_detection.abort();
     autoscale_signals.abort();
+    if let Some(tasks) = async_tasks {
+        tasks.abort();
+    }
     if let Some(link) = registry_link {
         link.stop().await;
     }

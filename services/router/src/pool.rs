@@ -271,6 +271,15 @@ impl Upstream {
 
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The workers serving a model in one region (see
+/// [`WorkerPool::regions_serving`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionServing {
+    pub workers: usize,
+    pub healthy_workers: usize,
+    pub healthy_capacity: u64,
+}
+
 /// Why no worker can take a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PickError {
@@ -601,6 +610,25 @@ impl WorkerPool {
             }
         };
         Ok(chosen.clone())
+    }
+
+    /// Per region, the workers that serve `model` (and `version`, unless
+    /// empty) and are not withdrawn: how many, and the capacity of the
+    /// healthy ones. Regions where no such worker is are absent.
+    pub fn regions_serving(&self, model: &str, version: &str) -> BTreeMap<String, RegionServing> {
+        let mut regions: BTreeMap<String, RegionServing> = BTreeMap::new();
+        for upstream in self.upstreams().iter() {
+            if upstream.withdrawn.load(Ordering::Relaxed) || !upstream.serves(model, version) {
+                continue;
+            }
+            let entry = regions.entry(upstream.meta.region.clone()).or_default();
+            entry.workers += 1;
+            if upstream.healthy() {
+                entry.healthy_workers += 1;
+                entry.healthy_capacity += u64::from(upstream.meta.capacity.max(1));
+            }
+        }
+        regions
     }
 
     /// Healthy workers serving `model` (all healthy workers when empty).

@@ -735,3 +735,46 @@ async fn shutdown_lets_in_flight_requests_finish_and_overload_is_refused() {
     assert_eq!(seen.lock().unwrap().completed, 4);
     router.running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_restricted_to_other_regions_is_refused_without_a_registry() {
+    // Static workers are in `static_worker_region` ("local" by default).
+    let (worker, router) = stack().await;
+    let mut client = client(router.running.address).await;
+    let mut request = tonic::Request::new(demo_request(1, 0.5));
+    request
+        .metadata_mut()
+        .insert("x-shamal-allowed-regions", "local".parse().unwrap());
+    client.model_infer(request).await.unwrap();
+
+    let mut request = tonic::Request::new(demo_request(1, 0.5));
+    request
+        .metadata_mut()
+        .insert("x-shamal-allowed-regions", "eu-west-1".parse().unwrap());
+    let status = client.model_infer(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("request allows [eu-west-1]"),
+        "{status}"
+    );
+
+    // The HTTP twin reads the same header.
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v2/models/demo/infer", router.http))
+        .header("x-shamal-allowed-regions", "eu-west-1")
+        .json(&serde_json::json!({
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                        "data": vec![0.5f32; 16]}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("data residency"),
+        "{body}"
+    );
+    router.running.stop().await.unwrap();
+    worker.stop().await.unwrap();
+}

@@ -42,7 +42,7 @@ fn main() {
         .build()
         .unwrap();
     let filter = std::env::args().nth(1).filter(|arg| !arg.starts_with('-'));
-    let tests: [(&str, fn() -> _); 2] = [
+    let tests: [(&str, fn() -> _); 3] = [
         ("kill_9_one_of_two_workers_under_load", || {
             Box::pin(kill_9_one_of_two_workers_under_load())
                 as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
@@ -50,6 +50,10 @@ fn main() {
         ("a_ten_times_slower_worker_loses_its_traffic", || {
             Box::pin(a_ten_times_slower_worker_loses_its_traffic())
         }),
+        (
+            "overload_is_refused_fast_and_the_router_keeps_serving",
+            || Box::pin(overload_is_refused_fast_and_the_router_keeps_serving()),
+        ),
     ];
     for (name, test) in tests {
         if filter
@@ -458,5 +462,76 @@ async fn a_ten_times_slower_worker_loses_its_traffic() {
         share_after < 0.1,
         "traffic moved away from the slow worker (share {share_after})"
     );
+    router.running.stop().await.unwrap();
+}
+
+/// Four times more callers than the router admits: the excess is refused
+/// with RESOURCE_EXHAUSTED (never another error), admitted requests
+/// succeed, and the router serves normally afterwards.
+async fn overload_is_refused_fast_and_the_router_keeps_serving() {
+    let (first, second) = (WorkerProcess::start(), WorkerProcess::start());
+    let router = start_router(
+        vec![first.address.to_string(), second.address.to_string()],
+        |config| config.max_inflight = 8,
+    )
+    .await;
+    wait_ready(router.running.address, "demo").await;
+    let rejected = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (stop, tally, rejected) = (stop.clone(), tally.clone(), rejected.clone());
+            let address = router.running.address;
+            tokio::spawn(async move {
+                let mut client = client(address).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    match client.model_infer(demo_request()).await {
+                        Ok(_) => {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(status) if status.code() == Code::ResourceExhausted => {
+                            rejected
+                                .lock()
+                                .unwrap()
+                                .push(sent.elapsed().as_micros() as u64);
+                        }
+                        Err(status) => tally
+                            .other
+                            .lock()
+                            .unwrap()
+                            .push((status.code(), status.message().to_owned())),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rejected = rejected.lock().unwrap().clone();
+    let errors = tally.other.lock().unwrap().clone();
+    println!(
+        "  overload (32 callers, 8 admitted): {} ok, {} rejected (p50 {} µs, p99 {} µs), {} other errors",
+        tally.ok.load(Ordering::Relaxed),
+        rejected.len(),
+        percentile(rejected.clone(), 0.5),
+        percentile(rejected.clone(), 0.99),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "only refusals, no failures: {errors:?}");
+    assert!(!rejected.is_empty(), "the excess was refused");
+    assert!(
+        tally.ok.load(Ordering::Relaxed) > 100,
+        "admitted requests ran"
+    );
+    // After the storm the router serves as before.
+    let mut client = client(router.running.address).await;
+    for _ in 0..20 {
+        client.model_infer(demo_request()).await.unwrap();
+    }
     router.running.stop().await.unwrap();
 }

@@ -262,6 +262,46 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
     }
 }
 
+/// `?include_gone=` of the worker list; unknown parameters are refused.
+#[derive(Debug, Default)]
+pub struct WorkersQuery {
+    pub include_gone: bool,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WorkersQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let pairs = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            .map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?
+            .0;
+        let mut query = WorkersQuery::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "include_gone" => {
+                    query.include_gone = match value.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(ApiError::invalid(
+                                "include_gone",
+                                format!("must be true or false, not '{value}'"),
+                            ));
+                        }
+                    };
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        other,
+                        "unknown query parameter (expected include_gone)",
+                    ));
+                }
+            }
+        }
+        Ok(query)
+    }
+}
+
 /// The `x-shamal-actor` header (empty when absent: the registry records
 /// `anonymous`).
 pub struct Actor(pub String);

@@ -49,6 +49,18 @@ pub struct Running {
 }
 
 impl Running {
+    pub fn new(
+        address: SocketAddr,
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) -> Running {
+        Running {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -386,7 +398,7 @@ impl RegistryStack {
         }
     }
 
-    pub fn registry(&self) -> &shamal_registry::ModelRegistry {
+    pub fn registry(&self) -> &Arc<shamal_registry::ModelRegistry> {
         &self.registry.registry
     }
 
@@ -519,7 +531,7 @@ pub async fn wait_version_ready(
 /// Registers a test peer as a worker holding `model` `version` ready: the
 /// calls a worker makes when it has loaded a version.
 pub async fn report_peer_ready(
-    registry: &shamal_registry::ModelRegistry,
+    registry: &Arc<shamal_registry::ModelRegistry>,
     id: &str,
     address: SocketAddr,
     model: &str,
@@ -540,6 +552,15 @@ pub async fn report_peer_ready(
         .report_placement(id, model, version, "ready", "", "")
         .await
         .unwrap();
+    // Heartbeat as a worker does, or the registry marks the peer lost
+    // after its lease (and routers stop sending it requests).
+    let heartbeats = registry.clone();
+    let peer = id.to_owned();
+    tokio::spawn(async move {
+        while heartbeats.heartbeat(&peer, 0, 0).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     wait_version_ready(registry, model, version).await;
 }
 
