@@ -425,7 +425,9 @@ async fn a_bad_request_fails_alone_in_its_batch() {
     let texts: Vec<String> = serde_json::from_value(reference["text"].clone()).unwrap();
     let expected: Vec<Vec<f64>> = matrix(&reference["embedding"]);
     let tolerance = tolerance(&reference);
-    let (batcher, stats) = start_batcher(TEXT_MODEL, 3);
+    // Four rows in all: the batch is dispatched only once all three
+    // requests are in it, whatever order they arrive in.
+    let (batcher, stats) = start_batcher(TEXT_MODEL, 4);
     let requests = vec![
         vec![sentences(&texts[0..1])],
         vec![text(&[b"fine", b""])],
