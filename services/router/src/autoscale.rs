@@ -218,6 +218,8 @@ pub fn spawn(
                     .pool_capacity
                     .with_label_values(&labels)
                     .set(capacity);
+                // An idle pool that still has workers asks for one, not
+                // zero: scaling a pool to zero is the operator's call.
                 gauges
                     .pool_desired
                     .with_label_values(&labels)

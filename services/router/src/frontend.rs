@@ -276,7 +276,7 @@ impl Frontend {
         let (priority, regions) = match admission {
             Ok(found) => found,
             Err(status) => {
-                self.observe_infer(&request.model_name, context, &Err(status.clone()), started);
+                self.observe_infer_unplanned(&request.model_name, context, status.clone(), started);
                 return Err(status);
             }
         };
@@ -285,23 +285,27 @@ impl Frontend {
             Some(routing) => match routing.plan(&mut request, &context.headers) {
                 Ok(plan) => plan.map(|plan| (routing, plan)),
                 Err(status) => {
-                    self.observe_infer(&request.model_name, context, &Err(status.clone()), started);
+                    self.observe_infer_unplanned(
+                        &request.model_name,
+                        context,
+                        status.clone(),
+                        started,
+                    );
                     return Err(status);
                 }
             },
         };
         let model = request.model_name.clone();
         let version = request.model_version.clone();
+        // Asked once per request: it walks every worker's model set.
+        let known = self.pool.knows_model(&model);
         let mut admitted = false;
         let mut primary_answer: Option<oneshot::Sender<Option<ModelInferResponse>>> = None;
         let result = match self.admit(priority) {
             Ok(_permit) => {
                 admitted = true;
                 self.retry_budget.deposit();
-                let _model_inflight = self
-                    .pool
-                    .knows_model(&model)
-                    .then(|| self.model_inflight.enter(&model));
+                let _model_inflight = known.then(|| self.model_inflight.enter(&model));
                 let regions = regions.map(Arc::new);
                 if let Some((routing, plan)) = &plan
                     && let Some(shadow_version) = plan.shadow
@@ -350,22 +354,33 @@ impl Frontend {
                 );
             }
         }
-        self.observe_infer(&model, context, &result, started);
+        self.observe_infer(&model, known, context, &result, started);
         result
     }
 
+    /// Counts a request refused before a worker was chosen.
+    fn observe_infer_unplanned(
+        &self,
+        model: &str,
+        context: &CallContext,
+        status: Status,
+        started: Instant,
+    ) {
+        let known = self.pool.knows_model(model);
+        self.observe_infer(model, known, context, &Err(status), started);
+    }
+
+    /// `known`: whether some worker has reported the model (unknown names
+    /// share one label, so callers cannot grow the label set).
     fn observe_infer(
         &self,
         model: &str,
+        known: bool,
         context: &CallContext,
         result: &Result<ModelInferResponse, Status>,
         started: Instant,
     ) {
-        let label = if self.pool.knows_model(model) {
-            model
-        } else {
-            "_unknown"
-        };
+        let label = if known { model } else { "_unknown" };
         let (code, answered_version) = match result {
             Ok(response) => (Code::Ok, response.model_version.as_str()),
             Err(status) => (status.code(), ""),
@@ -657,7 +672,7 @@ where
             Ok(Err(status)) => {
                 if counts_as_failure(status.code()) || transport_failure(&status) {
                     if upstream.outlier.record_failure(outlier, now_ms()) {
-                        tracing::warn!(worker = %upstream.address, "worker ejected after repeated failures");
+                        tracing::warn!(worker = %upstream.meta.address, "worker ejected after repeated failures");
                     }
                 } else {
                     // The worker answered: the request, not the worker, failed.
@@ -666,7 +681,7 @@ where
                 if !retriable(&status) {
                     return Err(status);
                 }
-                tracing::warn!(request_id = %context.request_id, worker = %upstream.address, %status, "worker unavailable, trying another");
+                tracing::warn!(request_id = %context.request_id, worker = %upstream.meta.address, %status, "worker unavailable, trying another");
                 upstream.mark_unhealthy();
                 last_error = Some(Status::unavailable(format!(
                     "worker for model '{model}' is unavailable: {}",

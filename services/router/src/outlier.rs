@@ -211,7 +211,7 @@ pub fn detect(members: &[Arc<Upstream>], settings: &OutlierSettings, now_ms: u64
                 let length = upstream.outlier.eject(settings, now_ms);
                 ejected_now += 1;
                 tracing::warn!(
-                    worker = %upstream.address,
+                    worker = %upstream.meta.address,
                     model = %model,
                     mean_ms = mean.as_secs_f64() * 1e3,
                     best_other_ms = best_other.as_secs_f64() * 1e3,

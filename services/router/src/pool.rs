@@ -93,7 +93,6 @@ pub struct WorkerMeta {
 /// One worker process.
 pub struct Upstream {
     pub meta: WorkerMeta,
-    pub address: String,
     transport: Transport,
     next_channel: AtomicUsize,
     /// Requests currently forwarded to this worker.
@@ -141,7 +140,6 @@ fn remote_transport(
 impl Upstream {
     fn new(meta: WorkerMeta, transport: Transport) -> Upstream {
         Upstream {
-            address: meta.address.clone(),
             meta,
             transport,
             next_channel: AtomicUsize::new(0),
@@ -197,7 +195,7 @@ impl Upstream {
     /// Takes the worker out of rotation after a transport failure.
     pub fn mark_unhealthy(&self) {
         if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(worker = %self.address, "worker marked unhealthy");
+            tracing::warn!(worker = %self.meta.address, "worker marked unhealthy");
         }
     }
 
@@ -258,11 +256,11 @@ impl Upstream {
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = models;
                 if !self.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(worker = %self.address, region = %self.meta.region, "worker in rotation");
+                    tracing::info!(worker = %self.meta.address, region = %self.meta.region, "worker in rotation");
                 }
             }
             Err(status) => {
-                tracing::debug!(worker = %self.address, %status, "worker refresh failed");
+                tracing::debug!(worker = %self.meta.address, %status, "worker refresh failed");
                 self.mark_unhealthy();
             }
         }
