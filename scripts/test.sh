@@ -12,6 +12,14 @@ cd "$root"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The build and test artifacts take about 15 GB of target/. Say so up front
+# rather than failing half-way through a link with ENOSPC.
+free_kb="$(df -Pk . | awk 'NR==2 {print $4}')"
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((15 * 1024 * 1024)) ]; then
+  echo "test.sh: warning: only $((free_kb / 1024 / 1024)) GiB free on $(df -P . | awk 'NR==2 {print $6}');" \
+    "the build needs about 15 GiB (delete an old target/ directory)" >&2
+fi
+
 step "installing project-local dependencies (.deps/)"
 scripts/setup-deps.sh
 # shellcheck source=scripts/env.sh
