@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rollout benchmark: registry, cpu-worker and router as separate processes
+# Rollout benchmark: registry, cpu-worker(s) and router as separate processes
 # on loopback (release build), then
 #   1. propagation: time from a rollout write at the registry's REST API to
 #      the router answering every request with the new version (200 canary
@@ -15,7 +15,11 @@
 #                                                   # (use a dedicated one)
 #
 # Other flags go to shamal-rollout-bench (--changes, --write policy,
-# --runs, --duration, --warmup, --concurrency, ...; see its --help).
+# --runs, --duration, --warmup, --concurrency, ...; see its --help), e.g.
+#   loadtests/rollout-bench.sh --workers 3 --placement weighted
+# three cpu-workers, the throughput models placed by traffic weight (each
+# version on workers of its own) before the runs; --placement all (the
+# default) has every worker hold every version.
 # The JSON of every figure goes to bench-results/rollout.json, the services'
 # logs to bench-results/rollout-logs/ (--json and --log-dir override).
 set -euo pipefail

@@ -11,7 +11,7 @@ use serde_json::Value;
 /// Flags every registry command takes (`--registry`, `--actor`, `--output`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct RegistryOpts {
-    /// Registry REST endpoint (model, rollout, workers and residency commands).
+    /// Registry REST endpoint (model, rollout, workers, residency and placement commands).
     #[arg(
         long,
         global = true,

@@ -3,6 +3,7 @@
 mod client;
 mod model;
 mod output;
+mod placement;
 mod residency;
 mod rollout;
 mod up;
@@ -37,6 +38,9 @@ enum Command {
     /// processed in.
     #[command(subcommand)]
     Residency(residency::ResidencyCommand),
+    /// Placement: which workers hold which versions of a model.
+    #[command(subcommand)]
+    Placement(placement::PlacementCommand),
 }
 
 #[tokio::main]
@@ -49,6 +53,7 @@ async fn main() -> std::process::ExitCode {
         Command::Rollout(command) => rollout::run(command, &cli.registry).await,
         Command::Workers(command) => workers::run(command, &cli.registry).await,
         Command::Residency(command) => residency::run(command, &cli.registry).await,
+        Command::Placement(command) => placement::run(command, &cli.registry).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

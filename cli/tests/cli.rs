@@ -396,7 +396,7 @@ fn help_lists_the_registry_commands() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("model") && text.contains("rollout"), "{text}");
     assert!(
-        text.contains("workers") && text.contains("residency"),
+        text.contains("workers") && text.contains("residency") && text.contains("placement"),
         "{text}"
     );
     assert!(Path::new(env!("CARGO_BIN_EXE_shamal")).exists());
@@ -552,5 +552,114 @@ async fn workers_and_residency_commands() {
         .await;
     assert_eq!(code(&output), 0, "{}", stderr(&output));
     assert!(stdout(&output).contains("any"), "{}", stdout(&output));
+    fixture.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_commands() {
+    let fixture = Fixture::start().await;
+    let registry = fixture.running.registry.clone();
+    for id in ["cpu-1", "cpu-2"] {
+        registry
+            .register_member(
+                WorkerInfo {
+                    id: id.to_owned(),
+                    address: format!("{id}.internal:8101"),
+                    region: "eu-west".to_owned(),
+                    formats: vec!["onnx".to_owned()],
+                    device: "cpu".to_owned(),
+                    last_seen: 0,
+                },
+                8,
+            )
+            .await
+            .unwrap();
+    }
+    for name in ["one.onnx", "two.onnx"] {
+        let file = fixture.file(name, name.as_bytes());
+        let output = fixture
+            .shamal(&["model", "push", &file, "--name", "fraud"])
+            .await;
+        assert_eq!(code(&output), 0, "{}", stderr(&output));
+    }
+
+    let output = fixture.shamal(&["placement", "show", "fraud"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("mode:") && text.contains("all"), "{text}");
+    assert!(
+        text.contains("VERSION") && text.contains("WEIGHT"),
+        "{text}"
+    );
+    let first = text.lines().find(|line| line.starts_with("1 ")).unwrap();
+    assert!(
+        first.contains("100%") && first.contains("cpu-1 (loading), cpu-2 (loading)"),
+        "{first}"
+    );
+
+    // Weighted: version 1 takes all traffic and both workers, version 2
+    // none and one worker.
+    let output = fixture
+        .shamal(&["placement", "set", "fraud", "--mode", "weighted"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("weighted"), "{text}");
+    let second = text.lines().find(|line| line.starts_with("2 ")).unwrap();
+    assert!(second.contains("0%"), "{second}");
+    assert_eq!(second.matches("cpu-").count(), 1, "{second}");
+    let policy = registry.get_placement_policy("fraud").await.unwrap();
+    assert_eq!(policy.updated_by, "tester");
+    assert_eq!(policy.min_replicas, 1);
+    let output = fixture
+        .shamal(&[
+            "placement",
+            "set",
+            "fraud",
+            "--mode",
+            "weighted",
+            "--min-replicas",
+            "2",
+            "--output",
+            "json",
+        ])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let shown = json(&output);
+    assert_eq!(shown["policy"]["min_replicas"], 2);
+    assert_eq!(
+        shown["versions"][1]["workers"],
+        serde_json::json!(["cpu-1", "cpu-2"])
+    );
+    let output = fixture
+        .shamal(&["placement", "show", "fraud", "--output", "json"])
+        .await;
+    assert_eq!(json(&output), shown);
+
+    // Errors: a bad minimum names the field (1), an unknown model is 4, an
+    // unknown mode is a usage error (2).
+    let output = fixture
+        .shamal(&[
+            "placement",
+            "set",
+            "fraud",
+            "--mode",
+            "weighted",
+            "--min-replicas",
+            "0",
+        ])
+        .await;
+    assert_eq!(code(&output), 1);
+    assert!(
+        stderr(&output).contains("min_replicas"),
+        "{}",
+        stderr(&output)
+    );
+    let output = fixture.shamal(&["placement", "show", "nope"]).await;
+    assert_eq!(code(&output), 4, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&["placement", "set", "fraud", "--mode", "spread"])
+        .await;
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
     fixture.running.stop().await.unwrap();
 }

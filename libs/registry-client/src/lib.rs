@@ -1,6 +1,7 @@
 //! Client side of the registry's internal gRPC API, shared by the router and
 //! the workers: a Watch subscription that reconnects and resumes from the
-//! last revision it saw, and the latency buckets routers report traffic in.
+//! last revision it saw, the latency buckets routers report traffic in, and
+//! what a version's placement means for one worker.
 
 use std::time::Duration;
 
@@ -100,6 +101,17 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
     receiver
 }
 
+/// Whether the registry wants `worker_id` to hold `version`: an empty
+/// `assigned_workers` means every capable worker (placement mode `all`),
+/// otherwise only the workers it lists.
+pub fn assigned_to(version: &proto::VersionState, worker_id: &str) -> bool {
+    version.assigned_workers.is_empty()
+        || version
+            .assigned_workers
+            .iter()
+            .any(|assigned| assigned == worker_id)
+}
+
 /// Upper bounds (µs) of the latency buckets that traffic reports use:
 /// geometric, 25% apart, from 50 µs to about 2 minutes. A report carries
 /// one count per bound plus one for everything slower.
@@ -175,5 +187,14 @@ mod tests {
         assert!((1.0..1.3).contains(&p99), "p99 {p99}");
         assert!((100.0..126.0).contains(&p100), "max {p100}");
         assert_eq!(latency_quantile_ms(&[0; 3], 0.5), None);
+    }
+
+    #[test]
+    fn an_empty_assignment_means_every_worker() {
+        let mut version = proto::VersionState::default();
+        assert!(assigned_to(&version, "w1"));
+        version.assigned_workers = vec!["w2".to_owned(), "w3".to_owned()];
+        assert!(!assigned_to(&version, "w1"));
+        assert!(assigned_to(&version, "w3"));
     }
 }

@@ -11,10 +11,13 @@
 //! finishes those it holds, then deregisters for good (`gone`).
 //!
 //! Placement rule: a worker holds every version whose lifecycle is
-//! `registered` or `ready` and whose artifact format its runtime loads.
-//! Versions load one at a time, in one task, so loads do not fight for the
-//! CPU; the watch keeps being consumed meanwhile, and a version that stops
-//! being assigned while it loads is abandoned.
+//! `registered` or `ready`, whose artifact format its runtime loads and
+//! that the registry assigns to it (`assigned_workers` lists it, or is
+//! empty: every capable worker). Versions load one at a time, in one task,
+//! so loads do not fight for the CPU; the watch keeps being consumed
+//! meanwhile, and a version that stops being assigned while it loads is
+//! abandoned. A version that stops being assigned once loaded is unloaded;
+//! requests already holding it finish first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -194,11 +197,13 @@ pub mod placement {
     pub const UNLOADED: &str = "unloaded";
 }
 
-/// The versions a worker must hold: lifecycle `registered` or `ready`, with
-/// an artifact in one of `formats`.
+/// The versions worker `worker_id` must hold: lifecycle `registered` or
+/// `ready`, with an artifact in one of `formats`, assigned to it (see
+/// [`shamal_registry_client::assigned_to`]).
 pub fn desired_versions(
     models: &BTreeMap<String, ModelState>,
     formats: &[&str],
+    worker_id: &str,
 ) -> BTreeMap<Key, Artifact> {
     models
         .values()
@@ -206,7 +211,8 @@ pub fn desired_versions(
             model.versions.iter().filter_map(|version| {
                 let artifact = version.artifact.as_ref()?;
                 let wanted = matches!(version.lifecycle.as_str(), "registered" | "ready")
-                    && formats.contains(&artifact.format.as_str());
+                    && formats.contains(&artifact.format.as_str())
+                    && shamal_registry_client::assigned_to(version, worker_id);
                 wanted.then(|| ((model.name.clone(), version.version), artifact.clone()))
             })
         })
@@ -826,7 +832,11 @@ impl Follow {
             }
             self.reconcile_placements();
         }
-        self.desired = desired_versions(&self.catalog.models, self.follower.runtime.formats());
+        self.desired = desired_versions(
+            &self.catalog.models,
+            self.follower.runtime.formats(),
+            &self.follower.worker_id,
+        );
         let plan = plan(&self.desired, &self.held);
         for key in plan.unload {
             self.unload(&key);

@@ -252,6 +252,7 @@ fn version(number: u64, lifecycle: &str, artifact: Option<Artifact>) -> Registry
         lifecycle: lifecycle.to_owned(),
         reason: String::new(),
         artifact,
+        assigned_workers: Vec::new(),
     }
 }
 
@@ -323,14 +324,67 @@ fn desired_set_is_registered_and_ready_versions_in_served_formats() {
         removed: vec![],
         ..WatchEvent::default()
     });
-    let desired = desired_versions(&catalog.models, &["onnx"]);
+    let desired = desired_versions(&catalog.models, &["onnx"], "worker-a");
     let keys: Vec<Key> = desired.keys().cloned().collect();
     assert_eq!(
         keys,
         vec![("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]
     );
     assert_eq!(desired[&("a".to_owned(), 2)].sha256, "b".repeat(64));
-    assert_eq!(desired_versions(&catalog.models, &["safetensors"]).len(), 1);
+    assert_eq!(
+        desired_versions(&catalog.models, &["safetensors"], "worker-a").len(),
+        1
+    );
+}
+
+#[test]
+fn desired_set_keeps_only_versions_assigned_to_this_worker() {
+    let assigned = |number: u64, sha: char, workers: &[&str]| RegistryVersion {
+        assigned_workers: workers.iter().map(|worker| (*worker).to_owned()).collect(),
+        ..version(number, "ready", Some(onnx(sha)))
+    };
+    let mut catalog = Catalog::default();
+    catalog.apply(&WatchEvent {
+        revision: 1,
+        snapshot: true,
+        models: vec![model(
+            "a",
+            vec![
+                // Placement mode `all`: every capable worker.
+                assigned(1, 'a', &[]),
+                assigned(2, 'b', &["worker-a", "worker-b"]),
+                // Assigned elsewhere only: left to the other workers.
+                assigned(3, 'c', &["worker-b"]),
+                // Assigned here but archived: never held.
+                RegistryVersion {
+                    assigned_workers: vec!["worker-a".to_owned()],
+                    ..version(4, "archived", Some(onnx('d')))
+                },
+            ],
+        )],
+        ..WatchEvent::default()
+    });
+    let keys = |worker: &str| -> Vec<u64> {
+        desired_versions(&catalog.models, &["onnx"], worker)
+            .into_keys()
+            .map(|(_, version)| version)
+            .collect()
+    };
+    assert_eq!(keys("worker-a"), [1, 2]);
+    assert_eq!(keys("worker-b"), [1, 2, 3]);
+    assert_eq!(keys("worker-c"), [1]);
+    // What the worker held of a version moved away is unloaded.
+    let held: BTreeMap<Key, ()> = [(("a".to_owned(), 2), ()), (("a".to_owned(), 3), ())]
+        .into_iter()
+        .collect();
+    let desired = desired_versions(&catalog.models, &["onnx"], "worker-a");
+    assert_eq!(
+        plan(&desired, &held),
+        Plan {
+            load: vec![("a".into(), 1)],
+            unload: vec![("a".into(), 3)],
+        }
+    );
 }
 
 #[test]

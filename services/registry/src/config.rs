@@ -26,6 +26,10 @@ pub struct RegistryConfig {
     /// Time without a heartbeat after which a worker is marked `lost`;
     /// more than twice `heartbeat_interval_ms`.
     pub lease_ms: u64,
+    /// Make-before-break of `weighted` placement: how long every new holder
+    /// of a version must have had it ready before a worker that loses it
+    /// lets it go. Must exceed the routers' `refresh_interval_ms`.
+    pub placement_grace_ms: u64,
 }
 
 impl Default for RegistryConfig {
@@ -39,6 +43,7 @@ impl Default for RegistryConfig {
             max_artifact_bytes: 8 * 1024 * 1024 * 1024,
             heartbeat_interval_ms: 250,
             lease_ms: 1000,
+            placement_grace_ms: 3000,
         }
     }
 }
@@ -69,6 +74,11 @@ pub struct RegistryArgs {
     /// (default 1000; more than twice the heartbeat interval).
     #[arg(long, env = "SHAMAL_REGISTRY_LEASE_MS")]
     pub lease_ms: Option<u64>,
+    /// Milliseconds a version's new holders must have had it ready before
+    /// a worker that loses it lets it go (default 3000; more than the
+    /// routers' refresh interval).
+    #[arg(long, env = "SHAMAL_REGISTRY_PLACEMENT_GRACE_MS")]
+    pub placement_grace_ms: Option<u64>,
 }
 
 impl RegistryConfig {
@@ -105,6 +115,9 @@ impl RegistryConfig {
         if let Some(value) = args.lease_ms {
             config.lease_ms = value;
         }
+        if let Some(value) = args.placement_grace_ms {
+            config.placement_grace_ms = value;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -127,7 +140,17 @@ impl RegistryConfig {
                 self.heartbeat_interval_ms
             ));
         }
+        if self.placement_grace_ms > 600_000 {
+            return Err("placement_grace_ms must be at most 600000".to_owned());
+        }
         Ok(())
+    }
+
+    /// The placement timings this configuration sets.
+    pub fn placement(&self) -> crate::planner::PlacementSettings {
+        crate::planner::PlacementSettings {
+            grace: std::time::Duration::from_millis(self.placement_grace_ms),
+        }
     }
 
     /// The membership timings this configuration sets.
@@ -186,5 +209,23 @@ mod tests {
         }
         let text = toml::to_string(&RegistryConfig::default()).unwrap_or_default();
         assert!(text.contains("lease_ms = 1000"), "{text}");
+    }
+
+    #[test]
+    fn placement_grace_defaults_and_is_validated() {
+        let config = RegistryConfig::load(&RegistryArgs::default()).unwrap_or_default();
+        assert_eq!(config.placement().grace.as_millis(), 3000);
+        let args = RegistryArgs {
+            placement_grace_ms: Some(250),
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(config.placement().grace.as_millis(), 250);
+        let args = RegistryArgs {
+            placement_grace_ms: Some(600_001),
+            ..RegistryArgs::default()
+        };
+        let error = RegistryConfig::load(&args).err().unwrap_or_default();
+        assert!(error.contains("placement_grace_ms"), "{error}");
     }
 }

@@ -3,8 +3,9 @@
 //! embedded mode) through one set of sqlx queries. Routers and workers use
 //! its gRPC API, with a Watch stream of changes; release managers use its
 //! REST API (OpenAPI document at `/openapi.json`) and web UI. It also keeps
-//! worker membership (registration, heartbeats, leases, graceful drain) and
-//! the data-residency policies routers enforce.
+//! worker membership (registration, heartbeats, leases, graceful drain), the
+//! data-residency policies routers enforce, and each model's placement
+//! policy: which workers hold which versions.
 
 pub mod artifacts;
 pub mod config;
@@ -12,6 +13,8 @@ pub mod error;
 pub mod grpc;
 pub mod membership;
 pub mod model;
+pub mod placement;
+pub mod planner;
 pub mod registry;
 pub mod residency;
 pub mod rest;
@@ -67,7 +70,8 @@ pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>>
     Ok(Arc::new(
         ModelRegistry::new(store, artifacts, config.max_artifact_bytes)
             .await?
-            .with_membership(config.membership()),
+            .with_membership(config.membership())
+            .with_placement(config.placement()),
     ))
 }
 
@@ -121,6 +125,8 @@ pub async fn serve(
     }
     // Workers whose lease expires are marked lost while the registry serves.
     let sweeper = registry.spawn_sweeper(stop.clone());
+    // Versions of `weighted` models follow traffic, workers and rollouts.
+    let planner = registry.spawn_planner(stop.clone());
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(shamal_telemetry::serve_metrics(
             listener,
@@ -150,6 +156,7 @@ pub async fn serve(
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);
     let _ = sweeper.await;
+    let _ = planner.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

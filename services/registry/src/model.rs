@@ -507,3 +507,84 @@ pub struct ResidencyChange {
     pub actor: String,
     pub at: Millis,
 }
+
+/// How a model's versions are spread over the workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementMode {
+    /// Every capable worker holds every active version (the default).
+    #[default]
+    All,
+    /// Each active version on workers of its own, in every region, as
+    /// many as its share of the model's traffic and at least
+    /// `min_replicas`.
+    Weighted,
+}
+
+impl PlacementMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementMode::All => "all",
+            PlacementMode::Weighted => "weighted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<PlacementMode> {
+        match text {
+            "all" => Some(PlacementMode::All),
+            "weighted" => Some(PlacementMode::Weighted),
+            _ => None,
+        }
+    }
+}
+
+/// A model's placement policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementPolicy {
+    pub mode: PlacementMode,
+    /// Fewest workers per region that hold each active version (`weighted`).
+    pub min_replicas: u32,
+    /// Who set it last (empty when never set).
+    pub updated_by: String,
+    pub updated_at: Millis,
+}
+
+/// Input of a placement policy write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPlacement {
+    pub mode: PlacementMode,
+    /// Fewest workers per region that hold each active version, 1-64
+    /// (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub min_replicas: Option<u32>,
+}
+
+/// Where one active version of a model is held.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VersionPlacement {
+    pub version: u64,
+    pub lifecycle: Lifecycle,
+    /// Its share of the model's traffic, in percent (shadow copies count
+    /// with their share).
+    pub weight: f64,
+    /// The workers that should hold it. In mode `all`, every serving
+    /// worker that loads its format.
+    pub workers: Vec<String>,
+    /// Workers it is leaving that keep it until every new holder has
+    /// reported it ready and the grace period has passed
+    /// (make-before-break).
+    pub releasing: Vec<String>,
+    /// The workers (of both lists) that report it ready.
+    pub ready: Vec<String>,
+}
+
+/// A model's placement policy and where its active versions are held.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelPlacement {
+    pub model: String,
+    pub policy: PlacementPolicy,
+    /// Active versions (registered or ready), by version.
+    pub versions: Vec<VersionPlacement>,
+}

@@ -37,6 +37,8 @@ pub struct ModelRegistry {
     pub(crate) members: Mutex<HashMap<String, crate::membership::Member>>,
     /// Serialises membership state changes (register, deregister, sweep).
     pub(crate) member_writes: tokio::sync::Mutex<()>,
+    /// Make-before-break timing of `weighted` placement.
+    pub(crate) placement: crate::planner::PlacementSettings,
 }
 
 /// Worker membership timings.
@@ -116,6 +118,7 @@ impl ModelRegistry {
             membership: MembershipSettings::default(),
             members: Mutex::new(HashMap::new()),
             member_writes: tokio::sync::Mutex::new(()),
+            placement: crate::planner::PlacementSettings::default(),
         };
         let current = registry.current_revision().await?;
         registry.revision.send_replace(current);
@@ -354,6 +357,9 @@ impl ModelRegistry {
             )
             .await?;
         }
+        // A `weighted` model's new version gets its workers in the same
+        // change: published without them, every worker would load it.
+        self.plan_in(&mut tx, model).await?;
         let revision = record_change(&mut tx, model).await?;
         tx.commit().await?;
         self.notify(revision);
@@ -476,6 +482,7 @@ impl ModelRegistry {
             .bind(version as i64)
             .execute(&mut *tx)
             .await?;
+        self.plan_in(&mut tx, model).await?;
         let revision = record_change(&mut tx, model).await?;
         let retried = fetch_version(&mut tx, model, version).await?;
         tx.commit().await?;
@@ -1144,6 +1151,8 @@ impl ModelRegistry {
                     workers.insert(subject);
                 }
                 change_kind::TENANTS => tenant_policies = true,
+                // `model`, `placement`, and kinds of later registries: a
+                // model's state is the safe thing to send again.
                 _ => {
                     models.insert(subject);
                 }
@@ -1170,14 +1179,23 @@ impl ModelRegistry {
     /// model does not exist.
     pub async fn model_state(&self, name: &str) -> Result<Option<proto::ModelState>> {
         let pool = &self.store.pool;
-        let exists = sqlx::query("SELECT allowed_regions FROM models WHERE name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
+        let exists = sqlx::query(
+            "SELECT allowed_regions, placement_mode, placement_min_replicas FROM models WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
         let Some(exists) = exists else {
             return Ok(None);
         };
         let allowed_regions: String = exists.try_get("allowed_regions")?;
+        let mode: String = exists.try_get("placement_mode")?;
+        let mode = PlacementMode::parse(&mode).ok_or_else(|| {
+            RegistryError::Internal(format!("unknown stored placement mode {mode}"))
+        })?;
+        let min_replicas =
+            u32::try_from(exists.try_get::<i64, _>("placement_min_replicas")?).unwrap_or(1);
+        let mut assigned = self.assigned_workers(name, mode).await?;
         let versions = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM versions WHERE model = $1 ORDER BY version"
         ))
@@ -1198,6 +1216,7 @@ impl ModelRegistry {
                     size_bytes: version.artifact.size_bytes,
                     format: version.artifact.format.as_str().to_owned(),
                 }),
+                assigned_workers: assigned.remove(&version.version).unwrap_or_default(),
             })
             .collect();
         let aliases = sqlx::query(
@@ -1240,6 +1259,10 @@ impl ModelRegistry {
             rollout,
             placements,
             allowed_regions: regions_from_text(&allowed_regions)?,
+            placement_policy: Some(proto::PlacementPolicy {
+                mode: mode.as_str().to_owned(),
+                min_replicas,
+            }),
         }))
     }
 

@@ -99,6 +99,10 @@ pub fn router(
         .route("/v1/models/{name}/rollout/resume", post(h::resume))
         .route("/v1/models/{name}/rollout/history", get(h::history))
         .route("/v1/models/{name}/placements", get(h::list_placements))
+        .route(
+            "/v1/models/{name}/placement",
+            get(h::get_placement).put(h::set_placement),
+        )
         .route("/v1/workers", get(h::list_workers))
         .route(
             "/v1/models/{name}/residency",

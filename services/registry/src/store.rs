@@ -108,6 +108,9 @@ pub mod change_kind {
     pub const WORKER: &str = "worker";
     /// The tenant residency policies; the subject is the tenant.
     pub const TENANTS: &str = "tenants";
+    /// A model's placement policy (which also changes its routed state);
+    /// the subject is the model name.
+    pub const PLACEMENT: &str = "placement";
 }
 
 /// Records that `model`'s routed state changed; returns the new revision.

@@ -1209,6 +1209,120 @@ async fn requests_are_counted_per_route_and_code() {
 }
 
 /// Every route of the API, as `METHOD /path`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_policy_is_read_set_and_validated() {
+    let api = Api::start().await;
+    api.push("fraud", b"weights one").await;
+    api.push("fraud", b"weights two").await;
+    for id in ["worker-a", "worker-b"] {
+        api.running
+            .registry
+            .register_worker(WorkerInfo {
+                id: id.to_owned(),
+                address: format!("{id}:8101"),
+                region: "eu-west".to_owned(),
+                formats: vec!["onnx".to_owned()],
+                device: "cpu".to_owned(),
+                last_seen: 0,
+            })
+            .await
+            .unwrap();
+    }
+
+    // The default: every worker holds every version.
+    let (status, body) = api.get("/v1/models/fraud/placement").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["model"], "fraud");
+    assert_eq!(body["policy"]["mode"], "all");
+    assert_eq!(body["policy"]["min_replicas"], 1);
+    assert_eq!(body["versions"][0]["version"], 1);
+    assert_eq!(body["versions"][0]["weight"], 100.0);
+    assert_eq!(
+        body["versions"][0]["workers"],
+        json!(["worker-a", "worker-b"])
+    );
+    assert_eq!(body["versions"][1]["weight"], 0.0);
+    assert_eq!(body["versions"][1]["releasing"], json!([]));
+
+    // Weighted: version 1 (production) on both, version 2 (no traffic)
+    // on one, planned before the answer.
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/placement",
+            json!({"mode": "weighted", "min_replicas": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["policy"]["mode"], "weighted");
+    assert_eq!(body["policy"]["updated_by"], "alice");
+    assert_eq!(
+        body["versions"][0]["workers"],
+        json!(["worker-a", "worker-b"])
+    );
+    assert_eq!(body["versions"][1]["workers"].as_array().unwrap().len(), 1);
+    assert_eq!(body["versions"][1]["ready"], json!([]));
+    let (status, again) = api.get("/v1/models/fraud/placement").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again, body);
+    let state = api
+        .running
+        .registry
+        .model_state("fraud")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.placement_policy.unwrap().mode, "weighted");
+    assert_eq!(state.versions[0].assigned_workers, ["worker-a", "worker-b"]);
+    // min_replicas is optional (1).
+    let (status, body) = api
+        .put("/v1/models/fraud/placement", json!({"mode": "all"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["policy"]["min_replicas"], 1);
+
+    // Malformed: the field at fault; unknown model: 404.
+    for (input, field) in [
+        (json!({"mode": "spread"}), "mode"),
+        (
+            json!({"mode": "weighted", "min_replicas": 0}),
+            "min_replicas",
+        ),
+        (
+            json!({"mode": "weighted", "min_replicas": 65}),
+            "min_replicas",
+        ),
+        (
+            json!({"mode": "weighted", "min_replicas": -1}),
+            "min_replicas",
+        ),
+        (
+            json!({"mode": "weighted", "min_replicas": "two"}),
+            "min_replicas",
+        ),
+        (json!({"min_replicas": 2}), "mode"),
+        (json!({"mode": "all", "replicas": 2}), "replicas"),
+    ] {
+        let (status, body) = api.put("/v1/models/fraud/placement", input.clone()).await;
+        assert_invalid(status, &body, field);
+    }
+    let (status, body) = api
+        .raw(
+            Method::PUT,
+            "/v1/models/fraud/placement",
+            "application/json",
+            b"{\"mode\": ",
+        )
+        .await;
+    assert_invalid(status, &body, "body");
+    let (status, body) = api
+        .put("/v1/models/nope/placement", json!({"mode": "weighted"}))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = api.get("/v1/models/nope/placement").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    api.running.stop().await.unwrap();
+}
+
 const ROUTES: &[&str] = &[
     "GET /openapi.json",
     "GET /v1/models",
@@ -1236,6 +1350,8 @@ const ROUTES: &[&str] = &[
     "GET /v1/models/{name}/rollout/history",
     "GET /v1/workers",
     "GET /v1/models/{name}/placements",
+    "GET /v1/models/{name}/placement",
+    "PUT /v1/models/{name}/placement",
     "GET /v1/models/{name}/residency",
     "PUT /v1/models/{name}/residency",
     "GET /v1/residency/tenants",
@@ -1283,6 +1399,9 @@ async fn openapi_document_describes_every_route_and_is_committed() {
         "TenantPolicy",
         "SetResidency",
         "ResidencyChange",
+        "ModelPlacement",
+        "SetPlacement",
+        "PlacementMode",
     ] {
         assert!(schemas.contains_key(schema), "{schema} missing");
     }

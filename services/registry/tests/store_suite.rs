@@ -45,6 +45,8 @@ both_backends!(
     workers_join_drain_leave_and_get_lost,
     residency_policies_are_validated_and_recorded,
     change_revisions_are_ordered_across_kinds,
+    placement_policy_is_stored_validated_and_recorded,
+    weighted_placement_is_planned_stored_and_published,
 );
 
 async fn versions_are_numbered_and_keep_their_metadata(registry: Arc<ModelRegistry>) {
@@ -1098,4 +1100,273 @@ async fn change_revisions_are_ordered_across_kinds(registry: Arc<ModelRegistry>)
     let nothing = registry.change_set_since(end).await.unwrap();
     assert_eq!(nothing.latest, end);
     assert!(nothing.models.is_empty() && nothing.workers.is_empty() && !nothing.tenant_policies);
+}
+
+fn placement(mode: PlacementMode, min_replicas: Option<u32>) -> SetPlacement {
+    SetPlacement { mode, min_replicas }
+}
+
+async fn placement_policy_is_stored_validated_and_recorded(registry: Arc<ModelRegistry>) {
+    push(&registry, "fraud", b"weights").await;
+    let policy = registry.get_placement_policy("fraud").await.unwrap();
+    assert_eq!(
+        (policy.mode, policy.min_replicas, policy.updated_by.as_str()),
+        (PlacementMode::All, 1, "")
+    );
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    let published = state.placement_policy.unwrap();
+    assert_eq!(
+        (published.mode.as_str(), published.min_replicas),
+        ("all", 1)
+    );
+
+    let before = registry.current_revision().await.unwrap();
+    let set = registry
+        .set_placement_policy(
+            "fraud",
+            placement(PlacementMode::Weighted, Some(2)),
+            "alice",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (set.policy.mode, set.policy.min_replicas),
+        (PlacementMode::Weighted, 2)
+    );
+    assert_eq!(set.policy.updated_by, "alice");
+    assert!(set.policy.updated_at > 0);
+    assert_eq!(
+        registry.get_placement_policy("fraud").await.unwrap(),
+        set.policy
+    );
+    // One change of kind `placement`, which Watch sends as the model's.
+    let changes = registry.change_set_since(before).await.unwrap();
+    assert_eq!(changes.models, ["fraud"]);
+    assert_eq!(changes.latest, before + 1);
+    use sqlx::Row;
+    let row = sqlx::query("SELECT kind, model FROM changes WHERE revision = $1")
+        .bind(changes.latest as i64)
+        .fetch_one(&registry.store().pool)
+        .await
+        .unwrap();
+    assert_eq!(row.try_get::<String, _>("kind").unwrap(), "placement");
+    assert_eq!(row.try_get::<String, _>("model").unwrap(), "fraud");
+    let state = registry.model_state("fraud").await.unwrap().unwrap();
+    let published = state.placement_policy.unwrap();
+    assert_eq!(
+        (published.mode.as_str(), published.min_replicas),
+        ("weighted", 2)
+    );
+    // min_replicas defaults to 1.
+    let set = registry
+        .set_placement_policy("fraud", placement(PlacementMode::Weighted, None), "bob")
+        .await
+        .unwrap();
+    assert_eq!(set.policy.min_replicas, 1);
+
+    // Refused: nothing changes.
+    let revision = registry.current_revision().await.unwrap();
+    for bad in [0, 65] {
+        let error = registry
+            .set_placement_policy("fraud", placement(PlacementMode::Weighted, Some(bad)), "x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, shamal_registry::error::RegistryError::InvalidArgument { field, .. } if field == "min_replicas"),
+            "{error:?}"
+        );
+    }
+    let error = registry
+        .set_placement_policy("nope", placement(PlacementMode::All, None), "x")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "not_found");
+    assert_eq!(
+        registry
+            .get_placement_policy("nope")
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
+    assert_eq!(
+        registry.placement("nope").await.unwrap_err().code(),
+        "not_found"
+    );
+    assert_eq!(registry.current_revision().await.unwrap(), revision);
+    assert_eq!(
+        registry
+            .get_placement_policy("fraud")
+            .await
+            .unwrap()
+            .updated_by,
+        "bob"
+    );
+}
+
+/// The workers `version` is published with.
+async fn assigned_workers(registry: &ModelRegistry, version: u64) -> Vec<String> {
+    registry
+        .model_state("fraud")
+        .await
+        .unwrap()
+        .unwrap()
+        .versions
+        .into_iter()
+        .find(|state| state.version == version)
+        .unwrap()
+        .assigned_workers
+}
+
+/// Every worker assigned a version reports it ready (what workers do once
+/// they have loaded what Watch told them).
+async fn load_assigned(registry: &ModelRegistry) {
+    for version in registry.placement("fraud").await.unwrap().versions {
+        for worker in version.workers {
+            if !version.ready.contains(&worker) {
+                registry
+                    .report_placement(&worker, "fraud", version.version, "ready", "", "")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+async fn weighted_placement_is_planned_stored_and_published(registry: Arc<ModelRegistry>) {
+    for id in ["w1", "w2", "w3"] {
+        registry
+            .register_member(worker(id, "local"), 8)
+            .await
+            .unwrap();
+    }
+    for index in 1..=3 {
+        push(&registry, "fraud", format!("weights {index}").as_bytes()).await;
+    }
+    // Mode `all`: nothing assigned, every worker holds every version.
+    assert!(assigned_workers(&registry, 1).await.is_empty());
+    let view = registry.placement("fraud").await.unwrap();
+    assert_eq!(view.versions.len(), 3);
+    assert_eq!(view.versions[0].workers, ["w1", "w2", "w3"]);
+
+    // Weighted, planned at once: version 1 (production) takes all traffic
+    // and every worker; versions 2 and 3 take none and get one each.
+    let view = registry
+        .set_placement_policy("fraud", placement(PlacementMode::Weighted, None), "alice")
+        .await
+        .unwrap();
+    let weights: Vec<f64> = view.versions.iter().map(|version| version.weight).collect();
+    assert_eq!(weights, [100.0, 0.0, 0.0]);
+    assert_eq!(view.versions[0].workers, ["w1", "w2", "w3"]);
+    assert_eq!(view.versions[1].workers.len(), 1);
+    assert_eq!(view.versions[2].workers.len(), 1);
+    assert_eq!(assigned_workers(&registry, 1).await, ["w1", "w2", "w3"]);
+    assert_eq!(
+        assigned_workers(&registry, 2).await,
+        view.versions[1].workers
+    );
+    // A version registered now is planned in the same change.
+    let fourth = push(&registry, "fraud", b"weights 4").await;
+    assert_eq!(assigned_workers(&registry, fourth).await.len(), 1);
+    registry
+        .archive_version("fraud", fourth, "alice")
+        .await
+        .unwrap();
+    load_assigned(&registry).await;
+    assert_eq!(registry.plan_placements().await.unwrap(), None);
+    assert!(assigned_workers(&registry, fourth).await.is_empty());
+
+    // A three-way rollout: one worker each, once the moves are done.
+    registry
+        .set_policy(
+            "fraud",
+            SetPolicy {
+                expected_revision: 0,
+                stable: 1,
+                splits: vec![
+                    Split {
+                        version: 1,
+                        weight: 34,
+                    },
+                    Split {
+                        version: 2,
+                        weight: 33,
+                    },
+                    Split {
+                        version: 3,
+                        weight: 33,
+                    },
+                ],
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap();
+    let before = registry.current_revision().await.unwrap();
+    registry.plan_placements().await.unwrap();
+    assert_eq!(
+        registry.change_set_since(before).await.unwrap().models,
+        ["fraud"],
+        "the new assignment is a change of the model"
+    );
+    let view = registry.placement("fraud").await.unwrap();
+    let weights: Vec<f64> = view.versions.iter().map(|version| version.weight).collect();
+    assert_eq!(weights, [34.0, 33.0, 33.0]);
+    assert!(
+        view.versions
+            .iter()
+            .all(|version| version.workers.len() == 1)
+    );
+    // New holders load, and the old ones keep their versions until the
+    // new holders have had them ready for the grace period.
+    load_assigned(&registry).await;
+    let pending = registry.plan_placements().await.unwrap();
+    let view = registry.placement("fraud").await.unwrap();
+    if view
+        .versions
+        .iter()
+        .any(|version| !version.releasing.is_empty())
+    {
+        let at = pending.expect("a pending release has a time to complete");
+        assert!(at <= now_millis() + PLACEMENT_GRACE_MS as i64, "{at}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(PLACEMENT_GRACE_MS + 50)).await;
+    assert_eq!(registry.plan_placements().await.unwrap(), None);
+    let view = registry.placement("fraud").await.unwrap();
+    let mut holders = Vec::new();
+    for version in &view.versions {
+        assert!(version.releasing.is_empty(), "{view:?}");
+        assert_eq!(version.workers, version.ready, "{view:?}");
+        assert_eq!(
+            assigned_workers(&registry, version.version).await,
+            version.workers
+        );
+        holders.extend(version.workers.clone());
+    }
+    holders.sort();
+    assert_eq!(holders, ["w1", "w2", "w3"], "one version per worker");
+
+    // A draining worker's version moves to another worker at once.
+    let leaving = view.versions[1].workers[0].clone();
+    registry
+        .deregister_worker(&leaving, false, "SIGTERM")
+        .await
+        .unwrap();
+    registry.plan_placements().await.unwrap();
+    let moved = assigned_workers(&registry, 2).await;
+    assert_eq!(moved.len(), 1);
+    assert_ne!(moved[0], leaving);
+
+    // Back to `all`: nothing assigned, every serving worker holds all.
+    registry
+        .set_placement_policy("fraud", placement(PlacementMode::All, None), "alice")
+        .await
+        .unwrap();
+    for version in 1..=3 {
+        assert!(assigned_workers(&registry, version).await.is_empty());
+    }
+    let view = registry.placement("fraud").await.unwrap();
+    assert_eq!(view.versions[0].workers.len(), 2);
+    assert!(!view.versions[0].workers.contains(&leaving));
 }

@@ -599,9 +599,10 @@ pub(crate) struct Route<'a> {
 }
 
 /// Calls one worker serving the route's model in an allowed region,
-/// retrying on another worker when the chosen one is unreachable (within
-/// the retry budget and the call's deadline). Every worker tried is in an
-/// allowed region: `pick` offers no other.
+/// retrying on another worker when the chosen one is unreachable or no
+/// longer holds the version (within the retry budget and the call's
+/// deadline). Every worker tried is in an allowed region: `pick` offers no
+/// other.
 pub(crate) async fn forward_to<T, F, Fut>(
     pool: &WorkerPool,
     metrics: &RouterMetrics,
@@ -677,6 +678,15 @@ where
                 } else {
                     // The worker answered: the request, not the worker, failed.
                     upstream.outlier.record_success(model, sent.elapsed());
+                }
+                if status.code() == Code::NotFound {
+                    // It was picked because its last repository index
+                    // listed the model (version); it no longer holds it
+                    // (the registry moved the version to other workers).
+                    // Another worker that holds it may answer.
+                    upstream.forget(model, version);
+                    last_error = Some(status);
+                    continue;
                 }
                 if !retriable(&status) {
                     return Err(status);

@@ -209,6 +209,27 @@ impl Upstream {
             .is_some_and(|versions| version.is_empty() || versions.contains(version))
     }
 
+    /// Takes `model` (`version`, or the whole model when empty) out of what
+    /// this worker serves until its next refresh: it answered that it does
+    /// not hold it.
+    pub(crate) fn forget(&self, model: &str, version: &str) {
+        let mut models = self
+            .models
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let emptied = match models.get_mut(model) {
+            Some(versions) if !version.is_empty() => {
+                versions.remove(version);
+                versions.is_empty()
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if emptied {
+            models.remove(model);
+        }
+    }
+
     fn knows(&self, model: &str) -> bool {
         self.models
             .read()

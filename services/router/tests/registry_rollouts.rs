@@ -6,7 +6,8 @@
 //!
 //! Where a version must misbehave (a shadow that answers only when the test
 //! lets it, a canary that fails), it is served by a scripted peer worker;
-//! the registry learns of it through the calls a worker makes.
+//! the registry learns of it through the calls a worker makes. Weighted
+//! placement runs three cpu-workers that follow the registry.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -20,7 +21,8 @@ use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use shamal_proto::inference::infer_parameter::ParameterChoice;
 use shamal_proto::inference::*;
 use shamal_registry::model::{
-    GuardRails, RolloutState, SetPolicy, Shadow, Split, StartRollout, VersionAnalysis,
+    GuardRails, PlacementMode, RolloutState, SetPlacement, SetPolicy, Shadow, Split, StartRollout,
+    VersionAnalysis,
 };
 use shamal_registry::registry::ANALYSIS_ACTOR;
 use support::*;
@@ -663,4 +665,370 @@ async fn a_canary_breaking_its_guard_rail_is_rolled_back_automatically() {
 
     router.running.stop().await.unwrap();
     stack.stop().await;
+}
+
+// ----- 6. weighted placement ----------------------------------------------
+
+/// The versions of `simple` the placement test registers: (registry
+/// version, bundled version it is made of). 1 and 3 compute OUTPUT0 = 2i,
+/// 2 computes 2i + 1.
+const PLACED: [(u64, u64); 3] = [(1, 1), (2, 2), (3, 1)];
+
+/// The registry version that answered, checked against what it computed.
+fn answered_placed(response: &ModelInferResponse) -> u64 {
+    let version: u64 = response.model_version.parse().unwrap();
+    let (_, bundled) = PLACED
+        .iter()
+        .find(|(registered, _)| *registered == version)
+        .copied()
+        .unwrap_or_else(|| panic!("no version {version} was registered: {response:?}"));
+    let mut as_bundled = response.clone();
+    as_bundled.model_version = bundled.to_string();
+    assert_eq!(answered_version(&as_bundled), bundled);
+    version
+}
+
+/// A whole-policy write over versions 1, 2 and 3.
+fn three_way(expected_revision: u64, weights: [u32; 3]) -> SetPolicy {
+    SetPolicy {
+        expected_revision,
+        stable: 1,
+        splits: (1..=3)
+            .zip(weights)
+            .map(|(version, weight)| Split { version, weight })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Where the registry placed each version once the moves are done, when
+/// they are: `holders[i]` workers hold version i + 1, no worker is still
+/// releasing one, every holder reports it ready, and every worker lists
+/// READY exactly the versions it is assigned. `None` while moving.
+async fn settled(
+    registry: &shamal_registry::ModelRegistry,
+    workers: &[(String, std::net::SocketAddr)],
+    holders: [usize; 3],
+) -> Option<BTreeMap<String, Vec<String>>> {
+    let view = registry.placement(MODEL).await.unwrap();
+    if view.versions.len() != 3 {
+        return None;
+    }
+    let mut assigned: BTreeMap<String, Vec<String>> = workers
+        .iter()
+        .map(|(id, _)| (id.clone(), Vec::new()))
+        .collect();
+    for (version, count) in view.versions.iter().zip(holders) {
+        if version.workers.len() != count
+            || !version.releasing.is_empty()
+            || version.ready != version.workers
+        {
+            return None;
+        }
+        for worker in &version.workers {
+            assigned.get_mut(worker)?.push(version.version.to_string());
+        }
+    }
+    for (id, address) in workers {
+        if ready_versions(*address, MODEL).await != assigned[id] {
+            return None;
+        }
+    }
+    Some(assigned)
+}
+
+async fn wait_settled(
+    registry: &Arc<shamal_registry::ModelRegistry>,
+    workers: &[(String, std::net::SocketAddr)],
+    holders: [usize; 3],
+) -> BTreeMap<String, Vec<String>> {
+    wait_until(&format!("placement settles as {holders:?}"), || {
+        let (registry, workers) = (registry.clone(), workers.to_vec());
+        async move { settled(&registry, &workers, holders).await.is_some() }
+    })
+    .await;
+    settled(registry, workers, holders).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_no_longer_holds_a_version_is_passed_over() {
+    // The router's pool says both workers hold `simple` version 1; the
+    // stale one has unloaded it. Its NOT_FOUND sends the request on to the
+    // worker that holds it: no caller sees it.
+    let worker = start_worker(workspace_root().join("models/repository"), |_| {}).await;
+    // Loaded before the router first looks at both workers.
+    wait_ready(worker.address, MODEL).await;
+    let stale = StaleWorker::start(MODEL, 1).await;
+    let router = start_router(
+        vec![stale.address.to_string(), worker.address.to_string()],
+        |_| {},
+    )
+    .await;
+    wait_ready(router.running.address, MODEL).await;
+    let mut client = client(router.running.address).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut answered = 0usize;
+    while stale.received() < 3 {
+        let response = client
+            .model_infer(simple_infer_request("1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answered_version(&response), 1);
+        answered += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale worker was never tried ({answered} requests)"
+        );
+    }
+    // A version nobody holds is still NOT_FOUND.
+    let status = client
+        .model_infer(simple_infer_request("7"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    router.running.stop().await.unwrap();
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_placement_gives_each_version_workers_of_its_own() {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        weighted_placement_scenario(),
+    )
+    .await
+    .expect("the placement scenario takes less than a minute");
+}
+
+/// Requests sent to the router one after the other by a few tasks until
+/// stopped, each outcome kept.
+struct SteadyTraffic {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Result<u64, Status>>>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SteadyTraffic {
+    fn start(client: &Client, tasks: usize) -> SteadyTraffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log: Arc<Mutex<Vec<Result<u64, Status>>>> = Arc::default();
+        let senders = (0..tasks)
+            .map(|_| {
+                let (mut client, stop, log) = (client.clone(), stop.clone(), log.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let outcome = client
+                            .model_infer(simple_infer_request(""))
+                            .await
+                            .map(|response| answered_placed(response.get_ref()));
+                        log.lock().unwrap().push(outcome);
+                    }
+                })
+            })
+            .collect();
+        SteadyTraffic { stop, log, senders }
+    }
+
+    fn sent(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until `count` more requests have been answered.
+    async fn more(&self, count: usize) {
+        let mark = self.sent();
+        wait_until("steady traffic goes on", || async {
+            self.sent() >= mark + count
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<Result<u64, Status>> {
+        self.stop.store(true, Ordering::SeqCst);
+        for sender in self.senders {
+            sender.await.unwrap();
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+/// Waits until `worker` is among the workers of version 1 (the one taking
+/// all traffic): the registry has planned with it.
+async fn wait_planned_with(registry: &Arc<shamal_registry::ModelRegistry>, worker: &str) {
+    wait_until(&format!("{worker} holds version 1"), || async {
+        let view = registry.placement(MODEL).await.unwrap();
+        view.versions[0].workers.iter().any(|held| held == worker)
+    })
+    .await;
+}
+
+/// Polls the placement until it settles as `holders`; true when a worker
+/// was seen keeping a version for its new holder meanwhile.
+async fn saw_a_release(
+    registry: &Arc<shamal_registry::ModelRegistry>,
+    workers: &[(String, std::net::SocketAddr)],
+    holders: [usize; 3],
+) -> bool {
+    let mut seen = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while settled(registry, workers, holders).await.is_none() {
+        let view = registry.placement(MODEL).await.unwrap();
+        seen |= view
+            .versions
+            .iter()
+            .any(|version| !version.releasing.is_empty());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "placement never settled as {holders:?}: {view:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+async fn weighted_placement_scenario() {
+    const REQUESTS: usize = 900;
+    let db = TestDb::sqlite();
+    // A short grace period, still longer than the router's 100 ms refresh.
+    let running = start_registry_with(&db, |config| config.placement_grace_ms = 400).await;
+    let registry = running.registry.clone();
+    for (version, bundled) in PLACED {
+        let bytes = std::fs::read(
+            workspace_root().join(format!("models/repository/simple/{bundled}/model.onnx")),
+        )
+        .unwrap();
+        assert_eq!(
+            push_artifact(&registry, MODEL, bytes, "onnx").await,
+            version
+        );
+    }
+    registry
+        .set_placement_policy(
+            MODEL,
+            SetPlacement {
+                mode: PlacementMode::Weighted,
+                min_replicas: None,
+            },
+            "tester",
+        )
+        .await
+        .unwrap();
+    // Workers join one at a time: the first holds every version (version
+    // 1 takes all traffic, 2 and 3 need a worker each and it is the only
+    // one), the others version 1 only.
+    let grpc = running.grpc_address.to_string();
+    let mut workers = Vec::new();
+    for index in 1..=3 {
+        let id = format!("cpu-worker-{index}");
+        let cache = db.dir.path().join(format!("cache-{index}"));
+        workers.push((id.clone(), start_registry_worker(&grpc, &cache, &id).await));
+        wait_planned_with(&registry, &id).await;
+    }
+    let addresses: Vec<(String, std::net::SocketAddr)> = workers
+        .iter()
+        .map(|(id, worker)| (id.clone(), worker.address))
+        .collect();
+    let held = wait_settled(&registry, &addresses, [3, 1, 1]).await;
+    assert_eq!(held["cpu-worker-1"], ["1", "2", "3"]);
+    let router = start_router(
+        addresses
+            .iter()
+            .map(|(_, address)| address.to_string())
+            .collect(),
+        |config| {
+            config.registry = Some(grpc.clone());
+            config.router_id = "router-placement".into();
+        },
+    )
+    .await;
+    wait_ready(router.running.address, MODEL).await;
+    let client = client(router.running.address).await;
+    // From here on, no request may fail, whatever moves.
+    let traffic = SteadyTraffic::start(&client, 4);
+    traffic.more(100).await;
+
+    // 34/33/33: each worker ends up holding exactly one version. Version
+    // 3 leaves cpu-worker-1 for a worker that has to load it first, and
+    // cpu-worker-1 keeps it meanwhile (make-before-break).
+    let split = registry
+        .set_policy(MODEL, three_way(0, [34, 33, 33]), "tester")
+        .await
+        .unwrap();
+    assert!(
+        saw_a_release(&registry, &addresses, [1, 1, 1]).await,
+        "a version moved without its old holder keeping it"
+    );
+    let held = wait_settled(&registry, &addresses, [1, 1, 1]).await;
+    assert!(
+        held.values().all(|versions| versions.len() == 1),
+        "{held:?}"
+    );
+    wait_rollout_applied(&router, MODEL, split.revision).await;
+    traffic.more(100).await;
+    // The split follows the weights.
+    let outcomes = drive(&client, REQUESTS, 8, |_| {
+        Request::new(simple_infer_request(""))
+    })
+    .await;
+    let mut answered = BTreeMap::<u64, usize>::new();
+    for outcome in &outcomes {
+        *answered
+            .entry(answered_placed(outcome.as_ref().unwrap()))
+            .or_default() += 1;
+    }
+    for (version, percent) in [(1, 34.0), (2, 33.0), (3, 33.0)] {
+        assert_binomial(
+            &format!("requests on version {version}"),
+            answered.get(&version).copied().unwrap_or(0),
+            REQUESTS,
+            percent,
+        );
+    }
+
+    // 100/0/0: version 1 grows onto every worker.
+    let pinned = registry
+        .set_policy(MODEL, three_way(split.revision, [100, 0, 0]), "tester")
+        .await
+        .unwrap();
+    let held = wait_settled(&registry, &addresses, [3, 1, 1]).await;
+    assert!(
+        held.values()
+            .all(|versions| versions.contains(&"1".to_owned()))
+    );
+    wait_rollout_applied(&router, MODEL, pinned.revision).await;
+    traffic.more(200).await;
+
+    // And back: version 1 leaves two workers while the router may still
+    // send it there.
+    let back = registry
+        .set_policy(MODEL, three_way(pinned.revision, [34, 33, 33]), "tester")
+        .await
+        .unwrap();
+    let held = wait_settled(&registry, &addresses, [1, 1, 1]).await;
+    assert!(
+        held.values().all(|versions| versions.len() == 1),
+        "{held:?}"
+    );
+    wait_rollout_applied(&router, MODEL, back.revision).await;
+    traffic.more(200).await;
+
+    let log = traffic.stop().await;
+    let failed: Vec<&Status> = log
+        .iter()
+        .filter_map(|outcome| outcome.as_ref().err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the moves, first: {:?}",
+        failed.len(),
+        log.len(),
+        failed.first()
+    );
+
+    router.running.stop().await.unwrap();
+    futures::future::join_all(workers.into_iter().map(|(_, worker)| worker.stop()))
+        .await
+        .into_iter()
+        .for_each(|stopped| stopped.unwrap());
+    running.stop().await.unwrap();
 }

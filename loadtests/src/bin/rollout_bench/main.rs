@@ -1,6 +1,7 @@
 //! `shamal-rollout-bench`: rollout propagation and router throughput under
-//! a rollout, on a real registry, cpu-worker and router started as separate
-//! processes on loopback (release binaries, see `loadtests/rollout-bench.sh`).
+//! a rollout, on a real registry, cpu-workers (one by default, `--workers
+//! N`) and router started as separate processes on loopback (release
+//! binaries, see `loadtests/rollout-bench.sh`).
 //!
 //! 1. Propagation: a canary rollout is flipped between weight 100 and 0 by
 //!    REST writes to the registry (`POST .../rollout/shift`, or a whole
@@ -15,7 +16,10 @@
 //!    versions (34/33/33), and, as a diagnostic, against a rollout over three
 //!    versions that sends everything to one (100/0/0: the router's rollout
 //!    path with the worker's load shaped as for one version); alternately,
-//!    each several times.
+//!    each several times. With `--placement weighted` these three models
+//!    get the weighted placement policy first (each version on workers of
+//!    its own, in proportion to its traffic), and the runs start once the
+//!    registry's placement has settled.
 
 mod rest;
 mod stack;
@@ -45,8 +49,8 @@ use stack::{Stack, StackOptions};
 #[command(name = "shamal-rollout-bench", version, args_override_self = true)]
 struct Args {
     /// Registry database (postgres://... or sqlite://...); default: SQLite
-    /// in a temporary directory. Use a dedicated database: the worker
-    /// loads every version registered in it.
+    /// in a temporary directory. Use a dedicated database: the workers
+    /// load every version registered in it.
     #[arg(long)]
     database_url: Option<String>,
     /// Directory holding shamal-registry, shamal-cpu-worker and
@@ -82,9 +86,16 @@ struct Args {
     /// HTTP/2 connections of the load generator (default min(concurrency, 4)).
     #[arg(long)]
     connections: Option<usize>,
-    /// max_batch_size the worker gives registry models.
+    /// max_batch_size the workers give registry models.
     #[arg(long, default_value_t = 64)]
     worker_max_batch_size: usize,
+    /// cpu-worker processes behind the router.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// Placement policy of the throughput models, set before the runs:
+    /// `all` (every worker holds every version) or `weighted`.
+    #[arg(long, value_enum, default_value_t = Placement::All)]
+    placement: Placement,
     /// Runtime threads of this program (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
@@ -108,6 +119,24 @@ enum Write {
     Shift,
     /// `PUT /v1/models/{name}/rollout/policy` with the whole policy.
     Policy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Placement {
+    /// Every worker holds every version (the registry's default).
+    All,
+    /// Each version on workers of its own, in proportion to its traffic.
+    Weighted,
+}
+
+impl Placement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Placement::All => "all",
+            Placement::Weighted => "weighted",
+        }
+    }
 }
 
 type Client = GrpcInferenceServiceClient<Channel>;
@@ -197,6 +226,7 @@ async fn real_main(args: Args) -> Result<()> {
         work_dir: work.path().to_path_buf(),
         log_dir: log_dir.clone(),
         worker_max_batch_size: args.worker_max_batch_size,
+        workers: usize::from(args.workers),
     })
     .await?;
     println!(
@@ -223,13 +253,13 @@ async fn real_main(args: Args) -> Result<()> {
         canary: format!("rb-canary-{suffix}"),
     };
     let rest = stack.rest.clone();
-    // Versions are registered before the worker starts, so that it finds
-    // them all in its first snapshot. (A Watch that starts on an empty
+    // Versions are registered before the workers start, so that they find
+    // them all in their first snapshot. (A Watch that starts on an empty
     // registry misses the registry's first change: the watch loop in
     // services/registry/src/grpc.rs moves `since` to max(revision, 1).)
     let versions = register(&rest, &models, model_bytes).await?;
-    stack.start_worker().await?;
-    if let Some(worker) = &stack.worker {
+    stack.start_workers().await?;
+    for worker in &stack.workers {
         println!("cpu-worker (pid {}): {}", worker.pid(), worker.command_line);
     }
     let canary_revision = configure(&rest, &models, &versions).await?;
@@ -251,9 +281,11 @@ async fn real_main(args: Args) -> Result<()> {
         "database": database,
         "database_url": database_url,
         "model_file": args.model_file.display().to_string(),
+        "workers": args.workers,
+        "placement": args.placement,
         "processes": {
             "registry": stack.registry.command_line,
-            "cpu_worker": stack.worker.as_ref().map(|worker| worker.command_line.clone()),
+            "cpu_workers": stack.workers.iter().map(|worker| worker.command_line.clone()).collect::<Vec<_>>(),
             "router": stack.router.as_ref().map(|router| router.command_line.clone()),
         },
     });
@@ -266,9 +298,10 @@ async fn real_main(args: Args) -> Result<()> {
             stack.check_alive()?;
         }
         if !args.skip_throughput {
-            let worker_url = stack.worker_url();
+            output["placements"] = place(&args, &rest, &models).await?;
+            let worker_urls = stack.worker_urls();
             output["throughput"] =
-                throughput(&args, &rest, &router_url, &worker_url, &models).await?;
+                throughput(&args, &rest, &router_url, &worker_urls, &models).await?;
             stack.check_alive()?;
         }
         anyhow::Ok(())
@@ -334,6 +367,77 @@ async fn configure(rest: &Rest, models: &Models, versions: &[(String, u64)]) -> 
     rest.set_policy(&models.pinned, 0, 1, &[(1, 100), (2, 0), (3, 0)])
         .await?;
     rest.start_rollout(&models.canary, 2, 0).await
+}
+
+/// Sets the placement policy of the throughput models and waits until the
+/// registry's placement has settled: every active version on its workers,
+/// every one of them ready, none still releasing a version. Returns each
+/// model's placement.
+async fn place(args: &Args, rest: &Rest, models: &Models) -> Result<Value> {
+    let throughput_models = [&models.single, &models.split, &models.pinned];
+    if args.placement == Placement::All {
+        return Ok(Value::Null);
+    }
+    println!();
+    println!(
+        "== placement: {} for {}",
+        args.placement.as_str(),
+        throughput_models
+            .iter()
+            .map(|model| model.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for model in throughput_models {
+        rest.set_placement(model, args.placement.as_str()).await?;
+    }
+    let mut placements = serde_json::Map::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for model in throughput_models {
+        let placement = loop {
+            let placement = rest.placement(model).await?;
+            if settled(&placement) {
+                break placement;
+            }
+            if Instant::now() > deadline {
+                bail!("the placement of {model} did not settle within 120 s: {placement}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for version in placement["versions"].as_array().into_iter().flatten() {
+            println!(
+                "{model} v{}: {}% on {}",
+                version["version"],
+                version["weight"],
+                version["workers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        placements.insert(model.clone(), placement);
+    }
+    // Routers learn what workers hold from their periodic look at them
+    // (every second by default) as well as from the registry's changes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    Ok(Value::Object(placements))
+}
+
+/// Whether a model's placement has settled.
+fn settled(placement: &Value) -> bool {
+    placement["versions"].as_array().is_some_and(|versions| {
+        versions.iter().all(|version| {
+            let workers = &version["workers"];
+            workers.as_array().is_some_and(|list| !list.is_empty())
+                && version["releasing"]
+                    .as_array()
+                    .is_some_and(|releasing| releasing.is_empty())
+                && version["ready"] == *workers
+        })
+    })
 }
 
 /// Archives what the run registered, so that workers of later runs on the
@@ -647,27 +751,26 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Inferences and executions (batches) per (model, version), from the
-/// worker's statistics.
-async fn batch_counts(worker: &mut Client) -> Result<BTreeMap<(String, String), (u64, u64)>> {
-    let stats = worker
-        .model_statistics(ModelStatisticsRequest {
-            name: String::new(),
-            version: String::new(),
-        })
-        .await
-        .context("ModelStatistics of the worker")?
-        .into_inner();
-    Ok(stats
-        .model_stats
-        .into_iter()
-        .map(|model| {
-            (
-                (model.name, model.version),
-                (model.inference_count, model.execution_count),
-            )
-        })
-        .collect())
+/// Inferences and executions (batches) per (model, version), summed over
+/// the workers' statistics.
+async fn batch_counts(workers: &mut [Client]) -> Result<BTreeMap<(String, String), (u64, u64)>> {
+    let mut counts: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for worker in workers {
+        let stats = worker
+            .model_statistics(ModelStatisticsRequest {
+                name: String::new(),
+                version: String::new(),
+            })
+            .await
+            .context("ModelStatistics of a worker")?
+            .into_inner();
+        for model in stats.model_stats {
+            let entry = counts.entry((model.name, model.version)).or_default();
+            entry.0 += model.inference_count;
+            entry.1 += model.execution_count;
+        }
+    }
+    Ok(counts)
 }
 
 /// Closed-loop runs, alternating single version, three-version rollout and
@@ -676,13 +779,18 @@ async fn throughput(
     args: &Args,
     rest: &Rest,
     router_url: &str,
-    worker_url: &str,
+    worker_urls: &[String],
     models: &Models,
 ) -> Result<Value> {
     println!();
     println!(
-        "== throughput: concurrency {}, {:?} after {:?} warm-up, {} runs per configuration, alternating (order rotated each round)",
-        args.concurrency, args.duration, args.warmup, args.runs
+        "== throughput: concurrency {}, {:?} after {:?} warm-up, {} runs per configuration, alternating (order rotated each round); {} worker(s), placement {}",
+        args.concurrency,
+        args.duration,
+        args.warmup,
+        args.runs,
+        args.workers,
+        args.placement.as_str()
     );
     println!("   single:   one version, production alias, no rollout");
     println!("   rollout3: rollout 34/33/33 over three versions");
@@ -697,8 +805,11 @@ async fn throughput(
     let mode = Mode::Closed {
         concurrency: args.concurrency,
     };
-    let mut worker = connect(worker_url).await?;
-    let before = batch_counts(&mut worker).await?;
+    let mut workers = Vec::with_capacity(worker_urls.len());
+    for url in worker_urls {
+        workers.push(connect(url).await?);
+    }
+    let before = batch_counts(&mut workers).await?;
     let mut reports: Vec<(String, usize, Report)> = Vec::new();
     for run in 1..=args.runs {
         // Each round starts one configuration later, so that none always
@@ -728,7 +839,7 @@ async fn throughput(
             reports.push((label.to_owned(), run, report));
         }
     }
-    let after = batch_counts(&mut worker).await?;
+    let after = batch_counts(&mut workers).await?;
     let runs_of = |label: &str| -> Vec<&Report> {
         reports
             .iter()
@@ -797,8 +908,8 @@ async fn throughput(
         );
     }
 
-    // How the worker batched each configuration (its statistics, counted
-    // over the throughput runs, warm-ups included).
+    // How the workers batched each configuration (their statistics, summed,
+    // counted over the throughput runs, warm-ups included).
     let mut batching = BTreeMap::new();
     for (label, model) in configs {
         let mut parts = Vec::new();
@@ -820,7 +931,7 @@ async fn throughput(
         }
         let average = inferences as f64 / executions.max(1) as f64;
         println!(
-            "{label:>9}: worker ran {inferences} inferences in {executions} executions, average batch {average:.1} ({})",
+            "{label:>9}: workers ran {inferences} inferences in {executions} executions, average batch {average:.1} ({})",
             parts.join(", ")
         );
         batching.insert(

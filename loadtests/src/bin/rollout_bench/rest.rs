@@ -205,6 +205,27 @@ impl Rest {
         Ok(())
     }
 
+    /// Sets a model's placement policy (`all` or `weighted`); returns the
+    /// placement.
+    pub async fn set_placement(&self, model: &str, mode: &str) -> Result<Value> {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/models/{model}/placement"),
+            Some(json!({ "mode": mode })),
+        )
+        .await
+    }
+
+    /// A model's placement: policy, and per version its workers.
+    pub async fn placement(&self, model: &str) -> Result<Value> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/models/{model}/placement"),
+            None,
+        )
+        .await
+    }
+
     /// The rollout with the registry's per-version analysis.
     pub async fn rollout_status(&self, model: &str) -> Result<Value> {
         self.call(

@@ -1,4 +1,4 @@
-//! Registry, cpu-worker and router as separate OS processes on loopback,
+//! Registry, cpu-workers and router as separate OS processes on loopback,
 //! started from their release binaries with their command-line flags, as
 //! they are deployed.
 
@@ -17,19 +17,14 @@ use crate::rest::Rest;
 
 /// One child process, killed when dropped.
 pub struct Process {
-    name: &'static str,
+    name: String,
     child: Child,
     log: PathBuf,
     pub command_line: String,
 }
 
 impl Process {
-    fn spawn(
-        name: &'static str,
-        binary: &Path,
-        args: &[String],
-        log_dir: &Path,
-    ) -> Result<Process> {
+    fn spawn(name: String, binary: &Path, args: &[String], log_dir: &Path) -> Result<Process> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -96,23 +91,25 @@ pub struct StackOptions {
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,
     pub worker_max_batch_size: usize,
+    /// cpu-worker processes, each with its own port and artifact cache.
+    pub workers: usize,
 }
 
 pub struct Stack {
     pub rest: Rest,
     pub rest_url: String,
     reg_grpc: SocketAddr,
-    worker_grpc: SocketAddr,
+    worker_grpc: Vec<SocketAddr>,
     log_dir: PathBuf,
-    cache: PathBuf,
+    work_dir: PathBuf,
     worker_max_batch_size: usize,
     worker_bin: PathBuf,
     router_bin: PathBuf,
     /// The router's KServe v2 gRPC front door, as a URL (once started).
     pub router_url: String,
-    // Dropped (killed) in reverse order of start: router, worker, registry.
+    // Dropped (killed) in reverse order of start: router, workers, registry.
     pub router: Option<Process>,
-    pub worker: Option<Process>,
+    pub workers: Vec<Process>,
     pub registry: Process,
 }
 
@@ -134,12 +131,10 @@ impl Stack {
             binary("shamal-router")?,
         );
         let artifacts = options.work_dir.join("artifacts");
-        let cache = options.work_dir.join("worker-cache");
-        std::fs::create_dir_all(&cache)?;
 
         let (reg_http, reg_grpc, reg_metrics) = (free_address()?, free_address()?, free_address()?);
         let mut registry = Process::spawn(
-            "registry",
+            "registry".to_owned(),
             &registry_bin,
             &[
                 format!("--http-listen={reg_http}"),
@@ -165,74 +160,85 @@ impl Stack {
             rest,
             rest_url,
             reg_grpc,
-            worker_grpc: free_address()?,
+            worker_grpc: (0..options.workers.max(1))
+                .map(|_| free_address())
+                .collect::<Result<_>>()?,
             log_dir: options.log_dir.clone(),
-            cache,
+            work_dir: options.work_dir.clone(),
             worker_max_batch_size: options.worker_max_batch_size,
             worker_bin,
             router_bin,
             router_url: String::new(),
             router: None,
-            worker: None,
+            workers: Vec::new(),
             registry,
         })
     }
 
-    /// Starts the cpu-worker following the registry and waits until it
-    /// serves (it loads the registry's versions from then on).
-    pub async fn start_worker(&mut self) -> Result<()> {
-        let worker_metrics = free_address()?;
-        let mut worker = Process::spawn(
-            "cpu-worker",
-            &self.worker_bin,
-            &[
-                format!("--grpc-listen={}", self.worker_grpc),
-                format!("--metrics-listen={worker_metrics}"),
-                format!("--registry={}", self.reg_grpc),
-                "--worker-id=rollout-bench-worker".to_owned(),
-                format!("--artifact-cache={}", self.cache.display()),
-                format!("--max-batch-size={}", self.worker_max_batch_size),
-            ],
-            &self.log_dir,
-        )?;
-        wait_grpc_ready(&mut worker, &format!("http://{}", self.worker_grpc)).await?;
-        self.worker = Some(worker);
+    /// Starts the cpu-workers following the registry and waits until each
+    /// serves (they load the registry's versions from then on).
+    pub async fn start_workers(&mut self) -> Result<()> {
+        for (index, grpc) in self.worker_grpc.clone().into_iter().enumerate() {
+            let number = index + 1;
+            let cache = self.work_dir.join(format!("worker-cache-{number}"));
+            std::fs::create_dir_all(&cache)?;
+            let worker_metrics = free_address()?;
+            let mut worker = Process::spawn(
+                format!("cpu-worker-{number}"),
+                &self.worker_bin,
+                &[
+                    format!("--grpc-listen={grpc}"),
+                    format!("--metrics-listen={worker_metrics}"),
+                    format!("--registry={}", self.reg_grpc),
+                    format!("--worker-id=rollout-bench-worker-{number}"),
+                    format!("--artifact-cache={}", cache.display()),
+                    format!("--max-batch-size={}", self.worker_max_batch_size),
+                ],
+                &self.log_dir,
+            )?;
+            wait_grpc_ready(&mut worker, &format!("http://{grpc}")).await?;
+            self.workers.push(worker);
+        }
         Ok(())
     }
 
-    /// Starts the router following the registry, in front of the worker,
-    /// and waits until it is ready (it is once the worker serves a model).
+    /// Starts the router following the registry, in front of the workers,
+    /// and waits until it is ready (it is once a worker serves a model).
     pub async fn start_router(&mut self) -> Result<()> {
         let (router_grpc, router_http, router_metrics) =
             (free_address()?, free_address()?, free_address()?);
-        let mut router = Process::spawn(
-            "router",
-            &self.router_bin,
-            &[
-                format!("--grpc-listen={router_grpc}"),
-                format!("--http-listen={router_http}"),
-                format!("--metrics-listen={router_metrics}"),
-                format!("--worker={}", self.worker_grpc),
-                format!("--registry={}", self.reg_grpc),
-                "--router-id=rollout-bench-router".to_owned(),
-            ],
-            &self.log_dir,
-        )?;
+        let mut args = vec![
+            format!("--grpc-listen={router_grpc}"),
+            format!("--http-listen={router_http}"),
+            format!("--metrics-listen={router_metrics}"),
+            format!("--registry={}", self.reg_grpc),
+            "--router-id=rollout-bench-router".to_owned(),
+        ];
+        args.extend(
+            self.worker_grpc
+                .iter()
+                .map(|address| format!("--worker={address}")),
+        );
+        let mut router =
+            Process::spawn("router".to_owned(), &self.router_bin, &args, &self.log_dir)?;
         self.router_url = format!("http://{router_grpc}");
         wait_grpc_ready(&mut router, &self.router_url).await?;
         self.router = Some(router);
         Ok(())
     }
 
-    /// The worker's KServe v2 gRPC service, as a URL.
-    pub fn worker_url(&self) -> String {
-        format!("http://{}", self.worker_grpc)
+    /// The workers' KServe v2 gRPC services, as URLs.
+    pub fn worker_urls(&self) -> Vec<String> {
+        self.worker_grpc
+            .iter()
+            .map(|address| format!("http://{address}"))
+            .collect()
     }
 
     /// An error when one of the processes has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         self.registry.check_alive()?;
-        if let Some(worker) = &mut self.worker {
+        for worker in &mut self.workers {
             worker.check_alive()?;
         }
         if let Some(router) = &mut self.router {

@@ -14,7 +14,7 @@ use crate::error::{ErrorBody, ErrorDetail};
     info(
         title = "Shamal registry API",
         version = "1",
-        description = "Models, versions, content-addressed artifacts, aliases, rollouts, workers and data-residency policies.\n\n\
+        description = "Models, versions, content-addressed artifacts, aliases, rollouts, workers, placement and data-residency policies.\n\n\
 Every error is a JSON `ErrorBody`: `{\"error\": {\"code\", \"message\", \"field\"?, \"current_revision\"?}}`. \
 `field` names the request field at fault (`invalid_argument`); `current_revision` comes with a rollout \
 `conflict`. Rollout writes carry the `expected_revision` the writer last saw and are refused with 409 \
@@ -47,6 +47,8 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         handlers::history,
         handlers::list_workers,
         handlers::list_placements,
+        handlers::get_placement,
+        handlers::set_placement,
         handlers::get_model_residency,
         handlers::set_model_residency,
         handlers::list_tenant_policies,
@@ -64,6 +66,7 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         (name = "aliases", description = "Movable names for versions (e.g. `production`)"),
         (name = "rollouts", description = "Traffic policy: canaries, shadows, promotion and rollback"),
         (name = "workers", description = "Workers, their membership state and what they hold"),
+        (name = "placement", description = "Placement policy: which workers hold which versions of a model"),
         (name = "residency", description = "Data residency: regions a model's or a tenant's requests may be processed in"),
         (name = "meta", description = "This document"),
     )

@@ -10,6 +10,9 @@ use shamal_registry::ModelRegistry;
 use shamal_registry::model::{NewVersion, WorkerInfo};
 use sqlx::Connection;
 
+/// The make-before-break grace of the registries these tests open.
+pub const PLACEMENT_GRACE_MS: u64 = 200;
+
 pub struct TestDb {
     pub url: String,
     pub dir: tempfile::TempDir,
@@ -56,6 +59,8 @@ impl TestDb {
         let config = shamal_registry::RegistryConfig {
             database_url: self.url.clone(),
             artifact_dir: self.dir.path().join("artifacts"),
+            // Placement moves complete within a test's patience.
+            placement_grace_ms: PLACEMENT_GRACE_MS,
             ..Default::default()
         };
         shamal_registry::open(&config).await.unwrap()

@@ -812,3 +812,253 @@ impl GrpcInferenceService for ScriptedWorker {
         outcome
     }
 }
+
+// ----- a private redis-server, for tests that crash it ------------------
+
+/// The `redis-server` binary: on PATH, or Debian's /usr/bin/redis-server.
+pub fn find_redis_server() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("redis-server"))
+            .find(|path| path.is_file())
+    });
+    on_path.or_else(|| {
+        let debian = PathBuf::from("/usr/bin/redis-server");
+        debian.is_file().then_some(debian)
+    })
+}
+
+/// Whether a test that runs its own redis-server must fail, rather than be
+/// skipped, when the binary is missing: in CI (`CI` or
+/// `SHAMAL_REQUIRE_REDIS` set to 1 or true), and wherever a test Redis was
+/// provided (`SHAMAL_TEST_REDIS_URL`, which scripts/ensure-redis.sh exports
+/// after making sure the binary is installed).
+pub fn redis_server_required() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|value| value == "1" || value == "true");
+    set("CI") || set("SHAMAL_REQUIRE_REDIS") || std::env::var_os("SHAMAL_TEST_REDIS_URL").is_some()
+}
+
+/// PINGs the Redis server at `url`; an error while it is down, and while it
+/// is still loading its data after a restart.
+pub async fn redis_ping(url: &str) -> Result<(), String> {
+    let attempt = async {
+        let client = redis::Client::open(url)?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
+/// A redis-server of the test's own on a free loopback port, keeping its
+/// data in a temporary directory in an append-only file fsynced before every
+/// reply (`appendfsync always`): SIGKILL loses nothing it acknowledged, and
+/// a restart on the same port and directory brings all of it back. Killed
+/// when dropped.
+pub struct RedisServer {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    process: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start(binary: &std::path::Path) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let mut server = RedisServer {
+            binary: binary.to_owned(),
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            process: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: a crash, with no shutdown save and no goodbye to clients.
+    pub fn kill9(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory; returns once
+    /// it answers PING, that is once it has replayed its append-only file.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    async fn spawn(&mut self) {
+        let log = self.dir.path().join("redis.log");
+        let process = std::process::Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", self.binary.display()));
+        self.process = Some(process);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while let Err(error) = redis_ping(&self.url()).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {} does not answer ({error}); its log:\n{}",
+                self.port,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ----- weighted placement: several registry workers ----------------------
+
+/// A registry on loopback port 0 over `db`, with its configuration tuned
+/// (e.g. a shorter placement grace period).
+pub async fn start_registry_with(
+    db: &TestDb,
+    tune: impl FnOnce(&mut shamal_registry::RegistryConfig),
+) -> shamal_registry::RunningRegistry {
+    let mut config = shamal_registry::RegistryConfig {
+        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: None,
+        database_url: db.url.clone(),
+        artifact_dir: db.dir.path().join("artifacts"),
+        ..shamal_registry::RegistryConfig::default()
+    };
+    tune(&mut config);
+    config.validate().unwrap();
+    let listeners = shamal_registry::RegistryListeners::bind(&config)
+        .await
+        .unwrap();
+    shamal_registry::RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
+        .await
+        .unwrap()
+}
+
+/// The versions of `model` a worker lists READY in its repository index.
+pub async fn ready_versions(worker: SocketAddr, model: &str) -> Vec<String> {
+    let mut client = client(worker).await;
+    let index = client
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut versions: Vec<String> = index
+        .models
+        .into_iter()
+        .filter(|entry| entry.name == model && entry.state == "READY")
+        .map(|entry| entry.version)
+        .collect();
+    versions.sort();
+    versions
+}
+
+/// A worker whose repository index still lists one version of a model
+/// READY but that answers NOT_FOUND to every inference: a worker that has
+/// just unloaded a version the router's last look at it still showed (the
+/// registry moved the version to other workers).
+#[derive(Clone)]
+pub struct StaleWorker {
+    pub address: SocketAddr,
+    model: String,
+    version: u64,
+    received: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StaleWorker {
+    pub async fn start(model: &str, version: u64) -> StaleWorker {
+        let listener = listener().await;
+        let worker = StaleWorker {
+            address: listener.local_addr().unwrap(),
+            model: model.to_owned(),
+            version,
+            received: Arc::default(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GrpcInferenceServiceServer::new(worker.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        worker
+    }
+
+    /// Inferences it has refused.
+    pub fn received(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for StaleWorker {
+    async fn repository_index(
+        &self,
+        _: tonic::Request<RepositoryIndexRequest>,
+    ) -> Result<tonic::Response<RepositoryIndexResponse>, tonic::Status> {
+        Ok(tonic::Response::new(RepositoryIndexResponse {
+            models: vec![ModelIndex {
+                name: self.model.clone(),
+                version: self.version.to_string(),
+                state: "READY".into(),
+                reason: String::new(),
+            }],
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        _: tonic::Request<ModelReadyRequest>,
+    ) -> Result<tonic::Response<ModelReadyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ModelReadyResponse { ready: true }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: tonic::Request<ModelInferRequest>,
+    ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+        self.received
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let request = request.into_inner();
+        Err(tonic::Status::not_found(format!(
+            "unknown version '{}' of model '{}'",
+            request.model_version, request.model_name
+        )))
+    }
+}
