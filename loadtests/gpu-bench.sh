@@ -27,9 +27,12 @@
 # (32), BATCHES (1,8,32,128); in process: CANDLE_THREADS ("<nproc> 1":
 # candle CPU threads, RAYON_NUM_THREADS) and ORT_INTRA_THREADS ("1 2"); through the
 # stack, STACK_CONFIGS: ENGINE:THREADS:INSTANCES entries, one `shamal up`
-# each ("candle:<nproc>:1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2";
-# THREADS is RAYON_NUM_THREADS for candle, --intra-threads for ORT). Empty
-# CANDLE_THREADS and ORT_INTRA_THREADS measure the stack only.
+# each ("candle:default:default candle:<nproc>:1 candle:1:1 candle:1:2
+# ort:1:1 ort:2:1 ort:1:2"; THREADS is RAYON_NUM_THREADS for candle,
+# --intra-threads for ORT; for candle, `default` leaves RAYON_NUM_THREADS
+# unset or passes no --instances, so the gpu-worker's own defaults apply:
+# the log line it prints with them is shown). Empty CANDLE_THREADS and
+# ORT_INTRA_THREADS measure the stack only.
 # Results (JSON per run, summary.json, server logs) go to bench-results/gpu/.
 set -euo pipefail
 
@@ -46,7 +49,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --weights) weights="${2:-}"; shift 2 ;;
     --weights=*) weights="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu-bench: unknown argument $1" >&2; exit 64 ;;
   esac
 done
@@ -64,7 +67,7 @@ concurrency="${CONCURRENCY:-32}"
 batches="${BATCHES:-1,8,32,128}"
 ort_threads="${ORT_INTRA_THREADS-1 2}"
 candle_threads="${CANDLE_THREADS-$(nproc) 1}"
-stack_configs="${STACK_CONFIGS:-candle:$(nproc):1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2}"
+stack_configs="${STACK_CONFIGS:-candle:default:default candle:$(nproc):1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2}"
 python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results/gpu"
 mkdir -p "$out"
@@ -200,15 +203,20 @@ EOF
 }
 
 # Starts `shamal up` serving both repositories: candle with $1 CPU threads,
-# ONNX Runtime with $2 intra-op threads, $3 instances per model; waits until
-# both encoders are ready. Its log: $out/shamal_$4.log.
+# ONNX Runtime with $2 intra-op threads, $3 instances per model (`default`
+# for either: the gpu-worker's own default); waits until both encoders are
+# ready. Its log: $out/shamal_$4.log.
 start_server() {
   local candle_threads="$1" intra="$2" instances="$3" name="$4"
   read -r http_port grpc_port metrics_port reg_http reg_grpc < <(free_ports)
   rm -rf "$tmp/data"
-  RAYON_NUM_THREADS="$candle_threads" "$bin/shamal" up --model-repository "$onnx_repo" \
+  local threads_env=(env -u RAYON_NUM_THREADS -u CANDLE_NUM_THREADS)
+  [ "$candle_threads" = default ] || threads_env+=("RAYON_NUM_THREADS=$candle_threads")
+  local instances_flag=()
+  [ "$instances" = default ] || instances_flag=(--instances "$instances")
+  "${threads_env[@]}" "$bin/shamal" up --model-repository "$onnx_repo" \
     --gpu-model-repository "$gpu_repo" --data-dir "$tmp/data" \
-    --intra-threads "$intra" --instances "$instances" \
+    --intra-threads "$intra" "${instances_flag[@]}" \
     --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
     --registry-http-port "$reg_http" --registry-grpc-port "$reg_grpc" \
     >"$out/shamal_$name.log" 2>&1 &
@@ -244,6 +252,9 @@ for config in $stack_configs; do
       start_server "$threads" 1 "$instances" "$name"
       model=minilm
       label="router + gpu-worker (candle, $threads thread(s), $instances instance(s)) c=$concurrency"
+      # What the gpu-worker made of it: its device, CPU threads and
+      # instances per model.
+      grep -m1 "compute device selected" "$out/shamal_$name.log" | sed 's/^/gpu-worker: /' || true
       ;;
     ort)
       start_server 1 "$threads" "$instances" "$name"
@@ -310,7 +321,8 @@ summary = {"weights": weights, "seq_len": int(seq_len), "concurrency": int(concu
 for config in configs:
     engine, threads, instances = config.split(":")
     run = load(f"stack_{engine}_t{threads}_i{instances}")
-    entry = {"engine": engine, "threads": int(threads), "instances": int(instances),
+    count = lambda value: value if value == "default" else int(value)
+    entry = {"engine": engine, "threads": count(threads), "instances": count(instances),
              "sentences_per_s": run["ips"], "p50_us": run["p50_us"], "p99_us": run["p99_us"],
              "errors": run["error_total"]}
     base = inprocess[engine].get(threads, {}).get(32)

@@ -43,10 +43,37 @@ enum Command {
     Placement(placement::PlacementCommand),
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    shamal_telemetry::init_tracing();
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Up(args) = &cli.command
+        && !args.no_gpu_worker
+    {
+        // The embedded gpu-worker computes on the CPU unless built with
+        // CUDA: candle then runs one thread per instance (see
+        // `shamal_gpu_worker::cpu_threads`), which it reads from the
+        // environment, so it is set before any thread exists.
+        #[allow(unsafe_code)]
+        // SAFETY: the async runtime is built below; no other thread exists.
+        unsafe {
+            shamal_gpu_worker::cpu_threads::set_cpu_default(
+                shamal_gpu_worker::spec::DevicePreference::Auto,
+            );
+        }
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("shamal: cannot start the async runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
+    shamal_telemetry::init_tracing();
     let result = match cli.command {
         Command::Up(args) => return up::run(args).await,
         Command::Model(command) => model::run(command, &cli.registry).await,

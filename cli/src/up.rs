@@ -78,7 +78,7 @@ pub struct UpArgs {
     gpu_model_repository: Option<PathBuf>,
     /// Start without the gpu-worker.
     #[arg(long)]
-    no_gpu_worker: bool,
+    pub(crate) no_gpu_worker: bool,
 }
 
 /// The gpu-worker's default repository (the bundled demo models).

@@ -119,6 +119,13 @@ pub trait Runtime: Send + Sync + 'static {
     fn formats(&self) -> &'static [&'static str];
     /// Reads the model's signature from its file.
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError>;
+    /// The device the runtime's instances compute on unless a model pins
+    /// another (`cpu`, `cuda:0`); ServerMetadata reports it as build
+    /// metadata of the server version (`0.1.0+cuda.0`). Default: none, and
+    /// the version is reported bare.
+    fn device_label(&self) -> Option<String> {
+        None
+    }
     /// Creates one instance of the model.
     fn instantiate(
         &self,

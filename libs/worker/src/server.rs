@@ -82,7 +82,9 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(config: WorkerConfig, runtime: Arc<dyn Runtime>, registry: Registry) -> Worker {
-        let state = Arc::new(WorkerState::new(&config.server_name));
+        let state = Arc::new(
+            WorkerState::new(&config.server_name).with_device(runtime.device_label().as_deref()),
+        );
         if config.registry.is_some() {
             state.follow_registry();
         }

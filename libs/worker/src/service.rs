@@ -25,6 +25,9 @@ const EXTENSIONS: &[&str] = &["statistics"];
 /// Shared state behind the worker's gRPC service.
 pub struct WorkerState {
     pub server_name: String,
+    /// Version reported by ServerMetadata: the crate version, with the
+    /// runtime's device as SemVer build metadata when it reports one.
+    server_version: String,
     pub store: ModelStore,
     /// Set once every model of the repository has been loaded (at once
     /// when the worker has no repository).
@@ -45,6 +48,7 @@ impl WorkerState {
     pub fn new(server_name: &str) -> WorkerState {
         WorkerState {
             server_name: server_name.to_owned(),
+            server_version: server_version(None),
             store: ModelStore::default(),
             loaded: AtomicBool::new(false),
             registry_synced: AtomicBool::new(true),
@@ -52,6 +56,15 @@ impl WorkerState {
             follows_registry: AtomicBool::new(false),
             repository_versions: RwLock::new(BTreeSet::new()),
         }
+    }
+
+    /// Reports `device` (the runtime's [`Runtime::device_label`]) in
+    /// ServerMetadata's version, e.g. `0.1.0+cuda.0`.
+    ///
+    /// [`Runtime::device_label`]: crate::backend::Runtime::device_label
+    pub fn with_device(mut self, device: Option<&str>) -> WorkerState {
+        self.server_version = server_version(device);
+        self
     }
 
     /// Marks the worker as following a registry: it is not ready before the
@@ -101,6 +114,25 @@ impl WorkerState {
             .iter()
             .all(|(model, version)| self.store.is_ready(model, *version))
     }
+}
+
+/// The crate version, with `device` as SemVer build metadata: `0.1.0+cpu`,
+/// `0.1.0+cuda.0`. Build metadata does not change the version's precedence,
+/// so clients that compare or parse Triton server versions read the same
+/// version; the device label's other characters (`:`) separate identifiers,
+/// which may hold only ASCII letters, digits and hyphens.
+fn server_version(device: Option<&str>) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let identifiers: Vec<&str> = device
+        .unwrap_or_default()
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|identifier| !identifier.is_empty())
+        .collect();
+    if identifiers.is_empty() {
+        return version.to_owned();
+    }
+    let separator = if version.contains('+') { '.' } else { '+' };
+    format!("{version}{separator}{}", identifiers.join("."))
 }
 
 #[derive(Clone)]
@@ -300,7 +332,7 @@ impl GrpcInferenceService for WorkerService {
     ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: self.state.server_name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: self.state.server_version.clone(),
             extensions: EXTENSIONS
                 .iter()
                 .map(|extension| (*extension).to_owned())
@@ -478,5 +510,25 @@ impl GrpcInferenceService for WorkerService {
             })
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_is_build_metadata_of_the_server_version() {
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(server_version(None), version);
+        assert_eq!(server_version(Some("")), version);
+        assert_eq!(server_version(Some("cpu")), format!("{version}+cpu"));
+        assert_eq!(server_version(Some("cuda:0")), format!("{version}+cuda.0"));
+        assert_eq!(
+            server_version(Some("cuda:1 (H200)")),
+            format!("{version}+cuda.1.H200")
+        );
+        let state = WorkerState::new("worker").with_device(Some("cuda:0"));
+        assert_eq!(state.server_version, format!("{version}+cuda.0"));
     }
 }

@@ -36,11 +36,6 @@ impl CandleRuntime {
         &self.device
     }
 
-    /// `cpu` or `cuda:<ordinal>`.
-    pub fn device_label(&self) -> String {
-        device::label(&self.device)
-    }
-
     /// The spec of a model file, the device it runs on and its compute
     /// dtype; refuses a model that asks for a device or dtype this worker
     /// cannot give it.
@@ -84,6 +79,12 @@ impl Runtime for CandleRuntime {
 
     fn formats(&self) -> &'static [&'static str] {
         &["safetensors"]
+    }
+
+    /// `cpu` or `cuda:<ordinal>`: ServerMetadata's version then ends in
+    /// `+cpu` or `+cuda.<ordinal>`.
+    fn device_label(&self) -> Option<String> {
+        Some(device::label(&self.device))
     }
 
     fn signature(&self, model_file: &Path) -> Result<ModelSignature, BackendError> {

@@ -22,8 +22,8 @@ pub struct GpuWorkerConfig {
     /// Address of `/metrics` and probes; `None` (only when embedding the
     /// service as a library) disables it.
     pub metrics_listen: Option<SocketAddr>,
-    /// Triton-layout model repository. Unset: `models/repository` when no
-    /// registry is configured, none otherwise. With both, repository and
+    /// Triton-layout model repository. Unset: `models/gpu/repository` when
+    /// no registry is configured, none otherwise. With both, repository and
     /// registry models are served side by side.
     pub model_repository: Option<PathBuf>,
     /// The model registry's internal gRPC address (`host:port` or URL);
@@ -51,10 +51,17 @@ pub struct GpuWorkerConfig {
     pub device: DevicePreference,
     /// CUDA device ordinal used for `auto` and `cuda`.
     pub cuda_device: usize,
+    /// candle's CPU compute threads, one count for the whole process (see
+    /// [`crate::cpu_threads`]). Unset: `RAYON_NUM_THREADS` when the
+    /// environment sets it, else 1 on a CPU worker and candle's own default
+    /// (every physical core) on a CUDA worker.
+    pub cpu_threads: Option<usize>,
     /// Defaults for models whose configuration leaves them out.
     pub max_batch_size: usize,
     pub max_queue_delay_us: u64,
-    pub instances: usize,
+    /// Instances per model version without `instance_group`. Unset: on the
+    /// CPU, one per `cpu_threads` cores (one per core by default); on CUDA, 1.
+    pub instances: Option<usize>,
     pub max_queue_size: usize,
     pub max_message_bytes: usize,
 }
@@ -76,9 +83,10 @@ impl Default for GpuWorkerConfig {
                 .unwrap_or(1000),
             device: DevicePreference::Auto,
             cuda_device: 0,
+            cpu_threads: None,
             max_batch_size: defaults.max_batch_size,
             max_queue_delay_us: u64::try_from(defaults.max_queue_delay.as_micros()).unwrap_or(0),
-            instances: defaults.instances,
+            instances: None,
             max_queue_size: defaults.max_queue_size,
             max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
         }
@@ -120,10 +128,16 @@ pub struct GpuWorkerArgs {
     pub device: Option<DevicePreference>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_CUDA_DEVICE")]
     pub cuda_device: Option<usize>,
+    /// candle's CPU compute threads for the process (default: 1 on a CPU
+    /// worker, candle's own on a CUDA worker).
+    #[arg(long, env = "SHAMAL_GPU_WORKER_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_QUEUE_DELAY_US")]
     pub max_queue_delay_us: Option<u64>,
+    /// Instances per model version without `instance_group` (default: on
+    /// the CPU, cores / CPU threads, so one per core; on CUDA, 1).
     #[arg(long, env = "SHAMAL_GPU_WORKER_INSTANCES")]
     pub instances: Option<usize>,
     #[arg(long, env = "SHAMAL_GPU_WORKER_MAX_QUEUE_SIZE")]
@@ -157,7 +171,6 @@ impl GpuWorkerConfig {
             cuda_device,
             max_batch_size,
             max_queue_delay_us,
-            instances,
             max_queue_size,
             max_message_bytes,
             region,
@@ -166,6 +179,12 @@ impl GpuWorkerConfig {
         );
         if let Some(capacity) = args.capacity {
             config.capacity = Some(capacity);
+        }
+        if let Some(instances) = args.instances {
+            config.instances = Some(instances);
+        }
+        if let Some(threads) = args.cpu_threads {
+            config.cpu_threads = Some(threads);
         }
         if let Some(path) = &args.model_repository {
             config.model_repository = Some(path.clone());
@@ -191,8 +210,13 @@ impl GpuWorkerConfig {
 
     /// Checks every value, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
-        if self.instances == 0 {
-            return Err("instances must be at least 1".to_owned());
+        if self.instances == Some(0) {
+            return Err(
+                "instances must be at least 1 (or unset: one per core on the CPU)".to_owned(),
+            );
+        }
+        if self.cpu_threads == Some(0) {
+            return Err("cpu_threads must be at least 1".to_owned());
         }
         if self.max_queue_size == 0 {
             return Err("max_queue_size must be at least 1".to_owned());
@@ -236,6 +260,18 @@ impl GpuWorkerConfig {
         Ok(())
     }
 
+    /// Instances per model version without `instance_group` on `device`
+    /// (the label of the device chosen at start-up).
+    pub fn instances_on(&self, device: &str) -> usize {
+        self.instances.unwrap_or_else(|| {
+            if device == "cpu" {
+                crate::cpu_threads::default_instances()
+            } else {
+                1
+            }
+        })
+    }
+
     /// The framework configuration; `device` is the label of the device
     /// chosen at start-up, reported to the registry.
     pub fn worker_config(&self, device: &str) -> WorkerConfig {
@@ -255,7 +291,7 @@ impl GpuWorkerConfig {
             defaults: ModelDefaults {
                 max_batch_size: self.max_batch_size,
                 max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
-                instances: self.instances,
+                instances: self.instances_on(device),
                 max_queue_size: self.max_queue_size,
             },
             max_message_bytes: self.max_message_bytes,
@@ -289,7 +325,7 @@ mod tests {
         args.instances = Some(4);
         let config = GpuWorkerConfig::load(&args).unwrap();
         assert_eq!(config.device, DevicePreference::Cpu, "from the file");
-        assert_eq!(config.instances, 4, "flag wins over the file");
+        assert_eq!(config.instances, Some(4), "flag wins over the file");
         assert_eq!(config.max_queue_delay_us, 100);
         assert_eq!(config.grpc_listen.port(), 8301);
         assert_eq!(config.metrics_listen.unwrap().port(), 8302);
@@ -321,6 +357,41 @@ mod tests {
         args.config = Some(file);
         let error = GpuWorkerConfig::load(&args).unwrap_err();
         assert!(error.contains("tpu"), "{error}");
+    }
+
+    #[test]
+    fn instances_default_to_one_per_core_on_the_cpu_and_one_on_cuda() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = GpuWorkerConfig::load(&args_with_repository(dir.path())).unwrap();
+        assert_eq!((config.instances, config.cpu_threads), (None, None));
+        assert_eq!(
+            config.instances_on("cpu"),
+            crate::cpu_threads::default_instances()
+        );
+        assert_eq!(config.instances_on("cuda:0"), 1);
+        assert_eq!(
+            config.worker_config("cuda:0").defaults.instances,
+            1,
+            "the framework gets the resolved count"
+        );
+        let printed = toml::to_string_pretty(&config).unwrap();
+        assert!(
+            !printed.contains("instances"),
+            "unset stays unset: {printed}"
+        );
+
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, "instances = 3\ncpu_threads = 2\n").unwrap();
+        let mut args = args_with_repository(dir.path());
+        args.config = Some(file);
+        let config = GpuWorkerConfig::load(&args).unwrap();
+        assert_eq!((config.instances, config.cpu_threads), (Some(3), Some(2)));
+        assert_eq!(config.instances_on("cpu"), 3);
+        assert_eq!(config.instances_on("cuda:0"), 3);
+
+        args.cpu_threads = Some(0);
+        let error = GpuWorkerConfig::load(&args).unwrap_err();
+        assert!(error.contains("cpu_threads"), "{error}");
     }
 
     #[test]

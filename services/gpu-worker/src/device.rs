@@ -54,13 +54,16 @@ pub fn open_cuda(ordinal: usize) -> Result<Device, String> {
                 .to_owned(),
         );
     }
-    // The CUDA driver library is loaded dynamically; a host without it must
-    // fall back (or fail clearly), not abort.
+    // candle 0.11 links the CUDA libraries (cudarc's `dynamic-linking`): a
+    // binary built with `cuda` does not start where they are missing, and
+    // where they are, a host without a GPU gets an error here. A panic
+    // inside candle or cudarc must not abort a worker set to `auto` either:
+    // it falls back to the CPU.
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(device)) => Ok(device),
         Ok(Err(error)) => Err(format!("CUDA device {ordinal} is not available: {error}")),
         Err(_) => Err(format!(
-            "CUDA device {ordinal} is not available: the CUDA driver library cannot be loaded"
+            "CUDA device {ordinal} is not available: CUDA initialisation panicked"
         )),
     }
 }

@@ -6,6 +6,7 @@
 pub mod bert;
 pub mod candle;
 pub mod config;
+pub mod cpu_threads;
 pub mod device;
 pub mod encoder;
 pub mod mlp;
@@ -14,6 +15,7 @@ pub mod spec;
 use std::future::Future;
 use std::sync::Arc;
 
+use candle_core::Device;
 use shamal_telemetry::Registry;
 use shamal_worker::{Worker, WorkerListeners};
 
@@ -44,24 +46,42 @@ pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
 
 /// Like [`build`], also returning the label of the device chosen (`cpu`,
 /// `cuda:N`), for programs that embed the worker (`shamal up`).
+///
+/// candle's CPU threads are left as the process found them (see
+/// [`cpu_threads`]): the gpu-worker's `main` sets them while it is still
+/// single-threaded, with [`cpu_threads::select_device`], and builds with
+/// [`build_on`].
 pub fn build_with_device(
     config: &GpuWorkerConfig,
     registry: Registry,
 ) -> anyhow::Result<(Worker, String)> {
     let device = device::select(config.device, config.cuda_device).map_err(anyhow::Error::msg)?;
     let label = device::label(&device);
+    Ok((build_on(config, device, registry)?, label))
+}
+
+/// Builds a gpu-worker computing on `device` (from
+/// [`cpu_threads::select_device`]).
+pub fn build_on(
+    config: &GpuWorkerConfig,
+    device: Device,
+    registry: Registry,
+) -> anyhow::Result<Worker> {
+    let label = device::label(&device);
+    let worker_config = config.worker_config(&label);
     tracing::info!(
         device = %label,
         cuda_compiled = device::CUDA_COMPILED,
+        cpu_threads = cpu_threads::current(),
+        instances = worker_config.defaults.instances,
         "gpu-worker compute device selected"
     );
     register_device_metric(&registry, &label)?;
-    let worker = Worker::new(
-        config.worker_config(&label),
+    Ok(Worker::new(
+        worker_config,
         Arc::new(CandleRuntime::new(device)),
         registry,
-    );
-    Ok((worker, label))
+    ))
 }
 
 /// Runs a gpu-worker until `shutdown` completes, then drains.
@@ -72,4 +92,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     build(&config, registry)?.serve(listeners, shutdown).await
+}
+
+/// Like [`run`], on a device already selected (with candle's CPU threads)
+/// by [`cpu_threads::select_device`].
+pub async fn run_on(
+    config: GpuWorkerConfig,
+    device: Device,
+    listeners: WorkerListeners,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    build_on(&config, device, registry)?
+        .serve(listeners, shutdown)
+        .await
 }

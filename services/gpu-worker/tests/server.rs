@@ -9,6 +9,7 @@ use bytes::Bytes;
 use shamal_gpu_worker::{DevicePreference, GpuWorkerArgs, GpuWorkerConfig};
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use shamal_proto::inference::model_config::SchedulingChoice;
+use shamal_proto::inference::model_instance_group::Kind;
 use shamal_proto::inference::{
     ModelConfigRequest, ModelInferRequest, ModelStatisticsRequest, ServerMetadataRequest,
     ServerReadyRequest,
@@ -146,6 +147,13 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
         .unwrap()
         .into_inner();
     assert_eq!(metadata.name, "shamal-gpu-worker");
+    // The device the worker chose, as SemVer build metadata of its version
+    // (`0.1.0+cpu`, `0.1.0+cuda.0`): the label the metric carries.
+    let device = device_label(&metrics);
+    assert_eq!(
+        metadata.version,
+        format!("{}+{}", env!("CARGO_PKG_VERSION"), device.replace(':', "."))
+    );
 
     // ModelConfig: candle, batching derived from the graph (no config.pbtxt).
     let config = client
@@ -206,7 +214,27 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
         stats.inference_count
     );
 
-    // The device is exported as a metric.
+    // ModelConfig reports the same device.
+    let group = &config.instance_group[0];
+    if device == "cpu" {
+        assert_eq!(group.kind, Kind::Cpu as i32);
+        assert!(group.gpus.is_empty());
+    } else {
+        assert_eq!(group.kind, Kind::Gpu as i32);
+        assert_eq!(
+            format!("cuda:{}", group.gpus[0]),
+            device,
+            "{:?}",
+            config.instance_group
+        );
+    }
+
+    stop.send(()).unwrap();
+    worker.await.unwrap().unwrap();
+}
+
+/// The device label of `shamal_gpu_worker_device_info{device="..."} 1`.
+fn device_label(metrics: &shamal_telemetry::Registry) -> String {
     let mut text = Vec::new();
     shamal_telemetry::Encoder::encode(
         &shamal_telemetry::TextEncoder::new(),
@@ -215,14 +243,86 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
     )
     .unwrap();
     let text = String::from_utf8(text).unwrap();
+    let labels: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("shamal_gpu_worker_device_info{device=\""))
+        .filter_map(|rest| rest.strip_suffix("\"} 1"))
+        .collect();
+    let [label] = labels.as_slice() else {
+        panic!("one device_info sample expected: {text}")
+    };
     assert!(
-        text.contains("shamal_gpu_worker_device_info{device=\"cpu\"} 1")
-            || text.contains("shamal_gpu_worker_device_info{device=\"cuda:"),
+        *label == "cpu" || label.starts_with("cuda:"),
+        "device {label}"
+    );
+    (*label).to_owned()
+}
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLog {
+    type Writer = CapturedLog;
+
+    fn make_writer(&'a self) -> CapturedLog {
+        self.clone()
+    }
+}
+
+#[test]
+fn the_device_is_logged_at_start_up_and_per_model_instance() {
+    use shamal_worker::{InstanceOptions, Runtime};
+
+    let config = GpuWorkerConfig::load(&GpuWorkerArgs {
+        model_repository: Some(workspace_root().join("models/gpu/repository")),
+        device: Some(DevicePreference::Cpu),
+        ..Default::default()
+    })
+    .unwrap();
+    let log = CapturedLog::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let (_, device) =
+            shamal_gpu_worker::build_with_device(&config, shamal_telemetry::Registry::new())
+                .unwrap();
+        assert_eq!(device, "cpu");
+        shamal_gpu_worker::CandleRuntime::new(candle_core::Device::Cpu)
+            .instantiate(
+                &workspace_root().join("models/gpu/repository/mlp_demo/1/model.json"),
+                &InstanceOptions::default(),
+            )
+            .unwrap();
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let line = |message: &str| {
+        text.lines()
+            .find(|line| line.contains(message))
+            .unwrap_or_else(|| panic!("no '{message}' line in {text}"))
+            .to_owned()
+    };
+    assert!(
+        line("gpu-worker compute device selected").contains("device=cpu"),
         "{text}"
     );
-
-    stop.send(()).unwrap();
-    worker.await.unwrap().unwrap();
+    assert!(
+        line("candle model instance created").contains("device=cpu"),
+        "{text}"
+    );
 }
 
 /// Awaits every future concurrently (tokio tasks, no extra dependency).
@@ -363,7 +463,6 @@ async fn statistics(client: &mut GrpcInferenceServiceClient<Channel>, model: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_the_sentence_encoder_over_grpc_with_mixed_length_batches() {
     use shamal_proto::inference::ModelMetadataRequest;
-    use shamal_proto::inference::model_instance_group::Kind;
 
     let dir = tempfile::tempdir().unwrap();
     let repository = dir.path().join("repository");
