@@ -35,6 +35,12 @@ struct Args {
     /// ONNX Runtime intra-op threads.
     #[arg(long, default_value_t = 1)]
     intra_threads: usize,
+    /// Idle time between two runs, in microseconds (0: back to back). A
+    /// served model is idle between requests (the client's round trip), so
+    /// its caches and cores are colder than in a tight loop; a gap makes the
+    /// baseline see the same.
+    #[arg(long, default_value_t = 0)]
+    gap_us: u64,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -114,6 +120,9 @@ fn main() -> Result<()> {
         }
         run_once(&mut session)?;
         latencies_us.push(t.elapsed().as_micros() as u64);
+        if args.gap_us > 0 {
+            std::thread::sleep(Duration::from_micros(args.gap_us));
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     latencies_us.sort_unstable();
@@ -132,9 +141,10 @@ fn main() -> Result<()> {
 
     println!("=== raw ONNX Runtime: {} ===", args.model.display());
     println!(
-        "setup        batch {}, intra threads {}, {:.1} s after {:.1} s warmup",
+        "setup        batch {}, intra threads {}, gap {} us, {:.1} s after {:.1} s warmup",
         args.batch,
         args.intra_threads,
+        args.gap_us,
         elapsed,
         args.warmup.as_secs_f64()
     );
