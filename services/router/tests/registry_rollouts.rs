@@ -758,7 +758,7 @@ async fn a_worker_that_no_longer_holds_a_version_is_passed_over() {
     let worker = start_worker(workspace_root().join("models/repository"), |_| {}).await;
     // Loaded before the router first looks at both workers.
     wait_ready(worker.address, MODEL).await;
-    let stale = StaleWorker::start(MODEL, 1).await;
+    let stale = ScriptedWorker::start(MODEL, 1, Script::Unloaded).await;
     let router = start_router(
         vec![stale.address.to_string(), worker.address.to_string()],
         |_| {},
@@ -768,7 +768,7 @@ async fn a_worker_that_no_longer_holds_a_version_is_passed_over() {
     let mut client = client(router.running.address).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut answered = 0usize;
-    while stale.received() < 3 {
+    while stale.received_count() < 3 {
         let response = client
             .model_infer(simple_infer_request("1"))
             .await

@@ -667,6 +667,11 @@ pub enum Script {
     Gated,
     /// Answers every call with INTERNAL at once.
     Failing,
+    /// Answers every call with NOT_FOUND while its repository index still
+    /// lists the version READY: a worker that has just unloaded a version
+    /// the router's last look at it still showed (the registry moved the
+    /// version to other workers).
+    Unloaded,
 }
 
 /// One inference a scripted worker received.
@@ -783,6 +788,10 @@ impl GrpcInferenceService for ScriptedWorker {
             Script::Failing => Err(tonic::Status::internal(format!(
                 "scripted failure of {} version {}",
                 self.model, self.version
+            ))),
+            Script::Unloaded => Err(tonic::Status::not_found(format!(
+                "unknown version '{}' of model '{}'",
+                request.model_version, request.model_name
             ))),
             Script::Gated => {
                 let mut gate = self.gate.subscribe();
@@ -989,76 +998,4 @@ pub async fn ready_versions(worker: SocketAddr, model: &str) -> Vec<String> {
         .collect();
     versions.sort();
     versions
-}
-
-/// A worker whose repository index still lists one version of a model
-/// READY but that answers NOT_FOUND to every inference: a worker that has
-/// just unloaded a version the router's last look at it still showed (the
-/// registry moved the version to other workers).
-#[derive(Clone)]
-pub struct StaleWorker {
-    pub address: SocketAddr,
-    model: String,
-    version: u64,
-    received: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl StaleWorker {
-    pub async fn start(model: &str, version: u64) -> StaleWorker {
-        let listener = listener().await;
-        let worker = StaleWorker {
-            address: listener.local_addr().unwrap(),
-            model: model.to_owned(),
-            version,
-            received: Arc::default(),
-        };
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(GrpcInferenceServiceServer::new(worker.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        worker
-    }
-
-    /// Inferences it has refused.
-    pub fn received(&self) -> usize {
-        self.received.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-#[tonic::async_trait]
-impl GrpcInferenceService for StaleWorker {
-    async fn repository_index(
-        &self,
-        _: tonic::Request<RepositoryIndexRequest>,
-    ) -> Result<tonic::Response<RepositoryIndexResponse>, tonic::Status> {
-        Ok(tonic::Response::new(RepositoryIndexResponse {
-            models: vec![ModelIndex {
-                name: self.model.clone(),
-                version: self.version.to_string(),
-                state: "READY".into(),
-                reason: String::new(),
-            }],
-        }))
-    }
-
-    async fn model_ready(
-        &self,
-        _: tonic::Request<ModelReadyRequest>,
-    ) -> Result<tonic::Response<ModelReadyResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ModelReadyResponse { ready: true }))
-    }
-
-    async fn model_infer(
-        &self,
-        request: tonic::Request<ModelInferRequest>,
-    ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
-        self.received
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let request = request.into_inner();
-        Err(tonic::Status::not_found(format!(
-            "unknown version '{}' of model '{}'",
-            request.model_version, request.model_name
-        )))
-    }
 }
