@@ -3,6 +3,8 @@
 //! last revision it saw, the latency buckets routers report traffic in, and
 //! what a version's placement means for one worker.
 
+pub mod names;
+
 use std::time::Duration;
 
 use shamal_proto::shamal::registry::v1::registry_client::RegistryClient;

@@ -160,8 +160,11 @@ pub fn validate_follow_settings(
             return Err(format!("advertise_address '{address}' must be host:port"));
         }
     }
-    if region.trim().is_empty() {
-        return Err("region must not be empty".to_owned());
+    if !shamal_registry_client::names::is_region_name(region) {
+        return Err(format!(
+            "region '{region}' is not a region name: {}",
+            shamal_registry_client::names::REGION_RULE
+        ));
     }
     if artifact_cache.as_os_str().is_empty() {
         return Err("artifact_cache must not be empty".to_owned());

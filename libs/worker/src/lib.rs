@@ -20,3 +20,4 @@ pub use batcher::{Batcher, BatcherConfig, InferError};
 pub use follow::{RegistryFollow, validate_follow_settings};
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;
+pub use shamal_registry_client::names;

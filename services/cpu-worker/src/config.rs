@@ -315,8 +315,12 @@ impl CpuWorkerConfig {
         if self.async_concurrency == Some(0) {
             return Err("async_concurrency must be at least 1 (or unset: capacity)".to_owned());
         }
-        if self.region.trim().is_empty() {
-            return Err("region must not be empty".to_owned());
+        if !shamal_worker::names::is_region_name(&self.region) {
+            return Err(format!(
+                "region '{}' is not a region name: {}",
+                self.region,
+                shamal_worker::names::REGION_RULE
+            ));
         }
         match &self.onnxruntime_library {
             None => Err(
@@ -532,7 +536,7 @@ mod tests {
             ..Default::default()
         };
         type Tune = fn(&mut CpuWorkerArgs);
-        let cases: [(&str, Tune); 8] = [
+        let cases: [(&str, Tune); 9] = [
             ("capacity", |args| args.capacity = Some(0)),
             ("drain_grace_ms", |args| {
                 args.drain_grace_ms = Some(3_600_000)
@@ -546,6 +550,7 @@ mod tests {
                 args.advertise_address = Some("no-port".to_owned())
             }),
             ("region", |args| args.region = Some(String::new())),
+            ("region", |args| args.region = Some("uae north".to_owned())),
             ("artifact_cache", |_| {}),
         ];
         for (field, tune) in cases {

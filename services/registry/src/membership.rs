@@ -112,6 +112,9 @@ impl ModelRegistry {
         if worker.address.is_empty() {
             return Err(RegistryError::invalid("address", "must not be empty"));
         }
+        // A region no policy or request could name would make the worker
+        // unreachable for every residency-bound request: refuse it here.
+        crate::residency::validate_region("region", &worker.region)?;
         let capacity = capacity.max(1);
         let _writes = self.member_writes.lock().await;
         let now = now_millis();

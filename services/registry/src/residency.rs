@@ -12,29 +12,23 @@ use crate::model::*;
 use crate::registry::{ModelRegistry, actor_or_anonymous, page_of, validate_model_name};
 use crate::store::*;
 
-/// Longest region or tenant name.
-pub const MAX_REGION_CHARS: usize = 64;
-pub const MAX_TENANT_CHARS: usize = 128;
+use shamal_registry_client::names;
+
 /// Most regions a policy may list.
 pub const MAX_REGIONS: usize = 64;
 
-/// Validates a region name: 1-64 characters of ASCII letters, digits,
-/// `-`, `_` and `.`, starting with a letter or digit.
+/// Validates a region name (`shamal_registry_client::names`: the rule the
+/// routers and workers apply too), naming `field`.
 pub fn validate_region(field: &str, region: &str) -> Result<()> {
-    let valid = !region.is_empty()
-        && region.len() <= MAX_REGION_CHARS
-        && region.as_bytes()[0].is_ascii_alphanumeric()
-        && region
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-    if valid {
+    if names::is_region_name(region) {
         Ok(())
     } else {
         Err(RegistryError::invalid(
             field,
             format!(
-                "'{}' is not a region name: 1-{MAX_REGION_CHARS} characters of letters, digits, '-', '_' and '.', starting with a letter or digit",
-                region.chars().take(80).collect::<String>()
+                "'{}' is not a region name: {}",
+                region.chars().take(80).collect::<String>(),
+                names::REGION_RULE
             ),
         ))
     }
@@ -62,23 +56,14 @@ pub fn validate_regions(regions: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Validates a tenant name: 1-128 characters of ASCII letters, digits,
-/// `-`, `_` and `.`, starting with a letter or digit.
+/// Validates a tenant name (`shamal_registry_client::names`).
 pub fn validate_tenant(tenant: &str) -> Result<()> {
-    let valid = !tenant.is_empty()
-        && tenant.len() <= MAX_TENANT_CHARS
-        && tenant.as_bytes()[0].is_ascii_alphanumeric()
-        && tenant
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-    if valid {
+    if names::is_tenant_name(tenant) {
         Ok(())
     } else {
         Err(RegistryError::invalid(
             "tenant",
-            format!(
-                "tenant names are 1-{MAX_TENANT_CHARS} characters of letters, digits, '-', '_' and '.', starting with a letter or digit"
-            ),
+            format!("tenant names are {}", names::TENANT_RULE),
         ))
     }
 }

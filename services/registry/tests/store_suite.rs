@@ -708,6 +708,17 @@ async fn workers_join_drain_leave_and_get_lost(registry: Arc<ModelRegistry>) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].capacity, 1, "0 means 1");
     assert_eq!(listed[0].region, "eu-west");
+    // A region that no residency policy or request could name is refused,
+    // naming the field; nothing is recorded.
+    for bad in ["", "uae north", "-east"] {
+        let refused = registry
+            .register_member(worker("w2", bad), 1)
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("region"), "'{bad}': {refused}");
+    }
+    assert_eq!(registry.current_revision().await.unwrap(), start + 2);
+    assert_eq!(registry.list_workers().await.unwrap().len(), 1);
 
     // Heartbeats: known workers only; the load is kept.
     assert!(registry.heartbeat("w1", 3, 5).await.unwrap());

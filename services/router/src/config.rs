@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shamal_registry_client::names;
 
 /// Effective configuration of a router.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -382,8 +383,11 @@ impl RouterConfig {
         if self.traffic_report_interval_ms < 10 {
             return Err("traffic_report_interval_ms must be at least 10".to_owned());
         }
-        if !crate::residency::valid_name(&self.static_worker_region) {
-            return Err("static_worker_region must be 1 to 64 of A-Z a-z 0-9 . _ -".to_owned());
+        if !names::is_region_name(&self.static_worker_region) {
+            return Err(format!(
+                "static_worker_region must be a region name: {}",
+                names::REGION_RULE
+            ));
         }
         if self.priority_reserve_percent > 90 {
             return Err("priority_reserve_percent must be at most 90".to_owned());
@@ -434,11 +438,11 @@ impl RouterConfig {
         if self.async_job_timeout_ms == 0 {
             return Err("async_job_timeout_ms must be at least 1".to_owned());
         }
-        if self.async_region != AUTO_REGION && !crate::residency::valid_name(&self.async_region) {
-            return Err(
-                "async_region must be \"auto\" or a region name (1 to 64 of A-Z a-z 0-9 . _ -)"
-                    .to_owned(),
-            );
+        if self.async_region != AUTO_REGION && !names::is_region_name(&self.async_region) {
+            return Err(format!(
+                "async_region must be \"auto\" or a region name: {}",
+                names::REGION_RULE
+            ));
         }
         if self.max_async_backlog == 0 {
             return Err("max_async_backlog must be at least 1".to_owned());

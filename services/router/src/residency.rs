@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use http::HeaderMap;
 use shamal_proto::inference::InferParameter;
 use shamal_proto::inference::infer_parameter::ParameterChoice;
+use shamal_registry_client::names;
 use tonic::Status;
 
 /// Request parameter listing the regions a request allows.
@@ -30,9 +31,6 @@ pub const REGIONS_HEADER: &str = "x-shamal-allowed-regions";
 pub const TENANT_PARAMETER: &str = "shamal-tenant";
 /// Header (gRPC metadata) naming the caller's tenant.
 pub const TENANT_HEADER: &str = "x-shamal-tenant";
-
-/// Longest region or tenant name accepted.
-const MAX_NAME: usize = 64;
 
 /// The regions one request may be processed in, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,16 +66,6 @@ fn list(regions: &BTreeSet<String>) -> String {
     }
     text.push(']');
     text
-}
-
-/// Whether `name` is a plausible region or tenant name: 1 to 64 of
-/// `A-Za-z0-9._-`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
 }
 
 fn text_value<'a>(
@@ -124,9 +112,10 @@ pub fn requested_regions(
     };
     let mut regions = BTreeSet::new();
     for region in text.split(',').map(str::trim) {
-        if !valid_name(region) {
+        if !names::is_region_name(region) {
             return Err(Status::invalid_argument(format!(
-                "{field}: '{region}' is not a region name (1 to {MAX_NAME} of A-Z a-z 0-9 . _ -, comma-separated)"
+                "{field}: '{region}' is not a region name ({}; comma-separated)",
+                names::REGION_RULE
             )));
         }
         regions.insert(region.to_owned());
@@ -144,14 +133,15 @@ pub fn tenant<'a>(
         return Ok(None);
     };
     let name = name.trim();
-    if !valid_name(name) {
+    if !names::is_tenant_name(name) {
         let field = if kind == "parameter" {
             format!("request parameter '{TENANT_PARAMETER}'")
         } else {
             format!("header '{TENANT_HEADER}'")
         };
         return Err(Status::invalid_argument(format!(
-            "{field}: '{name}' is not a tenant name (1 to {MAX_NAME} of A-Z a-z 0-9 . _ -)"
+            "{field}: '{name}' is not a tenant name ({})",
+            names::TENANT_RULE
         )));
     }
     Ok(Some(name))
@@ -270,6 +260,25 @@ mod tests {
         let status = tenant(&HashMap::new(), &headers).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains(TENANT_HEADER), "{status}");
+    }
+
+    #[test]
+    fn names_follow_the_registrys_rule() {
+        // Any tenant the registry stores a policy for (up to 128
+        // characters) can be named by a request ...
+        let long_tenant = "t".repeat(100);
+        let mut headers = HeaderMap::new();
+        headers.insert(TENANT_HEADER, long_tenant.parse().unwrap());
+        assert_eq!(
+            tenant(&HashMap::new(), &headers).unwrap(),
+            Some(long_tenant.as_str())
+        );
+        // ... and a region the registry would refuse is refused here too.
+        let mut parameters = HashMap::new();
+        parameters.insert(REGIONS_PARAMETER.to_owned(), string_parameter("-east"));
+        let status = requested_regions(&parameters, &HeaderMap::new()).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("'-east'"), "{status}");
     }
 
     #[test]
