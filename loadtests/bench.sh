@@ -5,7 +5,8 @@
 #   loadtests/bench.sh
 #
 # Environment knobs: BENCH_DURATION (10s), BENCH_WARMUP (2s), RAW_DURATION (5s),
-# RAW_WARMUP (1s), ORT_INTRA_THREADS (1), HIGH_CONCURRENCY (64).
+# RAW_WARMUP (1s), ORT_INTRA_THREADS (1), HIGH_CONCURRENCY (64), UP_ARGS (extra
+# `shamal up` flags, e.g. "--idle-spin-us 0" to compare without idle polling).
 # Results (JSON per run, summary.json, the server log) go to bench-results/.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ raw_duration="${RAW_DURATION:-5s}"
 raw_warmup="${RAW_WARMUP:-1s}"
 intra="${ORT_INTRA_THREADS:-1}"
 high_c="${HIGH_CONCURRENCY:-64}"
+read -r -a up_args <<<"${UP_ARGS:-}"
 python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results"
 mkdir -p "$out"
@@ -76,7 +78,8 @@ EOF
 
 echo "== shamal up (http $http_port, grpc $grpc_port, metrics $metrics_port)"
 "$bin/shamal" up --model-repository "$tmp" --http-port "$http_port" \
-  --grpc-port "$grpc_port" --metrics-port "$metrics_port" >"$out/shamal.log" 2>&1 &
+  --grpc-port "$grpc_port" --metrics-port "$metrics_port" ${up_args[@]+"${up_args[@]}"} \
+  >"$out/shamal.log" 2>&1 &
 server_pid=$!
 
 ready=""

@@ -41,6 +41,11 @@ struct Args {
     /// baseline see the same.
     #[arg(long, default_value_t = 0)]
     gap_us: u64,
+    /// Spend the gap busy-waiting on this thread instead of sleeping: the
+    /// core stays awake, as it does under a worker that polls for its next
+    /// request before parking.
+    #[arg(long)]
+    gap_spin: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -121,7 +126,15 @@ fn main() -> Result<()> {
         run_once(&mut session)?;
         latencies_us.push(t.elapsed().as_micros() as u64);
         if args.gap_us > 0 {
-            std::thread::sleep(Duration::from_micros(args.gap_us));
+            let gap = Duration::from_micros(args.gap_us);
+            if args.gap_spin {
+                let until = Instant::now() + gap;
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::sleep(gap);
+            }
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
