@@ -1130,17 +1130,28 @@ async fn unknown_routes_methods_and_headers_answer_json() {
         "{{\"name\": \"n\", \"description\": \"{}\"}}",
         "x".repeat(2 * 1024 * 1024)
     );
-    let response = api
-        .client
-        .post(api.url("/v1/models"))
-        .header("content-type", "application/json")
-        // The server answers before reading the whole body and drops the
-        // connection: keep it out of the client's pool.
-        .header("connection", "close")
-        .body(big)
-        .send()
-        .await
-        .unwrap();
+    // The server answers before reading the whole body and drops the
+    // connection, so the client may fail writing the rest of the body before
+    // it reads the answer (a broken pipe): try again, a few times, until the
+    // answer is read.
+    let mut attempts = 0;
+    let response = loop {
+        attempts += 1;
+        let sent = api
+            .client
+            .post(api.url("/v1/models"))
+            .header("content-type", "application/json")
+            // Keep the dropped connection out of the client's pool.
+            .header("connection", "close")
+            .body(big.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(response) => break response,
+            Err(error) if error.is_request() && attempts < 5 => continue,
+            Err(error) => panic!("no answer to an oversized body: {error}"),
+        }
+    };
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "payload_too_large");
