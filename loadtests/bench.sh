@@ -6,7 +6,7 @@
 #
 # Environment knobs: BENCH_DURATION (10s), BENCH_WARMUP (2s), RAW_DURATION (5s),
 # RAW_WARMUP (1s), ORT_INTRA_THREADS (1), HIGH_CONCURRENCY (64), UP_ARGS (extra
-# `shamal up` flags, e.g. "--idle-spin-us 0" to compare without idle polling).
+# `shamal up` flags, e.g. "--instances 2" to compare a setting in one script run).
 # Results (JSON per run, summary.json, the server log) go to bench-results/.
 set -euo pipefail
 
