@@ -70,6 +70,10 @@ pub struct UpArgs {
     /// without a configuration file.
     #[arg(long)]
     max_queue_delay_us: Option<u64>,
+    /// Run an idle model's requests on the RPC thread, skipping its queue,
+    /// when its single requests take at most this many µs (0: always queue).
+    #[arg(long)]
+    inline_max_us: Option<u64>,
     /// Safetensors model repository of the gpu-worker (candle; CUDA when
     /// built with the `cuda` feature and a GPU answers, else the CPU).
     /// Default: `models/gpu/repository` when it exists, else none (the
@@ -141,6 +145,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         intra_threads: args.intra_threads,
         max_batch_size: args.max_batch_size,
         max_queue_delay_us: args.max_queue_delay_us,
+        inline_max_us: args.inline_max_us,
         // The in-process router stops before the worker drains: no router
         // is left to route around it, so no grace.
         drain_grace_ms: Some(0),

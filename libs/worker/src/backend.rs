@@ -64,8 +64,9 @@ pub struct RaggedAxis {
     pub axis: usize,
 }
 
-/// One instance of a loaded model. Each instance lives on its own thread, so
-/// `infer` may block and needs no interior synchronisation.
+/// One instance of a loaded model. Each instance has a thread of its own
+/// and is called by one thread at a time, so `infer` may block and needs no
+/// interior synchronisation.
 pub trait Backend: Send + 'static {
     /// Runs one model execution. Inputs arrive in signature order; with
     /// batching, their first dimension is the sum over the batched requests
@@ -97,6 +98,14 @@ pub trait Backend: Send + 'static {
     /// Default: the CPU.
     fn device(&self) -> InstanceDevice {
         InstanceDevice::Cpu
+    }
+
+    /// Whether `infer` may be called from threads other than the instance's
+    /// own (still one at a time): the batcher then runs an idle model's
+    /// short requests on the caller's thread. Default: no, for engines bound
+    /// to a thread (a GPU context, say).
+    fn runs_on_any_thread(&self) -> bool {
+        false
     }
 }
 

@@ -357,6 +357,7 @@ pub fn load_version(
             .map(|batching| batching.preferred_batch_sizes.clone())
             .unwrap_or_default(),
         max_queue_size: settings.max_queue_size,
+        inline_max: defaults.inline_max,
     };
     let batcher = Batcher::start(&found.model, batcher_config, instances, stats.clone());
     tracing::info!(

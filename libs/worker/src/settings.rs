@@ -27,6 +27,10 @@ pub struct ModelDefaults {
     pub instances: usize,
     /// Requests that may wait in a model's queue before new ones are refused.
     pub max_queue_size: usize,
+    /// An idle model whose single requests run within this time runs the
+    /// next one on the calling thread, skipping the queue (zero: never; see
+    /// `batcher`).
+    pub inline_max: Duration,
 }
 
 impl Default for ModelDefaults {
@@ -36,6 +40,7 @@ impl Default for ModelDefaults {
             max_queue_delay: Duration::ZERO,
             instances: 1,
             max_queue_size: 1024,
+            inline_max: Duration::from_micros(100),
         }
     }
 }

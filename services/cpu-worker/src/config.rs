@@ -78,6 +78,11 @@ pub struct CpuWorkerConfig {
     pub max_queue_delay_us: u64,
     pub instances: usize,
     pub max_queue_size: usize,
+    /// A model with nothing else in flight whose last single request ran
+    /// within this many microseconds runs the next one on the RPC thread,
+    /// without the two hand-offs to and from its instance thread; 0 always
+    /// queues.
+    pub inline_max_us: u64,
     pub max_message_bytes: usize,
     /// Redis URL of the async inference queue (`redis://host:port[/db]`);
     /// set, the worker also runs the async jobs of its `region` for the
@@ -115,6 +120,7 @@ impl Default for CpuWorkerConfig {
             max_queue_delay_us: u64::try_from(defaults.max_queue_delay.as_micros()).unwrap_or(0),
             instances: defaults.instances,
             max_queue_size: defaults.max_queue_size,
+            inline_max_us: u64::try_from(defaults.inline_max.as_micros()).unwrap_or(0),
             max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
             async_queue: None,
             async_key_prefix: "shamal:async".to_owned(),
@@ -169,6 +175,10 @@ pub struct CpuWorkerArgs {
     pub instances: Option<usize>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_QUEUE_SIZE")]
     pub max_queue_size: Option<usize>,
+    /// Run an idle model's requests on the RPC thread when its single
+    /// requests take at most this many microseconds (0: always queue).
+    #[arg(long, env = "SHAMAL_CPU_WORKER_INLINE_MAX_US")]
+    pub inline_max_us: Option<u64>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
     /// Redis URL of the async inference queue.
@@ -209,6 +219,7 @@ impl CpuWorkerConfig {
             max_queue_delay_us,
             instances,
             max_queue_size,
+            inline_max_us,
             max_message_bytes,
             region,
             artifact_cache,
@@ -355,6 +366,7 @@ impl CpuWorkerConfig {
                 max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
                 instances: self.instances,
                 max_queue_size: self.max_queue_size,
+                inline_max: Duration::from_micros(self.inline_max_us),
             },
             max_message_bytes: self.max_message_bytes,
         }
@@ -406,7 +418,7 @@ mod tests {
         let file = dir.path().join("worker.toml");
         std::fs::write(
             &file,
-            "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\n",
+            "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\ninline_max_us = 0\n",
         )
         .unwrap();
         let mut args = args_with_repository(dir.path(), &library);
@@ -416,6 +428,13 @@ mod tests {
         assert_eq!(config.intra_threads, 3, "from the file");
         assert_eq!(config.instances, 4, "flag wins over the file");
         assert_eq!(config.max_queue_delay_us, 100);
+        assert_eq!(config.inline_max_us, 0, "from the file");
+        assert!(config.worker_config().defaults.inline_max.is_zero());
+        assert_eq!(
+            CpuWorkerConfig::default().inline_max_us,
+            100,
+            "short requests of idle models run inline by default"
+        );
         assert_eq!(
             config.max_queue_size,
             CpuWorkerConfig::default().max_queue_size,

@@ -342,6 +342,11 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, BackendError> {
 }
 
 impl Backend for OnnxBackend {
+    /// An ONNX Runtime session may run on any thread, one call at a time.
+    fn runs_on_any_thread(&self) -> bool {
+        true
+    }
+
     fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
         // Inputs arrive in signature order, which is the session's input
         // order: pass them by position, no name lookups.

@@ -293,6 +293,9 @@ impl GpuWorkerConfig {
                 max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
                 instances: self.instances_on(device),
                 max_queue_size: self.max_queue_size,
+                // Candle's backends stay on their instance threads (a CUDA
+                // context is bound to its thread), so nothing runs inline.
+                inline_max: Duration::ZERO,
             },
             max_message_bytes: self.max_message_bytes,
         }

@@ -317,6 +317,7 @@ fn start_batcher(model: &str, preferred: usize) -> (Batcher, Arc<ModelStats>) {
         max_queue_delay: Duration::from_secs(5),
         preferred_batch_sizes: vec![preferred],
         max_queue_size: 64,
+        inline_max: Duration::ZERO,
     };
     let batcher = Batcher::start(
         model,
