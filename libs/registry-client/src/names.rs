@@ -30,6 +30,19 @@ pub fn is_region_name(name: &str) -> bool {
     is_name(name, MAX_REGION_CHARS)
 }
 
+/// Checks a region name; the error quotes the name (its first 80
+/// characters) and states the rule, for the caller to prefix with the field.
+pub fn check_region(name: &str) -> Result<(), String> {
+    if is_region_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{}' is not a region name: {REGION_RULE}",
+            name.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 /// Whether `name` is a valid tenant name.
 pub fn is_tenant_name(name: &str) -> bool {
     is_name(name, MAX_TENANT_CHARS)
@@ -62,6 +75,22 @@ mod tests {
         ] {
             assert!(!is_region_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn region_errors_quote_the_name_and_state_the_rule() {
+        assert_eq!(check_region("me-central-1"), Ok(()));
+        let error = check_region("uae north").unwrap_err();
+        assert!(
+            error.starts_with("'uae north' is not a region name: "),
+            "{error}"
+        );
+        assert!(error.ends_with(REGION_RULE), "{error}");
+        let long = check_region(&"r".repeat(1000)).unwrap_err();
+        assert!(
+            long.starts_with(&format!("'{}' ", "r".repeat(80))),
+            "{long}"
+        );
     }
 
     #[test]

@@ -160,12 +160,8 @@ pub fn validate_follow_settings(
             return Err(format!("advertise_address '{address}' must be host:port"));
         }
     }
-    if !shamal_registry_client::names::is_region_name(region) {
-        return Err(format!(
-            "region '{region}' is not a region name: {}",
-            shamal_registry_client::names::REGION_RULE
-        ));
-    }
+    shamal_registry_client::names::check_region(region)
+        .map_err(|message| format!("region {message}"))?;
     if artifact_cache.as_os_str().is_empty() {
         return Err("artifact_cache must not be empty".to_owned());
     }

@@ -326,13 +326,8 @@ impl CpuWorkerConfig {
         if self.async_concurrency == Some(0) {
             return Err("async_concurrency must be at least 1 (or unset: capacity)".to_owned());
         }
-        if !shamal_worker::names::is_region_name(&self.region) {
-            return Err(format!(
-                "region '{}' is not a region name: {}",
-                self.region,
-                shamal_worker::names::REGION_RULE
-            ));
-        }
+        shamal_worker::names::check_region(&self.region)
+            .map_err(|message| format!("region {message}"))?;
         match &self.onnxruntime_library {
             None => Err(
                 "onnxruntime_library is not set (flag --onnxruntime-library or ORT_DYLIB_PATH); \

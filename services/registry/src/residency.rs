@@ -20,18 +20,7 @@ pub const MAX_REGIONS: usize = 64;
 /// Validates a region name (`shamal_registry_client::names`: the rule the
 /// routers and workers apply too), naming `field`.
 pub fn validate_region(field: &str, region: &str) -> Result<()> {
-    if names::is_region_name(region) {
-        Ok(())
-    } else {
-        Err(RegistryError::invalid(
-            field,
-            format!(
-                "'{}' is not a region name: {}",
-                region.chars().take(80).collect::<String>(),
-                names::REGION_RULE
-            ),
-        ))
-    }
+    names::check_region(region).map_err(|message| RegistryError::invalid(field, message))
 }
 
 /// Validates a list of regions (at most 64, no duplicates), naming the

@@ -383,12 +383,8 @@ impl RouterConfig {
         if self.traffic_report_interval_ms < 10 {
             return Err("traffic_report_interval_ms must be at least 10".to_owned());
         }
-        if !names::is_region_name(&self.static_worker_region) {
-            return Err(format!(
-                "static_worker_region must be a region name: {}",
-                names::REGION_RULE
-            ));
-        }
+        names::check_region(&self.static_worker_region)
+            .map_err(|message| format!("static_worker_region {message}"))?;
         if self.priority_reserve_percent > 90 {
             return Err("priority_reserve_percent must be at most 90".to_owned());
         }
@@ -438,11 +434,10 @@ impl RouterConfig {
         if self.async_job_timeout_ms == 0 {
             return Err("async_job_timeout_ms must be at least 1".to_owned());
         }
-        if self.async_region != AUTO_REGION && !names::is_region_name(&self.async_region) {
-            return Err(format!(
-                "async_region must be \"auto\" or a region name: {}",
-                names::REGION_RULE
-            ));
+        if self.async_region != AUTO_REGION {
+            names::check_region(&self.async_region).map_err(|message| {
+                format!("async_region must be \"auto\" or a region name: {message}")
+            })?;
         }
         if self.max_async_backlog == 0 {
             return Err("max_async_backlog must be at least 1".to_owned());

@@ -112,12 +112,9 @@ pub fn requested_regions(
     };
     let mut regions = BTreeSet::new();
     for region in text.split(',').map(str::trim) {
-        if !names::is_region_name(region) {
-            return Err(Status::invalid_argument(format!(
-                "{field}: '{region}' is not a region name ({}; comma-separated)",
-                names::REGION_RULE
-            )));
-        }
+        names::check_region(region).map_err(|message| {
+            Status::invalid_argument(format!("{field}: {message} (a comma-separated list)"))
+        })?;
         regions.insert(region.to_owned());
     }
     Ok(Some(regions))
