@@ -207,13 +207,13 @@ if have("capacity.json"):
     print()
     print(f"capacity (mlp_large, 2 workers, closed loop at c={cap['concurrency']}): {cap['ips']:,.0f} inf/s, "
           f"p99 {cap['p99_us']:,} µs, {cap['error_total']:,} refused")
-    print("| offered | goodput (inf/s) | admitted p50 / p99 (µs) | rejected | rejection p50 / p99 / max (µs) | other errors |")
-    print("|---|---|---|---|---|---|")
+    print("| offered | goodput (inf/s) | admitted p50 / p99 (µs) | rejected | rejection p50 / p99 / max (µs) | from send: p50 / p99 / max (µs) | other errors |")
+    print("|---|---|---|---|---|---|---|")
     for factor in ("1.5", "3"):
         r = load(f"overload-{factor}.json")
         rejected = r["errors"].get("ResourceExhausted", 0)
         other = r["error_total"] - rejected
-        print(f"| {factor}x ({r['rate']:,.0f}/s) | {r['ips']:,.0f} | {r['p50_us']:,} / {r['p99_us']:,} | {rejected:,} | {r['rejected_p50_us']:,} / {r['rejected_p99_us']:,} / {r['rejected_max_us']:,} | {other} |")
+        print(f"| {factor}x ({r['rate']:,.0f}/s) | {r['ips']:,.0f} | {r['p50_us']:,} / {r['p99_us']:,} | {rejected:,} | {r['rejected_p50_us']:,} / {r['rejected_p99_us']:,} / {r['rejected_max_us']:,} | {r['rejected_from_send_p50_us']:,} / {r['rejected_from_send_p99_us']:,} / {r['rejected_from_send_max_us']:,} | {other} |")
 if have("kill.json"):
     k = load("kill.json")
     print()

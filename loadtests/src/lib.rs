@@ -4,6 +4,9 @@
 //! Open loop: requests arrive at a fixed rate; latency is measured from the
 //! intended send time (no coordinated omission) and at most `max_outstanding`
 //! are in flight, further arrivals being counted as `dropped_by_client`.
+//! Refusals (RESOURCE_EXHAUSTED) are also timed from the actual send, which
+//! leaves out the generator's own lateness: its timer fires at most once a
+//! millisecond, and on a busy machine its thread waits for a core too.
 
 pub mod duration;
 pub mod report;
@@ -212,6 +215,9 @@ pub async fn run(config: Config) -> Result<Report> {
         rejected_p50_us: 0,
         rejected_p99_us: 0,
         rejected_max_us: 0,
+        rejected_from_send_p50_us: 0,
+        rejected_from_send_p99_us: 0,
+        rejected_from_send_max_us: 0,
     };
     report.fill(&stats, dropped);
     Ok(report)
@@ -295,7 +301,10 @@ async fn closed_loop(
                 }
                 match result {
                     Ok(()) => stats.record_ok(sent.elapsed()),
-                    Err((code, message)) => stats.record_error(code, &message, sent.elapsed()),
+                    Err((code, message)) => {
+                        let latency = sent.elapsed();
+                        stats.record_error(code, &message, latency, latency);
+                    }
                 }
             }
             stats
@@ -345,14 +354,16 @@ async fn open_loop(
         let stats = stats.clone();
         let timeout = config.timeout;
         tokio::spawn(async move {
+            let sent = Instant::now();
             let result = infer(&mut client, request, timeout).await;
             // Latency from the intended send time: queueing in the client counts.
             let latency = intended.elapsed();
+            let since_send = sent.elapsed();
             if measured {
                 let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
                     Ok(()) => stats.record_ok(latency),
-                    Err((code, message)) => stats.record_error(code, &message, latency),
+                    Err((code, message)) => stats.record_error(code, &message, latency, since_send),
                 }
             }
             // Released only after recording, so the final drain sees every result.

@@ -14,6 +14,10 @@ pub struct Stats {
     /// Latencies of RESOURCE_EXHAUSTED answers (load shedding): how fast
     /// an overloaded server says no.
     pub rejected: Histogram<u64>,
+    /// The same answers timed from the moment the request was handed to
+    /// the client library, not from its intended send time: without the
+    /// load generator's own lateness in sending (open loop).
+    pub rejected_from_send: Histogram<u64>,
     pub ok: u64,
     pub errors: BTreeMap<String, u64>,
     pub first_error: Option<String>,
@@ -26,6 +30,8 @@ impl Stats {
         Self {
             histogram: Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds"),
             rejected: Histogram::new_with_bounds(1, high, 3).expect("valid histogram bounds"),
+            rejected_from_send: Histogram::new_with_bounds(1, high, 3)
+                .expect("valid histogram bounds"),
             ok: 0,
             errors: BTreeMap::new(),
             first_error: None,
@@ -38,10 +44,20 @@ impl Stats {
             .saturating_record((latency.as_micros() as u64).max(1));
     }
 
-    pub fn record_error(&mut self, code: Code, message: &str, latency: Duration) {
+    /// `latency` runs from the intended send time, `since_send` from the
+    /// actual one (equal in a closed loop).
+    pub fn record_error(
+        &mut self,
+        code: Code,
+        message: &str,
+        latency: Duration,
+        since_send: Duration,
+    ) {
         if code == Code::ResourceExhausted {
             self.rejected
                 .saturating_record((latency.as_micros() as u64).max(1));
+            self.rejected_from_send
+                .saturating_record((since_send.as_micros() as u64).max(1));
         }
         *self.errors.entry(format!("{code:?}")).or_default() += 1;
         if self.first_error.is_none() {
@@ -60,6 +76,7 @@ impl Stats {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.histogram.add(&other.histogram);
         let _ = self.rejected.add(&other.rejected);
+        let _ = self.rejected_from_send.add(&other.rejected_from_send);
     }
 }
 
@@ -103,6 +120,12 @@ pub struct Report {
     pub rejected_p50_us: u64,
     pub rejected_p99_us: u64,
     pub rejected_max_us: u64,
+    /// The same answers timed from the actual send (open loop: without the
+    /// generator's lateness, up to its timer's millisecond and its own
+    /// scheduling).
+    pub rejected_from_send_p50_us: u64,
+    pub rejected_from_send_p99_us: u64,
+    pub rejected_from_send_max_us: u64,
 }
 
 impl Report {
@@ -135,18 +158,29 @@ impl Report {
         self.max_us = if h.is_empty() { 0 } else { h.max() };
         self.min_us = if h.is_empty() { 0 } else { h.min() };
         self.mean_us = if h.is_empty() { 0.0 } else { h.mean() };
-        let r = &stats.rejected;
-        let rq = |q: f64| {
-            if r.is_empty() {
-                0
-            } else {
-                r.value_at_quantile(q)
-            }
-        };
-        self.rejected_p50_us = rq(0.5);
-        self.rejected_p99_us = rq(0.99);
-        self.rejected_max_us = if r.is_empty() { 0 } else { r.max() };
+        [
+            self.rejected_p50_us,
+            self.rejected_p99_us,
+            self.rejected_max_us,
+        ] = summary(&stats.rejected);
+        [
+            self.rejected_from_send_p50_us,
+            self.rejected_from_send_p99_us,
+            self.rejected_from_send_max_us,
+        ] = summary(&stats.rejected_from_send);
     }
+}
+
+/// p50, p99 and max of a histogram (zeros when empty).
+fn summary(histogram: &Histogram<u64>) -> [u64; 3] {
+    if histogram.is_empty() {
+        return [0; 3];
+    }
+    [
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99),
+        histogram.max(),
+    ]
 }
 
 impl fmt::Display for Report {
@@ -214,7 +248,51 @@ impl fmt::Display for Report {
                 "\nrejected us  p50 {}  p99 {}  max {} (RESOURCE_EXHAUSTED answers)",
                 self.rejected_p50_us, self.rejected_p99_us, self.rejected_max_us
             )?;
+            if self.mode == "open" {
+                write!(
+                    f,
+                    "\n  from send  p50 {}  p99 {}  max {} (without the generator's lateness)",
+                    self.rejected_from_send_p50_us,
+                    self.rejected_from_send_p99_us,
+                    self.rejected_from_send_max_us
+                )?;
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_timed_from_the_intended_and_the_actual_send() {
+        let mut stats = Stats::new(Duration::from_secs(5));
+        stats.record_error(
+            Code::ResourceExhausted,
+            "full",
+            Duration::from_micros(3_000),
+            Duration::from_micros(500),
+        );
+        stats.record_error(
+            Code::Unavailable,
+            "down",
+            Duration::from_micros(9_000),
+            Duration::from_micros(9_000),
+        );
+        let [p50, _, max] = summary(&stats.rejected);
+        assert!((2_990..=3_010).contains(&p50) && (2_990..=3_010).contains(&max));
+        let [p50, _, max] = summary(&stats.rejected_from_send);
+        assert!((495..=505).contains(&p50) && (495..=505).contains(&max));
+        assert_eq!(
+            stats.rejected.len(),
+            1,
+            "only RESOURCE_EXHAUSTED is a rejection"
+        );
+        assert_eq!(
+            summary(&Stats::new(Duration::from_secs(1)).rejected),
+            [0; 3]
+        );
     }
 }
