@@ -26,13 +26,14 @@
 //! positions (bounded by the model's longest sequence).
 //!
 //! One shortcut skips the queue. When a model version is idle (no other
-//! request of it in flight, nothing queued, an instance free), its backend
-//! may run on any thread ([`Backend::runs_on_any_thread`]), and its last
-//! single-request job took at most [`BatcherConfig::inline_max`], the
-//! request runs at once on the caller's thread. There is nothing to batch
-//! with then, and the two thread hand-offs (to the instance thread and back)
-//! cost more than such a job itself: on a 2-vCPU VM the demo model's
-//! concurrency-1 latency fell by 35-90 µs. The bound keeps long jobs off the
+//! request of it in flight and none seen in the last 10 ms, nothing queued,
+//! an instance free), its backend may run on any thread
+//! ([`Backend::runs_on_any_thread`]), and its last single-request job took
+//! at most [`BatcherConfig::inline_max`], the request runs at once on the
+//! caller's thread. There is nothing to batch with then, and the two thread
+//! hand-offs (to the instance thread and back) cost more than such a job
+//! itself: on a 2-vCPU VM the demo model's concurrency-1 latency fell by
+//! 50-90 µs. The bound keeps long jobs off the
 //! caller's thread, which is an async runtime's: under concurrency, or for a
 //! model whose single requests take longer, every request goes through the
 //! queue as before.
@@ -196,10 +197,15 @@ impl Batcher {
             .first()
             .map(|backend| backend.device())
             .unwrap_or_default();
-        let ragged = instances
-            .first()
-            .map(|backend| backend.ragged_axes())
-            .unwrap_or_default();
+        let executor = Arc::new(Executor {
+            ragged: instances
+                .first()
+                .map(|backend| backend.ragged_axes())
+                .unwrap_or_default(),
+            stats,
+            batching: config.max_batch_size > 0,
+            last_single_ns: AtomicU64::new(u64::MAX),
+        });
         let may_inline = !config.inline_max.is_zero()
             && !instances.is_empty()
             && instances.iter().all(|backend| backend.runs_on_any_thread());
@@ -207,29 +213,23 @@ impl Batcher {
             .into_iter()
             .map(|backend| Arc::new(Mutex::new(backend)))
             .collect();
-        let last_single_ns = Arc::new(AtomicU64::new(u64::MAX));
         let inline = may_inline.then(|| {
             Arc::new(Inline {
                 backends: backends.clone(),
-                ragged: ragged.clone(),
-                stats: stats.clone(),
-                batching: config.max_batch_size > 0,
+                executor: executor.clone(),
                 max_ns: u64::try_from(config.inline_max.as_nanos()).unwrap_or(u64::MAX),
-                last_single_ns: last_single_ns.clone(),
                 active: AtomicUsize::new(0),
-                clock: Clock(Instant::now()),
+                epoch: Instant::now(),
                 queue_until_ns: AtomicU64::new(0),
             })
         });
         for (index, backend) in backends.into_iter().enumerate() {
             let instance = Instance {
-                last_single_ns: last_single_ns.clone(),
-                ragged: ragged.clone(),
+                executor: executor.clone(),
                 backend,
                 shared: shared.clone(),
                 depth: depth.clone(),
                 config: config.clone(),
-                stats: stats.clone(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{model}-{index}"))
@@ -317,7 +317,7 @@ impl Batcher {
         // computation off the RPC threads. Concurrency seen keeps every
         // request queued for a while, so that a busy model's passing lulls
         // do not pull single requests out of its batches.
-        let now = inline.clock.elapsed_ns();
+        let now = elapsed_ns(inline.epoch);
         if inline.active.load(Ordering::Acquire) > 1 {
             inline
                 .queue_until_ns
@@ -325,7 +325,7 @@ impl Batcher {
             return Err(pending);
         }
         if now < inline.queue_until_ns.load(Ordering::Relaxed)
-            || inline.last_single_ns.load(Ordering::Relaxed) > inline.max_ns
+            || inline.executor.last_single_ns.load(Ordering::Relaxed) > inline.max_ns
         {
             return Err(pending);
         }
@@ -335,7 +335,7 @@ impl Batcher {
             return Err(pending);
         }
         // A free instance: its thread is waiting for work, not computing.
-        let Some(mut backend) = inline
+        let Some(backend) = inline
             .backends
             .iter()
             .find_map(|backend| backend.try_lock().ok())
@@ -343,19 +343,7 @@ impl Batcher {
             return Err(pending);
         };
         drop(state);
-        let started = Instant::now();
-        let replies = run_job(
-            backend.as_mut(),
-            vec![pending],
-            &inline.stats,
-            inline.batching,
-            &inline.ragged,
-        );
-        inline
-            .last_single_ns
-            .store(elapsed_ns(started), Ordering::Relaxed);
-        drop(backend);
-        send_replies(replies);
+        inline.executor.run(backend, vec![pending]);
         Ok(())
     }
 }
@@ -364,22 +352,54 @@ fn elapsed_ns(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Runs jobs of one model version, on instance threads and inline alike.
+struct Executor {
+    /// The backend's ragged axes, asked once.
+    ragged: Vec<RaggedAxis>,
+    stats: Arc<ModelStats>,
+    batching: bool,
+    /// How long the last job of a single request took, wherever it ran
+    /// (unknown, so too long, until the first one).
+    last_single_ns: AtomicU64,
+}
+
+impl Executor {
+    /// Runs `requests` on the locked backend and answers them. The backend
+    /// is released and the job's time recorded before any caller hears
+    /// back, so one that sends its next request at once finds the model
+    /// idle.
+    fn run(&self, mut backend: MutexGuard<'_, Box<dyn Backend>>, requests: Vec<Pending>) {
+        let single = requests.len() == 1;
+        let started = Instant::now();
+        let replies = run_job(
+            backend.as_mut(),
+            requests,
+            &self.stats,
+            self.batching,
+            &self.ragged,
+        );
+        if single {
+            self.last_single_ns
+                .store(elapsed_ns(started), Ordering::Relaxed);
+        }
+        drop(backend);
+        for (pending, reply) in replies {
+            let _ = pending.reply.send(reply);
+        }
+    }
+}
+
 /// What running requests on the caller's thread needs.
 struct Inline {
     /// The instances' backends, shared with their threads.
     backends: Vec<Arc<Mutex<Box<dyn Backend>>>>,
-    ragged: Vec<RaggedAxis>,
-    stats: Arc<ModelStats>,
-    batching: bool,
+    executor: Arc<Executor>,
     /// `BatcherConfig::inline_max`.
     max_ns: u64,
-    /// How long the last job of a single request took, wherever it ran
-    /// (unknown, so too long, until the first one).
-    last_single_ns: Arc<AtomicU64>,
     /// Requests of this version between submission and answer.
     active: AtomicUsize,
     /// Time base of `queue_until_ns`.
-    clock: Clock,
+    epoch: Instant,
     /// No request runs inline before this time: concurrency was seen.
     queue_until_ns: AtomicU64,
 }
@@ -390,15 +410,6 @@ struct Inline {
 const CONCURRENCY_MEMORY_NS: u64 = 10_000_000;
 #[cfg(test)]
 const CONCURRENCY_MEMORY_NS: u64 = 600_000_000_000;
-
-/// Nanoseconds since its creation.
-struct Clock(Instant);
-
-impl Clock {
-    fn elapsed_ns(&self) -> u64 {
-        elapsed_ns(self.0)
-    }
-}
 
 /// Counts a request as active until dropped.
 struct Active<'a>(&'a AtomicUsize);
@@ -421,44 +432,23 @@ struct Instance {
     /// Locked by this thread for each job, and by a caller running a
     /// request inline.
     backend: Arc<Mutex<Box<dyn Backend>>>,
-    last_single_ns: Arc<AtomicU64>,
-    /// The backend's ragged axes, asked once.
-    ragged: Vec<RaggedAxis>,
+    executor: Arc<Executor>,
     shared: Arc<Shared>,
     depth: Arc<AtomicUsize>,
     config: BatcherConfig,
-    stats: Arc<ModelStats>,
 }
 
 impl Instance {
     fn run(self) {
-        let batching = self.config.max_batch_size > 0;
         while let Some(requests) = self.next_batch() {
             // Poisoned when a request run inline panicked: backends keep no
             // state between jobs that the panic could have broken, so the
             // instance goes on with it.
-            let mut backend = self
+            let backend = self
                 .backend
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let single = requests.len() == 1;
-            let started = Instant::now();
-            let replies = run_job(
-                backend.as_mut(),
-                requests,
-                &self.stats,
-                batching,
-                &self.ragged,
-            );
-            if single {
-                self.last_single_ns
-                    .store(elapsed_ns(started), Ordering::Relaxed);
-            }
-            // The backend is free and its time known before any caller
-            // hears back: one that sends its next request at once finds
-            // the model idle.
-            drop(backend);
-            send_replies(replies);
+            self.executor.run(backend, requests);
         }
     }
 
@@ -527,7 +517,9 @@ impl Instance {
             if rows >= max_rows {
                 break;
             }
-            if candidate.compatible(&queue[0], &self.ragged) && rows + candidate.rows <= max_rows {
+            if candidate.compatible(&queue[0], &self.executor.ragged)
+                && rows + candidate.rows <= max_rows
+            {
                 rows += candidate.rows;
                 selected.push(index);
             }
@@ -546,7 +538,7 @@ impl Instance {
         let mut kept = VecDeque::with_capacity(before);
         for pending in queue.drain(..) {
             if pending.abandoned(now) {
-                self.stats.record_dropped();
+                self.executor.stats.record_dropped();
                 let _ = pending.reply.send(Err(InferError::DeadlineExceeded));
             } else {
                 kept.push_back(pending);
@@ -670,12 +662,6 @@ fn run_job(
 
 /// Answers of a job, sent once its backend is free again.
 type Replies = Vec<(Pending, Result<Vec<Tensor>, InferError>)>;
-
-fn send_replies(replies: Replies) {
-    for (pending, reply) in replies {
-        let _ = pending.reply.send(reply);
-    }
-}
 
 fn merge_inputs(requests: &[Pending], ragged: &[RaggedAxis]) -> Result<Vec<Tensor>, InferError> {
     let input_count = requests[0].inputs.len();
