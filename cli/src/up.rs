@@ -71,7 +71,8 @@ pub struct UpArgs {
     #[arg(long)]
     max_queue_delay_us: Option<u64>,
     /// Run an idle model's requests on the RPC thread, skipping its queue,
-    /// when its single requests take at most this many µs (0: always queue).
+    /// when its single requests take at most this many µs (0: always
+    /// queue). Default 2000.
     #[arg(long)]
     inline_max_us: Option<u64>,
     /// Safetensors model repository of the gpu-worker (candle; CUDA when

@@ -33,14 +33,17 @@
 //! caller's thread. There is nothing to batch with then, and the two thread
 //! hand-offs (to the instance thread and back) cost more than such a job
 //! itself: on a 2-vCPU VM the demo model's concurrency-1 latency fell by
-//! 50-90 µs. The bound keeps long jobs off the
-//! caller's thread, which is an async runtime's: under concurrency, or for a
-//! model whose single requests take longer, every request goes through the
-//! queue as before.
+//! 50-90 µs, and a 1 ms model's by about 170 µs. The caller's thread is an
+//! async runtime's, so two bounds keep inline work from starving its I/O:
+//! `inline_max` keeps long jobs off it, and [`InlineSlots`] caps how many
+//! requests run inline at once across all models (by default one fewer than
+//! the runtime's worker threads), so at least one runtime thread is always
+//! free. Under concurrency, or for a model whose single requests take
+//! longer, every request goes through the queue as before.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use shamal_tensor::{Tensor, TensorData, concat_batch, split_batch};
@@ -64,6 +67,71 @@ pub struct BatcherConfig {
     /// the next one on the caller's thread (see the module documentation);
     /// zero always queues.
     pub inline_max: Duration,
+    /// Shared by the model versions of a process: how many requests may
+    /// run inline at once.
+    pub inline_slots: InlineSlots,
+}
+
+/// Caps how many requests run inline (on async runtime threads) at once,
+/// across every batcher that shares it.
+#[derive(Clone, Debug)]
+pub struct InlineSlots(Arc<SlotCounter>);
+
+#[derive(Debug)]
+struct SlotCounter {
+    running: AtomicUsize,
+    limit: usize,
+}
+
+impl InlineSlots {
+    /// Slots for at most `limit` inline runs at once (at least one).
+    pub fn new(limit: usize) -> InlineSlots {
+        InlineSlots(Arc::new(SlotCounter {
+            running: AtomicUsize::new(0),
+            limit: limit.max(1),
+        }))
+    }
+
+    /// Slots for one fewer than the current async runtime's worker threads
+    /// (than the CPUs outside a runtime), at least one.
+    pub fn for_current_runtime() -> InlineSlots {
+        let threads = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |cpus| cpus.get()));
+        InlineSlots::new(threads.saturating_sub(1))
+    }
+
+    /// The process's slots, shared by every model it loads, sized by
+    /// [`InlineSlots::for_current_runtime`] on first use.
+    pub fn shared() -> InlineSlots {
+        static SHARED: OnceLock<InlineSlots> = OnceLock::new();
+        SHARED.get_or_init(InlineSlots::for_current_runtime).clone()
+    }
+
+    /// How many requests may run inline at once.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    fn try_take(&self) -> Option<SlotTaken<'_>> {
+        let counter = &*self.0;
+        counter
+            .running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < counter.limit).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| SlotTaken(&counter.running))
+    }
+}
+
+/// One inline run in progress; gives its slot back when dropped.
+struct SlotTaken<'a>(&'a AtomicUsize);
+
+impl Drop for SlotTaken<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a request did not produce outputs.
@@ -218,6 +286,7 @@ impl Batcher {
                 backends: backends.clone(),
                 executor: executor.clone(),
                 max_ns: u64::try_from(config.inline_max.as_nanos()).unwrap_or(u64::MAX),
+                slots: config.inline_slots.clone(),
                 active: AtomicUsize::new(0),
                 epoch: Instant::now(),
                 queue_until_ns: AtomicU64::new(0),
@@ -329,6 +398,11 @@ impl Batcher {
         {
             return Err(pending);
         }
+        // Other models' requests may hold the runtime threads that inline
+        // runs may take.
+        let Some(_slot) = inline.slots.try_take() else {
+            return Err(pending);
+        };
         // Checked under the queue's lock: nothing queued may be overtaken.
         let state = self.shared.lock();
         if !state.queue.is_empty() {
@@ -396,6 +470,8 @@ struct Inline {
     executor: Arc<Executor>,
     /// `BatcherConfig::inline_max`.
     max_ns: u64,
+    /// `BatcherConfig::inline_slots`.
+    slots: InlineSlots,
     /// Requests of this version between submission and answer.
     active: AtomicUsize,
     /// Time base of `queue_until_ns`.
@@ -885,6 +961,7 @@ mod ragged_tests {
             preferred_batch_sizes: vec![preferred],
             max_queue_size: 64,
             inline_max: Duration::ZERO,
+            inline_slots: InlineSlots::new(1),
         };
         (Batcher::start("m", config, vec![backend], stats), seen)
     }

@@ -111,6 +111,7 @@ fn config(max_batch_size: usize, delay: Duration) -> BatcherConfig {
         preferred_batch_sizes: Vec::new(),
         max_queue_size: 1024,
         inline_max: Duration::ZERO,
+        inline_slots: InlineSlots::new(1),
     }
 }
 
@@ -396,6 +397,24 @@ fn start_where(
     any_thread: bool,
     gated: bool,
 ) -> WhereHarness {
+    start_where_sharing(
+        "m",
+        inline_max,
+        takes,
+        any_thread,
+        gated,
+        InlineSlots::new(1),
+    )
+}
+
+fn start_where_sharing(
+    model: &str,
+    inline_max: Duration,
+    takes: Duration,
+    any_thread: bool,
+    gated: bool,
+    inline_slots: InlineSlots,
+) -> WhereHarness {
     let threads = Arc::new(Mutex::new(Vec::new()));
     let (release, gate) = crossbeam_channel::unbounded();
     let backend = WhereRun {
@@ -405,13 +424,14 @@ fn start_where(
         any_thread,
     };
     let metrics = WorkerMetrics::new(&prometheus::Registry::new());
-    let stats = Arc::new(ModelStats::new("m", "1", metrics));
+    let stats = Arc::new(ModelStats::new(model, "1", metrics));
     let config = BatcherConfig {
         inline_max,
+        inline_slots,
         ..config(8, Duration::ZERO)
     };
     WhereHarness {
-        batcher: Batcher::start("m", config, vec![Box::new(backend)], stats),
+        batcher: Batcher::start(model, config, vec![Box::new(backend)], stats),
         threads,
         release,
     }
@@ -521,4 +541,65 @@ async fn under_concurrency_requests_queue_and_the_instance_waits_its_turn() {
     harness.release.send(()).unwrap();
     harness.call().await;
     assert_eq!(harness.threads()[3], INSTANCE_THREAD);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_runs_across_models_are_capped_by_their_shared_slots() {
+    let slots = InlineSlots::new(1);
+    let first = Arc::new(start_where_sharing(
+        "a",
+        Duration::from_secs(1),
+        Duration::ZERO,
+        true,
+        true,
+        slots.clone(),
+    ));
+    let second = start_where_sharing(
+        "b",
+        Duration::from_secs(1),
+        Duration::ZERO,
+        true,
+        false,
+        slots.clone(),
+    );
+    // One queued request each makes their single-request times known.
+    first.release.send(()).unwrap();
+    first.call().await;
+    second.call().await;
+    assert_eq!(first.threads(), ["infer-a-0"]);
+    assert_eq!(second.threads(), ["infer-b-0"]);
+    // Model a's next request runs inline and holds the only slot, blocked
+    // at its gate.
+    let held = tokio::spawn({
+        let first = first.clone();
+        async move { first.call().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.threads().len() < 2 {
+        assert!(Instant::now() < deadline, "inline request did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_ne!(first.threads()[1], "infer-a-0", "a's request ran inline");
+    // Model b is idle and short, but no slot is free: its request is queued.
+    second.call().await;
+    assert_eq!(second.threads()[1], "infer-b-0", "b's request was queued");
+    // Once a's run gives the slot back, b runs inline again.
+    first.release.send(()).unwrap();
+    held.await.unwrap();
+    second.call().await;
+    assert_ne!(second.threads()[2], "infer-b-0", "b's request ran inline");
+    assert_eq!(slots.limit(), 1);
+}
+
+#[test]
+fn inline_slots_leave_a_runtime_thread_free() {
+    for (workers, limit) in [(4, 3), (2, 1), (1, 1)] {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .build()
+            .unwrap();
+        let slots = runtime.block_on(async { InlineSlots::for_current_runtime() });
+        assert_eq!(slots.limit(), limit, "{workers} worker threads");
+    }
+    assert_eq!(InlineSlots::new(0).limit(), 1, "at least one slot");
 }

@@ -16,7 +16,7 @@ pub mod stats;
 
 pub use async_consumer::{AsyncInference, QueueSource};
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
-pub use batcher::{Batcher, BatcherConfig, InferError};
+pub use batcher::{Batcher, BatcherConfig, InferError, InlineSlots};
 pub use follow::{RegistryFollow, validate_follow_settings};
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;

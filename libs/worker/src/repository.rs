@@ -16,7 +16,7 @@ use shamal_proto::inference::{ModelConfig, ModelVersionPolicy};
 use shamal_tensor::{Tensor, TensorData};
 
 use crate::backend::{Backend, InstanceOptions, ModelSignature, Runtime};
-use crate::batcher::{Batcher, BatcherConfig};
+use crate::batcher::{Batcher, BatcherConfig, InlineSlots};
 use crate::settings::{ModelDefaults, ModelSettings, parse_config_pbtxt, resolve};
 use crate::stats::{ModelStats, WorkerMetrics};
 
@@ -358,6 +358,7 @@ pub fn load_version(
             .unwrap_or_default(),
         max_queue_size: settings.max_queue_size,
         inline_max: defaults.inline_max,
+        inline_slots: InlineSlots::shared(),
     };
     let batcher = Batcher::start(&found.model, batcher_config, instances, stats.clone());
     tracing::info!(

@@ -40,7 +40,7 @@ impl Default for ModelDefaults {
             max_queue_delay: Duration::ZERO,
             instances: 1,
             max_queue_size: 1024,
-            inline_max: Duration::from_micros(100),
+            inline_max: Duration::from_micros(2_000),
         }
     }
 }

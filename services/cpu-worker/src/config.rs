@@ -176,7 +176,8 @@ pub struct CpuWorkerArgs {
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_QUEUE_SIZE")]
     pub max_queue_size: Option<usize>,
     /// Run an idle model's requests on the RPC thread when its single
-    /// requests take at most this many microseconds (0: always queue).
+    /// requests take at most this many microseconds (0: always queue;
+    /// default 2000).
     #[arg(long, env = "SHAMAL_CPU_WORKER_INLINE_MAX_US")]
     pub inline_max_us: Option<u64>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_MESSAGE_BYTES")]
@@ -427,7 +428,7 @@ mod tests {
         assert!(config.worker_config().defaults.inline_max.is_zero());
         assert_eq!(
             CpuWorkerConfig::default().inline_max_us,
-            100,
+            2_000,
             "short requests of idle models run inline by default"
         );
         assert_eq!(

@@ -16,7 +16,9 @@ use shamal_gpu_worker::spec::TokenizerSource;
 use shamal_tensor::{DataType, Tensor, TensorData};
 use shamal_worker::backend::InstanceDevice;
 use shamal_worker::stats::{ModelStats, WorkerMetrics};
-use shamal_worker::{Backend, BackendError, Batcher, BatcherConfig, InstanceOptions, Runtime};
+use shamal_worker::{
+    Backend, BackendError, Batcher, BatcherConfig, InlineSlots, InstanceOptions, Runtime,
+};
 
 const IDS_MODEL: &str = "minilm_tiny";
 const TEXT_MODEL: &str = "minilm_tiny_text";
@@ -318,6 +320,7 @@ fn start_batcher(model: &str, preferred: usize) -> (Batcher, Arc<ModelStats>) {
         preferred_batch_sizes: vec![preferred],
         max_queue_size: 64,
         inline_max: Duration::ZERO,
+        inline_slots: InlineSlots::new(1),
     };
     let batcher = Batcher::start(
         model,
