@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Interleaved A/B comparison of two `shamal up` settings on one machine.
+# Both stacks run side by side; each round drives one, then the other, with
+# `shamal-loadgen` (the order alternates between rounds), so that the slow
+# and fast spells of a shared VM fall on both alike. Each round also runs
+# the raw ONNX Runtime loop on `mlp_large` as a reference.
+#
+#   A_ARGS="--inline-max-us 100" B_ARGS="" loadtests/ab-bench.sh
+#
+# Environment: A_ARGS, B_ARGS (extra `shamal up` flags of each side),
+# ROUNDS (4), AB_DURATION (4s), AB_WARMUP (1s), AB_CASES (the cases below,
+# space-separated: mlp_large:1 demo:1 mixed mlp_large:64 demo:64).
+# "mixed" measures `demo` at concurrency 1 while `mlp_large` runs at
+# concurrency 1 beside it. Prints one line per case and side per round;
+# reports go to bench-results/ab/.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+# shellcheck source=/dev/null
+source scripts/setup-deps.sh
+# shellcheck source=/dev/null
+source scripts/env.sh
+cd "$repo"
+
+read -r -a a_args <<<"${A_ARGS:-}"
+read -r -a b_args <<<"${B_ARGS:-}"
+rounds="${ROUNDS:-4}"
+duration="${AB_DURATION:-4s}"
+warmup="${AB_WARMUP:-1s}"
+read -r -a cases <<<"${AB_CASES:-mlp_large:1 demo:1 mixed mlp_large:64 demo:64}"
+python="$repo/.deps/venv/bin/python"
+out="$repo/bench-results/ab"
+mkdir -p "$out"
+
+cargo build --release -p shamal-cli -p shamal-loadtest
+cargo build --release -p shamal-cpu-worker --example ort_raw
+bin="$repo/target/release"
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/shamal-ab.XXXXXX")"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+cp -r models/repository/demo "$tmp/"
+"$python" models/generate.py --large "$tmp" >/dev/null
+
+free_ports() {
+  "$python" - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
+declare -A grpc
+start_side() {
+  local side="$1"
+  shift
+  local http g metrics reg_http reg_grpc
+  read -r http g metrics reg_http reg_grpc < <(free_ports)
+  "$bin/shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
+    --metrics-port "$metrics" --registry-http-port "$reg_http" \
+    --registry-grpc-port "$reg_grpc" --data-dir "$tmp/data_$side" "$@" >"$out/server_$side.log" 2>&1 &
+  pids+=("$!")
+  grpc[$side]="$g"
+}
+start_side A ${a_args[@]+"${a_args[@]}"}
+start_side B ${b_args[@]+"${b_args[@]}"}
+for side in A B; do
+  for _ in $(seq 1 120); do
+    if "$python" - "${grpc[$side]}" <<'EOF' 2>/dev/null; then break; fi
+import sys, tritonclient.grpc as g
+c = g.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}")
+sys.exit(0 if c.is_model_ready("demo") and c.is_model_ready("mlp_large") else 1)
+EOF
+    sleep 0.5
+  done
+done
+echo "A: ${A_ARGS:-(defaults)}  B: ${B_ARGS:-(defaults)}"
+
+load() { # side model concurrency json
+  "$bin/shamal-loadgen" --url "http://127.0.0.1:${grpc[$1]}" --model "$2" \
+    --concurrency "$3" --duration "$duration" --warmup "$warmup" --json "$4" >/dev/null
+}
+figures() { # json
+  "$python" - "$1" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"p50 {r['p50_us']:>6} us  p99 {r['p99_us']:>6} us  {r['ips']:>9.0f} inf/s  errors {r.get('error_total', 0)}")
+EOF
+}
+
+for round in $(seq 1 "$rounds"); do
+  raw="$out/raw_r$round.json"
+  "$bin/examples/ort_raw" --model "$tmp/mlp_large/1/model.onnx" --batch 1 --duration 3s \
+    --warmup 1s --json "$raw" >/dev/null
+  echo "round $round  raw ORT mlp_large b1: $(figures "$raw")"
+  if ((round % 2)); then order="A B"; else order="B A"; fi
+  for case in "${cases[@]}"; do
+    for side in $order; do
+      json="$out/${case/:/_c}_${side}_r$round.json"
+      if [ "$case" = mixed ]; then
+        load "$side" mlp_large 1 "$out/mixed_bg_${side}_r$round.json" &
+        background=$!
+        load "$side" demo 1 "$json"
+        wait "$background"
+      else
+        load "$side" "${case%%:*}" "${case##*:}" "$json"
+      fi
+      printf 'round %s  %-13s %s: %s\n' "$round" "$case" "$side" "$(figures "$json")"
+    done
+  done
+done
