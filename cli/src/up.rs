@@ -75,6 +75,11 @@ pub struct UpArgs {
     /// queue). Default 2000.
     #[arg(long)]
     inline_max_us: Option<u64>,
+    /// Keep the CPUs awake for this many µs after the last request, so the
+    /// next one does not wait for a halted CPU (0: off, the default; costs
+    /// CPU time, see operations.md, "Idle polling").
+    #[arg(long)]
+    idle_poll_us: Option<u64>,
     /// Safetensors model repository of the gpu-worker (candle; CUDA when
     /// built with the `cuda` feature and a GPU answers, else the CPU).
     /// Default: `models/gpu/repository` when it exists, else none (the
@@ -147,6 +152,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         max_batch_size: args.max_batch_size,
         max_queue_delay_us: args.max_queue_delay_us,
         inline_max_us: args.inline_max_us,
+        idle_poll_us: args.idle_poll_us,
         // The in-process router stops before the worker drains: no router
         // is left to route around it, so no grace.
         drain_grace_ms: Some(0),

@@ -50,6 +50,7 @@ use shamal_tensor::{Tensor, TensorData, concat_batch, split_batch};
 use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError, InstanceDevice, RaggedAxis};
+use crate::keep_awake::KeepAwake;
 use crate::stats::{ExecutionRecord, ModelStats};
 
 /// How a batcher forms batches.
@@ -345,6 +346,7 @@ impl Batcher {
                 self.max_batch_size
             )));
         }
+        let _awake = KeepAwake::process_request();
         let _active = self.inline.as_deref().map(Active::enter);
         let (reply, outputs) = oneshot::channel();
         let pending = Pending {

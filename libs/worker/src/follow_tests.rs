@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -709,6 +709,7 @@ async fn start_worker(
         registry,
         defaults: ModelDefaults::default(),
         max_message_bytes: 4 << 20,
+        idle_poll: Duration::ZERO,
     };
     let worker = Worker::new(config, Arc::new(runtime), prometheus::Registry::new());
     let service = worker.service();

@@ -23,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::async_consumer::AsyncInference;
 use crate::backend::Runtime;
 use crate::follow::{Follower, Membership, RegistryFollow, follow as follow_registry};
+use crate::keep_awake::KeepAwake;
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
 };
@@ -44,6 +45,9 @@ pub struct WorkerConfig {
     pub defaults: ModelDefaults,
     /// gRPC message size limit, both directions.
     pub max_message_bytes: usize,
+    /// Keep the CPUs awake this long after the last request (zero: off;
+    /// see `keep_awake`).
+    pub idle_poll: Duration,
 }
 
 /// Pre-bound listeners: binding happens before models load, so a port
@@ -88,6 +92,7 @@ impl Worker {
         if config.registry.is_some() {
             state.follow_registry();
         }
+        KeepAwake::start_for_process(config.idle_poll);
         Worker {
             config,
             runtime,

@@ -83,6 +83,11 @@ pub struct CpuWorkerConfig {
     /// without the two hand-offs to and from its instance thread; 0 always
     /// queues.
     pub inline_max_us: u64,
+    /// Keep the host's CPUs awake (spinning at the lowest priority) while
+    /// requests run and for this many microseconds after the last one, so
+    /// that the next request does not wait for a halted CPU; 0 (the
+    /// default) lets them sleep. Costs CPU time; see operations.md.
+    pub idle_poll_us: u64,
     pub max_message_bytes: usize,
     /// Redis URL of the async inference queue (`redis://host:port[/db]`);
     /// set, the worker also runs the async jobs of its `region` for the
@@ -121,6 +126,7 @@ impl Default for CpuWorkerConfig {
             instances: defaults.instances,
             max_queue_size: defaults.max_queue_size,
             inline_max_us: u64::try_from(defaults.inline_max.as_micros()).unwrap_or(0),
+            idle_poll_us: 0,
             max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
             async_queue: None,
             async_key_prefix: "shamal:async".to_owned(),
@@ -180,6 +186,10 @@ pub struct CpuWorkerArgs {
     /// default 2000).
     #[arg(long, env = "SHAMAL_CPU_WORKER_INLINE_MAX_US")]
     pub inline_max_us: Option<u64>,
+    /// Keep the CPUs awake for this many microseconds after the last
+    /// request (0: off, the default; costs CPU time).
+    #[arg(long, env = "SHAMAL_CPU_WORKER_IDLE_POLL_US")]
+    pub idle_poll_us: Option<u64>,
     #[arg(long, env = "SHAMAL_CPU_WORKER_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
     /// Redis URL of the async inference queue.
@@ -221,6 +231,7 @@ impl CpuWorkerConfig {
             instances,
             max_queue_size,
             inline_max_us,
+            idle_poll_us,
             max_message_bytes,
             region,
             artifact_cache,
@@ -365,6 +376,7 @@ impl CpuWorkerConfig {
                 inline_max: Duration::from_micros(self.inline_max_us),
             },
             max_message_bytes: self.max_message_bytes,
+            idle_poll: Duration::from_micros(self.idle_poll_us),
         }
     }
 
@@ -414,7 +426,8 @@ mod tests {
         let file = dir.path().join("worker.toml");
         std::fs::write(
             &file,
-            "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\ninline_max_us = 0\n",
+            "intra_threads = 3\ninstances = 2\nmax_queue_delay_us = 100\ninline_max_us = 0\n\
+             idle_poll_us = 300\n",
         )
         .unwrap();
         let mut args = args_with_repository(dir.path(), &library);
@@ -426,6 +439,16 @@ mod tests {
         assert_eq!(config.max_queue_delay_us, 100);
         assert_eq!(config.inline_max_us, 0, "from the file");
         assert!(config.worker_config().defaults.inline_max.is_zero());
+        assert_eq!(
+            config.worker_config().idle_poll,
+            Duration::from_micros(300),
+            "from the file"
+        );
+        assert_eq!(
+            CpuWorkerConfig::default().idle_poll_us,
+            0,
+            "idle polling costs CPU time and is off by default"
+        );
         assert_eq!(
             CpuWorkerConfig::default().inline_max_us,
             2_000,

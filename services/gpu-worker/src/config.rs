@@ -298,6 +298,7 @@ impl GpuWorkerConfig {
                 inline_max: Duration::ZERO,
             },
             max_message_bytes: self.max_message_bytes,
+            idle_poll: Duration::ZERO,
         }
     }
 }
