@@ -6,7 +6,8 @@
 #
 # Environment knobs: BENCH_DURATION (10s), BENCH_WARMUP (2s), RAW_DURATION (5s),
 # RAW_WARMUP (1s), ORT_INTRA_THREADS (1), HIGH_CONCURRENCY (64), UP_ARGS (extra
-# `shamal up` flags, e.g. "--instances 2" to compare a setting in one script run).
+# `shamal up` flags, e.g. "--idle-poll-us 500" to measure a setting; for a
+# side-by-side comparison of two settings use loadtests/ab-bench.sh).
 # Results (JSON per run, summary.json, the server log) go to bench-results/.
 set -euo pipefail
 
@@ -118,12 +119,25 @@ for model in demo mlp_large; do
 done
 
 echo "== summary"
+# How the host's idle CPUs wait matters at concurrency 1 (operations.md,
+# "Idle polling"): record it beside the figures.
+export BENCH_CPUIDLE="$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)"
+export BENCH_HALT_POLL_NS="$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo n/a)"
+export BENCH_UP_ARGS="${UP_ARGS:-}"
 "$python" - "$out" "$high_c" <<'EOF'
 import json
+import os
 import sys
 from pathlib import Path
 
 out, high_c = Path(sys.argv[1]), sys.argv[2]
+setup = {
+    "up_args": os.environ.get("BENCH_UP_ARGS", ""),
+    "cpuidle_driver": os.environ.get("BENCH_CPUIDLE", "unknown"),
+    "guest_halt_poll_ns": os.environ.get("BENCH_HALT_POLL_NS", "n/a"),
+}
+print(f"setup: shamal up flags '{setup['up_args']}', cpuidle driver {setup['cpuidle_driver']}, "
+      f"guest_halt_poll_ns {setup['guest_halt_poll_ns']}")
 
 
 def load(name):
@@ -172,6 +186,7 @@ targets = {
 for name, ok in targets.items():
     print(f"  {verdict(ok):<5} {name}")
 summary["targets"] = targets
+summary["setup"] = setup
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"\nJSON results in {out}/")
 EOF
