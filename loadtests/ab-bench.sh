@@ -21,6 +21,8 @@ cd "$repo"
 source scripts/setup-deps.sh
 # shellcheck source=/dev/null
 source scripts/env.sh
+# shellcheck source=loadtests/lib.sh
+source "$repo/loadtests/lib.sh"
 cd "$repo"
 
 read -r -a a_args <<<"${A_ARGS:-}"
@@ -51,24 +53,12 @@ trap cleanup EXIT
 cp -r models/repository/demo "$tmp/"
 "$python" models/generate.py --large "$tmp" >/dev/null
 
-free_ports() {
-  "$python" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(5)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
 declare -A grpc
 start_side() {
   local side="$1"
   shift
   local http g metrics reg_http reg_grpc
-  read -r http g metrics reg_http reg_grpc < <(free_ports)
+  read -r http g metrics reg_http reg_grpc < <(free_ports 5)
   "$bin/shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
     --metrics-port "$metrics" --registry-http-port "$reg_http" \
     --registry-grpc-port "$reg_grpc" --data-dir "$tmp/data_$side" "$@" >"$out/server_$side.log" 2>&1 &

@@ -17,6 +17,8 @@ cd "$repo"
 source scripts/setup-deps.sh
 # shellcheck source=/dev/null
 source scripts/env.sh
+# shellcheck source=loadtests/lib.sh
+source "$repo/loadtests/lib.sh"
 cd "$repo"
 
 duration="${BENCH_DURATION:-10s}"
@@ -66,16 +68,7 @@ for model in demo mlp_large; do
   done
 done
 
-read -r http_port grpc_port metrics_port < <("$python" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-)
+read -r http_port grpc_port metrics_port < <(free_ports 3)
 
 echo "== shamal up (http $http_port, grpc $grpc_port, metrics $metrics_port)"
 "$bin/shamal" up --model-repository "$tmp" --http-port "$http_port" \

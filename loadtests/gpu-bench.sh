@@ -42,6 +42,8 @@ cd "$repo"
 source scripts/setup-deps.sh
 # shellcheck source=/dev/null
 source scripts/env.sh
+# shellcheck source=loadtests/lib.sh
+source "$repo/loadtests/lib.sh"
 cd "$repo"
 
 weights="real"
@@ -190,25 +192,13 @@ for threads in $candle_threads; do
   echo
 done
 
-free_ports() {
-  "$python" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(5)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
 # Starts `shamal up` serving both repositories: candle with $1 CPU threads,
 # ONNX Runtime with $2 intra-op threads, $3 instances per model (`default`
 # for either: the gpu-worker's own default); waits until both encoders are
 # ready. Its log: $out/shamal_$4.log.
 start_server() {
   local candle_threads="$1" intra="$2" instances="$3" name="$4"
-  read -r http_port grpc_port metrics_port reg_http reg_grpc < <(free_ports)
+  read -r http_port grpc_port metrics_port reg_http reg_grpc < <(free_ports 5)
   rm -rf "$tmp/data"
   local threads_env=(env -u RAYON_NUM_THREADS -u CANDLE_NUM_THREADS)
   [ "$candle_threads" = default ] || threads_env+=("RAYON_NUM_THREADS=$candle_threads")
