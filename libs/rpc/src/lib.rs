@@ -1,6 +1,9 @@
 //! gRPC plumbing shared by the router and the workers: the `grpc-timeout`
 //! deadline header, request ids, message size limits and the mapping of codec
-//! errors to statuses.
+//! errors to statuses; and idle polling ([`keep_awake`]), which both serve
+//! requests with.
+
+pub mod keep_awake;
 
 use std::time::Duration;
 

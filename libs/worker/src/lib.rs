@@ -8,7 +8,7 @@ pub mod async_consumer;
 pub mod backend;
 pub mod batcher;
 pub mod follow;
-pub mod keep_awake;
+pub use shamal_rpc::keep_awake;
 pub mod repository;
 pub mod server;
 pub mod service;

@@ -92,7 +92,7 @@ impl Worker {
         if config.registry.is_some() {
             state.follow_registry();
         }
-        KeepAwake::start_for_process(config.idle_poll);
+        let _ = KeepAwake::start_for_process(config.idle_poll);
         Worker {
             config,
             runtime,

@@ -96,6 +96,11 @@ pub struct RouterConfig {
     /// Longest long-poll (`wait_ms`) of a result fetch, in ms; longer
     /// waits are shortened to it.
     pub async_max_wait_ms: u64,
+    /// Keep the host's CPUs awake (spinning at the lowest priority) while
+    /// inference requests are in flight and for this many microseconds
+    /// after the last one; 0 (the default) lets them sleep. Costs CPU
+    /// time; see operations.md, "Idle polling".
+    pub idle_poll_us: u64,
 }
 
 impl Default for RouterConfig {
@@ -133,6 +138,7 @@ impl Default for RouterConfig {
             async_region: AUTO_REGION.to_owned(),
             max_async_backlog: 10_000,
             async_max_wait_ms: 60_000,
+            idle_poll_us: 0,
         }
     }
 }
@@ -230,6 +236,10 @@ pub struct RouterArgs {
     pub max_async_backlog: Option<u64>,
     #[arg(long, env = "SHAMAL_ROUTER_ASYNC_MAX_WAIT_MS")]
     pub async_max_wait_ms: Option<u64>,
+    /// Keep the CPUs awake for this many microseconds after the last
+    /// request (0: off, the default; costs CPU time).
+    #[arg(long, env = "SHAMAL_ROUTER_IDLE_POLL_US")]
+    pub idle_poll_us: Option<u64>,
 }
 
 impl RouterConfig {
@@ -259,6 +269,9 @@ impl RouterConfig {
         }
         if let Some(value) = args.max_message_bytes {
             config.max_message_bytes = value;
+        }
+        if let Some(value) = args.idle_poll_us {
+            config.idle_poll_us = value;
         }
         if let Some(value) = args.default_timeout_ms {
             config.default_timeout_ms = value;
@@ -493,7 +506,8 @@ mod tests {
         let file = dir.path().join("router.toml");
         std::fs::write(
             &file,
-            "workers = [\"127.0.0.1:9\"]\nmax_inflight = 7\ndefault_timeout_ms = 50\n",
+            "workers = [\"127.0.0.1:9\"]\nmax_inflight = 7\ndefault_timeout_ms = 50\n\
+             idle_poll_us = 250\n",
         )
         .unwrap();
         let args = RouterArgs {
@@ -506,6 +520,8 @@ mod tests {
         assert_eq!(config.max_inflight, 7);
         assert_eq!(config.default_timeout_ms, 99, "flag beats file");
         assert_eq!(config.refresh_interval_ms, 1_000, "default kept");
+        assert_eq!(config.idle_poll_us, 250, "from the file");
+        assert_eq!(RouterConfig::default().idle_poll_us, 0, "off by default");
 
         let error = RouterConfig::load(&RouterArgs::default()).unwrap_err();
         assert!(error.contains("workers"), "{error}");

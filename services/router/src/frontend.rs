@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
+use shamal_rpc::keep_awake::KeepAwake;
 use tokio::sync::oneshot;
 use tonic::{Code, Status};
 
@@ -97,6 +98,8 @@ pub struct Frontend {
     pub default_timeout: Duration,
     /// Rollout routing, when the router follows a registry.
     registry: Option<Arc<RegistryRouting>>,
+    /// Idle polling, when this router turned it on (`idle_poll_us`).
+    keep_awake: Option<&'static KeepAwake>,
 }
 
 type Client = UpstreamClient;
@@ -150,7 +153,14 @@ impl Frontend {
             default_timeout: limits.default_timeout,
             model_inflight: ModelInflight::default(),
             registry: None,
+            keep_awake: None,
         }
+    }
+
+    /// Counts inference requests as activity for idle polling.
+    pub fn with_keep_awake(mut self, keep_awake: Option<&'static KeepAwake>) -> Frontend {
+        self.keep_awake = keep_awake;
+        self
     }
 
     /// Requests admitted and not yet answered.
@@ -271,6 +281,7 @@ impl Frontend {
         context: &CallContext,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
+        let _awake = self.keep_awake.map(KeepAwake::request);
         let admission = Priority::of(&request.parameters)
             .and_then(|priority| Ok((priority, self.region_policy(&request, context)?)));
         let (priority, regions) = match admission {

@@ -117,11 +117,17 @@ pub async fn run_with(
     );
     let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
     let outlier_detection = pool.spawn_outlier_detection();
+    // Only a router that turned idle polling on counts its requests: in
+    // `shamal up` the in-process worker counts them already.
+    let keep_awake = shamal_rpc::keep_awake::KeepAwake::start_for_process(Duration::from_micros(
+        config.idle_poll_us,
+    ));
     let mut frontend = Frontend::new(
         pool.clone(),
         RouterMetrics::new(&registry),
         &config.limits(),
-    );
+    )
+    .with_keep_awake(keep_awake);
     // With a registry, rollouts drive the version choice; readiness still
     // follows the workers alone.
     let registry_link = match &config.registry {

@@ -7,10 +7,10 @@
 //! through the hypervisor: tens of microseconds each time, several times
 //! per request. Kernels can poll before halting (`cpuidle-haltpoll`'s
 //! `guest_halt_poll_ns`), but many images switch that off. With
-//! `idle_poll_us` set, the worker starts one spinner thread per CPU at the
-//! `SCHED_IDLE` policy: the scheduler runs such a thread only on a CPU that
-//! has nothing else to run and preempts it the moment anything else
-//! wakes, so the CPU is awake, not halted, when work arrives. Spinners spin
+//! `idle_poll_us` set, a worker or router starts one spinner thread per
+//! CPU at the `SCHED_IDLE` policy: the scheduler runs such a thread only on
+//! a CPU that has nothing else to run and preempts it the moment anything
+//! else wakes, so the CPU is awake, not halted, when work arrives. Spinners spin
 //! only while a few requests are in flight (at most one per CPU) or for
 //! `idle_poll_us` after the last one finished, then sleep until the next
 //! request. With more requests in flight than CPUs the CPUs have work
@@ -91,12 +91,14 @@ impl KeepAwake {
     }
 
     /// Starts the process's spinners, one per CPU, once; later calls keep
-    /// the first setting. Requests of every batcher then count as activity.
-    pub fn start_for_process(window: Duration) {
+    /// the first setting. Returns them when `window` is not zero, for a
+    /// service that counts its requests itself. Requests counted by [`KeepAwake::process_request`]
+    /// (a worker's batchers, a router's inference calls) are its activity.
+    pub fn start_for_process(window: Duration) -> Option<&'static KeepAwake> {
         if window.is_zero() {
-            return;
+            return None;
         }
-        PROCESS.get_or_init(|| {
+        Some(PROCESS.get_or_init(|| {
             let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
             tracing::info!(
                 threads = cpus,
@@ -104,7 +106,7 @@ impl KeepAwake {
                 "idle polling on"
             );
             KeepAwake::start(cpus, window)
-        });
+        }))
     }
 
     /// Counts a request of the process as in flight until the guard drops;
