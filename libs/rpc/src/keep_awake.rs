@@ -10,12 +10,13 @@
 //! `idle_poll_us` set, a worker or router starts one spinner thread per
 //! CPU at the `SCHED_IDLE` policy: the scheduler runs such a thread only on
 //! a CPU that has nothing else to run and preempts it the moment anything
-//! else wakes, so the CPU is awake, not halted, when work arrives. Spinners spin
-//! only while a few requests are in flight (at most one per CPU) or for
-//! `idle_poll_us` after the last one finished, then sleep until the next
-//! request. With more requests in flight than CPUs the CPUs have work
-//! anyway, and spinners in the gaps only took cycles from it (a compute-bound
-//! model lost 8-30 % of its throughput at concurrency 64 before this rule).
+//! else wakes, so the CPU is awake, not halted, when work arrives. Spinners
+//! spin only while a few requests are in flight (at most one per CPU) or
+//! for `idle_poll_us` after the last one finished, then sleep until the
+//! next request. With more requests in flight than CPUs the CPUs have work
+//! anyway, and spinners in the gaps only took cycles from it (a
+//! compute-bound model lost 8-30 % of its throughput at concurrency 64
+//! before this rule).
 //! The same idea as Seastar's idle polling.
 //!
 //! The cost is CPU time: while traffic flows the CPUs show as busy (to the
@@ -37,13 +38,14 @@ struct Shared {
     /// Spinners spin while at most this many requests are in flight.
     most_in_flight: usize,
     epoch: Instant,
-    /// Requests between `enter` and the drop of their guard.
+    /// Requests between `KeepAwake::request` and the drop of their guard.
     in_flight: AtomicUsize,
     /// When the last request finished, in ns since `epoch`.
     last_done_ns: AtomicU64,
     /// Spinners currently spinning (not asleep).
     spinning: AtomicUsize,
-    /// Set while at least one spinner sleeps: `enter` then wakes them.
+    /// Set while at least one spinner sleeps: `KeepAwake::request` then
+    /// wakes them.
     sleeping: AtomicBool,
     wake: Mutex<WakeState>,
     woken: Condvar,
@@ -91,9 +93,11 @@ impl KeepAwake {
     }
 
     /// Starts the process's spinners, one per CPU, once; later calls keep
-    /// the first setting. Returns them when `window` is not zero, for a
-    /// service that counts its requests itself. Requests counted by [`KeepAwake::process_request`]
-    /// (a worker's batchers, a router's inference calls) are its activity.
+    /// the first setting. Their activity is the requests counted by
+    /// [`KeepAwake::process_request`] (a worker's batchers) and by
+    /// [`KeepAwake::request`] on the returned handle (a router, which
+    /// counts only when it turned polling on itself). `None` when `window`
+    /// is zero.
     pub fn start_for_process(window: Duration) -> Option<&'static KeepAwake> {
         if window.is_zero() {
             return None;
