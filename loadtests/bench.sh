@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-run benchmark: raw ONNX Runtime (in process) against the whole stack
-# (`shamal up` driven over gRPC by shamal-loadgen), on `demo` and `mlp_large`.
+# (`shamal up` driven over gRPC by shamal-loadgen), on `demo` and `mlp_large`,
+# with the floor beside them: the same session behind a bare loopback socket
+# (`ort_raw --loopback`), what any server adds on this machine.
 #
 #   loadtests/bench.sh
 #
@@ -66,6 +68,17 @@ for model in demo mlp_large; do
       --json "$out/raw_${model}_b${batch}.json"
     echo
   done
+done
+
+# The floor: the same session behind a bare loopback socket served by a
+# second thread (no protocol, no queue). What it adds over the raw loop is
+# what waking threads and moving bytes costs on this machine, for any server.
+echo "== the floor: ONNX Runtime behind a bare loopback socket"
+for model in demo mlp_large; do
+  "$bin/examples/ort_raw" --model "$tmp/$model/1/model.onnx" --batch 1 --loopback \
+    --duration "$raw_duration" --warmup "$raw_warmup" --intra-threads "$intra" \
+    --json "$out/floor_${model}_b1.json"
+  echo
 done
 
 read -r http_port grpc_port metrics_port < <(free_ports 3)
@@ -141,11 +154,14 @@ def load(name):
 rows, summary = [], {}
 for model in ("demo", "mlp_large"):
     raw1, raw32 = load(f"raw_{model}_b1"), load(f"raw_{model}_b32")
+    floor = load(f"floor_{model}_b1")
     s1, sc = load(f"stack_{model}_c1"), load(f"stack_{model}_c{high_c}")
     entry = {
         "raw_p50_us_b1": raw1["p50_us"],
         "stack_p50_us_c1": s1["p50_us"],
         "added_p50_us": s1["p50_us"] - raw1["p50_us"],
+        "floor_p50_us": floor["p50_us"],
+        "floor_added_p50_us": floor["p50_us"] - raw1["p50_us"],
         f"stack_ips_c{high_c}": sc["ips"],
         "raw_ips_b32": raw32["ips"],
         "ratio": sc["ips"] / raw32["ips"] if raw32["ips"] else 0.0,
@@ -164,6 +180,8 @@ d, m = summary["demo"], summary["mlp_large"]
 print(fmt.format("raw ORT p50, batch 1 (us)", d["raw_p50_us_b1"], m["raw_p50_us_b1"]))
 print(fmt.format("stack p50, c=1 (us)", d["stack_p50_us_c1"], m["stack_p50_us_c1"]))
 print(fmt.format("added p50 (us, target <=150)", d["added_p50_us"], m["added_p50_us"]))
+print(fmt.format("bare-socket floor p50 (us)", d["floor_p50_us"], m["floor_p50_us"]))
+print(fmt.format("floor's added p50 (us)", d["floor_added_p50_us"], m["floor_added_p50_us"]))
 print(fmt.format(f"stack inferences/s, c={high_c}",
                  f"{d[f'stack_ips_c{high_c}']:.0f}", f"{m[f'stack_ips_c{high_c}']:.0f}"))
 print(fmt.format("raw ORT inferences/s, batch 32", f"{d['raw_ips_b32']:.0f}", f"{m['raw_ips_b32']:.0f}"))
