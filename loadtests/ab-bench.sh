@@ -15,15 +15,10 @@
 # reports go to bench-results/ab/.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-# shellcheck source=/dev/null
-source scripts/setup-deps.sh
-# shellcheck source=/dev/null
-source scripts/env.sh
+# Installs and loads the environment, cds to the repository root, sets
+# `repo` and `python`.
 # shellcheck source=loadtests/lib.sh
-source "$repo/loadtests/lib.sh"
-cd "$repo"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 read -r -a a_args <<<"${A_ARGS:-}"
 read -r -a b_args <<<"${B_ARGS:-}"
@@ -31,7 +26,6 @@ rounds="${ROUNDS:-4}"
 duration="${AB_DURATION:-4s}"
 warmup="${AB_WARMUP:-1s}"
 read -r -a cases <<<"${AB_CASES:-mlp_large:1 demo:1 mixed mlp_large:64 demo:64}"
-python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results/ab"
 mkdir -p "$out"
 

@@ -13,15 +13,10 @@
 # Results (JSON per run, summary.json, the server log) go to bench-results/.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-# shellcheck source=/dev/null
-source scripts/setup-deps.sh
-# shellcheck source=/dev/null
-source scripts/env.sh
+# Installs and loads the environment, cds to the repository root, sets
+# `repo` and `python`.
 # shellcheck source=loadtests/lib.sh
-source "$repo/loadtests/lib.sh"
-cd "$repo"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 duration="${BENCH_DURATION:-10s}"
 warmup="${BENCH_WARMUP:-2s}"
@@ -30,7 +25,6 @@ raw_warmup="${RAW_WARMUP:-1s}"
 intra="${ORT_INTRA_THREADS:-1}"
 high_c="${HIGH_CONCURRENCY:-64}"
 read -r -a up_args <<<"${UP_ARGS:-}"
-python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results"
 mkdir -p "$out"
 

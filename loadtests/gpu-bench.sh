@@ -36,15 +36,10 @@
 # Results (JSON per run, summary.json, server logs) go to bench-results/gpu/.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-# shellcheck source=/dev/null
-source scripts/setup-deps.sh
-# shellcheck source=/dev/null
-source scripts/env.sh
+# Installs and loads the environment, cds to the repository root, sets
+# `repo` and `python`.
 # shellcheck source=loadtests/lib.sh
-source "$repo/loadtests/lib.sh"
-cd "$repo"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 weights="real"
 while [ $# -gt 0 ]; do
@@ -70,7 +65,6 @@ batches="${BATCHES:-1,8,32,128}"
 ort_threads="${ORT_INTRA_THREADS-1 2}"
 candle_threads="${CANDLE_THREADS-$(nproc) 1}"
 stack_configs="${STACK_CONFIGS:-candle:default:default candle:$(nproc):1 candle:1:1 candle:1:2 ort:1:1 ort:2:1 ort:1:2}"
-python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results/gpu"
 mkdir -p "$out"
 rm -f "$out/interference.txt"

@@ -1,11 +1,20 @@
-# Helpers shared by the benchmark scripts; source it after
-# scripts/setup-deps.sh (it uses the project's Python in .deps/venv).
+# Set-up and helpers shared by the benchmark scripts. Sourcing it installs
+# what the project needs (scripts/setup-deps.sh), loads its environment
+# (scripts/env.sh: ONNX Runtime's library and friends), and leaves the shell
+# in the repository root with `repo` and `python` (the project's venv) set.
 
-shamal_lib_python="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.deps/venv/bin/python"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+# shellcheck source=/dev/null
+source scripts/setup-deps.sh
+# shellcheck source=/dev/null
+source scripts/env.sh
+cd "$repo"
+python="$repo/.deps/venv/bin/python"
 
 # Prints N free TCP ports of 127.0.0.1, separated by spaces.
 free_ports() {
-  "$shamal_lib_python" - "$1" <<'PY'
+  "$python" - "$1" <<'PY'
 import socket
 import sys
 socks = [socket.socket() for _ in range(int(sys.argv[1]))]

@@ -24,13 +24,10 @@
 # logs to bench-results/rollout-logs/ (--json and --log-dir override).
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-# shellcheck source=/dev/null
-source scripts/setup-deps.sh
-# shellcheck source=/dev/null
-source scripts/env.sh
-cd "$repo"
+# Installs and loads the environment, cds to the repository root, sets
+# `repo` and `python`.
+# shellcheck source=loadtests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [ -z "${ORT_DYLIB_PATH:-}" ]; then
   echo "rollout-bench: ORT_DYLIB_PATH is empty; is onnxruntime installed in .deps/venv?" >&2

@@ -18,13 +18,10 @@
 # SCALE_BENCH_PARTS (scaling,overload,kill: which parts to run).
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-# shellcheck source=/dev/null
-source scripts/setup-deps.sh
-# shellcheck source=/dev/null
-source scripts/env.sh
-cd "$repo"
+# Installs and loads the environment, cds to the repository root, sets
+# `repo` and `python`.
+# shellcheck source=loadtests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 duration="${BENCH_DURATION:-10s}"
 warmup="${BENCH_WARMUP:-2s}"
@@ -32,7 +29,6 @@ max_inflight="${ROUTER_MAX_INFLIGHT:-32}"
 worker_nice="${WORKER_NICE:-0}"
 parts=",${SCALE_BENCH_PARTS:-scaling,overload,kill},"
 part() { [[ "$parts" == *",$1,"* ]]; }
-python="$repo/.deps/venv/bin/python"
 out="$repo/bench-results/scale"
 mkdir -p "$out"
 
@@ -55,10 +51,6 @@ mkdir -p "$tmp/repo"
 cp -r models/repository/demo "$tmp/repo/"
 "$python" models/generate.py --large "$tmp/repo" >/dev/null
 
-free_port() {
-  "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
 wait_http() {
   for _ in $(seq 1 600); do
     if curl -fs "$1" >/dev/null 2>&1; then return 0; fi
@@ -75,8 +67,7 @@ start_workers() {
   worker_addresses=()
   for _ in $(seq 1 "$1"); do
     local grpc metrics
-    grpc="$(free_port)"
-    metrics="$(free_port)"
+    read -r grpc metrics < <(free_ports 2)
     RUST_LOG=warn nice -n "$worker_nice" "$bin/shamal-cpu-worker" --model-repository "$tmp/repo" \
       --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
       --instances 1 --intra-threads 1 >"$out/worker-$grpc.log" 2>&1 &
@@ -92,9 +83,7 @@ router_grpc=""
 router_log=""
 start_router() {
   local http metrics workers
-  router_grpc="$(free_port)"
-  http="$(free_port)"
-  metrics="$(free_port)"
+  read -r router_grpc http metrics < <(free_ports 3)
   workers="$(IFS=,; echo "${worker_addresses[*]}")"
   router_log="$out/router-$router_grpc.log"
   RUST_LOG=info "$bin/shamal-router" --worker "$workers" \
