@@ -655,7 +655,13 @@ impl ModelRegistry {
                 "must list at least one version",
             ));
         }
-        let total: u32 = policy.splits.iter().map(|split| split.weight).sum();
+        // Summed wide: weights are u32 and a request may send values whose
+        // u32 sum overflows (found by schemathesis).
+        let total: u64 = policy
+            .splits
+            .iter()
+            .map(|split| u64::from(split.weight))
+            .sum();
         if total != 100 {
             return Err(RegistryError::invalid(
                 "splits",

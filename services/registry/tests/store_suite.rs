@@ -412,6 +412,36 @@ async fn rollouts_need_ready_versions(registry: Arc<ModelRegistry>) {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("sum to 100"), "{error}");
+    // Weights whose sum overflows u32 are refused, not a panic.
+    let error = registry
+        .set_policy(
+            "fraud",
+            SetPolicy {
+                expected_revision: 0,
+                stable: 1,
+                splits: vec![
+                    Split {
+                        version: 1,
+                        weight: u32::MAX,
+                    },
+                    Split {
+                        version: 2,
+                        weight: 101,
+                    },
+                ],
+                ..Default::default()
+            },
+            "alice",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "invalid_argument");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("not {}", u64::from(u32::MAX) + 101)),
+        "{error}"
+    );
 }
 
 async fn placements_drive_the_version_lifecycle(registry: Arc<ModelRegistry>) {
