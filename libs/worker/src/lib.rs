@@ -4,10 +4,10 @@
 //! the KServe v2 gRPC service, the dynamic batcher, the Triton-layout model
 //! repository, warm-up, statistics and metrics.
 
+pub mod agent;
 pub mod async_consumer;
 pub mod backend;
 pub mod batcher;
-pub mod follow;
 pub use shamal_rpc::keep_awake;
 pub mod repository;
 pub mod server;
@@ -15,10 +15,10 @@ pub mod service;
 pub mod settings;
 pub mod stats;
 
+pub use agent::{RegistryAgentSettings, validate_agent_settings};
 pub use async_consumer::{AsyncInference, QueueSource};
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError, InlineSlots};
-pub use follow::{RegistryFollow, validate_follow_settings};
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;
 pub use shamal_registry_client::names;

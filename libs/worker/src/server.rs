@@ -20,9 +20,9 @@ use tokio::net::TcpListener;
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 
+use crate::agent::{Follower, Membership, RegistryAgentSettings, follow as follow_registry};
 use crate::async_consumer::AsyncInference;
 use crate::backend::Runtime;
-use crate::follow::{Follower, Membership, RegistryFollow, follow as follow_registry};
 use crate::keep_awake::KeepAwake;
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
@@ -41,7 +41,7 @@ pub struct WorkerConfig {
     /// served side by side (the repository wins on a shared version).
     pub model_repository: Option<PathBuf>,
     /// The model registry to follow, if any.
-    pub registry: Option<RegistryFollow>,
+    pub registry: Option<RegistryAgentSettings>,
     pub defaults: ModelDefaults,
     /// gRPC message size limit, both directions.
     pub max_message_bytes: usize,
@@ -369,7 +369,7 @@ fn async_identity(
             None => format!(
                 "{}-{}-{}",
                 config.server_name,
-                crate::follow::hostname(),
+                crate::agent::hostname(),
                 grpc_address.port()
             ),
         });

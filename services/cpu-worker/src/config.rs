@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shamal_async_queue::{QueueConfig, RedisOptions};
-use shamal_worker::{AsyncInference, ModelDefaults, QueueSource, RegistryFollow, WorkerConfig};
+use shamal_worker::{
+    AsyncInference, ModelDefaults, QueueSource, RegistryAgentSettings, WorkerConfig,
+};
 
 use crate::onnx::{Optimization, SessionOptions};
 
@@ -116,7 +118,7 @@ impl Default for CpuWorkerConfig {
             region: "local".to_owned(),
             artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
             capacity: None,
-            drain_grace_ms: u64::try_from(shamal_worker::follow::DEFAULT_DRAIN_GRACE.as_millis())
+            drain_grace_ms: u64::try_from(shamal_worker::agent::DEFAULT_DRAIN_GRACE.as_millis())
                 .unwrap_or(1000),
             onnxruntime_library: None,
             intra_threads: 1,
@@ -311,7 +313,7 @@ impl CpuWorkerConfig {
             return Err("drain_grace_ms must be at most 600000 (10 minutes)".to_owned());
         }
         if let Some(registry) = &self.registry {
-            shamal_worker::validate_follow_settings(
+            shamal_worker::validate_agent_settings(
                 registry,
                 self.worker_id.as_deref(),
                 self.advertise_address.as_deref(),
@@ -358,7 +360,7 @@ impl CpuWorkerConfig {
         WorkerConfig {
             server_name: "shamal-cpu-worker".to_owned(),
             model_repository: self.model_repository.clone(),
-            registry: self.registry.as_ref().map(|address| RegistryFollow {
+            registry: self.registry.as_ref().map(|address| RegistryAgentSettings {
                 address: address.clone(),
                 worker_id: self.worker_id.clone().unwrap_or_default(),
                 advertise_address: self.advertise_address.clone(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shamal_worker::{ModelDefaults, RegistryFollow, WorkerConfig};
+use shamal_worker::{ModelDefaults, RegistryAgentSettings, WorkerConfig};
 
 use crate::spec::DevicePreference;
 
@@ -79,7 +79,7 @@ impl Default for GpuWorkerConfig {
             region: "local".to_owned(),
             artifact_cache: std::env::temp_dir().join("shamal-artifacts"),
             capacity: None,
-            drain_grace_ms: u64::try_from(shamal_worker::follow::DEFAULT_DRAIN_GRACE.as_millis())
+            drain_grace_ms: u64::try_from(shamal_worker::agent::DEFAULT_DRAIN_GRACE.as_millis())
                 .unwrap_or(1000),
             device: DevicePreference::Auto,
             cuda_device: 0,
@@ -249,7 +249,7 @@ impl GpuWorkerConfig {
             return Err("drain_grace_ms must be at most 600000 (10 minutes)".to_owned());
         }
         if let Some(registry) = &self.registry {
-            shamal_worker::validate_follow_settings(
+            shamal_worker::validate_agent_settings(
                 registry,
                 self.worker_id.as_deref(),
                 self.advertise_address.as_deref(),
@@ -278,7 +278,7 @@ impl GpuWorkerConfig {
         WorkerConfig {
             server_name: "shamal-gpu-worker".to_owned(),
             model_repository: self.model_repository.clone(),
-            registry: self.registry.as_ref().map(|address| RegistryFollow {
+            registry: self.registry.as_ref().map(|address| RegistryAgentSettings {
                 address: address.clone(),
                 worker_id: self.worker_id.clone().unwrap_or_default(),
                 advertise_address: self.advertise_address.clone(),

@@ -168,7 +168,7 @@ async fn start_worker(backend: &Backend, repository: PathBuf, region: &str) -> (
         // The default consumer id of a worker without a registry.
         Backend::Redis { .. } => format!(
             "shamal-cpu-worker-{}-{}",
-            shamal_worker::follow::hostname(),
+            shamal_worker::agent::hostname(),
             address.port()
         ),
     };

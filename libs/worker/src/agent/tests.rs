@@ -699,7 +699,7 @@ impl Running {
 }
 
 async fn start_worker(
-    registry: Option<RegistryFollow>,
+    registry: Option<RegistryAgentSettings>,
     repository: Option<PathBuf>,
     runtime: FakeRuntime,
 ) -> Running {
@@ -733,13 +733,13 @@ async fn start_worker(
     }
 }
 
-fn follow_settings(address: SocketAddr, cache: &Path) -> RegistryFollow {
-    RegistryFollow {
+fn follow_settings(address: SocketAddr, cache: &Path) -> RegistryAgentSettings {
+    RegistryAgentSettings {
         worker_id: "worker-a".to_owned(),
         advertise_address: Some("worker-a.example:8101".to_owned()),
         // Short: these tests stop their workers often.
         drain_grace: Duration::from_millis(50),
-        ..RegistryFollow::new(address.to_string(), cache)
+        ..RegistryAgentSettings::new(address.to_string(), cache)
     }
 }
 
@@ -1149,7 +1149,7 @@ async fn member_state(registry: &ModelRegistry, id: &str) -> Option<MemberState>
 
 #[test]
 fn capacity_defaults_to_instances_times_max_batch_size() {
-    let follow = RegistryFollow::new("127.0.0.1:1", "/tmp/cache");
+    let follow = RegistryAgentSettings::new("127.0.0.1:1", "/tmp/cache");
     assert_eq!(follow.capacity, 0);
     assert_eq!(follow.drain_grace, DEFAULT_DRAIN_GRACE);
     assert_eq!(follow.effective_capacity(&ModelDefaults::default()), 32);
@@ -1159,7 +1159,7 @@ fn capacity_defaults_to_instances_times_max_batch_size() {
         ..ModelDefaults::default()
     };
     assert_eq!(follow.effective_capacity(&defaults), 24);
-    let fixed = RegistryFollow {
+    let fixed = RegistryAgentSettings {
         capacity: 5,
         ..follow
     };
@@ -1185,7 +1185,7 @@ async fn worker_heartbeats_then_drains_before_it_leaves() {
     };
     let started = runtime.started.clone();
     let grace = Duration::from_millis(1500);
-    let follow = RegistryFollow {
+    let follow = RegistryAgentSettings {
         capacity: 7,
         drain_grace: grace,
         ..follow_settings(running.grpc_address, &dir.path().join("cache"))
@@ -1323,7 +1323,7 @@ async fn shutdown_does_not_wait_for_an_unreachable_registry() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let follow = RegistryFollow {
+    let follow = RegistryAgentSettings {
         drain_grace: Duration::from_secs(30),
         ..follow_settings(address, &dir.path().join("cache"))
     };

@@ -45,7 +45,7 @@ use crate::stats::WorkerMetrics;
 
 /// How a worker follows the registry.
 #[derive(Clone, Debug)]
-pub struct RegistryFollow {
+pub struct RegistryAgentSettings {
     /// The registry's internal gRPC address (`host:port` or a URL).
     pub address: String,
     /// This worker's identity in the registry; empty: `<hostname>-<port of
@@ -71,14 +71,17 @@ pub struct RegistryFollow {
     pub drain_grace: Duration,
 }
 
-/// Default of [`RegistryFollow::drain_grace`].
+/// Default of [`RegistryAgentSettings::drain_grace`].
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_millis(1000);
 
-impl RegistryFollow {
+impl RegistryAgentSettings {
     /// Follows the registry at `address` with the defaults: derived id and
     /// address, region `local`, device `cpu`.
-    pub fn new(address: impl Into<String>, artifact_cache: impl Into<PathBuf>) -> RegistryFollow {
-        RegistryFollow {
+    pub fn new(
+        address: impl Into<String>,
+        artifact_cache: impl Into<PathBuf>,
+    ) -> RegistryAgentSettings {
+        RegistryAgentSettings {
             address: address.into(),
             worker_id: String::new(),
             advertise_address: None,
@@ -122,7 +125,7 @@ impl RegistryFollow {
 /// Checks a worker's registry settings as configured (before the worker
 /// binds its port), naming the field at fault. Shared by every worker
 /// binary.
-pub fn validate_follow_settings(
+pub fn validate_agent_settings(
     registry: &str,
     worker_id: Option<&str>,
     advertise_address: Option<&str>,
@@ -681,7 +684,7 @@ async fn report_loop(
 
 /// Everything the follower needs from the worker.
 pub(crate) struct Follower {
-    pub follow: RegistryFollow,
+    pub follow: RegistryAgentSettings,
     /// Resolved worker id.
     pub worker_id: String,
     pub state: Arc<WorkerState>,
@@ -1081,7 +1084,7 @@ pub(crate) struct Membership {
 
 impl Membership {
     pub fn new(
-        follow: &RegistryFollow,
+        follow: &RegistryAgentSettings,
         worker_id: String,
         address: String,
         formats: &[&str],
@@ -1316,5 +1319,4 @@ impl Membership {
 }
 
 #[cfg(test)]
-#[path = "follow_tests.rs"]
 mod tests;
