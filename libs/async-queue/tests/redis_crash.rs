@@ -4,7 +4,8 @@
 //! has exactly one result and none is lost.
 //!
 //! Needs the `redis-server` binary (PATH or /usr/bin); skipped loudly when
-//! absent unless CI=1 or SHAMAL_REQUIRE_REDIS=1.
+//! absent, or fails under SHAMAL_REQUIRE_SERVICES=1 as in scripts/test.sh
+//! (docs/testing.md).
 
 mod common;
 
@@ -21,18 +22,6 @@ use shamal_async_queue::{
     RedisOptions, RedisQueue, StreamKey, StreamSelector, run_consumer,
 };
 use tokio::sync::{mpsc, oneshot};
-
-fn find_redis_server() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("redis-server"))
-            .find(|p| p.is_file())
-    });
-    on_path.or_else(|| {
-        let fallback = PathBuf::from("/usr/bin/redis-server");
-        fallback.is_file().then_some(fallback)
-    })
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -135,14 +124,7 @@ fn answer(job: &Job) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_has_exactly_one_result_after_worker_and_redis_crash() {
-    let Some(bin) = find_redis_server() else {
-        if common::redis_required() {
-            panic!(
-                "redis-server not found on PATH or at /usr/bin/redis-server, and CI/SHAMAL_REQUIRE_REDIS is set \
-                 (install it: scripts/ensure-redis.sh or apt-get install redis-server)"
-            );
-        }
-        eprintln!("\n!!!!!! SKIPPING Redis crash test: redis-server binary not found !!!!!!\n");
+    let Some(bin) = common::services::redis_server("Redis crash test") else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,7 +1,7 @@
 //! One behavioural suite, run against both backends: `memory::*` on the
-//! in-process queue, `redis::*` on Redis (SHAMAL_TEST_REDIS_URL, default
-//! redis://127.0.0.1:6379; skipped loudly when unreachable unless CI=1 or
-//! SHAMAL_REQUIRE_REDIS=1).
+//! in-process queue, `redis::*` on Redis at SHAMAL_TEST_REDIS_URL (which
+//! must answer when set; when unset they are skipped loudly, or fail under
+//! SHAMAL_REQUIRE_SERVICES=1 as in scripts/test.sh: docs/testing.md).
 
 mod common;
 

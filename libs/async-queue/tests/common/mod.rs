@@ -1,4 +1,9 @@
-//! Shared test harness: one queue factory per backend.
+//! Shared test harness: one queue factory per backend. Redis comes from
+//! `SHAMAL_TEST_REDIS_URL`, under the skip policy of every test that needs
+//! a service (`tests/support/services.rs`, `docs/testing.md`): unset, the
+//! Redis cases are skipped loudly (they fail under
+//! `SHAMAL_REQUIRE_SERVICES=1`, as in `scripts/test.sh`); set, Redis must
+//! answer.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -6,15 +11,8 @@ use std::time::Duration;
 
 use shamal_async_queue::{JobId, JobQueue, MemoryQueue, QueueConfig, RedisOptions, RedisQueue};
 
-/// True when Redis must be available (CI): tests fail instead of skipping.
-pub fn redis_required() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| v == "1" || v == "true");
-    set("CI") || set("SHAMAL_REQUIRE_REDIS")
-}
-
-pub fn redis_url() -> String {
-    std::env::var("SHAMAL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+#[path = "../../../../tests/support/services.rs"]
+pub mod services;
 
 /// PINGs the server at `url`.
 pub async fn ping(url: &str) -> Result<(), String> {
@@ -36,23 +34,19 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The Redis backend, or `None` (with a loud message) when Redis is not
-    /// reachable and not required.
+    /// Redis at `SHAMAL_TEST_REDIS_URL`, which must answer PING; `None`
+    /// (the test is skipped, loudly) when the variable is unset, unless
+    /// `SHAMAL_REQUIRE_SERVICES=1` (see `tests/support/services.rs`).
     pub async fn redis() -> Option<Backend> {
-        let url = redis_url();
-        match ping(&url).await {
-            Ok(()) => Some(Backend::Redis(url)),
-            Err(e) if redis_required() => {
-                panic!("Redis at {url} is unreachable ({e}) and CI/SHAMAL_REQUIRE_REDIS is set")
-            }
-            Err(e) => {
-                eprintln!(
-                    "\n!!!!!! SKIPPING Redis test: {url} unreachable ({e}); run scripts/ensure-redis.sh \
-                     or set SHAMAL_TEST_REDIS_URL !!!!!!\n"
-                );
-                None
-            }
+        let url = services::configured(
+            "SHAMAL_TEST_REDIS_URL",
+            "Redis queue test",
+            "scripts/ensure-redis.sh prints a URL for it",
+        )?;
+        if let Err(error) = ping(&url).await {
+            services::unusable("SHAMAL_TEST_REDIS_URL", &url, error);
         }
+        Some(Backend::Redis(url))
     }
 
     pub async fn queue(&self, config: QueueConfig) -> TestQueue {
