@@ -1,7 +1,14 @@
 //! Registries for tests: SQLite in a temporary file, or a fresh database
-//! on the PostgreSQL server that `scripts/ensure-postgres.sh` provides
-//! (`SHAMAL_TEST_POSTGRES_URL`, default 127.0.0.1:5432 as user postgres).
+//! on the PostgreSQL server at `SHAMAL_TEST_POSTGRES_URL`
+//! (`scripts/ensure-postgres.sh` prints one), under the skip policy of
+//! every test that needs a service (`services`, `docs/testing.md`): unset,
+//! the PostgreSQL cases are skipped loudly, or fail under
+//! `SHAMAL_REQUIRE_SERVICES=1` as in `scripts/test.sh`; set, the server
+//! must answer.
 #![allow(dead_code, clippy::unwrap_used)]
+
+#[path = "../../../../tests/support/services.rs"]
+pub mod services;
 
 use std::sync::Arc;
 
@@ -30,29 +37,29 @@ impl TestDb {
         }
     }
 
-    /// A database of its own on the test PostgreSQL server.
-    pub async fn postgres() -> TestDb {
-        let admin = std::env::var("SHAMAL_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    /// A database of its own on the test PostgreSQL server; `None` (the
+    /// test is skipped) when `SHAMAL_TEST_POSTGRES_URL` is unset and
+    /// skipping is allowed.
+    pub async fn postgres() -> Option<TestDb> {
+        let admin = services::configured(
+            "SHAMAL_TEST_POSTGRES_URL",
+            "PostgreSQL store test",
+            "scripts/ensure-postgres.sh prints a URL for it",
+        )?;
         let mut connection = sqlx::postgres::PgConnection::connect(&admin)
             .await
-            .unwrap_or_else(|error| {
-                panic!(
-                    "PostgreSQL is not reachable at {admin} ({error}); run scripts/ensure-postgres.sh \
-                     or set SHAMAL_TEST_POSTGRES_URL"
-                )
-            });
+            .unwrap_or_else(|error| services::unusable("SHAMAL_TEST_POSTGRES_URL", &admin, error));
         let name = format!("shamal_test_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut connection)
             .await
             .unwrap();
         let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap();
-        TestDb {
+        Some(TestDb {
             url: format!("{base}/{name}"),
             dir: tempfile::tempdir().unwrap(),
             drop_database: Some((admin, name)),
-        }
+        })
     }
 
     pub async fn open(&self) -> Arc<ModelRegistry> {
