@@ -13,6 +13,7 @@ pub mod error;
 pub mod grpc;
 pub mod membership;
 pub mod model;
+mod paging;
 pub mod placement;
 pub mod planner;
 pub mod registry;

@@ -9,7 +9,8 @@ use sqlx::Row;
 
 use crate::error::{RegistryError, Result};
 use crate::model::*;
-use crate::registry::{ModelRegistry, actor_or_anonymous, page_of, validate_model_name};
+use crate::paging::PageRequest;
+use crate::registry::{ModelRegistry, actor_or_anonymous, validate_model_name};
 use crate::store::*;
 
 use shamal_registry_client::names;
@@ -234,11 +235,10 @@ impl ModelRegistry {
         page_size_requested: Option<u32>,
         token: Option<&str>,
     ) -> Result<Page<ResidencyChange>> {
-        let limit = page_size(page_size_requested)?;
-        let after = token.map(decode_number_token).transpose()?.unwrap_or(0);
+        let page = PageRequest::<i64>::new(page_size_requested, token)?;
         let rows = sqlx::query("SELECT id, scope, subject, allowed_regions, actor, at FROM residency_history WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(after)
-            .bind(limit + 1)
+            .bind(page.after)
+            .bind(page.fetch_limit())
             .fetch_all(&self.store.pool)
             .await?;
         let items = rows
@@ -255,7 +255,7 @@ impl ModelRegistry {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(page_of(items, limit, |change| change.id.to_string()))
+        Ok(page.page(items, |change| change.id.to_string()))
     }
 
     /// The complete set of tenant policies, as Watch carries it.

@@ -1,7 +1,6 @@
 //! The database: one set of queries for Postgres and SQLite (sqlx's `Any`
 //! driver), migrations per backend, and row decoding.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -267,37 +266,5 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
                     .is_some_and(|code| code == "23505" || code == "2067" || code == "1555")
         }
         _ => false,
-    }
-}
-
-/// Page tokens are opaque to clients: base64url of the last key returned.
-pub fn encode_token(key: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
-}
-
-pub fn decode_token(token: &str) -> Result<String> {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or_else(|| RegistryError::invalid("page_token", "is not a token this API returned"))
-}
-
-pub fn decode_number_token(token: &str) -> Result<i64> {
-    i64::from_str(&decode_token(token)?)
-        .map_err(|_| RegistryError::invalid("page_token", "is not a token this API returned"))
-}
-
-/// Validates a page size: default 50, 1..=500.
-pub fn page_size(requested: Option<u32>) -> Result<i64> {
-    match requested {
-        None => Ok(50),
-        Some(size @ 1..=500) => Ok(i64::from(size)),
-        Some(_) => Err(RegistryError::invalid(
-            "page_size",
-            "must be between 1 and 500",
-        )),
     }
 }

@@ -1,0 +1,43 @@
+//! Artifacts: content-addressed bytes that versions point to.
+
+use std::io;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use super::ModelRegistry;
+use crate::artifacts::{ByteStream, validate_sha256};
+use crate::error::{RegistryError, Result};
+use crate::model::*;
+
+impl ModelRegistry {
+    /// Streams an upload into the artifact store, verified against the
+    /// declared digest; idempotent for the same bytes.
+    pub async fn put_artifact(
+        &self,
+        sha256: &str,
+        body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<u64> {
+        validate_sha256("sha256", sha256)?;
+        let size = self
+            .artifacts
+            .put(sha256, body, self.max_artifact_bytes)
+            .await?;
+        let mut tx = self.store.begin_write().await?;
+        sqlx::query("INSERT INTO artifacts (sha256, size_bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
+            .bind(sha256)
+            .bind(size as i64)
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(size)
+    }
+
+    pub async fn open_artifact(&self, sha256: &str) -> Result<(u64, ByteStream)> {
+        validate_sha256("sha256", sha256)?;
+        self.artifacts.open(sha256).await?.ok_or_else(|| {
+            RegistryError::NotFound(format!("artifact sha256:{sha256} does not exist"))
+        })
+    }
+}
