@@ -5,12 +5,27 @@
 //! answer in plain text, is a JSON [`ErrorBody`](crate::error::ErrorBody)
 //! naming the offending field where there is one. Writes are attributed to
 //! the `x-shamal-actor` header (until OIDC lands).
+//!
+//! Each resource's handlers, with their OpenAPI annotations and request
+//! bodies, live in a file of their own (`models`, `versions`, `artifacts`,
+//! `aliases`, `rollouts`, `workers`, `placement`, `residency`, and `meta`
+//! for the UI, the document and the fallbacks); `extract` holds the request
+//! extractors they share and `reply` the pieces of their answers.
 
+mod aliases;
 mod api_error;
+mod artifacts;
 mod extract;
-mod handlers;
+mod meta;
 mod metrics;
+mod models;
 mod openapi;
+mod placement;
+mod reply;
+mod residency;
+mod rollouts;
+mod versions;
+mod workers;
 
 use std::sync::Arc;
 
@@ -18,13 +33,14 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 
+pub use aliases::SetAliasRequest;
 pub use api_error::ApiError;
+pub use artifacts::ArtifactUploaded;
 pub use extract::ACTOR_HEADER;
-pub use handlers::{
-    ArtifactUploaded, CreateModel, Items, ModelDetail, RevisionRequest, RollbackRequest,
-    SetAliasRequest, ShiftRequest,
-};
+pub use models::{CreateModel, ModelDetail};
 pub use openapi::openapi;
+pub use reply::Items;
+pub use rollouts::{RevisionRequest, RollbackRequest, ShiftRequest};
 
 use crate::registry::ModelRegistry;
 
@@ -56,68 +72,85 @@ pub fn router(
         openapi_json: bytes::Bytes::from(openapi_json),
     };
     let http_metrics = metrics::HttpMetrics::new(metrics);
-    use handlers as h;
     Router::new()
-        .route("/", get(h::ui))
-        .route("/openapi.json", get(h::openapi_document))
-        .route("/v1/models", get(h::list_models).post(h::create_model))
-        .route("/v1/models/{name}", get(h::get_model))
+        .route("/", get(meta::ui))
+        .route("/openapi.json", get(meta::openapi_document))
+        .route(
+            "/v1/models",
+            get(models::list_models).post(models::create_model),
+        )
+        .route("/v1/models/{name}", get(models::get_model))
         .route(
             "/v1/models/{name}/versions",
-            get(h::list_versions).post(h::register_version),
+            get(versions::list_versions).post(versions::register_version),
         )
-        .route("/v1/models/{name}/versions/{version}", get(h::get_version))
+        .route(
+            "/v1/models/{name}/versions/{version}",
+            get(versions::get_version),
+        )
         .route(
             "/v1/models/{name}/versions/{version}/archive",
-            post(h::archive_version),
+            post(versions::archive_version),
         )
         .route(
             "/v1/models/{name}/versions/{version}/retry",
-            post(h::retry_version),
+            post(versions::retry_version),
         )
         .route(
             "/v1/artifacts/{sha256}",
-            put(h::put_artifact)
-                .get(h::get_artifact)
-                .head(h::head_artifact)
+            put(artifacts::put_artifact)
+                .get(artifacts::get_artifact)
+                .head(artifacts::head_artifact)
                 .layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/models/{name}/aliases", get(h::list_aliases))
+        .route("/v1/models/{name}/aliases", get(aliases::list_aliases))
         .route(
             "/v1/models/{name}/aliases/{alias}",
-            put(h::set_alias).delete(h::delete_alias),
+            put(aliases::set_alias).delete(aliases::delete_alias),
         )
         .route(
             "/v1/models/{name}/rollout",
-            get(h::rollout_status).post(h::start_rollout),
+            get(rollouts::rollout_status).post(rollouts::start_rollout),
         )
-        .route("/v1/models/{name}/rollout/policy", put(h::set_policy))
-        .route("/v1/models/{name}/rollout/shift", post(h::shift))
-        .route("/v1/models/{name}/rollout/promote", post(h::promote))
-        .route("/v1/models/{name}/rollout/rollback", post(h::rollback))
-        .route("/v1/models/{name}/rollout/pause", post(h::pause))
-        .route("/v1/models/{name}/rollout/resume", post(h::resume))
-        .route("/v1/models/{name}/rollout/history", get(h::history))
-        .route("/v1/models/{name}/placements", get(h::list_placements))
+        .route(
+            "/v1/models/{name}/rollout/policy",
+            put(rollouts::set_policy),
+        )
+        .route("/v1/models/{name}/rollout/shift", post(rollouts::shift))
+        .route("/v1/models/{name}/rollout/promote", post(rollouts::promote))
+        .route(
+            "/v1/models/{name}/rollout/rollback",
+            post(rollouts::rollback),
+        )
+        .route("/v1/models/{name}/rollout/pause", post(rollouts::pause))
+        .route("/v1/models/{name}/rollout/resume", post(rollouts::resume))
+        .route("/v1/models/{name}/rollout/history", get(rollouts::history))
+        .route(
+            "/v1/models/{name}/placements",
+            get(workers::list_placements),
+        )
         .route(
             "/v1/models/{name}/placement",
-            get(h::get_placement).put(h::set_placement),
+            get(placement::get_placement).put(placement::set_placement),
         )
-        .route("/v1/workers", get(h::list_workers))
+        .route("/v1/workers", get(workers::list_workers))
         .route(
             "/v1/models/{name}/residency",
-            get(h::get_model_residency).put(h::set_model_residency),
+            get(residency::get_model_residency).put(residency::set_model_residency),
         )
-        .route("/v1/residency/tenants", get(h::list_tenant_policies))
+        .route(
+            "/v1/residency/tenants",
+            get(residency::list_tenant_policies),
+        )
         .route(
             "/v1/residency/tenants/{tenant}",
-            get(h::get_tenant_policy)
-                .put(h::set_tenant_policy)
-                .delete(h::delete_tenant_policy),
+            get(residency::get_tenant_policy)
+                .put(residency::set_tenant_policy)
+                .delete(residency::delete_tenant_policy),
         )
-        .route("/v1/residency/history", get(h::residency_history))
-        .fallback(h::no_route)
-        .method_not_allowed_fallback(h::method_not_allowed)
+        .route("/v1/residency/history", get(residency::residency_history))
+        .fallback(meta::no_route)
+        .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             http_metrics,

@@ -8,7 +8,9 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use utoipa::IntoParams;
 
 use super::api_error::ApiError;
 use crate::error::RegistryError;
@@ -211,10 +213,18 @@ impl PathParams {
 }
 
 /// `?page_size=&page_token=` of list endpoints; unknown or repeated
-/// parameters are refused.
-#[derive(Debug, Default)]
+/// parameters are refused. Every list endpoint documents its paging with
+/// this one struct (`params(PageQuery)`). The extractor parses the query by
+/// hand rather than through `Deserialize`, so that each error names the
+/// parameter at fault and an empty `page_token` means the first page.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Items per page (default 50)
+    #[param(minimum = 1, maximum = 500)]
     pub page_size: Option<u32>,
+    /// `next_page_token` of the previous page
     pub page_token: Option<String>,
 }
 
