@@ -3,7 +3,7 @@
 //! Drain, on shutdown: the worker reports not ready (health NOT_SERVING,
 //! its models UNAVAILABLE in RepositoryIndex); with a registry, it tells the
 //! registry it is draining and, once the registry accepted that, keeps
-//! serving for the follow setting's `drain_grace` so that routers route
+//! serving for the agent settings' `drain_grace` so that routers route
 //! around it; then it stops taking requests, finishes those in flight, tells
 //! the registry it is gone, and exits.
 
@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 
-use crate::agent::{Follower, Membership, RegistryAgentSettings, follow as follow_registry};
+use crate::agent::{self, Agent, Membership, RegistryAgentSettings};
 use crate::async_consumer::AsyncInference;
 use crate::backend::Runtime;
 use crate::keep_awake::KeepAwake;
@@ -158,14 +158,14 @@ async fn serve(
 
     // Requests the gRPC inference service is handling (heartbeat load).
     let inflight = Arc::new(AtomicUsize::new(0));
-    let membership = config.registry.as_ref().and_then(|follow| {
-        let (worker_id, address) = follow.identity(grpc_address);
+    let membership = config.registry.as_ref().and_then(|settings| {
+        let (worker_id, address) = settings.identity(grpc_address);
         Membership::new(
-            follow,
+            settings,
             worker_id,
             address,
             runtime.formats(),
-            follow.effective_capacity(&config.defaults),
+            settings.effective_capacity(&config.defaults),
             state.clone(),
             inflight.clone(),
         )
@@ -175,7 +175,7 @@ async fn serve(
     let drain_grace = config
         .registry
         .as_ref()
-        .map_or(Duration::ZERO, |follow| follow.drain_grace);
+        .map_or(Duration::ZERO, |settings| settings.drain_grace);
     let (heartbeats_stop, heartbeats_stopped) = tokio::sync::watch::channel(false);
     let heartbeats = membership
         .clone()
@@ -224,7 +224,7 @@ async fn serve(
     });
 
     // Repository models load in the background, registry models in the
-    // follower; the gRPC server answers meanwhile (ServerReady false until
+    // registry agent; the gRPC server answers meanwhile (ServerReady false until
     // the repository is loaded and the registry's first snapshot acted on).
     let listing = match config.model_repository.clone() {
         Some(repository) => {
@@ -263,11 +263,11 @@ async fn serve(
     };
 
     let (synced_sender, mut synced) = tokio::sync::watch::channel(config.registry.is_none());
-    let follower = match (&config.registry, &membership) {
-        (Some(follow), Some(membership)) => {
-            let (worker_id, _) = follow.identity(grpc_address);
-            let follower = Follower {
-                follow: follow.clone(),
+    let agent_task = match (&config.registry, &membership) {
+        (Some(settings), Some(membership)) => {
+            let (worker_id, _) = settings.identity(grpc_address);
+            let agent = Agent {
+                settings: settings.clone(),
                 worker_id,
                 state: state.clone(),
                 runtime: runtime.clone(),
@@ -276,7 +276,7 @@ async fn serve(
                 synced: synced_sender,
                 membership: membership.clone(),
             };
-            Some(tokio::spawn(follow_registry(follower, stop.clone())))
+            Some(tokio::spawn(agent::run(agent, stop.clone())))
         }
         _ => None,
     };
@@ -329,8 +329,8 @@ async fn serve(
     if let Some(consumer) = async_consumer {
         let _ = consumer.await;
     }
-    if let Some(follower) = follower {
-        let _ = follower.await;
+    if let Some(agent_task) = agent_task {
+        let _ = agent_task.await;
     }
     let _ = became_ready.await;
     if let Some(membership) = &membership {
@@ -355,21 +355,21 @@ fn async_identity(
     settings: &AsyncInference,
     grpc_address: std::net::SocketAddr,
 ) -> crate::async_consumer::Identity {
-    let follow = config.registry.as_ref();
+    let registry = config.registry.as_ref();
     let region = settings
         .region
         .clone()
-        .or_else(|| follow.map(|follow| follow.region.clone()))
+        .or_else(|| registry.map(|registry| registry.region.clone()))
         .unwrap_or_else(|| "local".to_owned());
     let consumer_id = settings
         .consumer_id
         .clone()
-        .unwrap_or_else(|| match follow {
-            Some(follow) => follow.identity(grpc_address).0,
+        .unwrap_or_else(|| match registry {
+            Some(registry) => registry.identity(grpc_address).0,
             None => format!(
                 "{}-{}-{}",
                 config.server_name,
-                crate::agent::hostname(),
+                agent::hostname(),
                 grpc_address.port()
             ),
         });
