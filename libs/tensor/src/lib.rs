@@ -15,7 +15,7 @@ use shamal_proto::inference::InferTensorContents;
 use shamal_proto::inference::model_infer_request::InferInputTensor;
 use shamal_proto::inference::model_infer_response::InferOutputTensor;
 
-pub use batch::{concat_batch, split_batch};
+pub use batch::{concat_batch, concat_batch_padded, pad_to_largest, pad_zeros, split_batch};
 pub use dtype::DataType;
 pub use typed::{float_bytes_from_f64, to_f64_values};
 

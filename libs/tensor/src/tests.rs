@@ -491,3 +491,72 @@ mod properties {
         }
     }
 }
+
+fn int64_values(tensor: &Tensor) -> Vec<i64> {
+    let TensorData::Fixed(bytes) = &tensor.data else {
+        unreachable!()
+    };
+    bytes
+        .chunks_exact(8)
+        .map(|chunk| i64::from_le_bytes(chunk.try_into().unwrap()))
+        .collect()
+}
+
+fn int64_rows(name: &str, rows: &[&[i64]]) -> Tensor {
+    let data: Vec<u8> = rows
+        .iter()
+        .flat_map(|row| row.iter())
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    Tensor::from_raw(
+        name,
+        DataType::Int64,
+        vec![rows.len() as i64, rows[0].len() as i64],
+        Bytes::from(data),
+    )
+    .unwrap()
+}
+
+#[test]
+fn padding_keeps_every_element_at_its_index() {
+    // [2, 2, 3] -> [2, 3, 4]
+    let values: Vec<i64> = (1..=12).collect();
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tensor = Tensor::from_raw("t", DataType::Int64, vec![2, 2, 3], Bytes::from(data)).unwrap();
+    let padded = pad_zeros(&tensor, &[2, 3, 4]).unwrap();
+    assert_eq!(padded.shape, vec![2, 3, 4]);
+    #[rustfmt::skip]
+    let expected = vec![
+        1, 2, 3, 0,    4, 5, 6, 0,    0, 0, 0, 0,
+        7, 8, 9, 0,    10, 11, 12, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(int64_values(&padded), expected);
+    assert!(pad_zeros(&tensor, &[2, 1, 3]).is_err(), "never shrinks");
+    let strings = Tensor {
+        name: "s".into(),
+        datatype: DataType::Bytes,
+        shape: vec![1, 1],
+        data: TensorData::Strings(vec![Bytes::new()]),
+    };
+    assert!(
+        pad_zeros(&strings, &[1, 2]).is_err(),
+        "BYTES are not padded"
+    );
+}
+
+#[test]
+fn padded_concatenation_pads_only_when_lengths_differ() {
+    let short = int64_rows("x", &[&[1, 2]]);
+    let long = int64_rows("x", &[&[3, 4, 5], &[6, 7, 8]]);
+    let joined = concat_batch_padded(&[&short, &long]).unwrap();
+    assert_eq!(joined.shape, vec![3, 3]);
+    assert_eq!(int64_values(&joined), vec![1, 2, 0, 3, 4, 5, 6, 7, 8]);
+    let same = concat_batch_padded(&[&long, &long]).unwrap();
+    assert_eq!(same, concat_batch(&[&long, &long]).unwrap());
+    let other_rank =
+        Tensor::from_raw("x", DataType::Int64, vec![1], Bytes::from(vec![0u8; 8])).unwrap();
+    assert!(matches!(
+        pad_to_largest(&[&short, &other_rank]),
+        Err(Error::Incompatible { .. })
+    ));
+}

@@ -16,7 +16,7 @@ use shamal_proto::inference::{ModelConfig, ModelVersionPolicy};
 use shamal_tensor::{Tensor, TensorData};
 
 use crate::backend::{Backend, InstanceOptions, ModelSignature, Runtime};
-use crate::batcher::{Batcher, BatcherConfig, InlineSlots};
+use crate::batcher::{Batcher, BatcherConfig, DEFAULT_CONCURRENCY_MEMORY, InlineSlots};
 use crate::settings::{ModelDefaults, ModelSettings, parse_config_pbtxt, resolve};
 use crate::stats::{ModelStats, WorkerMetrics};
 
@@ -359,6 +359,7 @@ pub fn load_version(
         max_queue_size: settings.max_queue_size,
         inline_max: defaults.inline_max,
         inline_slots: InlineSlots::shared(),
+        concurrency_memory: DEFAULT_CONCURRENCY_MEMORY,
     };
     let batcher = Batcher::start(&found.model, batcher_config, instances, stats.clone());
     tracing::info!(

@@ -321,6 +321,7 @@ fn start_batcher(model: &str, preferred: usize) -> (Batcher, Arc<ModelStats>) {
         max_queue_size: 64,
         inline_max: Duration::ZERO,
         inline_slots: InlineSlots::new(1),
+        concurrency_memory: shamal_worker::batcher::DEFAULT_CONCURRENCY_MEMORY,
     };
     let batcher = Batcher::start(
         model,

@@ -42,7 +42,7 @@ impl Backend for Affine {
     }
 }
 
-fn tensor(rows: usize, width: usize, start: f32) -> Tensor {
+pub(super) fn tensor(rows: usize, width: usize, start: f32) -> Tensor {
     let data: Vec<u8> = (0..rows * width)
         .flat_map(|i| (start + i as f32).to_le_bytes())
         .collect();
@@ -65,7 +65,7 @@ fn expected(input: &Tensor) -> Vec<f32> {
         .collect()
 }
 
-fn values(output: &Tensor) -> Vec<f32> {
+pub(super) fn values(output: &Tensor) -> Vec<f32> {
     let TensorData::Fixed(bytes) = &output.data else {
         unreachable!()
     };
@@ -104,7 +104,7 @@ fn start(config: BatcherConfig, instances: usize, gated: bool) -> Harness {
     }
 }
 
-fn config(max_batch_size: usize, delay: Duration) -> BatcherConfig {
+pub(super) fn config(max_batch_size: usize, delay: Duration) -> BatcherConfig {
     BatcherConfig {
         max_batch_size,
         max_queue_delay: delay,
@@ -112,6 +112,7 @@ fn config(max_batch_size: usize, delay: Duration) -> BatcherConfig {
         max_queue_size: 1024,
         inline_max: Duration::ZERO,
         inline_slots: InlineSlots::new(1),
+        concurrency_memory: DEFAULT_CONCURRENCY_MEMORY,
     }
 }
 
@@ -358,248 +359,4 @@ async fn oversized_requests_are_invalid() {
     assert!(
         matches!(result, Err(InferError::InvalidInput(message)) if message.contains("max_batch_size"))
     );
-}
-
-/// Echoes its input and records the name of the thread it ran on; may wait
-/// on a gate or take a fixed time.
-struct WhereRun {
-    threads: Arc<Mutex<Vec<String>>>,
-    gate: Option<crossbeam_channel::Receiver<()>>,
-    takes: Duration,
-    any_thread: bool,
-}
-
-impl Backend for WhereRun {
-    fn infer(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
-        let name = std::thread::current().name().unwrap_or("").to_owned();
-        self.threads.lock().unwrap().push(name);
-        if let Some(gate) = &self.gate {
-            let _ = gate.recv();
-        }
-        std::thread::sleep(self.takes);
-        Ok(inputs)
-    }
-
-    fn runs_on_any_thread(&self) -> bool {
-        self.any_thread
-    }
-}
-
-struct WhereHarness {
-    batcher: Batcher,
-    threads: Arc<Mutex<Vec<String>>>,
-    release: crossbeam_channel::Sender<()>,
-}
-
-fn start_where(
-    inline_max: Duration,
-    takes: Duration,
-    any_thread: bool,
-    gated: bool,
-) -> WhereHarness {
-    start_where_sharing(
-        "m",
-        inline_max,
-        takes,
-        any_thread,
-        gated,
-        InlineSlots::new(1),
-    )
-}
-
-fn start_where_sharing(
-    model: &str,
-    inline_max: Duration,
-    takes: Duration,
-    any_thread: bool,
-    gated: bool,
-    inline_slots: InlineSlots,
-) -> WhereHarness {
-    let threads = Arc::new(Mutex::new(Vec::new()));
-    let (release, gate) = crossbeam_channel::unbounded();
-    let backend = WhereRun {
-        threads: threads.clone(),
-        gate: gated.then_some(gate),
-        takes,
-        any_thread,
-    };
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new());
-    let stats = Arc::new(ModelStats::new(model, "1", metrics));
-    let config = BatcherConfig {
-        inline_max,
-        inline_slots,
-        ..config(8, Duration::ZERO)
-    };
-    WhereHarness {
-        batcher: Batcher::start(model, config, vec![Box::new(backend)], stats),
-        threads,
-        release,
-    }
-}
-
-impl WhereHarness {
-    async fn call(&self) {
-        let outputs = self
-            .batcher
-            .infer(vec![tensor(1, 2, 0.0)], 1, None)
-            .await
-            .unwrap();
-        assert_eq!(values(&outputs[0]), vec![0.0, 1.0], "the input comes back");
-    }
-
-    fn threads(&self) -> Vec<String> {
-        self.threads.lock().unwrap().clone()
-    }
-}
-
-const INSTANCE_THREAD: &str = "infer-m-0";
-
-#[tokio::test]
-async fn an_idle_model_runs_short_requests_on_the_callers_thread() {
-    let caller = std::thread::current().name().unwrap().to_owned();
-    assert_ne!(caller, INSTANCE_THREAD);
-    let harness = start_where(Duration::from_secs(1), Duration::ZERO, true, false);
-    for _ in 0..3 {
-        harness.call().await;
-    }
-    // The first request's time is unknown until it ran: it is queued.
-    assert_eq!(harness.threads(), [INSTANCE_THREAD, &caller, &caller]);
-    assert_eq!(harness.batcher.queue_depth(), 0);
-}
-
-#[tokio::test]
-async fn requests_queue_when_inline_is_off_long_or_not_allowed() {
-    let off = start_where(Duration::ZERO, Duration::ZERO, true, false);
-    let long = start_where(
-        Duration::from_millis(1),
-        Duration::from_millis(5),
-        true,
-        false,
-    );
-    let bound = start_where(Duration::from_secs(1), Duration::ZERO, false, false);
-    for harness in [&off, &long, &bound] {
-        for _ in 0..3 {
-            harness.call().await;
-        }
-        assert_eq!(harness.threads(), [INSTANCE_THREAD; 3]);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_concurrency_requests_queue_and_the_instance_waits_its_turn() {
-    let harness = Arc::new(start_where(
-        Duration::from_secs(1),
-        Duration::ZERO,
-        true,
-        true,
-    ));
-    harness.release.send(()).unwrap();
-    harness.call().await;
-    assert_eq!(harness.threads(), [INSTANCE_THREAD]);
-    // The model is idle: the next request runs inline (on a runtime thread)
-    // and holds the only instance, blocked at the gate.
-    let first = tokio::spawn({
-        let harness = harness.clone();
-        async move { harness.call().await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while harness.threads().len() < 2 {
-        assert!(Instant::now() < deadline, "inline request did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Another request arrives while the first is in flight: it is queued
-    // and runs on the instance thread once the first releases the backend.
-    let second = tokio::spawn({
-        let harness = harness.clone();
-        async move { harness.call().await }
-    });
-    let active = || {
-        let inline = harness.batcher.inline.as_ref().unwrap();
-        inline.active.load(Ordering::Acquire)
-    };
-    while active() < 2 {
-        assert!(Instant::now() < deadline, "second request did not arrive");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        harness.threads().len(),
-        2,
-        "the instance waits for the backend"
-    );
-    harness.release.send(()).unwrap();
-    harness.release.send(()).unwrap();
-    first.await.unwrap();
-    second.await.unwrap();
-    let threads = harness.threads();
-    assert_ne!(threads[1], INSTANCE_THREAD, "first ran inline: {threads:?}");
-    assert_eq!(
-        threads[2], INSTANCE_THREAD,
-        "second was queued: {threads:?}"
-    );
-    // Alone again, but concurrency was just seen: still queued.
-    harness.release.send(()).unwrap();
-    harness.call().await;
-    assert_eq!(harness.threads()[3], INSTANCE_THREAD);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inline_runs_across_models_are_capped_by_their_shared_slots() {
-    let slots = InlineSlots::new(1);
-    let first = Arc::new(start_where_sharing(
-        "a",
-        Duration::from_secs(1),
-        Duration::ZERO,
-        true,
-        true,
-        slots.clone(),
-    ));
-    let second = start_where_sharing(
-        "b",
-        Duration::from_secs(1),
-        Duration::ZERO,
-        true,
-        false,
-        slots.clone(),
-    );
-    // One queued request each makes their single-request times known.
-    first.release.send(()).unwrap();
-    first.call().await;
-    second.call().await;
-    assert_eq!(first.threads(), ["infer-a-0"]);
-    assert_eq!(second.threads(), ["infer-b-0"]);
-    // Model a's next request runs inline and holds the only slot, blocked
-    // at its gate.
-    let held = tokio::spawn({
-        let first = first.clone();
-        async move { first.call().await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while first.threads().len() < 2 {
-        assert!(Instant::now() < deadline, "inline request did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_ne!(first.threads()[1], "infer-a-0", "a's request ran inline");
-    // Model b is idle and short, but no slot is free: its request is queued.
-    second.call().await;
-    assert_eq!(second.threads()[1], "infer-b-0", "b's request was queued");
-    // Once a's run gives the slot back, b runs inline again.
-    first.release.send(()).unwrap();
-    held.await.unwrap();
-    second.call().await;
-    assert_ne!(second.threads()[2], "infer-b-0", "b's request ran inline");
-    assert_eq!(slots.limit(), 1);
-}
-
-#[test]
-fn inline_slots_leave_a_runtime_thread_free() {
-    for (workers, limit) in [(4, 3), (2, 1), (1, 1)] {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .build()
-            .unwrap();
-        let slots = runtime.block_on(async { InlineSlots::for_current_runtime() });
-        assert_eq!(slots.limit(), limit, "{workers} worker threads");
-    }
-    assert_eq!(InlineSlots::new(0).limit(), 1, "at least one slot");
 }
