@@ -2,6 +2,7 @@
 //! gRPC equivalents.
 
 use serde::Serialize;
+use shamal_error::ErrorKind;
 use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,42 +43,60 @@ impl RegistryError {
         }
     }
 
-    /// Stable machine-readable code (REST `error.code`).
+    /// The kind in Shamal's one error table (`shamal_error`), which decides
+    /// the gRPC code and the HTTP status.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::InvalidArgument { .. } | RegistryError::DigestMismatch(_) => {
+                ErrorKind::InvalidArgument
+            }
+            RegistryError::NotFound(_) => ErrorKind::NotFound,
+            RegistryError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            // A stale revision: a concurrent write won (gRPC's ABORTED).
+            RegistryError::Conflict { .. } => ErrorKind::Aborted,
+            RegistryError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            RegistryError::PayloadTooLarge(_) => ErrorKind::PayloadTooLarge,
+            RegistryError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Stable machine-readable code (REST `error.code`): the kind's label,
+    /// except where the REST API names the refinement (`digest_mismatch`)
+    /// or keeps its older name (`conflict` for ABORTED).
     pub fn code(&self) -> &'static str {
         match self {
-            RegistryError::InvalidArgument { .. } => "invalid_argument",
-            RegistryError::NotFound(_) => "not_found",
-            RegistryError::AlreadyExists(_) => "already_exists",
             RegistryError::Conflict { .. } => "conflict",
-            RegistryError::FailedPrecondition(_) => "failed_precondition",
             RegistryError::DigestMismatch(_) => "digest_mismatch",
-            RegistryError::PayloadTooLarge(_) => "payload_too_large",
-            RegistryError::Internal(_) => "internal",
+            _ => self.kind().label(),
         }
     }
 
     pub fn http_status(&self) -> http::StatusCode {
-        use http::StatusCode;
+        self.kind().http_status()
+    }
+
+    /// The message a caller may see. An internal error's detail (database
+    /// or file-system text) never leaves the registry: it is logged here
+    /// with a fresh error id, and the caller gets a generic message naming
+    /// that id, so an operator can find the real error from a report.
+    pub fn public_message(&self) -> String {
         match self {
-            RegistryError::InvalidArgument { .. } | RegistryError::DigestMismatch(_) => {
-                StatusCode::BAD_REQUEST
+            RegistryError::Internal(detail) => {
+                let error_id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::error!(%error_id, error = %detail, "registry request failed");
+                format!("internal error (error id {error_id}); the registry log has the details")
             }
-            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-            RegistryError::AlreadyExists(_) | RegistryError::Conflict { .. } => {
-                StatusCode::CONFLICT
-            }
-            RegistryError::FailedPrecondition(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            RegistryError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            RegistryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => self.to_string(),
         }
     }
 
-    /// The JSON body of a REST error.
+    /// The JSON body of a REST error (internal details redacted, see
+    /// [`RegistryError::public_message`]).
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
                 code: self.code().to_owned(),
-                message: self.to_string(),
+                message: self.public_message(),
                 field: match self {
                     RegistryError::InvalidArgument { field, .. } => Some(field.clone()),
                     _ => None,
@@ -93,20 +112,11 @@ impl RegistryError {
     }
 }
 
+/// The gRPC answer: the table's code, internal details redacted as on the
+/// REST API.
 impl From<RegistryError> for tonic::Status {
     fn from(error: RegistryError) -> tonic::Status {
-        let message = error.to_string();
-        match error {
-            RegistryError::InvalidArgument { .. } | RegistryError::DigestMismatch(_) => {
-                tonic::Status::invalid_argument(message)
-            }
-            RegistryError::NotFound(_) => tonic::Status::not_found(message),
-            RegistryError::AlreadyExists(_) => tonic::Status::already_exists(message),
-            RegistryError::Conflict { .. } => tonic::Status::aborted(message),
-            RegistryError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
-            RegistryError::PayloadTooLarge(_) => tonic::Status::resource_exhausted(message),
-            RegistryError::Internal(_) => tonic::Status::internal(message),
-        }
+        error.kind().status(error.public_message())
     }
 }
 
@@ -140,4 +150,60 @@ pub struct ErrorDetail {
     /// The rollout's current revision (conflict only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_revision: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_precondition_is_400_as_on_the_router() {
+        let error = RegistryError::FailedPrecondition("archived".to_owned());
+        assert_eq!(error.http_status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(
+            error.http_status(),
+            shamal_error::http_status(tonic::Code::FailedPrecondition)
+        );
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn rest_and_grpc_agree_on_every_error() {
+        let errors = [
+            RegistryError::invalid("name", "bad"),
+            RegistryError::NotFound("m".to_owned()),
+            RegistryError::AlreadyExists("m".to_owned()),
+            RegistryError::Conflict {
+                message: "stale".to_owned(),
+                current_revision: 3,
+            },
+            RegistryError::FailedPrecondition("p".to_owned()),
+            RegistryError::DigestMismatch("d".to_owned()),
+            RegistryError::PayloadTooLarge("big".to_owned()),
+            RegistryError::Internal("x".to_owned()),
+        ];
+        let expected = [400, 404, 409, 409, 400, 400, 413, 500];
+        for (error, http) in errors.into_iter().zip(expected) {
+            assert_eq!(error.http_status().as_u16(), http, "{error:?}");
+            let kind = error.kind();
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), kind.code());
+        }
+    }
+
+    #[test]
+    fn internal_details_reach_neither_rest_nor_grpc_callers() {
+        let detail = "database: error returned from database: no such table: models";
+        let status = tonic::Status::from(RegistryError::Internal(detail.to_owned()));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("no such table"), "{status:?}");
+        assert!(status.message().contains("error id "), "{status:?}");
+        let body = RegistryError::Internal(detail.to_owned()).body();
+        assert_eq!(body.error.code, "internal");
+        assert!(!body.error.message.contains("no such table"));
+        assert!(body.error.message.contains("error id "));
+    }
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::RegistryError;
 use crate::model::{WorkerInfo, now_millis};
 use crate::registry::ModelRegistry;
 
@@ -230,7 +231,9 @@ impl Registry for RegistryGrpc {
         let chunks = stream.map(|chunk| {
             chunk
                 .map(|data| proto::ArtifactChunk { data })
-                .map_err(|error| Status::internal(format!("reading artifact: {error}")))
+                // File-system detail stays in the log, as for every
+                // internal error.
+                .map_err(|error| Status::from(RegistryError::from(error)))
         });
         Ok(Response::new(Box::pin(chunks)))
     }

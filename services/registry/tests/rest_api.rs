@@ -224,7 +224,7 @@ async fn artifacts_upload_verify_and_stream_back() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
     let (status, _) = api.get("/v1/models/ghost").await;
@@ -457,7 +457,7 @@ async fn versions_register_list_and_archive() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
 
@@ -468,7 +468,7 @@ async fn versions_register_list_and_archive() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
     let (status, _) = api
@@ -614,7 +614,7 @@ async fn aliases_set_list_and_delete() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
 
@@ -654,7 +654,7 @@ async fn rollouts_move_traffic_under_optimistic_concurrency() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
     // Validation names fields, nested ones too.
@@ -770,7 +770,7 @@ async fn rollouts_move_traffic_under_optimistic_concurrency() {
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "failed_precondition",
     );
     let (status, rollout) = api

@@ -56,9 +56,8 @@ pub async fn list_aliases(
     request_body = SetAliasRequest,
     responses(
         (status = 200, description = "The alias", body = Alias),
-        (status = 400, description = "Invalid alias or body", body = ErrorBody),
+        (status = 400, description = "Invalid alias or body; or the version is archived or failed (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 422, description = "The version is archived or failed (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn set_alias(

@@ -42,15 +42,13 @@ impl ApiError {
 }
 
 impl From<RegistryError> for ApiError {
+    /// The table's status; an internal error's detail is logged, not sent
+    /// (see [`RegistryError::public_message`]).
     fn from(error: RegistryError) -> ApiError {
-        let status = error.http_status();
-        let mut body = error.body();
-        if let RegistryError::Internal(detail) = &error {
-            // Database and file-system details stay in the logs.
-            tracing::error!(error = %detail, "registry request failed");
-            body.error.message = "internal error; the registry log has the details".to_owned();
+        ApiError {
+            status: error.http_status(),
+            body: error.body(),
         }
-        ApiError { status, body }
     }
 }
 

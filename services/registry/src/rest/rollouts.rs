@@ -77,10 +77,9 @@ pub async fn rollout_status(
     request_body = StartRollout,
     responses(
         (status = 200, description = "The new rollout", body = Rollout),
-        (status = 400, description = "Invalid field (named in `error.field`)", body = ErrorBody),
+        (status = 400, description = "Invalid field (named in `error.field`); or a rollout is in progress, or a version is not ready (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model or version", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "A rollout is in progress, or a version is not ready (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn start_rollout(
@@ -109,10 +108,9 @@ pub async fn start_rollout(
     request_body = SetPolicy,
     responses(
         (status = 200, description = "The new rollout", body = Rollout),
-        (status = 400, description = "Invalid field (named in `error.field`)", body = ErrorBody),
+        (status = 400, description = "Invalid field (named in `error.field`); or a version is not ready (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model or version", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "A version is not ready (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn set_policy(
@@ -140,10 +138,9 @@ pub async fn set_policy(
     request_body = ShiftRequest,
     responses(
         (status = 200, description = "The new rollout", body = Rollout),
-        (status = 400, description = "Invalid field (named in `error.field`)", body = ErrorBody),
+        (status = 400, description = "Invalid field (named in `error.field`); or no rollout in progress, or it has no single candidate (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "No rollout in progress, or it has no single candidate (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn shift(
@@ -171,10 +168,9 @@ pub async fn shift(
     request_body = RevisionRequest,
     responses(
         (status = 200, description = "The promoted rollout", body = Rollout),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "Invalid body; or no rollout in progress (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "No rollout in progress (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn promote(
@@ -202,10 +198,9 @@ pub async fn promote(
     request_body = RollbackRequest,
     responses(
         (status = 200, description = "The rolled-back rollout", body = Rollout),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "Invalid body; or no rollout in progress (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "No rollout in progress (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn rollback(
@@ -239,10 +234,9 @@ pub async fn rollback(
     request_body = RevisionRequest,
     responses(
         (status = 200, description = "The paused rollout", body = Rollout),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "Invalid body; or no rollout in progress, or already paused (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "No rollout in progress, or already paused (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn pause(
@@ -270,10 +264,9 @@ pub async fn pause(
     request_body = RevisionRequest,
     responses(
         (status = 200, description = "The resumed rollout", body = Rollout),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "Invalid body; or no rollout in progress, or not paused (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "`expected_revision` is stale (`conflict`, with `current_revision`)", body = ErrorBody),
-        (status = 422, description = "No rollout in progress, or not paused (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn resume(

@@ -57,10 +57,9 @@ pub async fn list_versions(
     responses(
         (status = 201, description = "Registered", body = Version,
             headers(("location" = String, description = "URL of the version"))),
-        (status = 400, description = "Invalid name, digest, format or metadata", body = ErrorBody),
+        (status = 400, description = "Invalid name, digest, format or metadata; or the artifact has not been uploaded (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model and `create_model` is false", body = ErrorBody),
         (status = 409, description = "Another version was registered at the same time; retry", body = ErrorBody),
-        (status = 422, description = "The artifact has not been uploaded (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn register_version(
@@ -123,9 +122,8 @@ pub async fn get_version(
     ),
     responses(
         (status = 200, description = "The archived version", body = Version),
-        (status = 400, description = "The version is not a number", body = ErrorBody),
+        (status = 400, description = "The version is not a number; or an alias or the rollout uses the version (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 422, description = "An alias or the rollout uses the version (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn archive_version(
@@ -157,9 +155,8 @@ pub async fn archive_version(
     ),
     responses(
         (status = 200, description = "The version, registered again", body = Version),
-        (status = 400, description = "The version is not a number", body = ErrorBody),
+        (status = 400, description = "The version is not a number; or the version is not failed (`failed_precondition`)", body = ErrorBody),
         (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 422, description = "The version is not failed (`failed_precondition`)", body = ErrorBody),
     )
 )]
 pub async fn retry_version(
