@@ -28,6 +28,7 @@ use shamal_async_queue::{
     ConsumerConfig, Job, JobQueue, Outcome, QueueConfig, RedisOptions, RedisQueue, StreamKey,
     StreamSelector, codes, run_consumer,
 };
+use shamal_error::{ErrorKind, Retry, code_label};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use tokio::sync::watch;
@@ -302,10 +303,11 @@ async fn pause(stop: &mut watch::Receiver<bool>, duration: Duration) {
     }
 }
 
-/// Codes worth trying again shortly: the batcher's queue is full, or the
-/// version is loading.
+/// Codes worth trying again after a pause (the batcher's queue is full, the
+/// version is loading): anything the one error table does not mark
+/// `Retry::Never`.
 fn retriable(code: Code) -> bool {
-    matches!(code, Code::ResourceExhausted | Code::Unavailable)
+    ErrorKind::from_code(code).retry() != Retry::Never
 }
 
 /// Runs one job on the worker's own service.
@@ -357,20 +359,6 @@ pub(crate) async fn run_job(service: &WorkerService, job: Job) -> Outcome {
     }
 }
 
-fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::InvalidArgument => "invalid_argument",
-        Code::NotFound => "not_found",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::Unavailable => "unavailable",
-        Code::Aborted => "aborted",
-        Code::Cancelled => "cancelled",
-        _ => "internal",
-    }
-}
-
 /// Counts a job in the worker's in-flight requests while it runs.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -392,6 +380,21 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use shamal_async_queue::JobId;
+
+    #[test]
+    fn jobs_are_retried_for_load_and_loading_only() {
+        assert!(retriable(Code::ResourceExhausted));
+        assert!(retriable(Code::Unavailable));
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ] {
+            assert!(!retriable(code), "{code:?}");
+        }
+        assert_eq!(code_label(Code::FailedPrecondition), "failed_precondition");
+    }
 
     fn job(model: &str, payload: Bytes, deadline: Option<SystemTime>) -> Job {
         Job {

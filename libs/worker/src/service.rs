@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use shamal_error::ErrorKind;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use shamal_proto::inference::model_metadata_response::TensorMetadata;
 use shamal_proto::inference::repository_index_response::ModelIndex;
@@ -170,14 +171,17 @@ fn tensor_metadata(spec: &TensorSpec) -> TensorMetadata {
     }
 }
 
+/// The batcher's errors as gRPC statuses, by their kind in the one error
+/// table.
 fn infer_status(error: InferError) -> Status {
-    match error {
-        InferError::QueueFull(_) => Status::resource_exhausted(error.to_string()),
-        InferError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
-        InferError::Unavailable(_) => Status::unavailable(error.to_string()),
-        InferError::InvalidInput(message) => Status::invalid_argument(message),
-        InferError::Internal(message) => Status::internal(message),
-    }
+    let kind = match &error {
+        InferError::QueueFull(_) => ErrorKind::ResourceExhausted,
+        InferError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        InferError::Unavailable(_) => ErrorKind::Unavailable,
+        InferError::InvalidInput(_) => ErrorKind::InvalidArgument,
+        InferError::Internal(_) => ErrorKind::Internal,
+    };
+    kind.status(error.to_string())
 }
 
 /// Orders the request's tensors as the model's signature does and checks
@@ -284,15 +288,10 @@ fn requested_outputs(
     Ok(names)
 }
 
+/// The `outcome` label of a failed request: the one error table's label of
+/// its code (NOT_FOUND is `not_found`, not `internal`).
 fn outcome_label(status: &Status) -> &'static str {
-    match status.code() {
-        tonic::Code::InvalidArgument => "invalid_argument",
-        tonic::Code::ResourceExhausted => "resource_exhausted",
-        tonic::Code::DeadlineExceeded => "deadline_exceeded",
-        tonic::Code::Unavailable => "unavailable",
-        tonic::Code::Cancelled => "cancelled",
-        _ => "internal",
-    }
+    shamal_error::code_label(status.code())
 }
 
 #[tonic::async_trait]
@@ -530,5 +529,45 @@ mod tests {
         );
         let state = WorkerState::new("worker").with_device(Some("cuda:0"));
         assert_eq!(state.server_version, format!("{version}+cuda.0"));
+    }
+
+    /// The worker once labelled every code it did not list (NOT_FOUND
+    /// among them) `internal` in its request metrics.
+    #[test]
+    fn outcome_labels_name_the_code() {
+        assert_eq!(outcome_label(&Status::not_found("gone")), "not_found");
+        assert_eq!(
+            outcome_label(&Status::failed_precondition("p")),
+            "failed_precondition"
+        );
+        assert_eq!(outcome_label(&Status::internal("bug")), "internal");
+    }
+
+    #[test]
+    fn batcher_errors_keep_their_codes_and_messages() {
+        let cases = [
+            (
+                InferError::QueueFull("m".to_owned()),
+                tonic::Code::ResourceExhausted,
+            ),
+            (InferError::DeadlineExceeded, tonic::Code::DeadlineExceeded),
+            (
+                InferError::Unavailable("m".to_owned()),
+                tonic::Code::Unavailable,
+            ),
+            (
+                InferError::InvalidInput("bad".to_owned()),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                InferError::Internal("bug".to_owned()),
+                tonic::Code::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let message = error.to_string();
+            let status = infer_status(error);
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+        }
     }
 }

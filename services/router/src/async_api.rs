@@ -36,6 +36,7 @@ use shamal_async_queue::{
     JobId, JobQueue, JobResult, JobStatus, NewJob, Outcome, QueueConfig, QueueError, RedisOptions,
     RedisQueue, StreamKey,
 };
+use shamal_error::ErrorKind;
 use shamal_proto::inference::{ModelInferRequest, ModelInferResponse, ModelMetadataResponse};
 use shamal_proto::shamal::r#async::v1::async_inference_server::AsyncInference;
 use shamal_proto::shamal::r#async::v1::{AsyncResult, GetRequest, JobState, SubmitResponse};
@@ -216,10 +217,13 @@ impl AsyncTasks {
     }
 }
 
+/// A queue error's answer, by the one error table: a bad argument is the
+/// caller's; anything else (Redis unreachable or failing, data it cannot
+/// read) means the async API cannot serve now.
 fn queue_status(error: &QueueError) -> Status {
     match error {
-        QueueError::Invalid { .. } => Status::invalid_argument(error.to_string()),
-        _ => Status::unavailable(format!("async queue: {error}")),
+        QueueError::Invalid { .. } => ErrorKind::InvalidArgument.status(error.to_string()),
+        _ => ErrorKind::Unavailable.status(format!("async queue: {error}")),
     }
 }
 

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::async_api::{AsyncApi, AsyncHttp};
 use crate::frontend::{CallContext, Frontend};
@@ -79,22 +79,11 @@ pub fn router_with_async(
         .layer(middleware::from_fn(request_id_layer))
 }
 
-/// The JSON error body of the v2 protocol, with the status mapped from the
-/// gRPC code.
+/// The JSON error body of the v2 protocol, with the HTTP status that the
+/// one error table (`shamal_error`) gives the gRPC code (a status that
+/// claims OK is malformed: 500).
 pub(crate) fn error_response(status: &Status) -> Response {
-    let http_status = match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    let http_status = shamal_error::ErrorKind::from_code(status.code()).http_status();
     (http_status, Json(json!({ "error": status.message() }))).into_response()
 }
 
@@ -354,5 +343,36 @@ async fn infer(
             ))),
         },
         Err(status) => error_response(&status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    /// The router and the registry once disagreed on FAILED_PRECONDITION
+    /// (400 here, 422 there); both now take the one table's 400, which is
+    /// what Triton answers for a request the server refuses.
+    #[test]
+    fn http_statuses_follow_the_error_table() {
+        let cases = [
+            (Code::FailedPrecondition, 400),
+            (Code::InvalidArgument, 400),
+            (Code::NotFound, 404),
+            (Code::ResourceExhausted, 429),
+            (Code::Cancelled, 499),
+            (Code::Internal, 500),
+            (Code::Unimplemented, 501),
+            (Code::Unavailable, 503),
+            (Code::DeadlineExceeded, 504),
+            // An error that claims OK is malformed.
+            (Code::Ok, 500),
+        ];
+        for (code, http) in cases {
+            let response = error_response(&Status::new(code, "m"));
+            assert_eq!(response.status().as_u16(), http, "{code:?}");
+        }
     }
 }

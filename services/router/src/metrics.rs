@@ -18,23 +18,9 @@ pub struct RouterMetrics {
     shed: IntCounterVec,
 }
 
-/// Stable, lower-case names of gRPC codes for metric labels.
-pub fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Unavailable => "unavailable",
-        Code::Unimplemented => "unimplemented",
-        Code::PermissionDenied => "permission_denied",
-        Code::Unauthenticated => "unauthenticated",
-        _ => "internal",
-    }
-}
+/// Stable, lower-case names of gRPC codes for metric labels: the one error
+/// table's (every code its own label, `ok` for OK).
+pub use shamal_error::code_label;
 
 impl RouterMetrics {
     pub fn new(registry: &Registry) -> RouterMetrics {

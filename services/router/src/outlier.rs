@@ -77,12 +77,9 @@ pub struct OutlierState {
 }
 
 /// Whether a failure says something about the worker rather than the
-/// request.
+/// request or the load: `Fault::Server` in the one error table.
 pub fn counts_as_failure(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss
-    )
+    shamal_error::is_replica_failure(code)
 }
 
 impl OutlierState {
@@ -236,6 +233,29 @@ pub fn detect(members: &[Arc<Upstream>], settings: &OutlierSettings, now_ms: u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_replica_failures_count() {
+        for code in [
+            Code::Unavailable,
+            Code::Internal,
+            Code::Unknown,
+            Code::DataLoss,
+        ] {
+            assert!(counts_as_failure(code), "{code:?}");
+        }
+        // The request's fault, or load: not the replica's.
+        for code in [
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Cancelled,
+        ] {
+            assert!(!counts_as_failure(code), "{code:?}");
+        }
+    }
 
     #[test]
     fn failures_in_a_row_eject_and_ejections_grow() {

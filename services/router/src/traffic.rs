@@ -34,18 +34,10 @@ impl Role {
 /// Caller mistakes (bad input, unknown names, refused credentials) and
 /// callers going away are not; the router's own admission refusals are not
 /// recorded at all (they never reached a version).
+///
+/// The one error table decides: anything but OK and `Fault::Caller`.
 pub fn is_server_error(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::Ok
-            | Code::InvalidArgument
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-            | Code::Unauthenticated
-            | Code::PermissionDenied
-            | Code::Cancelled
-    )
+    shamal_error::is_server_error(code)
 }
 
 struct Counters {
@@ -259,6 +251,7 @@ mod tests {
             Code::Ok,
             Code::InvalidArgument,
             Code::NotFound,
+            Code::FailedPrecondition,
             Code::Cancelled,
             Code::PermissionDenied,
         ] {
