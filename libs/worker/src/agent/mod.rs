@@ -75,6 +75,8 @@ impl LoadFailure {
     }
 }
 
+/// Runs blocking file work on tokio's blocking pool; a task that panicked
+/// reads as an I/O error.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
@@ -83,6 +85,7 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|error| Err(std::io::Error::other(error.to_string())))
 }
 
+/// Resolves once `stop` flips to true, or once its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
