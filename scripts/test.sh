@@ -20,14 +20,27 @@ if [ -n "$free_kb" ] && [ "$free_kb" -lt $((15 * 1024 * 1024)) ]; then
     "the build needs about 15 GiB (delete an old target/ directory)" >&2
 fi
 
-step "installing project-local dependencies (.deps/)"
-scripts/setup-deps.sh
+# Every test that needs an outside service (Redis, PostgreSQL, the
+# redis-server binary, the real all-MiniLM-L6-v2) fails here when it is
+# missing, rather than being skipped as in a bare `cargo test`
+# (tests/support/services.rs, docs/testing.md). The steps below provide them.
+export SHAMAL_REQUIRE_SERVICES=1
+
+step "installing project-local dependencies (.deps/, with the real all-MiniLM-L6-v2)"
+SHAMAL_SETUP_MINILM=1 scripts/setup-deps.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 if [ -z "${ORT_DYLIB_PATH:-}" ] || [ ! -f "$ORT_DYLIB_PATH" ]; then
   echo "test.sh: ONNX Runtime library not found after setup" >&2
   exit 1
 fi
+# env.sh exports it when setup put the weights in .deps/minilm (or keeps the
+# caller's); the gpu-worker's real-model test fails if the files are absent.
+if [ -z "${SHAMAL_MINILM_DIR:-}" ]; then
+  echo "test.sh: all-MiniLM-L6-v2 not found in .deps/minilm/model after setup" >&2
+  exit 1
+fi
+echo "using SHAMAL_MINILM_DIR=$SHAMAL_MINILM_DIR"
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test.sh: cargo is required (Rust toolchain 1.92 or newer)" >&2

@@ -119,7 +119,12 @@ pub fn current() -> usize {
 /// the worker without [`select_device`]), one.
 pub fn default_instances() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (cores / current().max(1)).max(1)
+    instances_for(cores, current())
+}
+
+/// One instance per `threads` of the `cores`, at least one.
+fn instances_for(cores: usize, threads: usize) -> usize {
+    (cores / threads.max(1)).max(1)
 }
 
 #[cfg(test)]
@@ -131,6 +136,21 @@ mod tests {
         assert_eq!(default_threads(true, None), Some(1));
         assert_eq!(default_threads(true, Some(4)), None, "RAYON_NUM_THREADS");
         assert_eq!(default_threads(false, None), None, "CUDA keeps candle's");
-        assert!(default_instances() >= 1);
+    }
+
+    #[test]
+    fn one_instance_per_thread_count_of_the_cores_at_least_one() {
+        // The default single thread: one instance per core.
+        assert_eq!(instances_for(1, 1), 1);
+        assert_eq!(instances_for(2, 1), 2);
+        assert_eq!(instances_for(16, 1), 16);
+        // Candle's threads left at every core: one instance.
+        assert_eq!(instances_for(8, 8), 1);
+        // An operator's RAYON_NUM_THREADS: the instances that fit, rounded down.
+        assert_eq!(instances_for(8, 3), 2);
+        assert_eq!(instances_for(8, 4), 2);
+        // More threads than cores, or a count of 0: still one instance.
+        assert_eq!(instances_for(2, 4), 1);
+        assert_eq!(instances_for(4, 0), 4);
     }
 }
