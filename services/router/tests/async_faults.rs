@@ -19,9 +19,9 @@
 //! so the test can account for every write (the worker's own counters die
 //! with it).
 //!
-//! Needs the `redis-server` binary. Skipped, with a message, only when it is
-//! missing and no test Redis was provided: with SHAMAL_TEST_REDIS_URL set
-//! (scripts/test.sh, hence CI) or CI=1 / SHAMAL_REQUIRE_REDIS=1 it fails.
+//! Needs the `redis-server` binary. Skipped, with a loud message, when it is
+//! missing; under SHAMAL_REQUIRE_SERVICES=1 (scripts/test.sh, hence CI) it
+//! fails instead (docs/testing.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,17 +98,7 @@ fn main() {
     if filter.is_some_and(|filter| !NAME.contains(&filter)) {
         return;
     }
-    let Some(redis_server) = find_redis_server() else {
-        assert!(
-            !redis_server_required(),
-            "redis-server is not installed (PATH, /usr/bin) but a test Redis was provided \
-             (SHAMAL_TEST_REDIS_URL) or required (CI, SHAMAL_REQUIRE_REDIS): \
-             scripts/ensure-redis.sh installs it"
-        );
-        println!(
-            "\n!!!!!! SKIPPING {NAME}: redis-server not found on PATH or at /usr/bin/redis-server \
-             (scripts/ensure-redis.sh installs it) !!!!!!\n"
-        );
+    let Some(redis_server) = services::redis_server(NAME) else {
         return;
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,8 +1,9 @@
 //! Async inference end to end: routers and real cpu-workers on loopback,
 //! sharing a job queue, on both backends: the in-process `MemoryQueue`
-//! (what `shamal up` uses) and Redis at SHAMAL_TEST_REDIS_URL (default
-//! redis://127.0.0.1:6379; `scripts/ensure-redis.sh` provides one), each
-//! test under a key prefix of its own, deleted afterwards.
+//! (what `shamal up` uses) and Redis at SHAMAL_TEST_REDIS_URL
+//! (`scripts/ensure-redis.sh` provides one; unset, the Redis cases are
+//! skipped loudly, or fail under SHAMAL_REQUIRE_SERVICES=1: docs/testing.md),
+//! each test under a key prefix of its own, deleted afterwards.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -48,23 +49,14 @@ impl Backend {
         ))
     }
 
-    /// Redis at SHAMAL_TEST_REDIS_URL with a fresh key prefix; fails the
-    /// test when Redis does not answer.
-    async fn redis() -> Backend {
-        let url = std::env::var("SHAMAL_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    /// Redis at SHAMAL_TEST_REDIS_URL with a fresh key prefix; `None` (the
+    /// test is skipped, loudly) when the variable is unset and skipping is
+    /// allowed; fails the test when Redis does not answer
+    /// (`support::test_redis_url`, docs/testing.md).
+    async fn redis() -> Option<Backend> {
+        let url = support::test_redis_url().await?;
         let prefix = format!("shamal-router-test:{}", JobId::generate());
-        let backend = Backend::Redis { url, prefix };
-        if let Err(error) = backend.connect().await {
-            let Backend::Redis { url, .. } = &backend else {
-                unreachable!()
-            };
-            panic!(
-                "Redis is not reachable at {url} ({error}): the async inference tests need it; \
-                 run scripts/ensure-redis.sh or set SHAMAL_TEST_REDIS_URL"
-            );
-        }
-        backend
+        Some(Backend::Redis { url, prefix })
     }
 
     async fn connect(&self) -> Result<Arc<dyn JobQueue>, String> {
@@ -782,7 +774,10 @@ async fn memory_queue_submit_wait_and_fetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_queue_submit_wait_and_fetch() {
-    submit_wait_and_fetch(Backend::redis().await).await;
+    let Some(backend) = Backend::redis().await else {
+        return;
+    };
+    submit_wait_and_fetch(backend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,5 +787,8 @@ async fn memory_queue_residency_and_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_queue_residency_and_backlog() {
-    residency_backlog_and_unconfigured(Backend::redis().await).await;
+    let Some(backend) = Backend::redis().await else {
+        return;
+    };
+    residency_backlog_and_unconfigured(backend).await;
 }

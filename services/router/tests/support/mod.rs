@@ -21,6 +21,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+/// The skip policy of every test that needs an outside service (Redis,
+/// PostgreSQL, the `redis-server` binary): `docs/testing.md`.
+#[path = "../../../../tests/support/services.rs"]
+pub mod services;
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -276,9 +281,8 @@ pub async fn start_slow_worker(delay: Duration) -> (SocketAddr, Arc<Mutex<Seen>>
 // ----- the real registry, and a cpu-worker following it ------------------
 
 /// A registry database for one test: SQLite in a temporary file, or a
-/// fresh database on the PostgreSQL server that `scripts/ensure-postgres.sh`
-/// provides (`SHAMAL_TEST_POSTGRES_URL`, default 127.0.0.1:5432 as user
-/// postgres), dropped afterwards.
+/// fresh database, dropped afterwards, on the PostgreSQL server at
+/// `SHAMAL_TEST_POSTGRES_URL` (`scripts/ensure-postgres.sh` prints one).
 pub struct TestDb {
     pub url: String,
     /// Artifacts and worker caches live here too.
@@ -297,29 +301,30 @@ impl TestDb {
         }
     }
 
-    pub async fn postgres() -> TestDb {
+    /// `None` (the test is skipped, loudly) when `SHAMAL_TEST_POSTGRES_URL`
+    /// is unset, unless `SHAMAL_REQUIRE_SERVICES=1`; a server that is set
+    /// but does not answer fails the test ([`services`]).
+    pub async fn postgres() -> Option<TestDb> {
         use sqlx::Connection;
-        let admin = std::env::var("SHAMAL_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let admin = services::configured(
+            "SHAMAL_TEST_POSTGRES_URL",
+            "PostgreSQL registry test",
+            "scripts/ensure-postgres.sh prints a URL for it",
+        )?;
         let mut connection = sqlx::postgres::PgConnection::connect(&admin)
             .await
-            .unwrap_or_else(|error| {
-                panic!(
-                    "PostgreSQL is not reachable at {admin} ({error}); run scripts/ensure-postgres.sh \
-                     or set SHAMAL_TEST_POSTGRES_URL"
-                )
-            });
+            .unwrap_or_else(|error| services::unusable("SHAMAL_TEST_POSTGRES_URL", &admin, error));
         let name = format!("shamal_router_test_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut connection)
             .await
             .unwrap();
         let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap();
-        TestDb {
+        Some(TestDb {
             url: format!("{base}/{name}"),
             dir: tempfile::tempdir().unwrap(),
             drop_database: Some((admin, name)),
-        }
+        })
     }
 }
 
@@ -474,7 +479,7 @@ pub async fn start_registry_worker(registry: &str, cache: &std::path::Path, id: 
         ..Default::default()
     };
     let config = CpuWorkerConfig::load(&args).unwrap();
-    assert_eq!(config.model_repository, None);
+    assert_eq!(config.node.model_repository, None);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(shamal_cpu_worker::run(
         config,
@@ -822,30 +827,25 @@ impl GrpcInferenceService for ScriptedWorker {
     }
 }
 
-// ----- a private redis-server, for tests that crash it ------------------
+// ----- Redis ----------------------------------------------------------------
 
-/// The `redis-server` binary: on PATH, or Debian's /usr/bin/redis-server.
-pub fn find_redis_server() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("redis-server"))
-            .find(|path| path.is_file())
-    });
-    on_path.or_else(|| {
-        let debian = PathBuf::from("/usr/bin/redis-server");
-        debian.is_file().then_some(debian)
-    })
+/// The test Redis at `SHAMAL_TEST_REDIS_URL`, which must answer PING;
+/// `None` (the test is skipped, loudly) when the variable is unset, unless
+/// `SHAMAL_REQUIRE_SERVICES=1` ([`services`]).
+pub async fn test_redis_url() -> Option<String> {
+    let url = services::configured(
+        "SHAMAL_TEST_REDIS_URL",
+        "Redis async inference test",
+        "scripts/ensure-redis.sh prints a URL for it",
+    )?;
+    if let Err(error) = redis_ping(&url).await {
+        services::unusable("SHAMAL_TEST_REDIS_URL", &url, error);
+    }
+    Some(url)
 }
 
-/// Whether a test that runs its own redis-server must fail, rather than be
-/// skipped, when the binary is missing: in CI (`CI` or
-/// `SHAMAL_REQUIRE_REDIS` set to 1 or true), and wherever a test Redis was
-/// provided (`SHAMAL_TEST_REDIS_URL`, which scripts/ensure-redis.sh exports
-/// after making sure the binary is installed).
-pub fn redis_server_required() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|value| value == "1" || value == "true");
-    set("CI") || set("SHAMAL_REQUIRE_REDIS") || std::env::var_os("SHAMAL_TEST_REDIS_URL").is_some()
-}
+// A private redis-server, for tests that crash it, is started with the
+// binary that `services::redis_server` finds.
 
 /// PINGs the Redis server at `url`; an error while it is down, and while it
 /// is still loading its data after a restart.
