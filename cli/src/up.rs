@@ -19,7 +19,7 @@ use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use shamal_registry::model::NewVersion;
 use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
 use shamal_router::{RouterConfig, RouterExtras, RouterListeners};
-use shamal_worker::{AsyncInference, QueueSource, WorkerListeners};
+use shamal_worker::{AsyncInference, NodeArgs, QueueSource, WorkerListeners};
 use tokio::net::TcpListener;
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +101,20 @@ const DEFAULT_GPU_REPOSITORY: &str = "models/gpu/repository";
 const CPU_WORKER_ID: &str = "local-cpu-worker";
 const GPU_WORKER_ID: &str = "local-gpu-worker";
 
+/// The settings both in-process workers take from `shamal up`'s flags:
+/// following the embedded registry as `worker_id`, and the batching
+/// defaults.
+fn shared_worker_args(args: &UpArgs, registry_grpc: SocketAddr, worker_id: &str) -> NodeArgs {
+    NodeArgs {
+        registry: Some(registry_grpc.to_string()),
+        worker_id: Some(worker_id.to_owned()),
+        artifact_cache: Some(args.data_dir.join("cache")),
+        max_batch_size: args.max_batch_size,
+        max_queue_delay_us: args.max_queue_delay_us,
+        ..NodeArgs::default()
+    }
+}
+
 /// The gpu-worker's configuration, `None` with `--no-gpu-worker`.
 fn gpu_worker_config(
     args: &UpArgs,
@@ -114,15 +128,13 @@ fn gpu_worker_config(
         default.is_dir().then_some(default)
     });
     GpuWorkerConfig::load(&GpuWorkerArgs {
-        model_repository,
-        registry: Some(registry_grpc.to_string()),
-        worker_id: Some(GPU_WORKER_ID.to_owned()),
-        artifact_cache: Some(args.data_dir.join("cache")),
+        node: NodeArgs {
+            model_repository,
+            // As for the cpu-worker: no router is left to route around it.
+            drain_grace_ms: Some(0),
+            ..shared_worker_args(args, registry_grpc, GPU_WORKER_ID)
+        },
         instances: args.instances,
-        max_batch_size: args.max_batch_size,
-        max_queue_delay_us: args.max_queue_delay_us,
-        // As for the cpu-worker: no router is left to route around it.
-        drain_grace_ms: Some(0),
         ..Default::default()
     })
     .map(Some)
@@ -139,23 +151,21 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let registry_grpc = SocketAddr::new(loopback, args.registry_grpc_port);
     let worker_args = CpuWorkerArgs {
-        model_repository: Some(args.model_repository.clone()),
-        registry: Some(registry_grpc.to_string()),
-        worker_id: Some(CPU_WORKER_ID.to_owned()),
-        artifact_cache: Some(args.data_dir.join("cache")),
+        node: NodeArgs {
+            model_repository: Some(args.model_repository.clone()),
+            // The in-process router stops before the worker drains: no
+            // router is left to route around it, so no grace.
+            drain_grace_ms: Some(0),
+            ..shared_worker_args(&args, registry_grpc, CPU_WORKER_ID)
+        },
         onnxruntime_library: args
             .onnxruntime_library
             .clone()
             .or_else(|| bundled_onnxruntime(Path::new("."))),
         instances: args.instances,
         intra_threads: args.intra_threads,
-        max_batch_size: args.max_batch_size,
-        max_queue_delay_us: args.max_queue_delay_us,
         inline_max_us: args.inline_max_us,
         idle_poll_us: args.idle_poll_us,
-        // The in-process router stops before the worker drains: no router
-        // is left to route around it, so no grace.
-        drain_grace_ms: Some(0),
         ..Default::default()
     };
     let worker_config = match CpuWorkerConfig::load(&worker_args) {

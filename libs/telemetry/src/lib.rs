@@ -4,6 +4,13 @@
 //! metrics into it and [`serve_metrics`] exposes it on `/metrics` next to
 //! liveness and readiness probes, on a listener of its own so that scrapes and
 //! probes answer even when the data plane is saturated.
+//!
+//! [`config`] and [`process`] are the rest of every service binary's
+//! skeleton: settings layering (defaults < file < environment < flags), the
+//! redaction of secrets in `--print-config`, exit codes.
+
+pub mod config;
+pub mod process;
 
 use std::future::Future;
 use std::sync::Arc;

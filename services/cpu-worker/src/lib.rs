@@ -22,10 +22,7 @@ pub fn build(config: &CpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
     let runtime =
         OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
     let worker = Worker::new(config.worker_config(), Arc::new(runtime), registry);
-    Ok(match config.async_inference() {
-        Some(settings) => worker.with_async_inference(settings),
-        None => worker,
-    })
+    Ok(config.node.with_async_inference(worker))
 }
 
 /// Runs a cpu-worker until `shutdown` completes, then drains.

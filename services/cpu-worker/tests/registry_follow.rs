@@ -214,11 +214,14 @@ async fn serves_onnx_versions_the_registry_assigns() {
     let cache = dir.path().join("cache");
     let args = CpuWorkerArgs {
         onnxruntime_library: Some(onnxruntime_library()),
-        registry: Some(registry_address.to_string()),
-        worker_id: Some(WORKER.to_owned()),
-        artifact_cache: Some(cache.clone()),
-        capacity: Some(6),
-        drain_grace_ms: Some(100),
+        node: shamal_worker::NodeArgs {
+            registry: Some(registry_address.to_string()),
+            worker_id: Some(WORKER.to_owned()),
+            artifact_cache: Some(cache.clone()),
+            capacity: Some(6),
+            drain_grace_ms: Some(100),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let worker_config = CpuWorkerConfig::load(&args).unwrap();

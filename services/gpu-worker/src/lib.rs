@@ -39,7 +39,8 @@ pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Resu
     Ok(())
 }
 
-/// Builds a gpu-worker (selects its device) without serving it yet.
+/// Builds a gpu-worker (selects its device) without serving it yet; with
+/// `async_queue` set it also runs the async jobs of its region.
 pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
     build_with_device(config, registry).map(|(worker, _)| worker)
 }
@@ -77,11 +78,14 @@ pub fn build_on(
         "gpu-worker compute device selected"
     );
     register_device_metric(&registry, &label)?;
-    Ok(Worker::new(
+    let worker = Worker::new(
         worker_config,
         Arc::new(CandleRuntime::new(device)),
         registry,
-    ))
+    );
+    // Consumes the async queue of its region when `async_queue` is set, as
+    // the cpu-worker does.
+    Ok(config.node.with_async_inference(worker))
 }
 
 /// Runs a gpu-worker until `shutdown` completes, then drains.

@@ -323,8 +323,11 @@ async fn the_worker_reports_and_serves_from_its_gpu() {
         return;
     }
     let config = GpuWorkerConfig::load(&GpuWorkerArgs {
-        model_repository: Some(workspace_root().join("models/gpu/repository")),
         device: Some(DevicePreference::Cuda),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(workspace_root().join("models/gpu/repository")),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();

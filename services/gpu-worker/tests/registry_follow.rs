@@ -218,15 +218,21 @@ async fn serves_safetensors_versions_the_registry_assigns() {
 
     let cache = dir.path().join("cache");
     let config = GpuWorkerConfig::load(&GpuWorkerArgs {
-        registry: Some(registry_address.to_string()),
-        worker_id: Some(WORKER.to_owned()),
-        artifact_cache: Some(cache.clone()),
         device: Some(DevicePreference::Cpu),
-        drain_grace_ms: Some(0),
+        node: shamal_worker::NodeArgs {
+            registry: Some(registry_address.to_string()),
+            worker_id: Some(WORKER.to_owned()),
+            artifact_cache: Some(cache.clone()),
+            drain_grace_ms: Some(0),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(config.model_repository, None, "the registry's models only");
+    assert_eq!(
+        config.node.model_repository, None,
+        "the registry's models only"
+    );
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

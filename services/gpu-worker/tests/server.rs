@@ -103,8 +103,11 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
     )
     .unwrap();
     let config = GpuWorkerConfig::load(&GpuWorkerArgs {
-        model_repository: Some(repository),
         device: Some(DevicePreference::Auto),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(repository),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
@@ -286,8 +289,11 @@ fn the_device_is_logged_at_start_up_and_per_model_instance() {
     use shamal_worker::{InstanceOptions, Runtime};
 
     let config = GpuWorkerConfig::load(&GpuWorkerArgs {
-        model_repository: Some(workspace_root().join("models/gpu/repository")),
         device: Some(DevicePreference::Cpu),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(workspace_root().join("models/gpu/repository")),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
@@ -350,8 +356,11 @@ async fn start_worker(
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
     let config = GpuWorkerConfig::load(&GpuWorkerArgs {
-        model_repository: Some(repository),
         device: Some(DevicePreference::Auto),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(repository),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();

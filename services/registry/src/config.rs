@@ -1,9 +1,13 @@
-//! Registry configuration: defaults < TOML file < SHAMAL_REGISTRY_* env < flags.
+//! Registry configuration: defaults < TOML file < SHAMAL_REGISTRY_* env <
+//! flags (layered by `shamal_telemetry::config`), validated before anything
+//! starts. `--print-config` shows `database_url` with its password redacted.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shamal_telemetry::config::{self, ConfigError, redact_urls};
+use shamal_telemetry::process::Service;
 
 /// Effective configuration of a registry.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -48,100 +52,95 @@ impl Default for RegistryConfig {
     }
 }
 
-/// Command-line flags (each also readable from its environment variable).
-#[derive(Clone, Debug, Default, clap::Args)]
+/// Command-line flags, each also read from `SHAMAL_REGISTRY_<FIELD>` (see
+/// [`SERVICE`]). Serialized, only the values given appear: the top layer
+/// of the configuration.
+#[derive(Clone, Debug, Default, clap::Args, Serialize)]
 pub struct RegistryArgs {
     /// TOML configuration file.
-    #[arg(long, env = "SHAMAL_REGISTRY_CONFIG")]
+    #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "SHAMAL_REGISTRY_HTTP_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<SocketAddr>,
-    #[arg(long, env = "SHAMAL_REGISTRY_GRPC_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_listen: Option<SocketAddr>,
-    #[arg(long, env = "SHAMAL_REGISTRY_METRICS_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// Database URL (postgres://... or sqlite://...).
-    #[arg(long, env = "SHAMAL_REGISTRY_DATABASE_URL")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
-    #[arg(long, env = "SHAMAL_REGISTRY_ARTIFACT_DIR")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub artifact_dir: Option<PathBuf>,
-    #[arg(long, env = "SHAMAL_REGISTRY_MAX_ARTIFACT_BYTES")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_artifact_bytes: Option<u64>,
     /// How often workers heartbeat, in milliseconds (default 250).
-    #[arg(long, env = "SHAMAL_REGISTRY_HEARTBEAT_INTERVAL_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_ms: Option<u64>,
     /// Milliseconds without a heartbeat before a worker is marked lost
     /// (default 1000; more than twice the heartbeat interval).
-    #[arg(long, env = "SHAMAL_REGISTRY_LEASE_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
     /// Milliseconds a version's new holders must have had it ready before
     /// a worker that loses it lets it go (default 3000; more than the
     /// routers' refresh interval).
-    #[arg(long, env = "SHAMAL_REGISTRY_PLACEMENT_GRACE_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub placement_grace_ms: Option<u64>,
 }
 
+/// The registry binary: its name and the prefix of its variables.
+pub const SERVICE: Service = Service {
+    name: "shamal-registry",
+    about: "Shamal registry (models, versions, artifacts, rollouts)",
+    env_prefix: "SHAMAL_REGISTRY_",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
 impl RegistryConfig {
-    pub fn load(args: &RegistryArgs) -> Result<RegistryConfig, String> {
-        let mut config = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?
-            }
-            None => RegistryConfig::default(),
-        };
-        if let Some(value) = args.http_listen {
-            config.http_listen = value;
-        }
-        if let Some(value) = args.grpc_listen {
-            config.grpc_listen = value;
-        }
-        if let Some(value) = args.metrics_listen {
-            config.metrics_listen = Some(value);
-        }
-        if let Some(value) = &args.database_url {
-            config.database_url = value.clone();
-        }
-        if let Some(value) = &args.artifact_dir {
-            config.artifact_dir = value.clone();
-        }
-        if let Some(value) = args.max_artifact_bytes {
-            config.max_artifact_bytes = value;
-        }
-        if let Some(value) = args.heartbeat_interval_ms {
-            config.heartbeat_interval_ms = value;
-        }
-        if let Some(value) = args.lease_ms {
-            config.lease_ms = value;
-        }
-        if let Some(value) = args.placement_grace_ms {
-            config.placement_grace_ms = value;
-        }
+    /// Builds the effective configuration: defaults < TOML file <
+    /// environment < flags, then validates it.
+    pub fn load(args: &RegistryArgs) -> Result<RegistryConfig, ConfigError> {
+        let config: RegistryConfig = config::load(args.config.as_deref(), args)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every value, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        crate::store::Backend::from_url(&self.database_url).map_err(|error| error.to_string())?;
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::store::Backend::from_url(&self.database_url)
+            .map_err(|error| ConfigError::invalid(redact_urls(&error.to_string())))?;
         if self.artifact_dir.as_os_str().is_empty() {
-            return Err("artifact_dir must not be empty".to_owned());
+            return Err(ConfigError::invalid("artifact_dir must not be empty"));
         }
         if self.max_artifact_bytes == 0 {
-            return Err("max_artifact_bytes must be at least 1".to_owned());
-        }
-        if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
-            return Err("heartbeat_interval_ms must be between 10 and 60000".to_owned());
-        }
-        if self.lease_ms <= 2 * self.heartbeat_interval_ms || self.lease_ms > 3_600_000 {
-            return Err(format!(
-                "lease_ms must be more than twice heartbeat_interval_ms ({} ms) and at most 3600000",
-                self.heartbeat_interval_ms
+            return Err(ConfigError::invalid(
+                "max_artifact_bytes must be at least 1",
             ));
         }
+        if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
+            return Err(ConfigError::invalid(
+                "heartbeat_interval_ms must be between 10 and 60000",
+            ));
+        }
+        if self.lease_ms <= 2 * self.heartbeat_interval_ms || self.lease_ms > 3_600_000 {
+            return Err(ConfigError::invalid(format!(
+                "lease_ms must be more than twice heartbeat_interval_ms ({} ms) and at most 3600000",
+                self.heartbeat_interval_ms
+            )));
+        }
         if self.placement_grace_ms > 600_000 {
-            return Err("placement_grace_ms must be at most 600000".to_owned());
+            return Err(ConfigError::invalid(
+                "placement_grace_ms must be at most 600000",
+            ));
         }
         Ok(())
     }
@@ -178,7 +177,10 @@ mod tests {
             database_url: Some("mysql://x".to_owned()),
             ..RegistryArgs::default()
         };
-        let error = RegistryConfig::load(&bad).err().unwrap_or_default();
+        let error = RegistryConfig::load(&bad)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
         assert!(error.contains("database_url"), "{error}");
     }
 
@@ -204,7 +206,10 @@ mod tests {
                 lease_ms: Some(lease),
                 ..RegistryArgs::default()
             };
-            let error = RegistryConfig::load(&args).err().unwrap_or_default();
+            let error = RegistryConfig::load(&args)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
             assert!(error.contains(field), "{interval}/{lease}: {error}");
         }
         let text = toml::to_string(&RegistryConfig::default()).unwrap_or_default();
@@ -225,7 +230,92 @@ mod tests {
             placement_grace_ms: Some(600_001),
             ..RegistryArgs::default()
         };
-        let error = RegistryConfig::load(&args).err().unwrap_or_default();
+        let error = RegistryConfig::load(&args)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
         assert!(error.contains("placement_grace_ms"), "{error}");
+    }
+
+    #[test]
+    fn printed_configuration_hides_the_database_password() {
+        let args = RegistryArgs {
+            database_url: Some("postgres://shamal:hunter2@db.internal:5432/registry".to_owned()),
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(
+            config.database_url, "postgres://shamal:hunter2@db.internal:5432/registry",
+            "the registry itself gets the password"
+        );
+        let printed = shamal_telemetry::config::printable(&config).unwrap_or_default();
+        assert!(
+            printed.contains("database_url = \"postgres://shamal:***@db.internal:5432/registry\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
+        // Nor in the message of a URL the registry refuses.
+        let bad = RegistryArgs {
+            database_url: Some("mysql://shamal:hunter2@db/registry".to_owned()),
+            ..RegistryArgs::default()
+        };
+        let error = RegistryConfig::load(&bad)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("database_url") && !error.contains("hunter2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_in_the_file_name_the_key() {
+        let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+        let file = dir.path().join("registry.toml");
+        for (text, named) in [
+            ("database = \"sqlite://x\"\n", "unknown field `database`"),
+            ("lease_ms = \"long\"\n", "lease_ms"),
+        ] {
+            std::fs::write(&file, text).unwrap_or_else(|error| panic!("{error}"));
+            let args = RegistryArgs {
+                config: Some(file.clone()),
+                ..RegistryArgs::default()
+            };
+            let error = RegistryConfig::load(&args)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(named) && error.contains("registry.toml"),
+                "{text}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_documented_variable_is_read() {
+        let command = SERVICE.command::<RegistryArgs>();
+        let read: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        let documented = shamal_telemetry::process::documented_variables(
+            SERVICE.env_prefix,
+            &[
+                include_str!("../../../docs/operations.md"),
+                include_str!("../../../README.md"),
+            ],
+        );
+        assert!(documented.len() >= 10, "{documented:?}");
+        // SHAMAL_REGISTRY_URL is the `shamal` command's (where the registry
+        // is), not a setting of the registry.
+        for name in documented
+            .iter()
+            .filter(|name| *name != "SHAMAL_REGISTRY_URL")
+        {
+            assert!(read.contains(name), "{name} is documented but not read");
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Router configuration: defaults < TOML file < SHAMAL_ROUTER_* env < flags.
+//! Router configuration: defaults < TOML file < SHAMAL_ROUTER_* env < flags
+//! (layered by `shamal_telemetry::config`), validated before anything starts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shamal_registry_client::names;
+use shamal_telemetry::config::{self, ConfigError, Redacted};
+use shamal_telemetry::process::Service;
 
 /// Effective configuration of a router.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -172,291 +175,280 @@ fn valid_router_id(id: &str) -> bool {
             .all(|byte| byte.is_ascii_graphic() && byte != b'"' && byte != b'\\')
 }
 
-/// Command-line flags (each also readable from its environment variable).
-#[derive(Clone, Debug, Default, clap::Args)]
+/// Command-line flags, each also read from `SHAMAL_ROUTER_<FIELD>` (see
+/// [`SERVICE`]; `--router-id` from `SHAMAL_ROUTER_ID`). Serialized, only the
+/// values given appear: the top layer of the configuration.
+#[derive(Clone, Debug, Default, clap::Args, Serialize)]
 pub struct RouterArgs {
     /// TOML configuration file.
-    #[arg(long, env = "SHAMAL_ROUTER_CONFIG")]
+    #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "SHAMAL_ROUTER_GRPC_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_listen: Option<SocketAddr>,
-    #[arg(long, env = "SHAMAL_ROUTER_HTTP_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<SocketAddr>,
-    #[arg(long, env = "SHAMAL_ROUTER_METRICS_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// Worker address; repeat the flag (or separate by commas) for several.
-    #[arg(long = "worker", env = "SHAMAL_ROUTER_WORKERS", value_delimiter = ',')]
+    #[arg(long = "worker", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_CONNECTIONS_PER_WORKER")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connections_per_worker: Option<usize>,
-    #[arg(long, env = "SHAMAL_ROUTER_MAX_MESSAGE_BYTES")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
-    #[arg(long, env = "SHAMAL_ROUTER_DEFAULT_TIMEOUT_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub default_timeout_ms: Option<u64>,
-    #[arg(long, env = "SHAMAL_ROUTER_REFRESH_INTERVAL_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_interval_ms: Option<u64>,
-    #[arg(long, env = "SHAMAL_ROUTER_MAX_INFLIGHT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<usize>,
     /// Registry gRPC address; the router then follows its rollouts.
-    #[arg(long, env = "SHAMAL_ROUTER_REGISTRY")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
     /// Name of this router in traffic reports (default: the host name).
     #[arg(long, env = "SHAMAL_ROUTER_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_TRAFFIC_REPORT_INTERVAL_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_report_interval_ms: Option<u64>,
-    #[arg(long, env = "SHAMAL_ROUTER_MAX_SHADOW_INFLIGHT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_shadow_inflight: Option<usize>,
     /// Region of the workers given with --worker.
-    #[arg(long, env = "SHAMAL_ROUTER_STATIC_WORKER_REGION")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub static_worker_region: Option<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_PRIORITY_RESERVE_PERCENT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub priority_reserve_percent: Option<u8>,
-    #[arg(long, env = "SHAMAL_ROUTER_LOW_PRIORITY_PERCENT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub low_priority_percent: Option<u8>,
-    #[arg(long, env = "SHAMAL_ROUTER_RETRY_BUDGET_RATIO")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_budget_ratio: Option<f64>,
-    #[arg(long, env = "SHAMAL_ROUTER_OUTLIER_SLOW_FACTOR")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier_slow_factor: Option<f64>,
-    #[arg(long, env = "SHAMAL_ROUTER_AUTOSCALE_TARGET_INFLIGHT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub autoscale_target_inflight: Option<u32>,
     /// Queue of async inference jobs (`redis://host:port[/db]`).
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_QUEUE")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_queue: Option<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_KEY_PREFIX")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_key_prefix: Option<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_RESULT_TTL_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_result_ttl_ms: Option<u64>,
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_JOB_TIMEOUT_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_job_timeout_ms: Option<u64>,
     /// Region of async jobs without a residency policy (`auto` or a name).
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_REGION")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_region: Option<String>,
-    #[arg(long, env = "SHAMAL_ROUTER_MAX_ASYNC_BACKLOG")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_async_backlog: Option<u64>,
-    #[arg(long, env = "SHAMAL_ROUTER_ASYNC_MAX_WAIT_MS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_max_wait_ms: Option<u64>,
     /// Keep the CPUs awake for this many microseconds after the last
     /// request (0: off, the default; costs CPU time).
-    #[arg(long, env = "SHAMAL_ROUTER_IDLE_POLL_US")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_poll_us: Option<u64>,
 }
 
+/// The router binary: its name and the prefix of its variables.
+pub const SERVICE: Service = Service {
+    name: "shamal-router",
+    about: "Shamal router (KServe v2 gRPC and HTTP front door)",
+    env_prefix: "SHAMAL_ROUTER_",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
 impl RouterConfig {
-    pub fn load(args: &RouterArgs) -> Result<RouterConfig, String> {
-        let mut config = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?
-            }
-            None => RouterConfig::default(),
-        };
-        if let Some(value) = args.grpc_listen {
-            config.grpc_listen = value;
-        }
-        if let Some(value) = args.http_listen {
-            config.http_listen = value;
-        }
-        if let Some(value) = args.metrics_listen {
-            config.metrics_listen = Some(value);
-        }
-        if !args.workers.is_empty() {
-            config.workers = args.workers.clone();
-        }
-        if let Some(value) = args.connections_per_worker {
-            config.connections_per_worker = value;
-        }
-        if let Some(value) = args.max_message_bytes {
-            config.max_message_bytes = value;
-        }
-        if let Some(value) = args.idle_poll_us {
-            config.idle_poll_us = value;
-        }
-        if let Some(value) = args.default_timeout_ms {
-            config.default_timeout_ms = value;
-        }
-        if let Some(value) = args.refresh_interval_ms {
-            config.refresh_interval_ms = value;
-        }
-        if let Some(value) = args.max_inflight {
-            config.max_inflight = value;
-        }
-        if let Some(value) = &args.registry {
-            config.registry = Some(value.clone());
-        }
-        if let Some(value) = &args.router_id {
-            config.router_id = value.clone();
-        }
-        if let Some(value) = args.traffic_report_interval_ms {
-            config.traffic_report_interval_ms = value;
-        }
-        if let Some(value) = args.max_shadow_inflight {
-            config.max_shadow_inflight = value;
-        }
-        if let Some(value) = &args.static_worker_region {
-            config.static_worker_region = value.clone();
-        }
-        if let Some(value) = args.priority_reserve_percent {
-            config.priority_reserve_percent = value;
-        }
-        if let Some(value) = args.low_priority_percent {
-            config.low_priority_percent = value;
-        }
-        if let Some(value) = args.retry_budget_ratio {
-            config.retry_budget_ratio = value;
-        }
-        if let Some(value) = args.outlier_slow_factor {
-            config.outlier_slow_factor = value;
-        }
-        if let Some(value) = args.autoscale_target_inflight {
-            config.autoscale_target_inflight = value;
-        }
-        if let Some(value) = &args.async_queue {
-            config.async_queue = Some(value.clone());
-        }
-        if let Some(value) = &args.async_key_prefix {
-            config.async_key_prefix = value.clone();
-        }
-        if let Some(value) = args.async_result_ttl_ms {
-            config.async_result_ttl_ms = value;
-        }
-        if let Some(value) = args.async_job_timeout_ms {
-            config.async_job_timeout_ms = value;
-        }
-        if let Some(value) = &args.async_region {
-            config.async_region = value.clone();
-        }
-        if let Some(value) = args.max_async_backlog {
-            config.max_async_backlog = value;
-        }
-        if let Some(value) = args.async_max_wait_ms {
-            config.async_max_wait_ms = value;
-        }
+    /// Builds the effective configuration: defaults < TOML file <
+    /// environment < flags, then validates it as a standalone router's.
+    pub fn load(args: &RouterArgs) -> Result<RouterConfig, ConfigError> {
+        let config: RouterConfig = config::load(args.config.as_deref(), args)?;
         // A standalone router has no in-process workers to share a memory
         // queue with: nobody would ever run its jobs.
         if config.async_queue.as_deref() == Some(MEMORY_QUEUE) {
-            return Err(
-                "async_queue = \"memory\" only works when the router is embedded with its workers (shamal up); set a redis:// URL"
-                    .to_owned(),
-            );
+            return Err(ConfigError::invalid(
+                "async_queue = \"memory\" only works when the router is embedded with its workers (shamal up); set a redis:// URL",
+            ));
         }
         // A standalone router needs workers: listed, or learnt from the
         // registry. `shamal up` adds in-process ones through the library.
         if config.workers.is_empty() && config.registry.is_none() {
-            return Err(
-                "workers must list at least one worker address (or set registry to learn them from it)"
-                    .to_owned(),
-            );
+            return Err(ConfigError::invalid(
+                "workers must list at least one worker address (or set registry to learn them from it)",
+            ));
         }
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every value, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.workers.iter().any(|worker| worker.trim().is_empty()) {
-            return Err("workers must not contain empty addresses".to_owned());
+            return Err(ConfigError::invalid(
+                "workers must not contain empty addresses",
+            ));
         }
         if self.connections_per_worker == 0 {
-            return Err("connections_per_worker must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "connections_per_worker must be at least 1",
+            ));
         }
         if self.max_message_bytes < 1024 {
-            return Err("max_message_bytes must be at least 1024".to_owned());
+            return Err(ConfigError::invalid(
+                "max_message_bytes must be at least 1024",
+            ));
         }
         if self.default_timeout_ms == 0 {
-            return Err("default_timeout_ms must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "default_timeout_ms must be at least 1",
+            ));
         }
         if self.refresh_interval_ms < 10 {
-            return Err("refresh_interval_ms must be at least 10".to_owned());
+            return Err(ConfigError::invalid(
+                "refresh_interval_ms must be at least 10",
+            ));
         }
         if self.max_inflight == 0 {
-            return Err("max_inflight must be at least 1".to_owned());
+            return Err(ConfigError::invalid("max_inflight must be at least 1"));
         }
         if let Some(registry) = &self.registry {
             if registry.trim().is_empty() {
-                return Err(
-                    "registry must not be empty (leave it out to run without one)".to_owned(),
-                );
+                return Err(ConfigError::invalid(
+                    "registry must not be empty (leave it out to run without one)",
+                ));
             }
             let url = if registry.starts_with("http://") || registry.starts_with("https://") {
                 registry.clone()
             } else {
                 format!("http://{registry}")
             };
-            tonic::transport::Endpoint::from_shared(url)
-                .map_err(|error| format!("registry: invalid address '{registry}': {error}"))?;
+            tonic::transport::Endpoint::from_shared(url).map_err(|error| {
+                ConfigError::invalid(format!("registry: invalid address '{registry}': {error}"))
+            })?;
         }
         if !valid_router_id(&self.router_id) {
-            return Err(
-                "router_id must be 1 to 128 printable characters without spaces, quotes or backslashes"
-                    .to_owned(),
-            );
+            return Err(ConfigError::invalid(
+                "router_id must be 1 to 128 printable characters without spaces, quotes or backslashes",
+            ));
         }
         if self.traffic_report_interval_ms < 10 {
-            return Err("traffic_report_interval_ms must be at least 10".to_owned());
+            return Err(ConfigError::invalid(
+                "traffic_report_interval_ms must be at least 10",
+            ));
         }
         names::check_region(&self.static_worker_region)
-            .map_err(|message| format!("static_worker_region {message}"))?;
+            .map_err(|message| ConfigError::invalid(format!("static_worker_region {message}")))?;
         if self.priority_reserve_percent > 90 {
-            return Err("priority_reserve_percent must be at most 90".to_owned());
+            return Err(ConfigError::invalid(
+                "priority_reserve_percent must be at most 90",
+            ));
         }
         if !(1..=100).contains(&self.low_priority_percent) {
-            return Err("low_priority_percent must be between 1 and 100".to_owned());
+            return Err(ConfigError::invalid(
+                "low_priority_percent must be between 1 and 100",
+            ));
         }
         if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
-            return Err("retry_budget_ratio must be between 0 and 1".to_owned());
+            return Err(ConfigError::invalid(
+                "retry_budget_ratio must be between 0 and 1",
+            ));
         }
         if self.outlier_interval_ms < 10 {
-            return Err("outlier_interval_ms must be at least 10".to_owned());
+            return Err(ConfigError::invalid(
+                "outlier_interval_ms must be at least 10",
+            ));
         }
         if self.outlier_consecutive_failures == 0 {
-            return Err("outlier_consecutive_failures must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "outlier_consecutive_failures must be at least 1",
+            ));
         }
         if !(self.outlier_slow_factor > 1.0 && self.outlier_slow_factor.is_finite()) {
-            return Err("outlier_slow_factor must be a number above 1".to_owned());
+            return Err(ConfigError::invalid(
+                "outlier_slow_factor must be a number above 1",
+            ));
         }
         if self.outlier_base_ejection_ms == 0 {
-            return Err("outlier_base_ejection_ms must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "outlier_base_ejection_ms must be at least 1",
+            ));
         }
         if self.outlier_max_ejection_percent > 100 {
-            return Err("outlier_max_ejection_percent must be at most 100".to_owned());
+            return Err(ConfigError::invalid(
+                "outlier_max_ejection_percent must be at most 100",
+            ));
         }
         if self.autoscale_target_inflight == 0 {
-            return Err("autoscale_target_inflight must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "autoscale_target_inflight must be at least 1",
+            ));
         }
         if let Some(queue) = &self.async_queue
             && queue != MEMORY_QUEUE
             && !(queue.starts_with("redis://") || queue.starts_with("redis+unix://"))
         {
-            return Err(format!(
-                "async_queue '{queue}' must be a redis:// URL (or \"memory\" when embedded)"
-            ));
+            return Err(ConfigError::invalid(format!(
+                "async_queue '{}' must be a redis:// URL (or \"memory\" when embedded)",
+                Redacted(queue)
+            )));
         }
         if self.async_key_prefix.is_empty()
             || self.async_key_prefix.len() > 128
             || self.async_key_prefix.chars().any(|c| !c.is_ascii_graphic())
         {
-            return Err(
-                "async_key_prefix must be 1 to 128 printable characters without spaces".to_owned(),
-            );
+            return Err(ConfigError::invalid(
+                "async_key_prefix must be 1 to 128 printable characters without spaces",
+            ));
         }
         if self.async_result_ttl_ms < 1_000 {
-            return Err("async_result_ttl_ms must be at least 1000".to_owned());
+            return Err(ConfigError::invalid(
+                "async_result_ttl_ms must be at least 1000",
+            ));
         }
         if self.async_job_timeout_ms == 0 {
-            return Err("async_job_timeout_ms must be at least 1".to_owned());
+            return Err(ConfigError::invalid(
+                "async_job_timeout_ms must be at least 1",
+            ));
         }
         if self.async_region != AUTO_REGION {
             names::check_region(&self.async_region).map_err(|message| {
-                format!("async_region must be \"auto\" or a region name: {message}")
+                ConfigError::invalid(format!(
+                    "async_region must be \"auto\" or a region name: {message}"
+                ))
             })?;
         }
         if self.max_async_backlog == 0 {
-            return Err("max_async_backlog must be at least 1".to_owned());
+            return Err(ConfigError::invalid("max_async_backlog must be at least 1"));
         }
         if self.async_max_wait_ms > 600_000 {
-            return Err("async_max_wait_ms must be at most 600000 (10 minutes)".to_owned());
+            return Err(ConfigError::invalid(
+                "async_max_wait_ms must be at most 600000 (10 minutes)",
+            ));
         }
         Ok(())
     }
@@ -523,7 +515,9 @@ mod tests {
         assert_eq!(config.idle_poll_us, 250, "from the file");
         assert_eq!(RouterConfig::default().idle_poll_us, 0, "off by default");
 
-        let error = RouterConfig::load(&RouterArgs::default()).unwrap_err();
+        let error = RouterConfig::load(&RouterArgs::default())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("workers"), "{error}");
         // With a registry, workers may all come from it.
         let followed = RouterConfig::load(&RouterArgs {
@@ -540,7 +534,8 @@ mod tests {
             config: Some(file.clone()),
             ..Default::default()
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("max_inflight"), "{error}");
 
         // Registry settings: absent by default, layered and checked.
@@ -583,7 +578,8 @@ mod tests {
                 config: Some(file.clone()),
                 ..Default::default()
             })
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(error.contains(field), "{bad}: {error}");
         }
 
@@ -592,11 +588,34 @@ mod tests {
             config: Some(file),
             ..Default::default()
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
-            error.contains("worker"),
+            error.contains("unknown field `worker`") && error.contains("router.toml"),
             "unknown keys are refused: {error}"
         );
+    }
+
+    #[test]
+    fn every_documented_variable_is_read() {
+        let command = SERVICE.command::<RouterArgs>();
+        let read: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        let documented = shamal_telemetry::process::documented_variables(
+            SERVICE.env_prefix,
+            &[
+                include_str!("../../../docs/operations.md"),
+                include_str!("../../../docs/async-inference.md"),
+                include_str!("../../../README.md"),
+            ],
+        );
+        assert!(documented.len() >= 25, "{documented:?}");
+        for name in &documented {
+            assert!(read.contains(name), "{name} is documented but not read");
+        }
     }
 
     #[test]
@@ -644,7 +663,8 @@ mod tests {
                 config: Some(file.clone()),
                 ..Default::default()
             })
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(error.contains(field), "{bad}: {error}");
         }
         // Embedded (shamal up): the program hands over the memory queue.

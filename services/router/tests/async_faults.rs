@@ -132,14 +132,17 @@ fn child_worker(consumer: &str) {
     runtime.block_on(async {
         let setting = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} unset"));
         let args = CpuWorkerArgs {
-            model_repository: Some(PathBuf::from(setting(CHILD_REPOSITORY))),
             onnxruntime_library: Some(onnxruntime_library()),
             instances: Some(1),
             intra_threads: Some(1),
-            async_queue: Some(setting(CHILD_REDIS)),
-            async_key_prefix: Some(PREFIX.to_owned()),
-            async_result_ttl_ms: Some(RESULT_TTL_MS),
-            async_concurrency: Some(CONCURRENCY),
+            node: shamal_worker::NodeArgs {
+                model_repository: Some(PathBuf::from(setting(CHILD_REPOSITORY))),
+                async_queue: Some(setting(CHILD_REDIS)),
+                async_key_prefix: Some(PREFIX.to_owned()),
+                async_result_ttl_ms: Some(RESULT_TTL_MS),
+                async_concurrency: Some(CONCURRENCY),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = CpuWorkerConfig::load(&args).unwrap();

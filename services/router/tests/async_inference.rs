@@ -133,15 +133,18 @@ fn simple_repository() -> tempfile::TempDir {
 /// Returns the service and its consumer id.
 async fn start_worker(backend: &Backend, repository: PathBuf, region: &str) -> (Service, String) {
     let mut args = CpuWorkerArgs {
-        model_repository: Some(repository),
         onnxruntime_library: Some(onnxruntime_library()),
-        region: Some(region.to_owned()),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(repository),
+            region: Some(region.to_owned()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     if let Backend::Redis { url, prefix } = backend {
         // The cpu-worker's own settings build its Redis queue.
-        args.async_queue = Some(url.clone());
-        args.async_key_prefix = Some(prefix.clone());
+        args.node.async_queue = Some(url.clone());
+        args.node.async_key_prefix = Some(prefix.clone());
     }
     let config = CpuWorkerConfig::load(&args).unwrap();
     let grpc = listener().await;

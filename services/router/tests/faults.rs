@@ -159,10 +159,13 @@ fn child_worker() {
         .unwrap();
     runtime.block_on(async {
         let args = shamal_cpu_worker::CpuWorkerArgs {
-            model_repository: Some(workspace_root().join("models/repository")),
             onnxruntime_library: Some(onnxruntime_library()),
             instances: Some(1),
             intra_threads: Some(1),
+            node: shamal_worker::NodeArgs {
+                model_repository: Some(workspace_root().join("models/repository")),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = shamal_cpu_worker::CpuWorkerConfig::load(&args).unwrap();

@@ -35,11 +35,14 @@ async fn start_worker_in(
     let address = grpc.local_addr().unwrap();
     let args = CpuWorkerArgs {
         onnxruntime_library: Some(onnxruntime_library()),
-        registry: Some(registry.to_string()),
-        worker_id: Some(id.to_owned()),
-        region: Some(region.to_owned()),
-        artifact_cache: Some(cache.join(id)),
-        drain_grace_ms: Some(1_500),
+        node: shamal_worker::NodeArgs {
+            registry: Some(registry.to_string()),
+            worker_id: Some(id.to_owned()),
+            region: Some(region.to_owned()),
+            artifact_cache: Some(cache.join(id)),
+            drain_grace_ms: Some(1_500),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let config = CpuWorkerConfig::load(&args).unwrap();

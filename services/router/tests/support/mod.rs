@@ -83,8 +83,11 @@ impl Running {
 
 pub async fn start_worker(repository: PathBuf, tune: impl FnOnce(&mut CpuWorkerArgs)) -> Running {
     let mut args = CpuWorkerArgs {
-        model_repository: Some(repository),
         onnxruntime_library: Some(onnxruntime_library()),
+        node: shamal_worker::NodeArgs {
+            model_repository: Some(repository),
+            ..Default::default()
+        },
         ..Default::default()
     };
     tune(&mut args);
@@ -473,9 +476,12 @@ pub async fn start_registry_worker(registry: &str, cache: &std::path::Path, id: 
     let address = grpc.local_addr().unwrap();
     let args = CpuWorkerArgs {
         onnxruntime_library: Some(onnxruntime_library()),
-        registry: Some(registry.to_owned()),
-        worker_id: Some(id.to_owned()),
-        artifact_cache: Some(cache.to_path_buf()),
+        node: shamal_worker::NodeArgs {
+            registry: Some(registry.to_owned()),
+            worker_id: Some(id.to_owned()),
+            artifact_cache: Some(cache.to_path_buf()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let config = CpuWorkerConfig::load(&args).unwrap();
