@@ -14,7 +14,7 @@ use shamal_rpc::{codec_status, request_timeout};
 use shamal_tensor::{Tensor, decode_inputs, encode_outputs};
 use tonic::{Request, Response, Status};
 
-use crate::backend::TensorSpec;
+use crate::backend::{ModelSignature, TensorSpec};
 use crate::batcher::InferError;
 use crate::repository::{Lookup, ModelStore, ModelVersion, VersionState};
 
@@ -184,20 +184,38 @@ fn infer_status(error: InferError) -> Status {
     kind.status(error.to_string())
 }
 
-/// Orders the request's tensors as the model's signature does and checks
-/// names, datatypes and shapes. Returns the batch size (rows).
+/// The worker's input validation: matches a request's decoded `tensors` to
+/// the `signature` of `model` (its name, for messages) and returns them in
+/// the signature's input order, with the batch size (rows; 1 when the model
+/// does not batch).
+///
+/// Every signature input must be present, once, with the signature's
+/// datatype and as many dimensions; a dimension the signature gives as -1
+/// takes any size, the others must match. With `max_batch_size` > 0 (the
+/// model batches) the first dimension is the batch instead: each input's
+/// must be within 1..=`max_batch_size` and all inputs must agree on it.
+/// With 0 the first dimension is checked like the others. A tensor the
+/// signature does not name is refused. Errors are INVALID_ARGUMENT, name
+/// the input, and are what ModelInfer answers.
+///
+/// The router checks async submissions with it before queueing them, with
+/// `max_batch_size` 0: a model's metadata does not say whether it batches,
+/// and a batching model's first dimension is always -1, so that check is
+/// never stricter than the worker's.
 pub fn prepare_inputs(
-    model: &ModelVersion,
+    model: &str,
+    signature: &ModelSignature,
+    max_batch_size: usize,
     mut tensors: Vec<Tensor>,
 ) -> Result<(Vec<Tensor>, usize), Status> {
-    let batching = model.settings.max_batch_size > 0;
-    let mut ordered = Vec::with_capacity(model.signature.inputs.len());
+    let batching = max_batch_size > 0;
+    let mut ordered = Vec::with_capacity(signature.inputs.len());
     let mut rows: Option<usize> = None;
-    for spec in &model.signature.inputs {
+    for spec in &signature.inputs {
         let Some(position) = tensors.iter().position(|tensor| tensor.name == spec.name) else {
             return Err(Status::invalid_argument(format!(
                 "missing input '{}' for model '{}'",
-                spec.name, model.name
+                spec.name, model
             )));
         };
         let tensor = tensors.swap_remove(position);
@@ -229,10 +247,10 @@ pub fn prepare_inputs(
                     spec.name
                 )));
             }
-            if batch > model.settings.max_batch_size {
+            if batch > max_batch_size {
                 return Err(Status::invalid_argument(format!(
                     "input '{}': batch size {batch} exceeds the model's max_batch_size {}",
-                    spec.name, model.settings.max_batch_size
+                    spec.name, max_batch_size
                 )));
             }
             match rows {
@@ -248,8 +266,7 @@ pub fn prepare_inputs(
         ordered.push(tensor);
     }
     if let Some(extra) = tensors.first() {
-        let expected: Vec<&str> = model
-            .signature
+        let expected: Vec<&str> = signature
             .inputs
             .iter()
             .map(|spec| spec.name.as_str())
@@ -257,7 +274,7 @@ pub fn prepare_inputs(
         return Err(Status::invalid_argument(format!(
             "unknown input '{}' for model '{}' (inputs: {})",
             extra.name,
-            model.name,
+            model,
             expected.join(", ")
         )));
     }
@@ -400,7 +417,12 @@ impl GrpcInferenceService for WorkerService {
             let inputs = std::mem::take(&mut request.inputs);
             let raw = std::mem::take(&mut request.raw_input_contents);
             let tensors = decode_inputs(inputs, raw).map_err(|error| codec_status(&error))?;
-            let (tensors, rows) = prepare_inputs(&model, tensors)?;
+            let (tensors, rows) = prepare_inputs(
+                &model.name,
+                &model.signature,
+                model.settings.max_batch_size,
+                tensors,
+            )?;
             let queued = model.batcher.infer(tensors, rows, deadline);
             model.stats.set_queue_depth(model.batcher.queue_depth() + 1);
             let outputs = queued.await;
