@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
+use shamal_backoff::Backoff;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -203,7 +204,7 @@ where
     let mut next_refresh = Instant::now();
     let mut next_reclaim = Instant::now();
     let mut next_touch = Instant::now() + touch_interval;
-    let mut backoff = Backoff::default();
+    let mut backoff = backoff();
 
     let spawn = |tasks: &mut JoinSet<()>, d: Delivery, permit: OwnedSemaphorePermit| {
         tasks.spawn(run_one(
@@ -287,7 +288,7 @@ where
                 tracing::warn!(error = %e, "async consumer: read failed");
                 tokio::select! {
                     _ = &mut shutdown => stopping = true,
-                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
             }
         }
@@ -396,7 +397,7 @@ async fn run_one<Q, H, Fut>(
         }
     };
     if let Some(outcome) = outcome {
-        let mut backoff = Backoff::default();
+        let mut backoff = backoff();
         let mut tries = 0;
         loop {
             tries += 1;
@@ -411,7 +412,7 @@ async fn run_one<Q, H, Fut>(
                 }
                 Err(e) if tries < 8 && e.is_unavailable() => {
                     tracing::warn!(job = %delivery.job.id, error = %e, "async consumer: cannot write result, retrying");
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => {
                     counters.failed_writes.fetch_add(1, Ordering::Relaxed);
@@ -426,24 +427,9 @@ async fn run_one<Q, H, Fut>(
         .remove(&held_key(&delivery));
 }
 
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(50))
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
-        d
-    }
-
-    fn reset(&mut self) {
-        *self = Backoff::default();
-    }
+/// The consumer's backoff after a queue error: 50 ms doubling to 2 s.
+fn backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{Client, RedisError, Script, Value};
+use shamal_backoff::Backoff;
 use tokio::task::AbortHandle;
 
 use crate::codec::{decode_result, encode_result, escape, unescape, validate_name};
@@ -585,7 +586,7 @@ fn parse_member(m: &str) -> Option<StreamKey> {
 /// after every (re)subscription all waiters re-check, so notifications
 /// published while disconnected are not missed.
 async fn subscriber(client: Client, channel: String, waiters: Arc<Waiters>, timeout: Duration) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
         let connected = tokio::time::timeout(timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -595,7 +596,7 @@ async fn subscriber(client: Client, channel: String, waiters: Arc<Waiters>, time
         .await;
         match connected {
             Ok(Ok(mut pubsub)) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 waiters.notify_all();
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
@@ -612,8 +613,7 @@ async fn subscriber(client: Client, channel: String, waiters: Arc<Waiters>, time
             Ok(Err(e)) => tracing::debug!(error = %e, "async queue: cannot subscribe"),
             Err(_) => tracing::debug!("async queue: subscribing timed out"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -7,6 +7,7 @@ pub mod names;
 
 use std::time::Duration;
 
+use shamal_backoff::Backoff;
 use shamal_proto::shamal::registry::v1::registry_client::RegistryClient;
 use shamal_proto::shamal::registry::v1::{WatchEvent, WatchRequest};
 use tokio::sync::mpsc;
@@ -49,7 +50,7 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
     let subscriber = subscriber.to_owned();
     tokio::spawn(async move {
         let mut revision = 0u64;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut failures = 0u32;
         loop {
             let mut registry = client(channel.clone());
@@ -63,7 +64,7 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
                     loop {
                         match stream.message().await {
                             Ok(Some(event)) => {
-                                backoff = Duration::from_millis(50);
+                                backoff.reset();
                                 failures = 0;
                                 let next = event.revision;
                                 if sender.send(event).await.is_err() {
@@ -96,8 +97,7 @@ pub fn watch(channel: Channel, subscriber: &str) -> mpsc::Receiver<WatchEvent> {
             if sender.is_closed() {
                 return;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     });
     receiver

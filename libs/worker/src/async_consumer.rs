@@ -28,6 +28,7 @@ use shamal_async_queue::{
     ConsumerConfig, Job, JobQueue, Outcome, QueueConfig, RedisOptions, RedisQueue, StreamKey,
     StreamSelector, codes, run_consumer,
 };
+use shamal_backoff::Backoff;
 use shamal_error::{ErrorKind, Retry, code_label};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -263,7 +264,7 @@ async fn connect(
     state: &WorkerState,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Arc<dyn JobQueue>> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         if stopping(state, stop) {
             return None;
@@ -290,8 +291,7 @@ async fn connect(
                 tracing::warn!(%error, "cannot connect to the async queue; retrying");
             }
         }
-        pause(stop, backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        pause(stop, backoff.next_delay()).await;
     }
 }
 
@@ -332,7 +332,7 @@ pub(crate) async fn run_job(service: &WorkerService, job: Job) -> Outcome {
         );
     }
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let mut call = tonic::Request::new(request.clone());
         shamal_rpc::set_request_id(call.metadata_mut(), job.id.as_str());
@@ -351,8 +351,7 @@ pub(crate) async fn run_job(service: &WorkerService, job: Job) -> Outcome {
             Ok(response) => return Outcome::Ok(response.into_inner().encode_to_vec().into()),
             Err(status) if retriable(status.code()) && started.elapsed() < RETRY_WINDOW => {
                 tracing::debug!(job = %job.id, %status, "async job deferred");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(status) => return Outcome::error(status.code() as i32, status.message()),
         }

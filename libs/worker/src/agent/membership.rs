@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use shamal_backoff::Backoff;
 use shamal_registry_client::proto::registry_client::RegistryClient;
 use shamal_registry_client::proto::{
     DeregisterWorkerRequest, HeartbeatRequest, RegisterWorkerRequest,
@@ -120,7 +121,7 @@ impl Membership {
 
     /// Registers until it succeeds; false when stopped or draining first.
     pub async fn register(&self, stop: &mut watch::Receiver<bool>) -> bool {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut attempt = 0u32;
         loop {
             if *stop.borrow() || self.draining() {
@@ -136,9 +137,8 @@ impl Membership {
             }
             tokio::select! {
                 _ = stopped(stop) => return false,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

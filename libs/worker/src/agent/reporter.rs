@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use shamal_backoff::Backoff;
 use shamal_registry_client::proto::ReportPlacementRequest;
 use shamal_registry_client::proto::registry_client::RegistryClient;
 use tokio::sync::{mpsc, watch};
@@ -39,7 +40,8 @@ async fn report_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut pending: BTreeMap<Key, ReportPlacementRequest> = BTreeMap::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut delay = backoff.next_delay();
     loop {
         while let Ok(request) = receiver.try_recv() {
             pending.insert((request.model.clone(), request.version), request);
@@ -53,7 +55,8 @@ async fn report_loop(
             match sent {
                 Ok(Ok(_)) => {
                     tracing::debug!(model = %request.model, version = request.version, state = %request.state, "placement reported");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
+                    delay = backoff.next_delay();
                 }
                 Ok(Err(status))
                     if matches!(
@@ -91,8 +94,8 @@ async fn report_loop(
                 }
                 None => return,
             },
-            _ = tokio::time::sleep(backoff), if retry => {
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            _ = tokio::time::sleep(delay), if retry => {
+                delay = backoff.next_delay();
             }
         }
     }
