@@ -76,6 +76,9 @@ mod tests {
         let delays: std::collections::BTreeSet<Duration> = (0..20)
             .map(|_| Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).next_delay())
             .collect();
-        assert!(delays.len() > 1, "twenty fresh backoffs all waited {delays:?}");
+        assert!(
+            delays.len() > 1,
+            "twenty fresh backoffs all waited {delays:?}"
+        );
     }
 }

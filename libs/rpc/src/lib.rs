@@ -1,9 +1,6 @@
 //! gRPC plumbing shared by the router and the workers: the `grpc-timeout`
 //! deadline header, request ids, message size limits and the mapping of codec
-//! errors to statuses; and idle polling ([`keep_awake`]), which both serve
-//! requests with.
-
-pub mod keep_awake;
+//! errors to statuses.
 
 use std::time::Duration;
 

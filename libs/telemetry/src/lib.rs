@@ -114,14 +114,17 @@ async fn ready(State(state): State<MetricsState>) -> StatusCode {
     }
 }
 
-/// Registers a collector, ignoring the error of a second registration of the
-/// same metric (several services sharing one process registry).
+/// Registers a collector and returns it. A second registration of the same
+/// metric (same name and constant labels) is an error, not ignored: the
+/// collector returned would be one `/metrics` never shows. Services that
+/// share one process registry (`shamal up`) keep their metrics apart by
+/// name or by a constant label (the workers' `backend`).
 pub fn register<C: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     collector: C,
-) -> C {
-    let _ = registry.register(Box::new(collector.clone()));
-    collector
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
@@ -143,5 +146,61 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => tracing::info!("interrupt received, shutting down"),
         () = terminate => tracing::info!("terminate received, shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{IntCounterVec, Opts};
+
+    fn counter(backend: &str) -> IntCounterVec {
+        IntCounterVec::new(
+            Opts::new("shamal_test_requests_total", "Test counter.")
+                .const_label("backend", backend),
+            &["model"],
+        )
+        .unwrap_or_else(|error| panic!("static test metric: {error}"))
+    }
+
+    #[test]
+    fn a_second_registration_is_an_error_not_a_silent_orphan() {
+        let registry = Registry::new();
+        let first = register(&registry, counter("onnxruntime")).expect("first registration");
+        assert!(
+            register(&registry, counter("onnxruntime")).is_err(),
+            "the same metric twice must be refused"
+        );
+        first.with_label_values(&["demo"]).inc();
+        assert_eq!(registry.gather().len(), 1);
+    }
+
+    #[test]
+    fn two_workers_of_one_process_are_kept_apart_by_their_backend_label() {
+        let registry = Registry::new();
+        let cpu = register(&registry, counter("onnxruntime")).expect("cpu-worker's");
+        let gpu = register(&registry, counter("candle")).expect("gpu-worker's");
+        cpu.with_label_values(&["demo"]).inc();
+        gpu.with_label_values(&["mlp"]).inc_by(2);
+        let families = registry.gather();
+        assert_eq!(families.len(), 1, "one family");
+        let backends: Vec<(String, u64)> = families[0]
+            .get_metric()
+            .iter()
+            .map(|metric| {
+                let backend = metric
+                    .get_label()
+                    .iter()
+                    .find(|label| label.name() == "backend")
+                    .map(|label| label.value().to_owned())
+                    .unwrap_or_default();
+                (backend, metric.get_counter().get_value() as u64)
+            })
+            .collect();
+        assert!(
+            backends.contains(&("onnxruntime".to_owned(), 1)),
+            "{backends:?}"
+        );
+        assert!(backends.contains(&("candle".to_owned(), 2)), "{backends:?}");
     }
 }

@@ -112,20 +112,20 @@ struct JobMetrics {
 }
 
 impl JobMetrics {
-    fn new(registry: &Registry) -> JobMetrics {
+    /// Carries the worker's backend as a constant label, as the worker's
+    /// other metrics do (see `WorkerMetrics`).
+    fn new(registry: &Registry, backend: &str) -> prometheus::Result<JobMetrics> {
         let jobs = IntCounterVec::new(
             Opts::new(
                 "shamal_worker_async_jobs_total",
                 "Async inference jobs run by this worker, by model and gRPC code of the result.",
-            ),
+            )
+            .const_label("backend", backend),
             &["model", "code"],
-        );
-        match jobs {
-            Ok(jobs) => JobMetrics {
-                jobs: shamal_telemetry::register(registry, jobs),
-            },
-            Err(error) => panic!("invalid async metric definition: {error}"),
-        }
+        )?;
+        Ok(JobMetrics {
+            jobs: shamal_telemetry::register(registry, jobs)?,
+        })
     }
 }
 
@@ -143,10 +143,11 @@ pub(crate) struct Consumer {
 pub(crate) fn spawn(
     consumer: Consumer,
     registry: &Registry,
+    backend: &str,
     stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    let metrics = JobMetrics::new(registry);
-    tokio::spawn(supervise(consumer, metrics, stop))
+) -> prometheus::Result<JoinHandle<()>> {
+    let metrics = JobMetrics::new(registry, backend)?;
+    Ok(tokio::spawn(supervise(consumer, metrics, stop)))
 }
 
 /// The models with a ready version, sorted.

@@ -151,7 +151,7 @@ async fn serve(
     async_inference: Option<AsyncInference>,
 ) -> anyhow::Result<()> {
     let grpc_address = listeners.grpc.local_addr()?;
-    let metrics = WorkerMetrics::new(&registry);
+    let metrics = WorkerMetrics::new(&registry, runtime.backend());
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     shamal_rpc::set_health(&health_reporter, false).await;
@@ -298,19 +298,22 @@ async fn serve(
 
     // Async jobs of this worker's region; stops taking them when the
     // worker drains, and finishes the ones it holds before models unload.
-    let async_consumer = async_inference.map(|settings| {
-        let identity = async_identity(&config, &settings, grpc_address);
-        crate::async_consumer::spawn(
-            crate::async_consumer::Consumer {
-                settings,
-                identity,
-                state: state.clone(),
-                inflight: inflight.clone(),
-            },
-            &registry,
-            stop.clone(),
-        )
-    });
+    let async_consumer = async_inference
+        .map(|settings| {
+            let identity = async_identity(&config, &settings, grpc_address);
+            crate::async_consumer::spawn(
+                crate::async_consumer::Consumer {
+                    settings,
+                    identity,
+                    state: state.clone(),
+                    inflight: inflight.clone(),
+                },
+                &registry,
+                runtime.backend(),
+                stop.clone(),
+            )
+        })
+        .transpose()?;
     let service = CountInFlight {
         inner: GrpcInferenceServiceServer::new(WorkerService::new(state.clone()))
             .max_decoding_message_size(config.max_message_bytes)

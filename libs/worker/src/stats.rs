@@ -14,7 +14,10 @@ use shamal_proto::inference::{
 };
 use shamal_telemetry::{BATCH_BUCKETS, LATENCY_BUCKETS, register};
 
-/// Worker metrics, registered once per process registry.
+/// Worker metrics, registered once per worker. Every metric carries the
+/// worker's backend (`onnxruntime`, `candle`) as a constant label, which
+/// also keeps two workers of one process (`shamal up`) apart in a shared
+/// registry.
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub requests: IntCounterVec,
@@ -27,27 +30,28 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    pub fn new(registry: &Registry) -> WorkerMetrics {
+    pub fn new(registry: &Registry, backend: &str) -> WorkerMetrics {
         let labels = &["model", "version"];
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("backend", backend);
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
             HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                HistogramOpts::from(opts(name, help)).buckets(buckets.to_vec()),
                 labels,
             )
-            .map(|metric| register(registry, metric))
+            .and_then(|metric| register(registry, metric))
         };
         let build = || -> prometheus::Result<WorkerMetrics> {
             Ok(WorkerMetrics {
                 requests: register(
                     registry,
                     IntCounterVec::new(
-                        Opts::new(
+                        opts(
                             "shamal_worker_requests_total",
                             "Inference requests handled by the worker, by outcome (ok or a gRPC code name).",
                         ),
                         &["model", "version", "outcome"],
                     )?,
-                ),
+                )?,
                 request_duration: histogram(
                     "shamal_worker_request_duration_seconds",
                     "Time from receiving an inference request to answering it.",
@@ -71,27 +75,29 @@ impl WorkerMetrics {
                 dropped: register(
                     registry,
                     IntCounterVec::new(
-                        Opts::new(
+                        opts(
                             "shamal_worker_dropped_total",
                             "Queued requests dropped unrun because their deadline passed or their caller left.",
                         ),
                         labels,
                     )?,
-                ),
+                )?,
                 queue_depth: register(
                     registry,
                     IntGaugeVec::new(
-                        Opts::new(
+                        opts(
                             "shamal_worker_queue_depth",
                             "Requests waiting in a model's batcher queue.",
                         ),
                         labels,
                     )?,
-                ),
+                )?,
             })
         };
-        // Metric definitions are static: a failure here is a programming error
-        // caught by every test that builds a worker.
+        // Metric definitions are static and each worker registers them once
+        // with its own backend label: a failure here is a programming error
+        // (two workers of one backend sharing a registry) caught by every
+        // test that builds a worker.
         match build() {
             Ok(metrics) => metrics,
             Err(error) => panic!("invalid worker metric definition: {error}"),
@@ -320,7 +326,7 @@ mod tests {
     #[test]
     fn records_reach_statistics_and_metrics() {
         let registry = Registry::new();
-        let stats = ModelStats::new("m", "3", WorkerMetrics::new(&registry));
+        let stats = ModelStats::new("m", "3", WorkerMetrics::new(&registry, "test"));
         stats.record_execution(ExecutionRecord {
             batch_rows: 4,
             requests: 2,
@@ -345,12 +351,12 @@ mod tests {
 
         let text = exported(&registry);
         for line in [
-            r#"shamal_worker_requests_total{model="m",outcome="ok",version="3"} 1"#,
-            r#"shamal_worker_requests_total{model="m",outcome="resource_exhausted",version="3"} 1"#,
-            r#"shamal_worker_dropped_total{model="m",version="3"} 1"#,
-            r#"shamal_worker_queue_depth{model="m",version="3"} 5"#,
-            r#"shamal_worker_batch_size_sum{model="m",version="3"} 4"#,
-            r#"shamal_worker_inference_duration_seconds_count{model="m",version="3"} 1"#,
+            r#"shamal_worker_requests_total{backend="test",model="m",outcome="ok",version="3"} 1"#,
+            r#"shamal_worker_requests_total{backend="test",model="m",outcome="resource_exhausted",version="3"} 1"#,
+            r#"shamal_worker_dropped_total{backend="test",model="m",version="3"} 1"#,
+            r#"shamal_worker_queue_depth{backend="test",model="m",version="3"} 5"#,
+            r#"shamal_worker_batch_size_sum{backend="test",model="m",version="3"} 4"#,
+            r#"shamal_worker_inference_duration_seconds_count{backend="test",model="m",version="3"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -33,7 +33,7 @@ pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Resu
         ),
         &["device"],
     )?;
-    shamal_telemetry::register(registry, gauge)
+    shamal_telemetry::register(registry, gauge)?
         .with_label_values(&[device])
         .set(1);
     Ok(())

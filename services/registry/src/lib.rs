@@ -152,7 +152,7 @@ pub async fn serve(
     });
     let http = axum::serve(
         http_listener,
-        rest::router(registry.clone(), config.max_artifact_bytes, &metrics),
+        rest::router(registry.clone(), config.max_artifact_bytes, &metrics)?,
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);

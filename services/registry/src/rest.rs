@@ -56,12 +56,13 @@ pub(crate) struct AppState {
 }
 
 /// The REST API, OpenAPI document and web UI, with request metrics
-/// registered on `metrics`.
+/// registered on `metrics`. Fails only when those metrics are registered
+/// there already (one REST API per metrics registry).
 pub fn router(
     registry: Arc<ModelRegistry>,
     max_artifact_bytes: u64,
     metrics: &shamal_telemetry::Registry,
-) -> Router {
+) -> prometheus::Result<Router> {
     let openapi_json = openapi().to_pretty_json().unwrap_or_else(|error| {
         tracing::error!(%error, "cannot serialise the OpenAPI document");
         "{}".to_owned()
@@ -71,8 +72,8 @@ pub fn router(
         max_artifact_bytes,
         openapi_json: bytes::Bytes::from(openapi_json),
     };
-    let http_metrics = metrics::HttpMetrics::new(metrics);
-    Router::new()
+    let http_metrics = metrics::HttpMetrics::new(metrics)?;
+    let app = Router::new()
         .route("/", get(meta::ui))
         .route("/openapi.json", get(meta::openapi_document))
         .route(
@@ -156,5 +157,6 @@ pub fn router(
             http_metrics,
             metrics::track,
         ))
-        .with_state(state)
+        .with_state(state);
+    Ok(app)
 }

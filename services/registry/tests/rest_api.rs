@@ -258,7 +258,7 @@ async fn artifacts_over_the_limit_are_refused() {
         .unwrap();
     // A router of its own with a 1 KiB limit on the same registry.
     let metrics = shamal_telemetry::Registry::new();
-    let app = shamal_registry::rest::router(running.registry.clone(), 1024, &metrics);
+    let app = shamal_registry::rest::router(running.registry.clone(), 1024, &metrics).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -1176,7 +1176,7 @@ async fn requests_are_counted_per_route_and_code() {
         .await
         .unwrap();
     let metrics = shamal_telemetry::Registry::new();
-    let app = shamal_registry::rest::router(running.registry.clone(), 1 << 20, &metrics);
+    let app = shamal_registry::rest::router(running.registry.clone(), 1 << 20, &metrics).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

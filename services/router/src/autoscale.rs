@@ -24,7 +24,7 @@ use std::time::Duration;
 use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
 use shamal_telemetry::register;
 
-use crate::frontend::Frontend;
+use crate::pool::WorkerPool;
 
 /// Requests in flight per model (known models only: callers cannot grow
 /// the label set with made-up names).
@@ -94,7 +94,7 @@ impl Gauges {
                     ),
                     &["model"],
                 )?,
-            ),
+            )?,
             model_desired: register(
                 registry,
                 IntGaugeVec::new(
@@ -104,7 +104,7 @@ impl Gauges {
                     ),
                     &["model"],
                 )?,
-            ),
+            )?,
             pool_inflight: register(
                 registry,
                 GaugeVec::new(
@@ -114,14 +114,14 @@ impl Gauges {
                     ),
                     &pool,
                 )?,
-            ),
+            )?,
             pool_replicas: register(
                 registry,
                 IntGaugeVec::new(
                     Opts::new("shamal_router_pool_replicas", "Healthy workers in a pool."),
                     &pool,
                 )?,
-            ),
+            )?,
             pool_capacity: register(
                 registry,
                 IntGaugeVec::new(
@@ -131,7 +131,7 @@ impl Gauges {
                     ),
                     &pool,
                 )?,
-            ),
+            )?,
             pool_desired: register(
                 registry,
                 IntGaugeVec::new(
@@ -141,7 +141,7 @@ impl Gauges {
                     ),
                     &pool,
                 )?,
-            ),
+            )?,
         })
     }
 }
@@ -158,10 +158,12 @@ pub fn desired_replicas(inflight: f64, target: u32) -> i64 {
 const SAMPLE: Duration = Duration::from_millis(200);
 const SAMPLES_PER_EXPORT: u32 = 5;
 
-/// Starts sampling; abort the task to stop.
+/// Starts sampling what it reads: the requests in flight per model and
+/// the worker pool's members; abort the task to stop.
 pub fn spawn(
     registry: &Registry,
-    frontend: Arc<Frontend>,
+    pool: Arc<WorkerPool>,
+    model_inflight: Arc<ModelInflight>,
     target: u32,
 ) -> tokio::task::JoinHandle<()> {
     let gauges = match Gauges::new(registry) {
@@ -176,10 +178,10 @@ pub fn spawn(
         let mut samples = 0;
         loop {
             ticker.tick().await;
-            for (model, count) in frontend.model_inflight.sample() {
+            for (model, count) in model_inflight.sample() {
                 *models.entry(model).or_default() += count as f64;
             }
-            let members = frontend.pool.upstreams();
+            let members = pool.upstreams();
             for upstream in members.iter() {
                 let key = (upstream.meta.region.clone(), upstream.meta.device.clone());
                 *pools.entry(key).or_default() += upstream.inflight.load(Ordering::Relaxed) as f64;

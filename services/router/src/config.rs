@@ -454,8 +454,8 @@ impl RouterConfig {
     }
 
     /// Overload and retry limits.
-    pub fn limits(&self) -> crate::frontend::Limits {
-        crate::frontend::Limits {
+    pub fn limits(&self) -> crate::routing::Limits {
+        crate::routing::Limits {
             max_inflight: self.max_inflight,
             priority_reserve_percent: self.priority_reserve_percent,
             low_priority_percent: self.low_priority_percent,

@@ -8,16 +8,17 @@ use shamal_proto::inference::*;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::frontend::{CallContext, Frontend};
+use crate::forward::CallContext;
+use crate::routing::RoutingCore;
 
 #[derive(Clone)]
 pub struct RouterService {
-    frontend: Arc<Frontend>,
+    core: Arc<RoutingCore>,
 }
 
 impl RouterService {
-    pub fn new(frontend: Arc<Frontend>) -> RouterService {
-        RouterService { frontend }
+    pub fn new(core: Arc<RoutingCore>) -> RouterService {
+        RouterService { core }
     }
 
     fn context<T>(&self, request: &Request<T>) -> CallContext {
@@ -25,7 +26,7 @@ impl RouterService {
         CallContext {
             request_id: shamal_rpc::request_id(metadata),
             deadline: self
-                .frontend
+                .core
                 .deadline(Instant::now(), shamal_rpc::request_timeout(metadata)),
             protocol: "grpc",
             headers: http::HeaderMap::new(),
@@ -35,8 +36,12 @@ impl RouterService {
 
 /// Answers with the request id in the response metadata.
 fn respond<T>(message: T, context: &CallContext) -> Response<T> {
+    respond_with_id(message, &context.request_id)
+}
+
+fn respond_with_id<T>(message: T, request_id: &str) -> Response<T> {
     let mut response = Response::new(message);
-    shamal_rpc::set_request_id(response.metadata_mut(), &context.request_id);
+    shamal_rpc::set_request_id(response.metadata_mut(), request_id);
     response
 }
 
@@ -54,7 +59,7 @@ impl GrpcInferenceService for RouterService {
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
-            ready: self.frontend.ready(),
+            ready: self.core.ready(),
         }))
     }
 
@@ -65,7 +70,7 @@ impl GrpcInferenceService for RouterService {
         let context = self.context(&request);
         let request = request.into_inner();
         let ready = self
-            .frontend
+            .core
             .model_ready(&request.name, &request.version, &context)
             .await?;
         Ok(respond(ModelReadyResponse { ready }, &context))
@@ -75,7 +80,7 @@ impl GrpcInferenceService for RouterService {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(self.frontend.server_metadata()))
+        Ok(Response::new(self.core.server_metadata()))
     }
 
     async fn model_metadata(
@@ -85,7 +90,7 @@ impl GrpcInferenceService for RouterService {
         let context = self.context(&request);
         let request = request.into_inner();
         let metadata = self
-            .frontend
+            .core
             .model_metadata(&request.name, &request.version, &context)
             .await?;
         Ok(respond(metadata, &context))
@@ -98,7 +103,7 @@ impl GrpcInferenceService for RouterService {
         let context = self.context(&request);
         let request = request.into_inner();
         let config = self
-            .frontend
+            .core
             .model_config(&request.name, &request.version, &context)
             .await?;
         Ok(respond(config, &context))
@@ -114,12 +119,9 @@ impl GrpcInferenceService for RouterService {
         // request's data-residency policy may be there.
         let (metadata, _, message) = request.into_parts();
         context.headers = metadata.into_headers();
-        let response = self
-            .frontend
-            .infer(message, &context)
-            .instrument(span)
-            .await?;
-        Ok(respond(response, &context))
+        let request_id = context.request_id.clone();
+        let response = self.core.infer(message, context).instrument(span).await?;
+        Ok(respond_with_id(response, &request_id))
     }
 
     async fn model_statistics(
@@ -129,7 +131,7 @@ impl GrpcInferenceService for RouterService {
         let context = self.context(&request);
         let request = request.into_inner();
         let statistics = self
-            .frontend
+            .core
             .statistics(&request.name, &request.version, &context)
             .await?;
         Ok(respond(statistics, &context))
@@ -141,7 +143,7 @@ impl GrpcInferenceService for RouterService {
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let context = self.context(&request);
         let ready_only = request.get_ref().ready;
-        let index = self.frontend.repository_index(ready_only, &context).await?;
+        let index = self.core.repository_index(ready_only, &context).await?;
         Ok(respond(index, &context))
     }
 }

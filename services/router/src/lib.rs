@@ -6,18 +6,19 @@
 pub mod admission;
 pub mod async_api;
 pub mod autoscale;
-pub mod budget;
 pub mod config;
-pub mod frontend;
+pub mod forward;
 pub mod grpc;
 pub mod http;
-pub mod http_json;
 pub mod metrics;
 pub mod outlier;
+pub mod pipeline;
 pub mod pool;
 pub mod registry_link;
 pub mod residency;
+pub mod rng;
 pub mod rollout;
+pub mod routing;
 pub mod shadow;
 pub mod traffic;
 
@@ -34,12 +35,13 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{RouterArgs, RouterConfig};
-use frontend::Frontend;
 use grpc::RouterService;
 use metrics::RouterMetrics;
 pub use pool::LocalService;
 use pool::WorkerPool;
 use registry_link::RegistryRouting;
+use routing::{CoreParts, RoutingCore};
+use shadow::Shadow;
 
 /// Pre-bound listeners (port 0 in tests).
 pub struct RouterListeners {
@@ -119,38 +121,49 @@ pub async fn run_with(
     let outlier_detection = pool.spawn_outlier_detection();
     // Only a router that turned idle polling on counts its requests: in
     // `shamal up` the in-process worker counts them already.
-    let keep_awake = shamal_rpc::keep_awake::KeepAwake::start_for_process(Duration::from_micros(
-        config.idle_poll_us,
-    ));
-    let mut frontend = Frontend::new(
-        pool.clone(),
-        RouterMetrics::new(&registry),
-        &config.limits(),
-    )
-    .with_keep_awake(keep_awake);
-    // With a registry, rollouts drive the version choice; readiness still
-    // follows the workers alone.
-    let registry_link = match &config.registry {
-        Some(address) => {
-            let routing = RegistryRouting::new(&registry, config.max_shadow_inflight);
-            frontend = frontend.with_registry(routing.clone());
-            Some(
-                registry_link::spawn(
-                    address,
-                    &config.router_id,
-                    Duration::from_millis(config.traffic_report_interval_ms),
-                    pool,
-                    routing,
-                )
-                .map_err(anyhow::Error::msg)?,
-            )
+    let keep_awake =
+        shamal_idle_poll::KeepAwake::start_for_process(Duration::from_micros(config.idle_poll_us));
+    // With a registry, rollouts drive the version choice and name shadow
+    // versions; readiness still follows the workers alone.
+    let metrics = RouterMetrics::new(&registry);
+    let routing = match &config.registry {
+        Some(_) => {
+            let routing = RegistryRouting::new(&registry);
+            let shadow = Shadow::new(
+                &registry,
+                config.max_shadow_inflight,
+                pool.clone(),
+                metrics.clone(),
+                routing.clone(),
+            )?;
+            Some((routing, shadow))
         }
         None => None,
     };
-    let frontend = Arc::new(frontend);
+    let registry_link = match (&config.registry, &routing) {
+        (Some(address), Some((routing, _))) => Some(
+            registry_link::spawn(
+                address,
+                &config.router_id,
+                Duration::from_millis(config.traffic_report_interval_ms),
+                pool.clone(),
+                routing.clone(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
+    let core = Arc::new(RoutingCore::new(CoreParts {
+        pool: pool.clone(),
+        metrics,
+        limits: config.limits(),
+        registry: routing,
+        keep_awake,
+    }));
     let autoscale_signals = autoscale::spawn(
         &registry,
-        frontend.clone(),
+        pool,
+        core.model_inflight(),
         config.autoscale_target_inflight,
     );
 
@@ -163,7 +176,7 @@ pub async fn run_with(
     };
     let (async_api, async_tasks) = match async_api::AsyncApi::start(
         &config,
-        frontend.clone(),
+        core.clone(),
         &registry,
         async_queue,
         stop.clone(),
@@ -174,14 +187,14 @@ pub async fn run_with(
 
     // Readiness follows the worker pool until shutdown starts.
     let readiness_task = {
-        let frontend = frontend.clone();
+        let core = core.clone();
         let readiness = readiness.clone();
         let health = health_reporter.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let mut was_ready = false;
             loop {
-                let ready = frontend.ready() && !*stop.borrow();
+                let ready = core.ready() && !*stop.borrow();
                 readiness.set(ready);
                 if ready != was_ready {
                     if ready {
@@ -213,11 +226,11 @@ pub async fn run_with(
         ))
     });
 
-    let grpc_service = GrpcInferenceServiceServer::new(RouterService::new(frontend.clone()))
+    let grpc_service = GrpcInferenceServiceServer::new(RouterService::new(core.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let async_service = AsyncInferenceServer::new(async_api::AsyncService::new(
-        frontend.clone(),
+        core.clone(),
         async_api.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
@@ -236,7 +249,7 @@ pub async fn run_with(
     });
     let http = axum::serve(
         http_listener,
-        http::router_with_async(frontend.clone(), async_api, config.max_message_bytes),
+        http::router_with_async(core.clone(), async_api, config.max_message_bytes),
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);

@@ -35,7 +35,7 @@ impl RouterMetrics {
                         ),
                         &["model", "version", "protocol", "code"],
                     )?,
-                ),
+                )?,
                 duration: register(
                     registry,
                     HistogramVec::new(
@@ -46,21 +46,21 @@ impl RouterMetrics {
                         .buckets(LATENCY_BUCKETS.to_vec()),
                         &["model", "protocol"],
                     )?,
-                ),
+                )?,
                 retries: register(
                     registry,
                     IntCounter::new(
                         "shamal_router_retries_total",
                         "Requests sent again to another worker after the first was unavailable.",
                     )?,
-                ),
+                )?,
                 retries_refused: register(
                     registry,
                     IntCounter::new(
                         "shamal_router_retries_refused_total",
                         "Retries not made because the retry budget (share of extra load) was spent.",
                     )?,
-                ),
+                )?,
                 shed: register(
                     registry,
                     IntCounterVec::new(
@@ -70,7 +70,7 @@ impl RouterMetrics {
                         ),
                         &["priority"],
                     )?,
-                ),
+                )?,
             })
         };
         match build() {

@@ -47,6 +47,7 @@ macro_rules! forward_rpc {
 }
 
 forward_rpc! {
+    server_ready(ServerReadyRequest) -> ServerReadyResponse;
     model_infer(ModelInferRequest) -> ModelInferResponse;
     model_metadata(ModelMetadataRequest) -> ModelMetadataResponse;
     model_config(ModelConfigRequest) -> ModelConfigResponse;
@@ -103,6 +104,9 @@ pub struct Upstream {
     withdrawn: AtomicBool,
     /// Ready models and their ready versions, from the last refresh.
     models: RwLock<BTreeMap<String, BTreeSet<String>>>,
+    /// The worker's own readiness (ServerReady) at the last refresh that
+    /// asked for it: only a starting pool asks (see [`WorkerPool::ready`]).
+    reported_ready: AtomicBool,
     /// Failure and latency record for outlier ejection.
     pub(crate) outlier: OutlierState,
 }
@@ -147,6 +151,7 @@ impl Upstream {
             healthy: AtomicBool::new(false),
             withdrawn: AtomicBool::new(false),
             models: RwLock::new(BTreeMap::new()),
+            reported_ready: AtomicBool::new(false),
             outlier: OutlierState::default(),
         }
     }
@@ -158,6 +163,10 @@ impl Upstream {
         upstream
             .healthy
             .store(self.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+        upstream.reported_ready.store(
+            self.reported_ready.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         *upstream
             .models
             .write()
@@ -254,16 +263,38 @@ impl Upstream {
         inflight / weight
     }
 
-    async fn refresh(&self) {
+    /// Asks what the worker serves and, with `ask_ready`, whether it
+    /// reports itself ready.
+    async fn refresh(&self, ask_ready: bool) {
         let mut request = Request::new(RepositoryIndexRequest {
             repository_name: String::new(),
             ready: true,
         });
         // A hung worker must not stall the refresh of the others.
         request.set_timeout(REFRESH_TIMEOUT);
-        let index = tokio::time::timeout(REFRESH_TIMEOUT, self.client().repository_index(request))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("repository index timed out")));
+        let index = async {
+            tokio::time::timeout(REFRESH_TIMEOUT, self.client().repository_index(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("repository index timed out")))
+        };
+        let ready = async {
+            if !ask_ready {
+                return false;
+            }
+            let mut request = Request::new(ServerReadyRequest {});
+            request.set_timeout(REFRESH_TIMEOUT);
+            match tokio::time::timeout(REFRESH_TIMEOUT, self.client().server_ready(request)).await {
+                Ok(Ok(response)) => response.into_inner().ready,
+                // A peer that cannot say is taken as ready once it serves
+                // models (its index is the only readiness it has).
+                Ok(Err(status)) => status.code() == tonic::Code::Unimplemented,
+                Err(_) => false,
+            }
+        };
+        let (index, ready) = tokio::join!(index, ready);
+        if ask_ready {
+            self.reported_ready.store(ready, Ordering::Relaxed);
+        }
         match index {
             Ok(response) => {
                 let mut models: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -347,6 +378,9 @@ pub struct WorkerPool {
     members: RwLock<Arc<Vec<Arc<Upstream>>>>,
     settings: PoolSettings,
     refreshed_once: AtomicBool,
+    /// Set once every reachable worker has reported itself ready (see
+    /// [`WorkerPool::ready`]); never cleared.
+    started: AtomicBool,
 }
 
 impl WorkerPool {
@@ -390,6 +424,7 @@ impl WorkerPool {
             members: RwLock::new(Arc::new(upstreams)),
             settings,
             refreshed_once: AtomicBool::new(false),
+            started: AtomicBool::new(false),
         })
     }
 
@@ -525,11 +560,17 @@ impl WorkerPool {
         Ok(Upstream::new(meta, transport))
     }
 
-    /// Health-checks every worker concurrently (asks what it serves).
+    /// Health-checks every worker concurrently (asks what it serves; while
+    /// the pool is starting, also whether each worker is ready).
     pub async fn refresh(&self) {
         let members = self.upstreams();
-        futures::future::join_all(members.iter().map(|upstream| upstream.refresh())).await;
+        let starting = !self.started.load(Ordering::SeqCst);
+        futures::future::join_all(members.iter().map(|upstream| upstream.refresh(starting))).await;
         self.refreshed_once.store(true, Ordering::SeqCst);
+        if starting && serves_models(&members) && all_reachable_ready(&members) {
+            tracing::info!(workers = members.len(), "every reachable worker is ready");
+            self.started.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Keeps refreshing until the returned task is aborted.
@@ -549,14 +590,17 @@ impl WorkerPool {
         })
     }
 
-    /// True once the workers have been asked at least once and one of them
-    /// serves a ready model.
+    /// Strict readiness, as Triton's: not before every worker the router
+    /// reaches has reported itself ready (a worker is ready only once all
+    /// the models of its repository are loaded), so a router starting
+    /// beside its workers is not ready while their models still load. Once
+    /// started, ready while some worker serves a ready model: a worker
+    /// that later drains, restarts or fails is routed around, and must not
+    /// take every router out of service with it.
     pub fn ready(&self) -> bool {
         self.refreshed_once.load(Ordering::SeqCst)
-            && self
-                .upstreams()
-                .iter()
-                .any(|upstream| upstream.healthy() && upstream.has_models())
+            && self.started.load(Ordering::SeqCst)
+            && serves_models(&self.upstreams())
     }
 
     /// Whether any worker, healthy or not, has reported this model.
@@ -618,8 +662,8 @@ impl WorkerPool {
             1 => candidates[0],
             count => {
                 // Two distinct candidates at random.
-                let first_slot = fastrand_index(count);
-                let second_slot = (first_slot + 1 + fastrand_index(count - 1)) % count;
+                let first_slot = crate::rng::random_index(count);
+                let second_slot = (first_slot + 1 + crate::rng::random_index(count - 1)) % count;
                 let (first, second) = (candidates[first_slot], candidates[second_slot]);
                 if second.load_score(now_ms, slow_start) < first.load_score(now_ms, slow_start) {
                     second
@@ -685,40 +729,20 @@ fn registry_meta(worker: &WorkerState) -> WorkerMeta {
     }
 }
 
-/// A cheap, thread-local xorshift: load balancing and traffic splits need
-/// spread, not cryptographic randomness.
-pub(crate) fn random_u64() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(seed());
-    }
-    STATE.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        x
-    })
+/// Whether some healthy worker serves a ready model.
+fn serves_models(members: &[Arc<Upstream>]) -> bool {
+    members
+        .iter()
+        .any(|upstream| upstream.healthy() && upstream.has_models())
 }
 
-/// A distinct, non-zero seed per thread: the clock mixed with a counter.
-fn seed() -> u64 {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() as u64)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    let mut seed = nanos
-        ^ (COUNTER.fetch_add(1, Ordering::Relaxed) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    // splitmix64 finaliser: neighbouring seeds give unrelated streams.
-    seed = (seed ^ (seed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    seed = (seed ^ (seed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (seed ^ (seed >> 31)) | 1
-}
-
-fn fastrand_index(bound: usize) -> usize {
-    (random_u64() % bound as u64) as usize
+/// Whether every worker that answered its last refresh reported itself
+/// ready. Unreachable workers do not hold a router back: it routes around
+/// them.
+fn all_reachable_ready(members: &[Arc<Upstream>]) -> bool {
+    members
+        .iter()
+        .all(|upstream| !upstream.healthy() || upstream.reported_ready.load(Ordering::Relaxed))
 }
 
 /// Tracks one forwarded request in its worker's in-flight count.

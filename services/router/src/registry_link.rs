@@ -16,7 +16,6 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_registry_client::proto::{ReportTrafficRequest, WatchEvent};
 use shamal_telemetry::register;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -24,7 +23,6 @@ use tonic::transport::Channel;
 use crate::pool::WorkerPool;
 use crate::residency::{self, RegionPolicy};
 use crate::rollout::{Change, Draws, ModelRoute, Routes};
-use crate::shadow::ShadowMetrics;
 use crate::traffic::Traffic;
 
 /// How long one traffic report may take before it is given up.
@@ -35,8 +33,6 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RegistryRouting {
     pub routes: Routes,
     pub traffic: Traffic,
-    shadow_slots: Arc<Semaphore>,
-    pub(crate) shadow_metrics: ShadowMetrics,
     rollout_revision: IntGaugeVec,
     /// Set once the first snapshot is applied: until then the router does
     /// not know the rollouts and reports itself not ready.
@@ -57,14 +53,12 @@ pub struct Plan {
 }
 
 impl RegistryRouting {
-    /// Registers the rollout and shadow metrics in `registry`.
-    pub fn new(registry: &Registry, max_shadow_inflight: usize) -> Arc<RegistryRouting> {
+    /// Registers the rollout metrics in `registry`.
+    pub fn new(registry: &Registry) -> Arc<RegistryRouting> {
         let build = || -> prometheus::Result<RegistryRouting> {
             Ok(RegistryRouting {
                 routes: Routes::default(),
                 traffic: Traffic::default(),
-                shadow_slots: Arc::new(Semaphore::new(max_shadow_inflight)),
-                shadow_metrics: ShadowMetrics::new(registry)?,
                 rollout_revision: register(
                     registry,
                     IntGaugeVec::new(
@@ -74,7 +68,7 @@ impl RegistryRouting {
                         ),
                         &["model"],
                     )?,
-                ),
+                )?,
                 synced: std::sync::atomic::AtomicBool::new(false),
                 tenants: RwLock::new(Arc::new(HashMap::new())),
             })
@@ -139,15 +133,6 @@ impl RegistryRouting {
             Some(route) => route.resolve_explicit(model, version),
             None => Ok(None),
         }
-    }
-
-    /// A slot for one shadow copy; `None` (counted) when all are taken.
-    pub(crate) fn shadow_permit(&self, model: &str) -> Option<OwnedSemaphorePermit> {
-        let permit = self.shadow_slots.clone().try_acquire_owned().ok();
-        if permit.is_none() {
-            self.shadow_metrics.skipped(model);
-        }
-        permit
     }
 
     /// The regions a request may use: its own list, its tenant's default

@@ -209,7 +209,7 @@ pub struct Draws {
 
 impl Draws {
     pub fn random() -> Draws {
-        let bits = crate::pool::random_u64();
+        let bits = crate::rng::random_u64();
         Draws {
             bucket: ((bits >> 32) % u64::from(BUCKETS)) as u32,
             shadow: (bits & 0xffff_ffff) as f64 / (1u64 << 32) as f64,

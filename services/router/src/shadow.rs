@@ -7,29 +7,102 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::HeaderMap;
 use prometheus::{IntCounterVec, Opts, Registry};
 use shamal_proto::inference::{ModelInferRequest, ModelInferResponse};
 use shamal_telemetry::register;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::Code;
 
-use crate::frontend::{CallContext, Route, forward_to};
+use crate::forward::{CallContext, Route, forward_to};
 use crate::metrics::{RouterMetrics, code_label};
 use crate::pool::WorkerPool;
 use crate::registry_link::RegistryRouting;
 use crate::residency::RegionPolicy;
 use crate::traffic::Role;
 
+/// Where a caller's answer goes for comparison with its shadow copy's.
+pub type PrimaryAnswer = oneshot::Sender<Option<ModelInferResponse>>;
+
+/// The shadow copies of a router: a bounded number in flight (beyond it a
+/// copy is skipped and counted, never queued), their metrics, and what
+/// they need to be sent and reported. Exists only when the router follows
+/// a registry, whose rollouts name shadow versions.
+#[derive(Clone)]
+pub struct Shadow {
+    slots: Arc<Semaphore>,
+    metrics: ShadowMetrics,
+    pool: Arc<WorkerPool>,
+    router_metrics: RouterMetrics,
+    /// Where the copies' outcomes are reported (as `shadow` traffic).
+    routing: Arc<RegistryRouting>,
+}
+
+impl Shadow {
+    /// Registers the shadow metrics in `registry`; at most `max_inflight`
+    /// copies run at once.
+    pub fn new(
+        registry: &Registry,
+        max_inflight: usize,
+        pool: Arc<WorkerPool>,
+        router_metrics: RouterMetrics,
+        routing: Arc<RegistryRouting>,
+    ) -> prometheus::Result<Shadow> {
+        Ok(Shadow {
+            slots: Arc::new(Semaphore::new(max_inflight)),
+            metrics: ShadowMetrics::new(registry)?,
+            pool,
+            router_metrics,
+            routing,
+        })
+    }
+
+    /// Sends a copy of `request` to `version` in the background, when a
+    /// slot is free (a skipped copy is counted). Returns where to send the
+    /// caller's answer for comparison.
+    pub fn spawn(
+        &self,
+        request: &ModelInferRequest,
+        version: u64,
+        rollout_revision: u64,
+        context: &CallContext,
+        regions: Option<Arc<RegionPolicy>>,
+    ) -> Option<PrimaryAnswer> {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.metrics.skipped(&request.model_name);
+            return None;
+        };
+        let mut copy = request.clone();
+        copy.model_version = version.to_string();
+        let copy = ShadowCopy {
+            model: request.model_name.clone(),
+            version,
+            rollout_revision,
+            request: copy,
+            context: CallContext {
+                request_id: context.request_id.clone(),
+                deadline: context.deadline,
+                protocol: context.protocol,
+                headers: HeaderMap::new(),
+            },
+            regions,
+        };
+        let (sender, receiver) = oneshot::channel();
+        tokio::spawn(run(self.clone(), copy, receiver, permit));
+        Some(sender)
+    }
+}
+
 /// Shadow metrics, registered only when a registry is configured.
 #[derive(Clone)]
-pub struct ShadowMetrics {
+struct ShadowMetrics {
     requests: IntCounterVec,
     agreement: IntCounterVec,
     skipped: IntCounterVec,
 }
 
 impl ShadowMetrics {
-    pub fn new(registry: &Registry) -> prometheus::Result<ShadowMetrics> {
+    fn new(registry: &Registry) -> prometheus::Result<ShadowMetrics> {
         Ok(ShadowMetrics {
             requests: register(
                 registry,
@@ -40,7 +113,7 @@ impl ShadowMetrics {
                     ),
                     &["model", "version", "code"],
                 )?,
-            ),
+            )?,
             agreement: register(
                 registry,
                 IntCounterVec::new(
@@ -50,7 +123,7 @@ impl ShadowMetrics {
                     ),
                     &["model", "version", "result"],
                 )?,
-            ),
+            )?,
             skipped: register(
                 registry,
                 IntCounterVec::new(
@@ -60,11 +133,11 @@ impl ShadowMetrics {
                     ),
                     &["model"],
                 )?,
-            ),
+            )?,
         })
     }
 
-    pub fn skipped(&self, model: &str) {
+    fn skipped(&self, model: &str) {
         self.skipped.with_label_values(&[model]).inc();
     }
 }
@@ -93,25 +166,23 @@ pub fn outputs_agree(primary: &ModelInferResponse, shadow: &ModelInferResponse) 
 }
 
 /// One copy to send.
-pub(crate) struct ShadowCopy {
-    pub model: String,
-    pub version: u64,
-    pub rollout_revision: u64,
+struct ShadowCopy {
+    model: String,
+    version: u64,
+    rollout_revision: u64,
     /// The caller's request, naming the shadow version.
-    pub request: ModelInferRequest,
+    request: ModelInferRequest,
     /// The caller's id and deadline: the copy gets the same budget.
-    pub context: CallContext,
+    context: CallContext,
     /// The caller's data-residency policy: the copy obeys it too.
-    pub regions: Option<Arc<RegionPolicy>>,
+    regions: Option<Arc<RegionPolicy>>,
 }
 
 /// Sends the copy, then compares its answer with the caller's (sent on
 /// `primary` once known; `None` or a dropped sender when the caller got
 /// none). Holds `permit` until done.
-pub(crate) async fn run(
-    pool: Arc<WorkerPool>,
-    metrics: RouterMetrics,
-    routing: Arc<RegistryRouting>,
+async fn run(
+    shadow: Shadow,
     copy: ShadowCopy,
     primary: oneshot::Receiver<Option<ModelInferResponse>>,
     permit: OwnedSemaphorePermit,
@@ -128,17 +199,23 @@ pub(crate) async fn run(
         regions: copy.regions.as_deref(),
         retry_budget: None,
     };
-    let result = forward_to(&pool, &metrics, &route, context, |mut client| {
-        let outgoing = context.outgoing(request.clone());
-        async move { client.model_infer(outgoing).await }
-    })
+    let result = forward_to(
+        &shadow.pool,
+        &shadow.router_metrics,
+        &route,
+        context,
+        |mut client| {
+            let outgoing = context.outgoing(request.clone());
+            async move { client.model_infer(outgoing).await }
+        },
+    )
     .await;
     drop(permit);
     let code = match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    routing.traffic.record(
+    shadow.routing.traffic.record(
         &copy.model,
         copy.version,
         copy.rollout_revision,
@@ -146,7 +223,7 @@ pub(crate) async fn run(
         code,
         started.elapsed(),
     );
-    let shadow_metrics = &routing.shadow_metrics;
+    let shadow_metrics = &shadow.metrics;
     shadow_metrics
         .requests
         .with_label_values(&[

@@ -15,7 +15,7 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
-    pub fn new(registry: &shamal_telemetry::Registry) -> HttpMetrics {
+    pub fn new(registry: &shamal_telemetry::Registry) -> prometheus::Result<HttpMetrics> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "shamal_registry_http_requests_total",
@@ -33,10 +33,10 @@ impl HttpMetrics {
             &["route"],
         )
         .unwrap_or_else(|error| unreachable!("static metric definition: {error}"));
-        HttpMetrics {
-            requests: shamal_telemetry::register(registry, requests),
-            latency: shamal_telemetry::register(registry, latency),
-        }
+        Ok(HttpMetrics {
+            requests: shamal_telemetry::register(registry, requests)?,
+            latency: shamal_telemetry::register(registry, latency)?,
+        })
     }
 }
 

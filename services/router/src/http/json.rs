@@ -18,6 +18,10 @@ use shamal_tensor::{
     DataType, Tensor, TensorData, decode_outputs, float_bytes_from_f64, to_f64_values,
 };
 
+/// The binary data extension's header: the length of the JSON header that
+/// precedes the raw tensor bytes (of a request or a response).
+pub(crate) const HEADER_LENGTH: &str = "inference-header-content-length";
+
 /// A request the client must fix: HTTP 400 with this message.
 #[derive(Debug)]
 pub struct BadRequest(pub String);
