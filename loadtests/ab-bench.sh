@@ -6,8 +6,11 @@
 # the raw ONNX Runtime loop on `mlp_large` as a reference.
 #
 #   A_ARGS="--inline-max-us 100" B_ARGS="" loadtests/ab-bench.sh
+#   A_BIN=/path/to/old/target/release/shamal loadtests/ab-bench.sh   # before/after
 #
 # Environment: A_ARGS, B_ARGS (extra `shamal up` flags of each side),
+# A_BIN, B_BIN (the `shamal` binary of each side, default this tree's release
+# build: a binary built from another commit compares two versions),
 # ROUNDS (4), AB_DURATION (4s), AB_WARMUP (1s), AB_CASES (the cases below,
 # space-separated: mlp_large:1 demo:1 mixed mlp_large:64 demo:64).
 # "mixed" measures `demo` at concurrency 1 while `mlp_large` runs at
@@ -31,7 +34,7 @@ mkdir -p "$out"
 
 cargo build --release -p shamal-cli -p shamal-loadtest
 cargo build --release -p shamal-cpu-worker --example ort_raw
-bin="$repo/target/release"
+bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/shamal-ab.XXXXXX")"
 pids=()
@@ -53,7 +56,10 @@ start_side() {
   shift
   local http g metrics reg_http reg_grpc
   read -r http g metrics reg_http reg_grpc < <(free_ports 5)
-  "$bin/shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
+  local shamal="$bin/shamal"
+  if [ "$side" = A ] && [ -n "${A_BIN:-}" ]; then shamal="$A_BIN"; fi
+  if [ "$side" = B ] && [ -n "${B_BIN:-}" ]; then shamal="$B_BIN"; fi
+  "$shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
     --metrics-port "$metrics" --registry-http-port "$reg_http" \
     --registry-grpc-port "$reg_grpc" --data-dir "$tmp/data_$side" "$@" >"$out/server_$side.log" 2>&1 &
   pids+=("$!")
@@ -71,7 +77,7 @@ EOF
     sleep 0.5
   done
 done
-echo "A: ${A_ARGS:-(defaults)}  B: ${B_ARGS:-(defaults)}"
+echo "A: ${A_BIN:-$bin/shamal} ${A_ARGS:-(defaults)}  B: ${B_BIN:-$bin/shamal} ${B_ARGS:-(defaults)}"
 
 load() { # side model concurrency json
   "$bin/shamal-loadgen" --url "http://127.0.0.1:${grpc[$1]}" --model "$2" \

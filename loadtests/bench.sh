@@ -36,7 +36,7 @@ fi
 echo "== building (release)"
 cargo build --release -p shamal-cli -p shamal-loadtest
 cargo build --release -p shamal-cpu-worker --example ort_raw
-bin="$repo/target/release"
+bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/shamal-bench.XXXXXX")"
 server_pid=""

@@ -85,7 +85,7 @@ read -r _ u0 n0 s0 i0 w0 q0 sq0 st0 _ < <(grep '^cpu ' /proc/stat)
 echo "== building (release)"
 cargo build --release -p shamal-cli -p shamal-loadtest
 cargo build --release -p shamal-gpu-worker --example encoder_bench
-bin="$repo/target/release"
+bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/shamal-gpu-bench.XXXXXX")"
 server_pid=""

@@ -34,7 +34,7 @@ mkdir -p "$out"
 
 echo "== building (release)"
 cargo build --release -p shamal-router -p shamal-cpu-worker -p shamal-loadtest
-bin="$repo/target/release"
+bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/shamal-scale.XXXXXX")"
 pids=()

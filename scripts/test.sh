@@ -122,6 +122,7 @@ fi
 
 export SHAMAL_GRPC_URL="127.0.0.1:$grpc_port"
 export SHAMAL_HTTP_URL="127.0.0.1:$http_port"
+export SHAMAL_METRICS_URL="127.0.0.1:$metrics_port"
 
 step "compatibility: tritonclient (gRPC and HTTP)"
 .deps/venv/bin/python -m pytest -q tests/compat/test_tritonclient.py

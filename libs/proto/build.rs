@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not baked in when it is compiled: cargo may
+    // reuse a compiled build script for a checkout at another path (a
+    // second work tree sharing target/), which must read its own protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let inference = root.join("inference");
     let files = [
         inference.join("grpc_service.proto"),

@@ -5,7 +5,8 @@ a running Shamal stack that serves models/repository.
         .deps/venv/bin/python -m pytest -q tests/compat/test_tritonclient.py
 
 Both variables are required; without them every test fails with a message
-saying so (nothing is skipped). SHAMAL_MODEL_REPOSITORY overrides the model
+saying so (nothing is skipped). SHAMAL_METRICS_URL (the stack's metrics
+port) is required by the metrics test. SHAMAL_MODEL_REPOSITORY overrides the model
 repository used for in-process onnxruntime reference runs (default
 models/repository). SHAMAL_READY_TIMEOUT (seconds, default 60) bounds the
 initial wait for the server and the models to become ready.
@@ -512,3 +513,34 @@ def test_text_encoder_rejects_empty_text(grpc_client):
                           [_grpc_input("text", np.array(["   "], dtype=object), "BYTES")])
     assert "INVALID_ARGUMENT" in str(error.value.status()), error.value
     assert "text" in error.value.message()
+
+
+# ----------------------------------------------------------------- metrics
+# Both workers of `shamal up` register their metrics in one process
+# registry; each must reach /metrics under its own backend label (a second
+# registration used to be ignored, so one worker's metrics never showed).
+
+METRICS_URL = os.environ.get("SHAMAL_METRICS_URL", "")
+
+
+def _worker_requests(text, backend, model):
+    prefix = "shamal_worker_requests_total{"
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(prefix) and f'backend="{backend}"' in line and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_both_workers_metrics_reach_the_metrics_endpoint(grpc_client, text_reference):
+    if not METRICS_URL:
+        pytest.fail("SHAMAL_METRICS_URL not set (e.g. 127.0.0.1:18002)", pytrace=False)
+    import urllib.request
+    _wait_gpu_model(grpc_client, "minilm_tiny_text")
+    grpc_client.infer("demo", [_grpc_input("INPUT0", _demo_data(1, seed=61), "FP32")])
+    sentences = np.array(text_reference["text"], dtype=object)
+    grpc_client.infer("minilm_tiny_text", [_grpc_input("text", sentences, "BYTES")])
+    with urllib.request.urlopen(f"http://{METRICS_URL}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert _worker_requests(text, "onnxruntime", "demo") >= 1, "cpu-worker metrics missing"
+    assert _worker_requests(text, "candle", "minilm_tiny_text") >= 1, "gpu-worker metrics missing"
