@@ -15,16 +15,33 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use shamal_proto::shamal::registry::v1 as proto;
 
+/// Why a registry client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configured address is neither `host:port` nor a URL tonic can
+    /// connect to.
+    #[error("invalid registry address '{address}': {source}")]
+    InvalidAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
 /// A lazily connecting channel to the registry's gRPC address
-/// (`host:port` or a URL).
-pub fn channel(address: &str) -> Result<Channel, String> {
+/// (`host:port` or a URL). Fails only on an address that cannot be parsed;
+/// an unreachable registry shows up on the first call.
+pub fn channel(address: &str) -> Result<Channel, Error> {
     let url = if address.starts_with("http://") || address.starts_with("https://") {
         address.to_owned()
     } else {
         format!("http://{address}")
     };
     Ok(Endpoint::from_shared(url)
-        .map_err(|error| format!("invalid registry address '{address}': {error}"))?
+        .map_err(|source| Error::InvalidAddress {
+            address: address.to_owned(),
+            source,
+        })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -30,16 +30,28 @@ pub fn is_region_name(name: &str) -> bool {
     is_name(name, MAX_REGION_CHARS)
 }
 
+/// A name that breaks its rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Not a region name. The message quotes the name and states the rule,
+    /// for the caller to prefix with the field.
+    #[error("'{name}' is not a region name: {REGION_RULE}")]
+    NotARegion {
+        /// The offending name, cut to its first 80 characters (it may come
+        /// from a request, and ends up in logs and answers).
+        name: String,
+    },
+}
+
 /// Checks a region name; the error quotes the name (its first 80
 /// characters) and states the rule, for the caller to prefix with the field.
-pub fn check_region(name: &str) -> Result<(), String> {
+pub fn check_region(name: &str) -> Result<(), Error> {
     if is_region_name(name) {
         Ok(())
     } else {
-        Err(format!(
-            "'{}' is not a region name: {REGION_RULE}",
-            name.chars().take(80).collect::<String>()
-        ))
+        Err(Error::NotARegion {
+            name: name.chars().take(80).collect(),
+        })
     }
 }
 
@@ -80,13 +92,13 @@ mod tests {
     #[test]
     fn region_errors_quote_the_name_and_state_the_rule() {
         assert_eq!(check_region("me-central-1"), Ok(()));
-        let error = check_region("uae north").unwrap_err();
+        let error = check_region("uae north").unwrap_err().to_string();
         assert!(
             error.starts_with("'uae north' is not a region name: "),
             "{error}"
         );
         assert!(error.ends_with(REGION_RULE), "{error}");
-        let long = check_region(&"r".repeat(1000)).unwrap_err();
+        let long = check_region(&"r".repeat(1000)).unwrap_err().to_string();
         assert!(
             long.starts_with(&format!("'{}' ", "r".repeat(80))),
             "{long}"

@@ -21,7 +21,7 @@ pub const MAX_REGIONS: usize = 64;
 /// Validates a region name (`shamal_registry_client::names`: the rule the
 /// routers and workers apply too), naming `field`.
 pub fn validate_region(field: &str, region: &str) -> Result<()> {
-    names::check_region(region).map_err(|message| RegistryError::invalid(field, message))
+    names::check_region(region).map_err(|error| RegistryError::invalid(field, error.to_string()))
 }
 
 /// Validates a list of regions (at most 64, no duplicates), naming the

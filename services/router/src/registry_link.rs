@@ -267,7 +267,7 @@ pub fn spawn(
     report_interval: Duration,
     pool: Arc<WorkerPool>,
     routing: Arc<RegistryRouting>,
-) -> Result<RegistryLink, String> {
+) -> Result<RegistryLink, shamal_registry_client::Error> {
     let channel = shamal_registry_client::channel(address)?;
     let watch = {
         let mut events = shamal_registry_client::watch(channel.clone(), router_id);
