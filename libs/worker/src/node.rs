@@ -253,7 +253,7 @@ impl NodeConfig {
                 &self.region,
                 &self.artifact_cache,
             )
-            .map_err(ConfigError::Invalid)?;
+            .map_err(|error| ConfigError::invalid(error.to_string()))?;
         }
         // Checked with or without a registry: the async consumer reads the
         // streams of this region.

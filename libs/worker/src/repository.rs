@@ -15,9 +15,9 @@ use shamal_proto::inference::model_version_policy::PolicyChoice;
 use shamal_proto::inference::{ModelConfig, ModelVersionPolicy};
 use shamal_tensor::{Tensor, TensorData};
 
-use crate::backend::{Backend, InstanceOptions, ModelSignature, Runtime};
+use crate::backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime};
 use crate::batcher::{Batcher, BatcherConfig, DEFAULT_CONCURRENCY_MEMORY, InlineSlots};
-use crate::settings::{ModelDefaults, ModelSettings, parse_config_pbtxt, resolve};
+use crate::settings::{ModelDefaults, ModelSettings, SettingsError, parse_config_pbtxt, resolve};
 use crate::stats::{ModelStats, WorkerMetrics};
 
 /// A loaded, warmed-up model version, ready to serve.
@@ -300,6 +300,35 @@ fn select_versions(available: &[u64], policy: Option<&ModelVersionPolicy>) -> Ve
     }
 }
 
+/// Why a model version could not be loaded. The message becomes the
+/// version's `Unavailable` reason, which clients read in the model's status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The runtime cannot read the model file's signature.
+    #[error("cannot read model: {0}")]
+    Signature(#[source] BackendError),
+    /// The configuration cannot be served with this signature.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The runtime cannot create an instance.
+    #[error("cannot create instance: {0}")]
+    Instance(#[source] BackendError),
+    /// An instance failed its warm-up execution.
+    #[error("warm-up failed: {0}")]
+    WarmUp(#[source] WarmUpError),
+}
+
+/// Why an instance's warm-up execution failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmUpError {
+    /// The backend failed to run on zero-filled inputs.
+    #[error(transparent)]
+    Infer(#[from] BackendError),
+    /// The backend returned a different number of outputs than declared.
+    #[error("model produced {produced} outputs, its signature declares {declared}")]
+    OutputCount { produced: usize, declared: usize },
+}
+
 /// Loads one model version: reads its signature, resolves its settings,
 /// creates its instances, warms each one up and starts its batcher. Blocking;
 /// call it off the async runtime's worker threads.
@@ -308,11 +337,11 @@ pub fn load_version(
     runtime: &dyn Runtime,
     defaults: &ModelDefaults,
     metrics: &WorkerMetrics,
-) -> Result<ModelVersion, String> {
+) -> Result<ModelVersion, Error> {
     let started = Instant::now();
     let signature = runtime
         .signature(&found.model_file)
-        .map_err(|error| format!("cannot read model: {error}"))?;
+        .map_err(Error::Signature)?;
     let (settings, config) = resolve(
         &found.model,
         found.config.clone(),
@@ -320,8 +349,7 @@ pub fn load_version(
         defaults,
         runtime.platform(),
         runtime.backend(),
-    )
-    .map_err(|error| error.0)?;
+    )?;
     let options = InstanceOptions {
         parameters: settings.parameters.clone(),
     };
@@ -329,9 +357,8 @@ pub fn load_version(
     for _ in 0..settings.instances {
         let mut instance = runtime
             .instantiate(&found.model_file, &options)
-            .map_err(|error| format!("cannot create instance: {error}"))?;
-        warm_up(instance.as_mut(), &signature)
-            .map_err(|error| format!("warm-up failed: {error}"))?;
+            .map_err(Error::Instance)?;
+        warm_up(instance.as_mut(), &signature).map_err(Error::WarmUp)?;
         instances.push(instance);
     }
     let version_label = found.version.to_string();
@@ -385,7 +412,7 @@ pub fn load_version(
 
 /// Runs one execution on zero-filled inputs (batch 1, variable dimensions 1)
 /// so that the first real request does not pay for lazy initialisation.
-fn warm_up(backend: &mut dyn Backend, signature: &ModelSignature) -> Result<(), String> {
+fn warm_up(backend: &mut dyn Backend, signature: &ModelSignature) -> Result<(), WarmUpError> {
     let inputs = signature
         .inputs
         .iter()
@@ -408,13 +435,12 @@ fn warm_up(backend: &mut dyn Backend, signature: &ModelSignature) -> Result<(), 
             }
         })
         .collect();
-    let outputs = backend.infer(inputs).map_err(|error| error.to_string())?;
+    let outputs = backend.infer(inputs)?;
     if outputs.len() != signature.outputs.len() {
-        return Err(format!(
-            "model produced {} outputs, its signature declares {}",
-            outputs.len(),
-            signature.outputs.len()
-        ));
+        return Err(WarmUpError::OutputCount {
+            produced: outputs.len(),
+            declared: signature.outputs.len(),
+        });
     }
     Ok(())
 }

@@ -439,12 +439,14 @@ fn load_repository(
                 version.version,
                 VersionState::Ready(Arc::new(model)),
             ),
-            Err(reason) => {
-                tracing::error!(model = %version.model, version = version.version, %reason, "model version failed to load");
+            Err(error) => {
+                tracing::error!(model = %version.model, version = version.version, reason = %error, "model version failed to load");
                 state.store.insert(
                     &version.model,
                     version.version,
-                    VersionState::Unavailable { reason },
+                    VersionState::Unavailable {
+                        reason: error.to_string(),
+                    },
                 );
             }
         }

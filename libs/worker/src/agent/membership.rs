@@ -30,6 +30,17 @@ pub struct Timings {
     pub lease: Duration,
 }
 
+/// Why one RegisterWorker call failed (logged, then retried).
+#[derive(Debug, thiserror::Error)]
+enum RegisterError {
+    /// The registry answered with an error status.
+    #[error("{0}")]
+    Refused(tonic::Status),
+    /// No answer within [`CALL_TIMEOUT`].
+    #[error("the registry did not answer RegisterWorker")]
+    NoAnswer,
+}
+
 /// A worker's membership in the registry: registration, heartbeats and the
 /// two drain notices. Shared by the reconcile loop (which registers), the
 /// heartbeat task and the server's shutdown path.
@@ -54,9 +65,8 @@ impl Membership {
         capacity: u32,
         state: Arc<WorkerState>,
         inflight: Arc<AtomicUsize>,
-    ) -> Result<Arc<Membership>, String> {
-        let channel = shamal_registry_client::channel(&settings.address)
-            .map_err(|error| error.to_string())?;
+    ) -> Result<Arc<Membership>, shamal_registry_client::Error> {
+        let channel = shamal_registry_client::channel(&settings.address)?;
         Ok(Arc::new(Membership {
             channel,
             registration: RegisterWorkerRequest {
@@ -88,7 +98,7 @@ impl Membership {
     }
 
     /// One RegisterWorker call; keeps the timings the registry answers.
-    async fn register_once(&self) -> Result<(), String> {
+    async fn register_once(&self) -> Result<(), RegisterError> {
         let mut client = self.client();
         match tokio::time::timeout(
             CALL_TIMEOUT,
@@ -114,8 +124,8 @@ impl Membership {
                 tracing::info!(worker_id = %request.worker_id, address = %request.address, region = %request.region, capacity = request.capacity, formats = ?request.formats, heartbeat_interval_ms = heartbeat_interval.as_millis() as u64, lease_ms = lease.as_millis() as u64, "registered with the registry");
                 Ok(())
             }
-            Ok(Err(status)) => Err(status.to_string()),
-            Err(_) => Err("the registry did not answer RegisterWorker".to_owned()),
+            Ok(Err(status)) => Err(RegisterError::Refused(status)),
+            Err(_) => Err(RegisterError::NoAnswer),
         }
     }
 

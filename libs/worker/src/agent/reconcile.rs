@@ -426,7 +426,7 @@ async fn load_job(
     };
     tokio::task::spawn_blocking(move || {
         let model = load_version(&found, runtime.as_ref(), &defaults, &metrics)
-            .map_err(LoadFailure::permanent)?;
+            .map_err(|error| LoadFailure::permanent(error.to_string()))?;
         let signature_json = signature_json(&model.signature);
         Ok(Loaded {
             model,

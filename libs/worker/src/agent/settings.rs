@@ -86,6 +86,30 @@ impl RegistryAgentSettings {
     }
 }
 
+/// A registry setting that cannot work; the message names the field at
+/// fault (it is shown as a configuration error).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// `registry` is neither `host:port` nor an http(s) URL with a host.
+    #[error("registry '{0}' is not a host:port or http(s) URL")]
+    Registry(String),
+    /// `worker_id` is empty, too long, or has spaces or non-ASCII.
+    #[error("worker_id '{0}' must be 1 to 128 printable ASCII characters without spaces")]
+    WorkerId(String),
+    /// `advertise_address` has no host or no valid port.
+    #[error("advertise_address '{0}' must be host:port")]
+    AdvertiseAddress(String),
+    /// `region` breaks the shared rule for region names.
+    #[error("region {0}")]
+    Region(#[from] shamal_registry_client::names::Error),
+    /// `artifact_cache` is the empty path.
+    #[error("artifact_cache must not be empty")]
+    EmptyArtifactCache,
+    /// `artifact_cache` exists and is not a directory.
+    #[error("artifact_cache {} is not a directory", .0.display())]
+    ArtifactCacheNotADirectory(PathBuf),
+}
+
 /// Checks a worker's registry settings as configured (before the worker
 /// binds its port), naming the field at fault. Shared by every worker
 /// binary.
@@ -95,7 +119,7 @@ pub fn validate_agent_settings(
     advertise_address: Option<&str>,
     region: &str,
     artifact_cache: &Path,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let url = if registry.starts_with("http://") || registry.starts_with("https://") {
         registry.to_owned()
     } else {
@@ -106,16 +130,12 @@ pub fn validate_agent_settings(
             .parse::<tonic::transport::Uri>()
             .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
     if !valid {
-        return Err(format!(
-            "registry '{registry}' is not a host:port or http(s) URL"
-        ));
+        return Err(Error::Registry(registry.to_owned()));
     }
     if let Some(id) = worker_id
         && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
     {
-        return Err(format!(
-            "worker_id '{id}' must be 1 to 128 printable ASCII characters without spaces"
-        ));
+        return Err(Error::WorkerId(id.to_owned()));
     }
     if let Some(address) = advertise_address {
         let port = address
@@ -124,19 +144,15 @@ pub fn validate_agent_settings(
             .and_then(|(_, port)| port.parse::<u16>().ok())
             .filter(|port| *port > 0);
         if port.is_none() {
-            return Err(format!("advertise_address '{address}' must be host:port"));
+            return Err(Error::AdvertiseAddress(address.to_owned()));
         }
     }
-    shamal_registry_client::names::check_region(region)
-        .map_err(|message| format!("region {message}"))?;
+    shamal_registry_client::names::check_region(region)?;
     if artifact_cache.as_os_str().is_empty() {
-        return Err("artifact_cache must not be empty".to_owned());
+        return Err(Error::EmptyArtifactCache);
     }
     if artifact_cache.exists() && !artifact_cache.is_dir() {
-        return Err(format!(
-            "artifact_cache {} is not a directory",
-            artifact_cache.display()
-        ));
+        return Err(Error::ArtifactCacheNotADirectory(artifact_cache.to_owned()));
     }
     Ok(())
 }
