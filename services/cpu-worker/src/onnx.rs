@@ -1,7 +1,7 @@
 //! ONNX Runtime backend (through `ort`, loading libonnxruntime dynamically).
 
-use std::path::Path;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use ort::session::builder::GraphOptimizationLevel;
@@ -57,6 +57,22 @@ pub struct SessionOptions {
     pub optimization: Optimization,
 }
 
+/// Why ONNX Runtime cannot be set up. The outcome of the first attempt is
+/// kept for the process (see [`OnnxRuntime::new`]), hence `Clone` and the
+/// shared sources.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    /// libonnxruntime cannot be loaded (missing, wrong version).
+    #[error("cannot load ONNX Runtime from {}: {source}", library.display())]
+    Load {
+        library: PathBuf,
+        source: Arc<ort::LoadDynamicError>,
+    },
+    /// The library loaded but refuses to create its environment.
+    #[error("cannot create the ONNX Runtime environment: {0}")]
+    Environment(#[source] Arc<ort::Error>),
+}
+
 /// The ONNX Runtime model runtime.
 pub struct OnnxRuntime {
     environment: ort::environment::Environment,
@@ -70,23 +86,21 @@ fn internal(error: impl std::fmt::Display) -> BackendError {
 impl OnnxRuntime {
     /// Loads libonnxruntime from `library` and creates the environment.
     /// ONNX Runtime allows one environment (and one library) per process:
-    /// the first call decides, later ones share it.
-    pub fn new(library: &Path, options: SessionOptions) -> Result<OnnxRuntime, String> {
-        static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> =
+    /// the first call decides, later ones share it (its failure too).
+    pub fn new(library: &Path, options: SessionOptions) -> Result<OnnxRuntime, Error> {
+        static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, Error>> =
             OnceLock::new();
         let environment = ENVIRONMENT
             .get_or_init(|| {
-                let builder = ort::init_from(library).map_err(|error| {
-                    format!(
-                        "cannot load ONNX Runtime from {}: {error}",
-                        library.display()
-                    )
+                let builder = ort::init_from(library).map_err(|source| Error::Load {
+                    library: library.to_owned(),
+                    source: Arc::new(source),
                 })?;
                 builder
                     .with_name("shamal")
                     .with_telemetry(false)
                     .build()
-                    .map_err(|error| format!("cannot create the ONNX Runtime environment: {error}"))
+                    .map_err(|source| Error::Environment(Arc::new(source)))
             })
             .clone()?;
         Ok(OnnxRuntime {
