@@ -14,6 +14,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::spec::BertSpec;
+use crate::weights::Error;
 
 /// Additive attention bias of a masked key: its softmax weight is exactly 0
 /// in F32 (finite, so a row with no key at all stays finite too).
@@ -98,69 +99,84 @@ struct Weights {
 }
 
 impl Weights {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, String> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, Error> {
         let key = format!("{}{name}", self.prefix);
-        let tensor = self
-            .tensors
-            .remove(&key)
-            .ok_or_else(|| format!("weights lack tensor '{key}' (shape {shape:?})"))?;
+        let Some(tensor) = self.tensors.remove(&key) else {
+            return Err(Error::Missing {
+                name: key,
+                shape: shape.to_vec(),
+            });
+        };
         if !matches!(tensor.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-            return Err(format!(
-                "tensor '{key}' is {:?}; weights must be F32, F16 or BF16",
-                tensor.dtype()
-            ));
+            return Err(Error::NotFloat {
+                name: key,
+                dtype: tensor.dtype(),
+            });
         }
         if tensor.dims() != shape {
-            return Err(format!(
-                "tensor '{key}' has shape {:?}, the spec needs {shape:?}",
-                tensor.dims()
-            ));
+            return Err(Error::Shape {
+                name: key,
+                shape: tensor.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
         Ok(tensor)
     }
 
     /// A tensor in the compute dtype on the device.
-    fn placed(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, String> {
+    fn placed(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, Error> {
         let tensor = self.take(name, shape)?;
         tensor
             .to_dtype(self.dtype)
             .and_then(|tensor| tensor.to_device(&self.device))
-            .map_err(|error| format!("cannot place {name}: {error}"))
+            .map_err(|source| Error::Place {
+                name: name.to_owned(),
+                source,
+            })
     }
 
-    fn linear(&mut self, name: &str, input: usize, output: usize) -> Result<Linear, String> {
+    fn linear(&mut self, name: &str, input: usize, output: usize) -> Result<Linear, Error> {
         let weight = self.take(&format!("{name}.weight"), &[output, input])?;
         let weight_t = weight
             .t()
             .and_then(|weight| weight.contiguous())
             .and_then(|weight| weight.to_dtype(self.dtype))
             .and_then(|weight| weight.to_device(&self.device))
-            .map_err(|error| format!("cannot place {name}.weight: {error}"))?;
+            .map_err(|source| Error::Place {
+                name: format!("{name}.weight"),
+                source,
+            })?;
         let bias = self.placed(&format!("{name}.bias"), &[output])?;
         Ok(Linear { weight_t, bias })
     }
 
     /// Query, key and value of one layer as one `[hidden, 3 * hidden]`
     /// linear layer.
-    fn fused_qkv(&mut self, name: &str, hidden: usize) -> Result<Linear, String> {
+    fn fused_qkv(&mut self, name: &str, hidden: usize) -> Result<Linear, Error> {
         let parts = ["query", "key", "value"]
             .map(|part| self.linear(&format!("{name}.{part}"), hidden, hidden));
         let [query, key, value] = parts;
         let (query, key, value) = (query?, key?, value?);
-        let weight_t = Tensor::cat(&[&query.weight_t, &key.weight_t, &value.weight_t], 1)
-            .map_err(|error| format!("cannot fuse {name}: {error}"))?;
-        let bias = Tensor::cat(&[&query.bias, &key.bias, &value.bias], 0)
-            .map_err(|error| format!("cannot fuse {name}: {error}"))?;
+        let fuse = |source: candle_core::Error| Error::Fuse {
+            name: name.to_owned(),
+            source,
+        };
+        let weight_t =
+            Tensor::cat(&[&query.weight_t, &key.weight_t, &value.weight_t], 1).map_err(fuse)?;
+        let bias = Tensor::cat(&[&query.bias, &key.bias, &value.bias], 0).map_err(fuse)?;
         Ok(Linear { weight_t, bias })
     }
 
     /// LayerNorm parameters stay F32.
-    fn layer_norm(&mut self, name: &str, hidden: usize, eps: f64) -> Result<LayerNorm, String> {
+    fn layer_norm(&mut self, name: &str, hidden: usize, eps: f64) -> Result<LayerNorm, Error> {
         let mut take = |part: &str| {
             self.take(&format!("{name}.{part}"), &[hidden])?
                 .to_dtype(DType::F32)
                 .and_then(|tensor| tensor.to_device(&self.device))
-                .map_err(|error| format!("cannot place {name}.{part}: {error}"))
+                .map_err(|source| Error::Place {
+                    name: format!("{name}.{part}"),
+                    source,
+                })
         };
         Ok(LayerNorm {
             weight: take("weight")?,
@@ -172,21 +188,21 @@ impl Weights {
     /// Fails on tensors nothing took, except those a real checkpoint holds
     /// that the encoder does not use (the pooler head, the position-ids
     /// buffer).
-    fn finish(self, file: &Path) -> Result<(), String> {
+    fn finish(self, file: &Path) -> Result<(), Error> {
         let prefix = self.prefix;
-        let unexpected: BTreeSet<&String> = self
+        let unexpected: BTreeSet<String> = self
             .tensors
-            .keys()
+            .into_keys()
             .filter(|name| {
                 let name = name.strip_prefix(prefix).unwrap_or(name);
                 !(name.starts_with("pooler.") || name == "embeddings.position_ids")
             })
             .collect();
         if !unexpected.is_empty() {
-            return Err(format!(
-                "weights {} hold tensors the spec does not use: {unexpected:?}",
-                file.display()
-            ));
+            return Err(Error::Unused {
+                path: file.to_owned(),
+                names: unexpected,
+            });
         }
         Ok(())
     }
@@ -200,12 +216,16 @@ impl BertEncoder {
         weights: &Path,
         device: &Device,
         dtype: DType,
-    ) -> Result<BertEncoder, String> {
+    ) -> Result<BertEncoder, Error> {
         // Read on the CPU first: a malformed file is reported before
         // anything reaches the GPU.
         let tensors: HashMap<String, Tensor> =
-            candle_core::safetensors::load(weights, &Device::Cpu)
-                .map_err(|error| format!("cannot read weights {}: {error}", weights.display()))?;
+            candle_core::safetensors::load(weights, &Device::Cpu).map_err(|source| {
+                Error::Read {
+                    path: weights.to_owned(),
+                    source,
+                }
+            })?;
         // BertForMaskedLM and friends prefix the encoder's names.
         let prefix = if !tensors.contains_key("embeddings.word_embeddings.weight")
             && tensors.contains_key("bert.embeddings.word_embeddings.weight")
@@ -238,7 +258,7 @@ impl BertEncoder {
             )?
             .narrow(0, 0, 1)
             .and_then(|row| row.contiguous())
-            .map_err(|error| format!("token_type_embeddings: {error}"))?;
+            .map_err(Error::TokenTypeEmbeddings)?;
         let embeddings_norm = w.layer_norm("embeddings.LayerNorm", hidden, eps)?;
         let mut layers = Vec::with_capacity(spec.layers);
         for index in 0..spec.layers {

@@ -43,13 +43,18 @@ impl CandleRuntime {
         &self,
         model_file: &Path,
     ) -> Result<(LocatedSpec, Device, candle_core::DType), BackendError> {
-        let located = read_spec(model_file).map_err(BackendError::InvalidInput)?;
-        let device = device::for_model(&self.device, located.spec.device())
-            .map_err(BackendError::InvalidInput)?;
-        let dtype = device::compute_dtype(located.spec.dtype(), &device)
-            .map_err(BackendError::InvalidInput)?;
+        let located = read_spec(model_file).map_err(invalid)?;
+        let device = device::for_model(&self.device, located.spec.device()).map_err(invalid)?;
+        let dtype = device::compute_dtype(located.spec.dtype(), &device).map_err(invalid)?;
         Ok((located, device, dtype))
     }
+}
+
+/// A model that cannot be loaded as its files and spec stand: the backend's
+/// `InvalidInput`, with the typed error's message (as before the errors were
+/// typed, so the load failure a client reads is unchanged).
+fn invalid(error: impl std::fmt::Display) -> BackendError {
+    BackendError::InvalidInput(error.to_string())
 }
 
 fn dim(value: usize) -> i64 {
@@ -130,8 +135,7 @@ impl Runtime for CandleRuntime {
         let architecture = located.spec.architecture();
         let backend: Box<dyn Backend> = match located.spec {
             ModelSpec::Mlp(spec) => {
-                let model = Mlp::load(&spec, &located.weights, &device, dtype)
-                    .map_err(BackendError::InvalidInput)?;
+                let model = Mlp::load(&spec, &located.weights, &device, dtype).map_err(invalid)?;
                 Box::new(MlpBackend {
                     model,
                     input_name: spec.input_name,
@@ -142,13 +146,10 @@ impl Runtime for CandleRuntime {
             }
             ModelSpec::BertEncoder(spec) => {
                 let tokenizer = load_tokenizer(&spec, located.tokenizer.as_ref(), model_file)
-                    .map_err(BackendError::InvalidInput)?;
-                let model = BertEncoder::load(&spec, &located.weights, &device, dtype)
-                    .map_err(BackendError::InvalidInput)?;
-                Box::new(
-                    EncoderBackend::new(model, &spec, tokenizer)
-                        .map_err(BackendError::InvalidInput)?,
-                )
+                    .map_err(invalid)?;
+                let model =
+                    BertEncoder::load(&spec, &located.weights, &device, dtype).map_err(invalid)?;
+                Box::new(EncoderBackend::new(model, &spec, tokenizer).map_err(invalid)?)
             }
         };
         tracing::info!(

@@ -68,7 +68,7 @@ unsafe fn apply(threads: usize) {
 /// (Opening a CUDA device starts driver threads, but the default is only
 /// applied when no device was opened.)
 #[allow(unsafe_code)]
-pub unsafe fn select_device(config: &GpuWorkerConfig) -> Result<Device, String> {
+pub unsafe fn select_device(config: &GpuWorkerConfig) -> Result<Device, device::Error> {
     if let Some(threads) = config.cpu_threads {
         // SAFETY: forwarded from the caller; no device is open yet.
         unsafe { apply(threads) };

@@ -9,7 +9,7 @@
 //! `[CLS] [SEP]`, a row without tokens as a zero vector), because the
 //! framework warms a model up with empty and zero-filled inputs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use shamal_tensor::{DataType, Tensor, TensorData};
@@ -19,6 +19,41 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::bert::{BertEncoder, TokenBatch};
 use crate::spec::{BertSpec, EncoderInputs, TokenizerSource, encoder_io};
+
+/// Why a text encoder's tokenizer cannot be loaded or used, or an encoder
+/// instance cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The `tokenizer.json` file cannot be read or parsed.
+    #[error("cannot read tokenizer {}: {source}", path.display())]
+    ReadTokenizer {
+        path: PathBuf,
+        source: tokenizers::Error,
+    },
+    /// The tokenizer embedded in safetensors metadata cannot be parsed.
+    #[error("cannot read the embedded tokenizer: {0}")]
+    EmbeddedTokenizer(#[source] tokenizers::Error),
+    /// The tokenizer refuses the model's truncation settings.
+    #[error("tokenizer truncation: {0}")]
+    Truncation(#[source] tokenizers::Error),
+    /// The tokenizer can produce an id the model has no embedding for.
+    #[error("tokenizer token '{token}' has id {id}, outside the model's vocab_size {vocab_size}")]
+    TokenOutsideVocab {
+        token: String,
+        id: u32,
+        vocab_size: usize,
+    },
+    /// Tokenising one text failed.
+    #[error("{0}")]
+    Encode(#[source] tokenizers::Error),
+    /// A text encoder came without a tokenizer, or a token-id encoder with
+    /// one.
+    #[error("a text encoder needs a tokenizer, a token-id encoder none")]
+    TokenizerMismatch,
+    /// The model file of a text encoder located no tokenizer.
+    #[error("{}: a text encoder needs its tokenizer", .0.display())]
+    NoTokenizer(PathBuf),
+}
 
 /// A HuggingFace tokenizer set up for the encoder: special tokens added,
 /// truncated to the model's `max_seq_len`, no padding (the backend pads).
@@ -33,13 +68,17 @@ impl TextTokenizer {
         source: &TokenizerSource,
         vocab_size: usize,
         max_seq_len: usize,
-    ) -> Result<TextTokenizer, String> {
+    ) -> Result<TextTokenizer, Error> {
         let mut tokenizer = match source {
-            TokenizerSource::File(path) => Tokenizer::from_file(path)
-                .map_err(|error| format!("cannot read tokenizer {}: {error}", path.display()))?,
+            TokenizerSource::File(path) => {
+                Tokenizer::from_file(path).map_err(|source| Error::ReadTokenizer {
+                    path: path.clone(),
+                    source,
+                })?
+            }
             TokenizerSource::Embedded(text) => text
                 .parse::<Tokenizer>()
-                .map_err(|error| format!("cannot read the embedded tokenizer: {error}"))?,
+                .map_err(Error::EmbeddedTokenizer)?,
         };
         tokenizer.with_padding(None);
         tokenizer
@@ -49,23 +88,25 @@ impl TextTokenizer {
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
             }))
-            .map_err(|error| format!("tokenizer truncation: {error}"))?;
+            .map_err(Error::Truncation)?;
         if let Some((token, &id)) = tokenizer.get_vocab(true).iter().max_by_key(|(_, id)| **id)
             && usize::try_from(id).map_or(true, |id| id >= vocab_size)
         {
-            return Err(format!(
-                "tokenizer token '{token}' has id {id}, outside the model's vocab_size {vocab_size}"
-            ));
+            return Err(Error::TokenOutsideVocab {
+                token: token.clone(),
+                id,
+                vocab_size,
+            });
         }
         Ok(TextTokenizer { tokenizer })
     }
 
     /// Token ids of one text: special tokens added, truncated.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
         self.tokenizer
             .encode_fast(text, true)
             .map(|encoding| encoding.get_ids().to_vec())
-            .map_err(|error| error.to_string())
+            .map_err(Error::Encode)
     }
 }
 
@@ -95,9 +136,9 @@ impl EncoderBackend {
         model: BertEncoder,
         spec: &BertSpec,
         tokenizer: Option<TextTokenizer>,
-    ) -> Result<EncoderBackend, String> {
+    ) -> Result<EncoderBackend, Error> {
         if (spec.inputs == EncoderInputs::Text) != tokenizer.is_some() {
-            return Err("a text encoder needs a tokenizer, a token-id encoder none".to_owned());
+            return Err(Error::TokenizerMismatch);
         }
         Ok(EncoderBackend {
             model,
@@ -115,7 +156,7 @@ impl EncoderBackend {
 
     /// Token ids of `text` as this model's tokenizer produces them (`None`
     /// for a token-id encoder).
-    pub fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>, String>> {
+    pub fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>, Error>> {
         self.tokenizer
             .as_ref()
             .map(|tokenizer| tokenizer.encode(text))
@@ -374,15 +415,12 @@ pub fn load_tokenizer(
     spec: &BertSpec,
     source: Option<&TokenizerSource>,
     model_file: &Path,
-) -> Result<Option<TextTokenizer>, String> {
+) -> Result<Option<TextTokenizer>, Error> {
     match (spec.inputs, source) {
         (EncoderInputs::TokenIds, _) => Ok(None),
         (EncoderInputs::Text, Some(source)) => {
             TextTokenizer::load(source, spec.vocab_size, spec.max_seq_len()).map(Some)
         }
-        (EncoderInputs::Text, None) => Err(format!(
-            "{}: a text encoder needs its tokenizer",
-            model_file.display()
-        )),
+        (EncoderInputs::Text, None) => Err(Error::NoTokenizer(model_file.to_owned())),
     }
 }

@@ -11,6 +11,7 @@ pub mod device;
 pub mod encoder;
 pub mod mlp;
 pub mod spec;
+pub mod weights;
 
 use std::future::Future;
 use std::sync::Arc;

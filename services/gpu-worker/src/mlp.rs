@@ -1,12 +1,13 @@
 //! The MLP classifier/regressor: linear layers with an activation between
 //! them, then logits, softmax or identity.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::spec::{Activation, MlpSpec, OutputKind};
+use crate::weights::Error;
 
 /// One linear layer, its weight kept transposed (`[in, out]`) so that the
 /// forward pass is a plain `x @ w`.
@@ -41,12 +42,16 @@ impl Mlp {
         weights: &Path,
         device: &Device,
         dtype: DType,
-    ) -> Result<Mlp, String> {
+    ) -> Result<Mlp, Error> {
         // Read on the CPU first: validation needs no device memory, and a
         // malformed file is reported before anything reaches the GPU.
         let mut tensors: HashMap<String, Tensor> =
-            candle_core::safetensors::load(weights, &Device::Cpu)
-                .map_err(|error| format!("cannot read weights {}: {error}", weights.display()))?;
+            candle_core::safetensors::load(weights, &Device::Cpu).map_err(|source| {
+                Error::Read {
+                    path: weights.to_owned(),
+                    source,
+                }
+            })?;
         let mut layers = Vec::new();
         for (index, (input, output)) in spec.layer_dims().into_iter().enumerate() {
             let weight = take(&mut tensors, &layer_weight(index), &[output, input])?;
@@ -56,19 +61,24 @@ impl Mlp {
                 .and_then(|weight| weight.contiguous())
                 .and_then(|weight| weight.to_dtype(dtype))
                 .and_then(|weight| weight.to_device(device))
-                .map_err(|error| format!("cannot place {}: {error}", layer_weight(index)))?;
+                .map_err(|source| Error::Place {
+                    name: layer_weight(index),
+                    source,
+                })?;
             let bias = bias
                 .to_dtype(dtype)
                 .and_then(|bias| bias.to_device(device))
-                .map_err(|error| format!("cannot place {}: {error}", layer_bias(index)))?;
+                .map_err(|source| Error::Place {
+                    name: layer_bias(index),
+                    source,
+                })?;
             layers.push(Linear { weight_t, bias });
         }
         if !tensors.is_empty() {
-            let unexpected: BTreeSet<&String> = tensors.keys().collect();
-            return Err(format!(
-                "weights {} hold tensors the spec does not use: {unexpected:?}",
-                weights.display()
-            ));
+            return Err(Error::Unused {
+                path: weights.to_owned(),
+                names: tensors.into_keys().collect(),
+            });
         }
         Ok(Mlp {
             layers,
@@ -114,21 +124,23 @@ fn take(
     tensors: &mut HashMap<String, Tensor>,
     name: &str,
     shape: &[usize],
-) -> Result<Tensor, String> {
-    let tensor = tensors
-        .remove(name)
-        .ok_or_else(|| format!("weights lack tensor '{name}' (shape {shape:?})"))?;
+) -> Result<Tensor, Error> {
+    let tensor = tensors.remove(name).ok_or_else(|| Error::Missing {
+        name: name.to_owned(),
+        shape: shape.to_vec(),
+    })?;
     if tensor.dtype() != DType::F32 {
-        return Err(format!(
-            "tensor '{name}' is {:?}; only F32 weights are served",
-            tensor.dtype()
-        ));
+        return Err(Error::NotF32 {
+            name: name.to_owned(),
+            dtype: tensor.dtype(),
+        });
     }
     if tensor.dims() != shape {
-        return Err(format!(
-            "tensor '{name}' has shape {:?}, the spec needs {shape:?}",
-            tensor.dims()
-        ));
+        return Err(Error::Shape {
+            name: name.to_owned(),
+            shape: tensor.dims().to_vec(),
+            expected: shape.to_vec(),
+        });
     }
     Ok(tensor)
 }
