@@ -57,10 +57,10 @@ pub struct UpArgs {
     /// artifacts, and the worker its artifact cache.
     #[arg(long, env = "SHAMAL_DATA_DIR", default_value = ".shamal")]
     data_dir: PathBuf,
-    /// Registry REST API, OpenAPI document and web UI port.
+    /// MetricsRegistry REST API, OpenAPI document and web UI port.
     #[arg(long, default_value_t = 8200)]
     registry_http_port: u16,
-    /// Registry internal gRPC port (routers and workers), on loopback.
+    /// MetricsRegistry internal gRPC port (routers and workers), on loopback.
     #[arg(long, default_value_t = 8201)]
     registry_grpc_port: u16,
     /// Largest dynamic batch for models without a configuration file.
@@ -94,7 +94,7 @@ pub struct UpArgs {
 /// The gpu-worker's default repository (the bundled demo models).
 const DEFAULT_GPU_REPOSITORY: &str = "models/gpu/repository";
 
-/// Registry identities of the in-process workers. The router's local
+/// MetricsRegistry identities of the in-process workers. The router's local
 /// workers carry the same names, so the registry's view of them (region,
 /// capacity, drain) applies to the in-process ones instead of adding a
 /// second, networked copy of each.
@@ -222,7 +222,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let (grpc_address, http_address, metrics_address) =
         (address(&grpc), address(&http), address(&metrics));
     let registry_http_address = address(&registry_http);
-    let registry = shamal_telemetry::Registry::new();
+    let metrics_registry = shamal_telemetry::MetricsRegistry::new();
 
     // The registry first: worker and router follow it.
     let registry_config = RegistryConfig {
@@ -240,7 +240,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
             grpc: registry_grpc_listener,
             metrics: None,
         },
-        registry.clone(),
+        metrics_registry.clone(),
     )
     .await
     {
@@ -277,7 +277,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let worker = match shamal_cpu_worker::build(&worker_config, registry.clone()) {
+    let worker = match shamal_cpu_worker::build(&worker_config, metrics_registry.clone()) {
         Ok(worker) => worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
             async_queue.clone(),
         ))),
@@ -289,7 +289,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let local_service: shamal_router::LocalService = Arc::new(worker.service());
     let gpu_worker = match gpu_worker_config.zip(gpu_worker_listener) {
         Some((config, listener)) => {
-            match shamal_gpu_worker::build_with_device(&config, registry.clone()) {
+            match shamal_gpu_worker::build_with_device(&config, metrics_registry.clone()) {
                 Ok((worker, device)) => Some((
                     worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
                         async_queue.clone(),
@@ -343,7 +343,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
                 http,
                 metrics: Some(metrics),
             },
-            registry,
+            metrics_registry,
             shamal_telemetry::shutdown_signal(),
             RouterExtras {
                 local_workers,

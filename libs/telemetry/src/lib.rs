@@ -21,7 +21,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-pub use prometheus::{Encoder, Registry, TextEncoder};
+/// A process's Prometheus registry, named apart from the model registry
+/// (the registry service) that every Shamal service also talks to.
+pub use prometheus::Registry as MetricsRegistry;
+pub use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 
 /// Latency buckets in seconds: 50 µs to 10 s, dense where inference lives.
@@ -68,7 +71,7 @@ impl Readiness {
 
 #[derive(Clone)]
 struct MetricsState {
-    registry: Registry,
+    registry: MetricsRegistry,
     readiness: Readiness,
 }
 
@@ -76,7 +79,7 @@ struct MetricsState {
 /// `/health/ready` until `shutdown` completes.
 pub async fn serve_metrics(
     listener: TcpListener,
-    registry: Registry,
+    registry: MetricsRegistry,
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -120,7 +123,7 @@ async fn ready(State(state): State<MetricsState>) -> StatusCode {
 /// share one process registry (`shamal up`) keep their metrics apart by
 /// name or by a constant label (the workers' `backend`).
 pub fn register<C: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
+    registry: &MetricsRegistry,
     collector: C,
 ) -> prometheus::Result<C> {
     registry.register(Box::new(collector.clone()))?;
@@ -165,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_second_registration_is_an_error_not_a_silent_orphan() {
-        let registry = Registry::new();
+        let registry = MetricsRegistry::new();
         let first = register(&registry, counter("onnxruntime")).expect("first registration");
         assert!(
             register(&registry, counter("onnxruntime")).is_err(),
@@ -177,7 +180,7 @@ mod tests {
 
     #[test]
     fn two_workers_of_one_process_are_kept_apart_by_their_backend_label() {
-        let registry = Registry::new();
+        let registry = MetricsRegistry::new();
         let cpu = register(&registry, counter("onnxruntime")).expect("cpu-worker's");
         let gpu = register(&registry, counter("candle")).expect("gpu-worker's");
         cpu.with_label_values(&["demo"]).inc();

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 use serde::Serialize;
 
-use crate::Registry;
+use crate::MetricsRegistry;
 use crate::config::{ConfigError, printable};
 
 /// Exit code of an invalid configuration (`EX_CONFIG`).
@@ -141,7 +141,7 @@ impl Service {
     pub async fn serve<L, F, E>(
         &self,
         listeners: std::io::Result<L>,
-        run: impl FnOnce(L, Registry, Shutdown) -> F,
+        run: impl FnOnce(L, MetricsRegistry, Shutdown) -> F,
     ) -> ExitCode
     where
         F: Future<Output = Result<(), E>>,
@@ -156,7 +156,7 @@ impl Service {
         };
         match run(
             listeners,
-            Registry::new(),
+            MetricsRegistry::new(),
             Box::pin(crate::shutdown_signal()),
         )
         .await

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts};
 use prost::Message;
 use shamal_async_queue::{
     ConsumerConfig, Job, JobQueue, Outcome, QueueConfig, RedisOptions, RedisQueue, StreamKey,
@@ -32,6 +32,7 @@ use shamal_backoff::Backoff;
 use shamal_error::{ErrorKind, Retry, code_label};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use shamal_telemetry::MetricsRegistry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -114,7 +115,7 @@ struct JobMetrics {
 impl JobMetrics {
     /// Carries the worker's backend as a constant label, as the worker's
     /// other metrics do (see `WorkerMetrics`).
-    fn new(registry: &Registry, backend: &str) -> prometheus::Result<JobMetrics> {
+    fn new(registry: &MetricsRegistry, backend: &str) -> prometheus::Result<JobMetrics> {
         let jobs = IntCounterVec::new(
             Opts::new(
                 "shamal_worker_async_jobs_total",
@@ -142,7 +143,7 @@ pub(crate) struct Consumer {
 /// drains) and the jobs it held are finished.
 pub(crate) fn spawn(
     consumer: Consumer,
-    registry: &Registry,
+    registry: &MetricsRegistry,
     backend: &str,
     stop: watch::Receiver<bool>,
 ) -> prometheus::Result<JoinHandle<()>> {

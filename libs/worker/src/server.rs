@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use shamal_telemetry::{Readiness, Registry};
+use shamal_telemetry::{MetricsRegistry, Readiness};
 use tokio::net::TcpListener;
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
@@ -65,10 +65,10 @@ pub async fn run(
     config: WorkerConfig,
     runtime: Arc<dyn Runtime>,
     listeners: WorkerListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Worker::new(config, runtime, registry)
+    Worker::new(config, runtime, metrics_registry)
         .serve(listeners, shutdown)
         .await
 }
@@ -79,13 +79,17 @@ pub async fn run(
 pub struct Worker {
     config: WorkerConfig,
     runtime: Arc<dyn Runtime>,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     state: Arc<WorkerState>,
     async_inference: Option<AsyncInference>,
 }
 
 impl Worker {
-    pub fn new(config: WorkerConfig, runtime: Arc<dyn Runtime>, registry: Registry) -> Worker {
+    pub fn new(
+        config: WorkerConfig,
+        runtime: Arc<dyn Runtime>,
+        metrics_registry: MetricsRegistry,
+    ) -> Worker {
         let state = Arc::new(
             WorkerState::new(&config.server_name).with_device(runtime.device_label().as_deref()),
         );
@@ -96,7 +100,7 @@ impl Worker {
         Worker {
             config,
             runtime,
-            registry,
+            metrics_registry,
             state,
             async_inference: None,
         }
@@ -124,14 +128,14 @@ impl Worker {
         let Worker {
             config,
             runtime,
-            registry,
+            metrics_registry,
             state,
             async_inference,
         } = self;
         serve(
             config,
             runtime,
-            registry,
+            metrics_registry,
             state,
             listeners,
             shutdown,
@@ -144,14 +148,14 @@ impl Worker {
 async fn serve(
     config: WorkerConfig,
     runtime: Arc<dyn Runtime>,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     state: Arc<WorkerState>,
     listeners: WorkerListeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     async_inference: Option<AsyncInference>,
 ) -> anyhow::Result<()> {
     let grpc_address = listeners.grpc.local_addr()?;
-    let metrics = WorkerMetrics::new(&registry, runtime.backend());
+    let metrics = WorkerMetrics::new(&metrics_registry, runtime.backend());
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     shamal_rpc::set_health(&health_reporter, false).await;
@@ -217,7 +221,7 @@ async fn serve(
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(shamal_telemetry::serve_metrics(
             listener,
-            registry.clone(),
+            metrics_registry.clone(),
             readiness.clone(),
             wait_stop(stop.clone()),
         ))
@@ -308,7 +312,7 @@ async fn serve(
                     state: state.clone(),
                     inflight: inflight.clone(),
                 },
-                &registry,
+                &metrics_registry,
                 runtime.backend(),
                 stop.clone(),
             )

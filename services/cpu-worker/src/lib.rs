@@ -7,21 +7,24 @@ pub mod onnx;
 use std::future::Future;
 use std::sync::Arc;
 
-use shamal_telemetry::Registry;
+use shamal_telemetry::MetricsRegistry;
 use shamal_worker::{Worker, WorkerListeners};
 
 pub use config::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 pub use onnx::{OnnxRuntime, Optimization, SessionOptions};
 
 /// Builds a cpu-worker (loads ONNX Runtime) without serving it yet.
-pub fn build(config: &CpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
+pub fn build(
+    config: &CpuWorkerConfig,
+    metrics_registry: MetricsRegistry,
+) -> anyhow::Result<Worker> {
     let library = config
         .onnxruntime_library
         .clone()
         .ok_or_else(|| anyhow::anyhow!("onnxruntime_library is not set"))?;
     let runtime =
         OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
-    let worker = Worker::new(config.worker_config(), Arc::new(runtime), registry);
+    let worker = Worker::new(config.worker_config(), Arc::new(runtime), metrics_registry);
     Ok(config.node.with_async_inference(worker))
 }
 
@@ -29,8 +32,10 @@ pub fn build(config: &CpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
 pub async fn run(
     config: CpuWorkerConfig,
     listeners: WorkerListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    build(&config, registry)?.serve(listeners, shutdown).await
+    build(&config, metrics_registry)?
+        .serve(listeners, shutdown)
+        .await
 }

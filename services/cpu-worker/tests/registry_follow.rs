@@ -71,7 +71,7 @@ async fn serve_registry(config: RegistryConfig, grpc: TcpListener) -> RunningReg
         grpc,
         metrics: None,
     };
-    RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
+    RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
         .await
         .unwrap()
 }
@@ -234,7 +234,7 @@ async fn serves_onnx_versions_the_registry_assigns() {
             grpc,
             metrics: None,
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use candle_core::Device;
-use shamal_telemetry::Registry;
+use shamal_telemetry::MetricsRegistry;
 use shamal_worker::{Worker, WorkerListeners};
 
 pub use candle::{CandleRuntime, MlpBackend};
@@ -26,7 +26,10 @@ pub use encoder::EncoderBackend;
 pub use spec::{DevicePreference, ModelSpec};
 
 /// Registers `shamal_gpu_worker_device_info{device="cpu"|"cuda:N"} 1`.
-pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Result<()> {
+pub fn register_device_metric(
+    metrics_registry: &MetricsRegistry,
+    device: &str,
+) -> anyhow::Result<()> {
     let gauge = prometheus::IntGaugeVec::new(
         prometheus::Opts::new(
             "shamal_gpu_worker_device_info",
@@ -34,7 +37,7 @@ pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Resu
         ),
         &["device"],
     )?;
-    shamal_telemetry::register(registry, gauge)?
+    shamal_telemetry::register(metrics_registry, gauge)?
         .with_label_values(&[device])
         .set(1);
     Ok(())
@@ -42,8 +45,11 @@ pub fn register_device_metric(registry: &Registry, device: &str) -> anyhow::Resu
 
 /// Builds a gpu-worker (selects its device) without serving it yet; with
 /// `async_queue` set it also runs the async jobs of its region.
-pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
-    build_with_device(config, registry).map(|(worker, _)| worker)
+pub fn build(
+    config: &GpuWorkerConfig,
+    metrics_registry: MetricsRegistry,
+) -> anyhow::Result<Worker> {
+    build_with_device(config, metrics_registry).map(|(worker, _)| worker)
 }
 
 /// Like [`build`], also returning the label of the device chosen (`cpu`,
@@ -55,11 +61,11 @@ pub fn build(config: &GpuWorkerConfig, registry: Registry) -> anyhow::Result<Wor
 /// [`build_on`].
 pub fn build_with_device(
     config: &GpuWorkerConfig,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
 ) -> anyhow::Result<(Worker, String)> {
     let device = device::select(config.device, config.cuda_device).map_err(anyhow::Error::msg)?;
     let label = device::label(&device);
-    Ok((build_on(config, device, registry)?, label))
+    Ok((build_on(config, device, metrics_registry)?, label))
 }
 
 /// Builds a gpu-worker computing on `device` (from
@@ -67,7 +73,7 @@ pub fn build_with_device(
 pub fn build_on(
     config: &GpuWorkerConfig,
     device: Device,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
 ) -> anyhow::Result<Worker> {
     let label = device::label(&device);
     let worker_config = config.worker_config(&label);
@@ -78,11 +84,11 @@ pub fn build_on(
         instances = worker_config.defaults.instances,
         "gpu-worker compute device selected"
     );
-    register_device_metric(&registry, &label)?;
+    register_device_metric(&metrics_registry, &label)?;
     let worker = Worker::new(
         worker_config,
         Arc::new(CandleRuntime::new(device)),
-        registry,
+        metrics_registry,
     );
     // Consumes the async queue of its region when `async_queue` is set, as
     // the cpu-worker does.
@@ -93,10 +99,12 @@ pub fn build_on(
 pub async fn run(
     config: GpuWorkerConfig,
     listeners: WorkerListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    build(&config, registry)?.serve(listeners, shutdown).await
+    build(&config, metrics_registry)?
+        .serve(listeners, shutdown)
+        .await
 }
 
 /// Like [`run`], on a device already selected (with candle's CPU threads)
@@ -105,10 +113,10 @@ pub async fn run_on(
     config: GpuWorkerConfig,
     device: Device,
     listeners: WorkerListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    build_on(&config, device, registry)?
+    build_on(&config, device, metrics_registry)?
         .serve(listeners, shutdown)
         .await
 }

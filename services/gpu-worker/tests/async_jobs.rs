@@ -135,7 +135,8 @@ async fn jobs_on_the_configured_redis_queue_are_answered() {
     });
     assert!(config.node.async_inference().is_some());
     // The worker builds its queue from its own settings.
-    let worker = shamal_gpu_worker::build(&config, shamal_telemetry::Registry::new()).unwrap();
+    let worker =
+        shamal_gpu_worker::build(&config, shamal_telemetry::MetricsRegistry::new()).unwrap();
     let queue = RedisQueue::connect(
         RedisOptions::new(url).with_key_prefix(prefix),
         QueueConfig::default(),
@@ -153,7 +154,7 @@ async fn jobs_on_a_shared_in_process_queue_are_answered() {
         config.node.async_inference().is_none(),
         "no async_queue set"
     );
-    let worker = shamal_gpu_worker::build(&config, shamal_telemetry::Registry::new())
+    let worker = shamal_gpu_worker::build(&config, shamal_telemetry::MetricsRegistry::new())
         .unwrap()
         .with_async_inference(AsyncInference {
             region: Some(REGION.to_owned()),

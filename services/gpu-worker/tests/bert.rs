@@ -317,7 +317,7 @@ fn the_single_file_artifact_embeds_spec_and_tokenizer() {
 }
 
 fn start_batcher(model: &str, preferred: usize) -> (Batcher, Arc<ModelStats>) {
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new(), "test");
+    let metrics = WorkerMetrics::new(&shamal_telemetry::MetricsRegistry::new(), "test");
     let stats = Arc::new(ModelStats::new(model, "1", metrics));
     let config = BatcherConfig {
         max_batch_size: 32,

@@ -333,7 +333,7 @@ async fn the_worker_reports_and_serves_from_its_gpu() {
     .unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();
-    let metrics = shamal_telemetry::Registry::new();
+    let metrics = shamal_telemetry::MetricsRegistry::new();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(shamal_gpu_worker::run(
         config,

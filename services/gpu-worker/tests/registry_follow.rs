@@ -60,9 +60,10 @@ async fn start_registry(dir: &Path) -> (RunningRegistry, SocketAddr) {
         grpc,
         metrics: None,
     };
-    let running = RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
-        .await
-        .unwrap();
+    let running =
+        RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
+            .await
+            .unwrap();
     (running, address)
 }
 
@@ -242,7 +243,7 @@ async fn serves_safetensors_versions_the_registry_assigns() {
             grpc,
             metrics: None,
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },

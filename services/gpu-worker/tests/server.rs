@@ -113,7 +113,7 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
     .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();
-    let metrics = shamal_telemetry::Registry::new();
+    let metrics = shamal_telemetry::MetricsRegistry::new();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(shamal_gpu_worker::run(
         config,
@@ -237,7 +237,7 @@ async fn serves_candle_models_over_grpc_with_dynamic_batching() {
 }
 
 /// The device label of `shamal_gpu_worker_device_info{device="..."} 1`.
-fn device_label(metrics: &shamal_telemetry::Registry) -> String {
+fn device_label(metrics: &shamal_telemetry::MetricsRegistry) -> String {
     let mut text = Vec::new();
     shamal_telemetry::Encoder::encode(
         &shamal_telemetry::TextEncoder::new(),
@@ -304,7 +304,7 @@ fn the_device_is_logged_at_start_up_and_per_model_instance() {
         .finish();
     tracing::subscriber::with_default(subscriber, || {
         let (_, device) =
-            shamal_gpu_worker::build_with_device(&config, shamal_telemetry::Registry::new())
+            shamal_gpu_worker::build_with_device(&config, shamal_telemetry::MetricsRegistry::new())
                 .unwrap();
         assert_eq!(device, "cpu");
         shamal_gpu_worker::CandleRuntime::new(candle_core::Device::Cpu)
@@ -351,7 +351,7 @@ async fn start_worker(
     repository: PathBuf,
 ) -> (
     GrpcInferenceServiceClient<Channel>,
-    shamal_telemetry::Registry,
+    shamal_telemetry::MetricsRegistry,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
@@ -366,7 +366,7 @@ async fn start_worker(
     .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();
-    let metrics = shamal_telemetry::Registry::new();
+    let metrics = shamal_telemetry::MetricsRegistry::new();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(shamal_gpu_worker::run(
         config,

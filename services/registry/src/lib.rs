@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
-use shamal_telemetry::{Readiness, Registry as MetricsRegistry};
+use shamal_telemetry::{MetricsRegistry, Readiness};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 

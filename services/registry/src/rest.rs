@@ -61,7 +61,7 @@ pub(crate) struct AppState {
 pub fn router(
     registry: Arc<ModelRegistry>,
     max_artifact_bytes: u64,
-    metrics: &shamal_telemetry::Registry,
+    metrics: &shamal_telemetry::MetricsRegistry,
 ) -> prometheus::Result<Router> {
     let openapi_json = openapi().to_pretty_json().unwrap_or_else(|error| {
         tracing::error!(%error, "cannot serialise the OpenAPI document");

@@ -1,4 +1,4 @@
-//! Registry gRPC errors over real gRPC: a database failure reaches the
+//! MetricsRegistry gRPC errors over real gRPC: a database failure reaches the
 //! caller as INTERNAL with a generic message and an error id, never the
 //! database's own text.
 #![allow(clippy::unwrap_used)]
@@ -22,9 +22,13 @@ async fn start(db: &TestDb) -> shamal_registry::RunningRegistry {
     let listeners = shamal_registry::RegistryListeners::bind(&config)
         .await
         .unwrap();
-    shamal_registry::RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
-        .await
-        .unwrap()
+    shamal_registry::RunningRegistry::start(
+        config,
+        listeners,
+        shamal_telemetry::MetricsRegistry::new(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

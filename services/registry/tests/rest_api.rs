@@ -257,7 +257,7 @@ async fn artifacts_over_the_limit_are_refused() {
         .await
         .unwrap();
     // A router of its own with a 1 KiB limit on the same registry.
-    let metrics = shamal_telemetry::Registry::new();
+    let metrics = shamal_telemetry::MetricsRegistry::new();
     let app = shamal_registry::rest::router(running.registry.clone(), 1024, &metrics).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -1175,7 +1175,7 @@ async fn requests_are_counted_per_route_and_code() {
     let running = RunningRegistry::start_local("sqlite::memory:", dir.path())
         .await
         .unwrap();
-    let metrics = shamal_telemetry::Registry::new();
+    let metrics = shamal_telemetry::MetricsRegistry::new();
     let app = shamal_registry::rest::router(running.registry.clone(), 1 << 20, &metrics).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -37,7 +37,7 @@ async fn start_with_lease(db: &TestDb, lease_ms: u64) -> RunningRegistry {
     let listeners = shamal_registry::RegistryListeners::bind(&config)
         .await
         .unwrap();
-    RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
+    RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
         .await
         .unwrap()
 }
@@ -147,9 +147,10 @@ async fn watch_streams_snapshot_then_changes_and_resumes() {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let restarted = RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
-        .await
-        .unwrap();
+    let restarted =
+        RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
+            .await
+            .unwrap();
     restarted
         .registry
         .shift("fraud", 1, 60, "alice")

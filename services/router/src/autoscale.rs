@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntGaugeVec, Opts};
+use shamal_telemetry::MetricsRegistry;
 use shamal_telemetry::register;
 
 use crate::pool::WorkerPool;
@@ -82,7 +83,7 @@ struct Gauges {
 }
 
 impl Gauges {
-    fn new(registry: &Registry) -> prometheus::Result<Gauges> {
+    fn new(registry: &MetricsRegistry) -> prometheus::Result<Gauges> {
         let pool = ["region", "device"];
         Ok(Gauges {
             model_inflight: register(
@@ -161,7 +162,7 @@ const SAMPLES_PER_EXPORT: u32 = 5;
 /// Starts sampling what it reads: the requests in flight per model and
 /// the worker pool's members; abort the task to stop.
 pub fn spawn(
-    registry: &Registry,
+    registry: &MetricsRegistry,
     pool: Arc<WorkerPool>,
     model_inflight: Arc<ModelInflight>,
     target: u32,

@@ -30,7 +30,7 @@ use axum::serve::ListenerExt;
 use shamal_async_queue::JobQueue;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_proto::shamal::r#async::v1::async_inference_server::AsyncInferenceServer;
-use shamal_telemetry::{Readiness, Registry};
+use shamal_telemetry::{MetricsRegistry, Readiness};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -66,13 +66,13 @@ pub struct RouterExtras {
 pub async fn run(
     config: RouterConfig,
     listeners: RouterListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     run_with(
         config,
         listeners,
-        registry,
+        metrics_registry,
         shutdown,
         RouterExtras::default(),
     )
@@ -84,7 +84,7 @@ pub async fn run(
 pub async fn run_with_local_workers(
     config: RouterConfig,
     listeners: RouterListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
     local_workers: Vec<(String, LocalService)>,
 ) -> anyhow::Result<()> {
@@ -92,7 +92,7 @@ pub async fn run_with_local_workers(
         local_workers,
         ..RouterExtras::default()
     };
-    run_with(config, listeners, registry, shutdown, extras).await
+    run_with(config, listeners, metrics_registry, shutdown, extras).await
 }
 
 /// Like [`run`], with what an embedding program shares (see
@@ -100,7 +100,7 @@ pub async fn run_with_local_workers(
 pub async fn run_with(
     config: RouterConfig,
     listeners: RouterListeners,
-    registry: Registry,
+    metrics_registry: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
     extras: RouterExtras,
 ) -> anyhow::Result<()> {
@@ -125,12 +125,12 @@ pub async fn run_with(
         shamal_idle_poll::KeepAwake::start_for_process(Duration::from_micros(config.idle_poll_us));
     // With a registry, rollouts drive the version choice and name shadow
     // versions; readiness still follows the workers alone.
-    let metrics = RouterMetrics::new(&registry);
+    let metrics = RouterMetrics::new(&metrics_registry);
     let routing = match &config.registry {
         Some(_) => {
-            let routing = RegistryRouting::new(&registry);
+            let routing = RegistryRouting::new(&metrics_registry);
             let shadow = Shadow::new(
-                &registry,
+                &metrics_registry,
                 config.max_shadow_inflight,
                 pool.clone(),
                 metrics.clone(),
@@ -161,7 +161,7 @@ pub async fn run_with(
         keep_awake,
     }));
     let autoscale_signals = autoscale::spawn(
-        &registry,
+        &metrics_registry,
         pool,
         core.model_inflight(),
         config.autoscale_target_inflight,
@@ -177,7 +177,7 @@ pub async fn run_with(
     let (async_api, async_tasks) = match async_api::AsyncApi::start(
         &config,
         core.clone(),
-        &registry,
+        &metrics_registry,
         async_queue,
         stop.clone(),
     )? {
@@ -220,7 +220,7 @@ pub async fn run_with(
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(shamal_telemetry::serve_metrics(
             listener,
-            registry.clone(),
+            metrics_registry.clone(),
             readiness.clone(),
             wait_stop(stop.clone()),
         ))

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use shamal_telemetry::MetricsRegistry;
 use shamal_telemetry::{LATENCY_BUCKETS, register};
 use tonic::Code;
 
@@ -23,7 +24,7 @@ pub struct RouterMetrics {
 pub use shamal_error::code_label;
 
 impl RouterMetrics {
-    pub fn new(registry: &Registry) -> RouterMetrics {
+    pub fn new(registry: &MetricsRegistry) -> RouterMetrics {
         let build = || -> prometheus::Result<RouterMetrics> {
             Ok(RouterMetrics {
                 requests: register(

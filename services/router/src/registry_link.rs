@@ -12,9 +12,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::HeaderMap;
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::{IntGaugeVec, Opts};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_registry_client::proto::{ReportTrafficRequest, WatchEvent};
+use shamal_telemetry::MetricsRegistry;
 use shamal_telemetry::register;
 use tokio::task::JoinHandle;
 use tonic::Status;
@@ -54,7 +55,7 @@ pub struct Plan {
 
 impl RegistryRouting {
     /// Registers the rollout metrics in `registry`.
-    pub fn new(registry: &Registry) -> Arc<RegistryRouting> {
+    pub fn new(registry: &MetricsRegistry) -> Arc<RegistryRouting> {
         let build = || -> prometheus::Result<RegistryRouting> {
             Ok(RegistryRouting {
                 routes: Routes::default(),

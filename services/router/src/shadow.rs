@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::HeaderMap;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts};
 use shamal_proto::inference::{ModelInferRequest, ModelInferResponse};
+use shamal_telemetry::MetricsRegistry;
 use shamal_telemetry::register;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::Code;
@@ -42,7 +43,7 @@ impl Shadow {
     /// Registers the shadow metrics in `registry`; at most `max_inflight`
     /// copies run at once.
     pub fn new(
-        registry: &Registry,
+        registry: &MetricsRegistry,
         max_inflight: usize,
         pool: Arc<WorkerPool>,
         router_metrics: RouterMetrics,
@@ -102,7 +103,7 @@ struct ShadowMetrics {
 }
 
 impl ShadowMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<ShadowMetrics> {
+    fn new(registry: &MetricsRegistry) -> prometheus::Result<ShadowMetrics> {
         Ok(ShadowMetrics {
             requests: register(
                 registry,

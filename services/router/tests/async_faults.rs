@@ -167,7 +167,7 @@ fn child_worker(consumer: &str) {
         let worker = Worker::new(
             config.worker_config(),
             Arc::new(Slowed(onnx)),
-            shamal_telemetry::Registry::new(),
+            shamal_telemetry::MetricsRegistry::new(),
         )
         .with_async_inference(settings);
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -149,7 +149,8 @@ async fn start_worker(backend: &Backend, repository: PathBuf, region: &str) -> (
     let config = CpuWorkerConfig::load(&args).unwrap();
     let grpc = listener().await;
     let address = grpc.local_addr().unwrap();
-    let mut worker = shamal_cpu_worker::build(&config, shamal_telemetry::Registry::new()).unwrap();
+    let mut worker =
+        shamal_cpu_worker::build(&config, shamal_telemetry::MetricsRegistry::new()).unwrap();
     let consumer_id = match backend {
         Backend::Memory(queue) => {
             let id = format!("test-worker-{region}-{}", address.port());
@@ -231,7 +232,7 @@ async fn start_router(
             http,
             metrics: Some(metrics),
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },

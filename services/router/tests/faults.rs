@@ -169,7 +169,8 @@ fn child_worker() {
             ..Default::default()
         };
         let config = shamal_cpu_worker::CpuWorkerConfig::load(&args).unwrap();
-        let worker = shamal_cpu_worker::build(&config, shamal_telemetry::Registry::new()).unwrap();
+        let worker =
+            shamal_cpu_worker::build(&config, shamal_telemetry::MetricsRegistry::new()).unwrap();
         let slow = Arc::new(AtomicBool::new(false));
         let service = Slowable {
             inner: worker.service(),

@@ -53,7 +53,7 @@ async fn start_worker_in(
             grpc,
             metrics: None,
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },

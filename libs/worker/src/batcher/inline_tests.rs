@@ -90,7 +90,7 @@ fn start_where_with(
         takes,
         any_thread,
     };
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new(), "test");
+    let metrics = WorkerMetrics::new(&shamal_telemetry::MetricsRegistry::new(), "test");
     let stats = Arc::new(ModelStats::new(model, "1", metrics));
     WhereHarness {
         batcher: Batcher::start(model, config, vec![Box::new(backend)], stats),

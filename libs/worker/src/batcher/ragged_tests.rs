@@ -89,7 +89,7 @@ fn start(ragged: bool, preferred: usize) -> (Batcher, Arc<Mutex<Vec<Vec<i64>>>>)
         seen: seen.clone(),
         ragged,
     });
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new(), "test");
+    let metrics = WorkerMetrics::new(&shamal_telemetry::MetricsRegistry::new(), "test");
     let stats = Arc::new(ModelStats::new("m", "1", metrics));
     let config = BatcherConfig {
         max_batch_size: 16,

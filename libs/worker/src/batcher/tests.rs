@@ -93,7 +93,7 @@ fn start(config: BatcherConfig, instances: usize, gated: bool) -> Harness {
             }) as Box<dyn Backend>
         })
         .collect();
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new(), "test");
+    let metrics = WorkerMetrics::new(&shamal_telemetry::MetricsRegistry::new(), "test");
     let stats = Arc::new(ModelStats::new("m", "1", metrics));
     let batcher = Batcher::start("m", config, backends, stats.clone());
     Harness {

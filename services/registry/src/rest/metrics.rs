@@ -15,7 +15,7 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
-    pub fn new(registry: &shamal_telemetry::Registry) -> prometheus::Result<HttpMetrics> {
+    pub fn new(registry: &shamal_telemetry::MetricsRegistry) -> prometheus::Result<HttpMetrics> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "shamal_registry_http_requests_total",

@@ -1,6 +1,7 @@
 //! The async API's Prometheus metrics.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use shamal_telemetry::MetricsRegistry;
 use shamal_telemetry::register;
 
 #[derive(Clone)]
@@ -12,7 +13,7 @@ pub(super) struct AsyncMetrics {
 }
 
 impl AsyncMetrics {
-    pub(super) fn new(registry: &Registry) -> AsyncMetrics {
+    pub(super) fn new(registry: &MetricsRegistry) -> AsyncMetrics {
         let build = || -> prometheus::Result<AsyncMetrics> {
             Ok(AsyncMetrics {
                 submitted: register(

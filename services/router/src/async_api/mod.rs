@@ -37,13 +37,13 @@ mod tasks;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus::Registry;
 use prost::Message;
 use shamal_async_queue::{
     JobId, JobQueue, JobResult, JobStatus, NewJob, Outcome, QueueError, RedisOptions, StreamKey,
 };
 use shamal_error::ErrorKind;
 use shamal_proto::inference::{ModelInferRequest, ModelInferResponse};
+use shamal_telemetry::MetricsRegistry;
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
@@ -132,7 +132,7 @@ impl AsyncApi {
     pub fn start(
         config: &RouterConfig,
         core: Arc<RoutingCore>,
-        registry: &Registry,
+        registry: &MetricsRegistry,
         provided: Option<Arc<dyn JobQueue>>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Option<(Arc<AsyncApi>, AsyncTasks)>> {

@@ -101,7 +101,7 @@ pub async fn start_worker(repository: PathBuf, tune: impl FnOnce(&mut CpuWorkerA
             grpc,
             metrics: None,
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },
@@ -141,7 +141,7 @@ pub async fn start_router(workers: Vec<String>, tune: impl FnOnce(&mut RouterCon
             http,
             metrics: Some(metrics),
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },
@@ -493,7 +493,7 @@ pub async fn start_registry_worker(registry: &str, cache: &std::path::Path, id: 
             grpc,
             metrics: None,
         },
-        shamal_telemetry::Registry::new(),
+        shamal_telemetry::MetricsRegistry::new(),
         async move {
             let _ = stopped.await;
         },
@@ -980,9 +980,13 @@ pub async fn start_registry_with(
     let listeners = shamal_registry::RegistryListeners::bind(&config)
         .await
         .unwrap();
-    shamal_registry::RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
-        .await
-        .unwrap()
+    shamal_registry::RunningRegistry::start(
+        config,
+        listeners,
+        shamal_telemetry::MetricsRegistry::new(),
+    )
+    .await
+    .unwrap()
 }
 
 /// The versions of `model` a worker lists READY in its repository index.

@@ -1,4 +1,4 @@
-//! Registry agent tests, one file per concern: placement (the desired-set
+//! MetricsRegistry agent tests, one file per concern: placement (the desired-set
 //! diff), the artifact cache, the reconcile loop and membership, the last
 //! two with a worker following the real registry (`shamal-registry`, SQLite in a
 //! temporary directory, on loopback) with a fake runtime.
@@ -163,7 +163,7 @@ async fn serve_registry(config: RegistryConfig, grpc: TcpListener) -> RunningReg
         grpc,
         metrics: None,
     };
-    RunningRegistry::start(config, listeners, shamal_telemetry::Registry::new())
+    RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
         .await
         .unwrap()
 }
@@ -405,7 +405,11 @@ async fn start_worker(
         max_message_bytes: 4 << 20,
         idle_poll: Duration::ZERO,
     };
-    let worker = Worker::new(config, Arc::new(runtime), prometheus::Registry::new());
+    let worker = Worker::new(
+        config,
+        Arc::new(runtime),
+        shamal_telemetry::MetricsRegistry::new(),
+    );
     let service = worker.service();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();

@@ -355,7 +355,7 @@ async fn removing_a_version_lets_requests_in_flight_finish() {
         instances: 2,
         ..ModelDefaults::default()
     };
-    let metrics = WorkerMetrics::new(&prometheus::Registry::new(), "test");
+    let metrics = WorkerMetrics::new(&shamal_telemetry::MetricsRegistry::new(), "test");
     let loaded = load_version(&found, &runtime, &defaults, &metrics).unwrap();
     let state = Arc::new(WorkerState::new("test"));
     state
