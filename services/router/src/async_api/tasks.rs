@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shamal_async_queue::{RedisOptions, RedisQueue};
+use shamal_backoff::Backoff;
 use tokio::task::JoinHandle;
 
 use super::AsyncApi;
@@ -34,7 +35,7 @@ impl AsyncTasks {
 
 /// Connects to Redis, retrying until it answers (or the router stops).
 async fn connect(api: Arc<AsyncApi>, options: RedisOptions) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match RedisQueue::connect(options.clone(), api.settings.queue_config()).await {
             Ok(queue) => {
@@ -46,8 +47,7 @@ async fn connect(api: Arc<AsyncApi>, options: RedisOptions) {
                 tracing::warn!(queue = %api.queue.description, %error, "cannot connect to the async queue; retrying");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
