@@ -111,10 +111,20 @@ pub struct AsyncApi {
 /// A queue error's answer, by the one error table: a bad argument is the
 /// caller's; anything else (Redis unreachable or failing, data it cannot
 /// read) means the async API cannot serve now.
+/// A queue error as the caller sees it. Bad arguments are the caller's and
+/// say what was wrong; backend failures are logged with a fresh error id
+/// and answered UNAVAILABLE naming only that id, so that Redis's own error
+/// text (addresses, commands, server messages) never reaches a caller.
 fn queue_status(error: &QueueError) -> Status {
     match error {
         QueueError::Invalid { .. } => ErrorKind::InvalidArgument.status(error.to_string()),
-        _ => ErrorKind::Unavailable.status(format!("async queue: {error}")),
+        _ => {
+            let error_id = uuid::Uuid::new_v4().simple().to_string();
+            tracing::warn!(%error_id, %error, "async queue request failed");
+            ErrorKind::Unavailable.status(format!(
+                "async queue unavailable (error id {error_id}); the router log has the details"
+            ))
+        }
     }
 }
 
@@ -288,5 +298,20 @@ impl AsyncApi {
             worker: result.worker_id,
             attempts: result.attempts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_failures_name_an_error_id_not_the_backend_text() {
+        let corrupt = QueueError::Corrupt("stream shamal:async:m:uae-north entry 17-0".to_owned());
+        let status = queue_status(&corrupt);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("error id "), "{status:?}");
+        assert!(!status.message().contains("shamal:async"), "{status:?}");
+        assert!(!status.message().contains("corrupt"), "{status:?}");
     }
 }

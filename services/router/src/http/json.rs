@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use shamal_proto::inference::infer_parameter::ParameterChoice;
@@ -436,31 +434,6 @@ pub fn render_infer_response(
     let header_length = header.len();
     header.extend_from_slice(&binary);
     Ok((header, Some(header_length)))
-}
-
-/// Renders a protocol message as JSON with Triton's conventions: proto field
-/// names, enum names, 64-bit integers as numbers, defaults included.
-pub fn message_json<M: Message>(message: &M, full_name: &str) -> Result<Value, String> {
-    static POOL: std::sync::OnceLock<Result<DescriptorPool, String>> = std::sync::OnceLock::new();
-    let pool = POOL
-        .get_or_init(|| {
-            DescriptorPool::decode(shamal_proto::INFERENCE_DESCRIPTOR_SET)
-                .map_err(|error| error.to_string())
-        })
-        .as_ref()
-        .map_err(Clone::clone)?;
-    let descriptor = pool
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("no descriptor for {full_name}"))?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .map_err(|error| error.to_string())?;
-    let options = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .stringify_64_bit_integers(false)
-        .skip_default_fields(false);
-    dynamic
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub(crate) mod common;
 pub mod json;
+pub mod proto_json;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use serde_json::{Value, json};
 use tonic::Status;
 
 use self::common::{ModelPath, context, decode_infer_body, error_response, infer_response};
-use self::json::message_json;
+use self::proto_json::message_json;
 use crate::async_api::{AsyncApi, AsyncHttp};
 use crate::routing::RoutingCore;
 
@@ -97,10 +98,10 @@ async fn request_id_layer(mut request: Request, next: Next) -> Response {
     response
 }
 
-fn json_or_error(result: Result<Value, String>) -> Response {
+fn json_or_error(result: Result<Value, proto_json::RenderError>) -> Response {
     match result {
         Ok(value) => Json(value).into_response(),
-        Err(message) => error_response(&Status::internal(message)),
+        Err(error) => error_response(&Status::internal(error.to_string())),
     }
 }
 
