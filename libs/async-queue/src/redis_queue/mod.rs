@@ -18,15 +18,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{Client, RedisError, Script, Value};
-use shamal_backoff::Backoff;
+use redis::{Client, RedisError, Value};
 use tokio::task::AbortHandle;
 
-use crate::codec::{decode_result, encode_result, escape, unescape, validate_name};
+mod entries;
+mod notify;
+mod scripts;
+
+use self::entries::{BadEntry, member, parse_entry, parse_member};
+use self::notify::subscriber;
+use self::scripts::{
+    BACKLOG, BACKLOG_SCRIPT, COMPLETE, COMPLETE_SCRIPT, MARK_DELIVERED, MARK_SCRIPT, SUBMIT,
+    SUBMIT_SCRIPT, TOUCH, TOUCH_SCRIPT, script,
+};
+use crate::codec::{decode_result, encode_result, validate_name};
 use crate::wait::{Waiters, wait_for};
 use crate::{
     Backlog, Delivery, Job, JobId, JobQueue, JobResult, JobStatus, NewJob, Outcome, QueueConfig,
@@ -91,157 +100,12 @@ impl Drop for Inner {
     }
 }
 
-const SUBMIT: &str = r"
-redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-local entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
-redis.call('HSET', KEYS[2], 'state', 'queued', 'attempts', 0, 'entry', entry)
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[3])
-return entry
-";
-
-/// KEYS: stream, then job key and result key of each entry.
-/// ARGV: group, consumer, ttl ms, then the entry ids.
-/// Returns the attempt count of each entry, 0 for entries whose job already
-/// has a result (those are acknowledged and deleted).
-const MARK_DELIVERED: &str = r"
-local out = {}
-local ttl = tonumber(ARGV[3])
-for i = 1, #ARGV - 3 do
-  local entry = ARGV[3 + i]
-  local job = KEYS[2 * i]
-  local result = KEYS[2 * i + 1]
-  if redis.call('EXISTS', result) == 1 then
-    redis.call('XACK', KEYS[1], ARGV[1], entry)
-    redis.call('XDEL', KEYS[1], entry)
-    out[i] = 0
-  else
-    out[i] = redis.call('HINCRBY', job, 'attempts', 1)
-    redis.call('HSET', job, 'state', 'running', 'consumer', ARGV[2])
-    if redis.call('PTTL', job) < ttl then redis.call('PEXPIRE', job, ttl) end
-  end
-end
-return out
-";
-
-/// KEYS: result, job, stream. ARGV: encoded result, ttl ms, group, entry id,
-/// channel, job id. Returns 1 if this result was written.
-const COMPLETE: &str = r"
-local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-if won then
-  redis.call('HSET', KEYS[2], 'state', 'done')
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
-end
-if ARGV[4] ~= '' then
-  redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
-  redis.call('XDEL', KEYS[3], ARGV[4])
-end
-if won then return 1 end
-return 0
-";
-
-/// KEYS: stream. ARGV: group, consumer, entry ids. Resets the idle time of
-/// the entries still pending for that consumer.
-const TOUCH: &str = r"
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #p > 0 then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  end
-end
-return 0
-";
-
-/// KEYS: stream. ARGV: group. Returns {length, pending}. Acknowledged
-/// entries are deleted, so length - pending entries await delivery.
-const BACKLOG: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
-local len = redis.call('XLEN', KEYS[1])
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-local pending = 0
-if type(p) == 'table' and p.err == nil then pending = p[1] end
-return {len, pending}
-";
-
-fn script(cell: &'static OnceLock<Script>, src: &str) -> &'static Script {
-    cell.get_or_init(|| Script::new(src))
-}
-
-static SUBMIT_SCRIPT: OnceLock<Script> = OnceLock::new();
-static MARK_SCRIPT: OnceLock<Script> = OnceLock::new();
-static COMPLETE_SCRIPT: OnceLock<Script> = OnceLock::new();
-static TOUCH_SCRIPT: OnceLock<Script> = OnceLock::new();
-static BACKLOG_SCRIPT: OnceLock<Script> = OnceLock::new();
-
 fn validate_consumer(consumer: &str) -> Result<()> {
     validate_name("consumer id", consumer)
 }
 
 fn is_code(e: &RedisError, code: &str) -> bool {
     e.code() == Some(code)
-}
-
-fn field_bytes(entry: &StreamId, name: &str) -> Option<Vec<u8>> {
-    entry
-        .map
-        .get(name)
-        .and_then(|v| redis::from_redis_value_ref::<Vec<u8>>(v).ok())
-}
-
-fn field_u64(entry: &StreamId, name: &str) -> Option<u64> {
-    field_bytes(entry, name)
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.parse().ok())
-}
-
-/// A stream entry that could not be turned into a job.
-struct BadEntry {
-    entry_id: String,
-    id: Option<JobId>,
-    reason: String,
-}
-
-fn parse_entry(stream: &StreamKey, entry: &StreamId) -> std::result::Result<Job, BadEntry> {
-    let id = field_bytes(entry, "id")
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| JobId::parse(&s).ok());
-    let bad = |reason: &str| BadEntry {
-        entry_id: entry.id.clone(),
-        id: id.clone(),
-        reason: reason.to_owned(),
-    };
-    let Some(job_id) = id.clone() else {
-        return Err(bad("missing or invalid id"));
-    };
-    let Some(submitted) = field_u64(entry, "submitted") else {
-        return Err(bad("missing submission time"));
-    };
-    let Some(payload) = field_bytes(entry, "payload") else {
-        return Err(bad("missing payload"));
-    };
-    let deadline = match entry.map.get("deadline") {
-        None => None,
-        Some(_) => Some(field_u64(entry, "deadline").ok_or_else(|| bad("invalid deadline"))?),
-    };
-    let priority = match entry.map.get("priority") {
-        None => None,
-        Some(_) => Some(
-            field_u64(entry, "priority")
-                .and_then(|p| u8::try_from(p).ok())
-                .ok_or_else(|| bad("invalid priority"))?,
-        ),
-    };
-    Ok(Job {
-        id: job_id,
-        stream: stream.clone(),
-        payload: Bytes::from(payload),
-        submitted_at: from_ms(submitted),
-        deadline: deadline.map(from_ms),
-        priority,
-    })
 }
 
 impl RedisQueue {
@@ -570,50 +434,6 @@ impl RedisQueue {
             let timeout = self.inner.opts.command_timeout;
             tokio::spawn(subscriber(client, channel, waiters, timeout)).abort_handle()
         });
-    }
-}
-
-fn member(stream: &StreamKey) -> String {
-    format!("{}:{}", escape(stream.model()), escape(stream.region()))
-}
-
-fn parse_member(m: &str) -> Option<StreamKey> {
-    let (model, region) = m.split_once(':')?;
-    StreamKey::new(unescape(model)?, unescape(region)?).ok()
-}
-
-/// Forwards result notifications to local waiters, reconnecting forever;
-/// after every (re)subscription all waiters re-check, so notifications
-/// published while disconnected are not missed.
-async fn subscriber(client: Client, channel: String, waiters: Arc<Waiters>, timeout: Duration) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        let connected = tokio::time::timeout(timeout, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, RedisError>(pubsub)
-        })
-        .await;
-        match connected {
-            Ok(Ok(mut pubsub)) => {
-                backoff.reset();
-                waiters.notify_all();
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    if let Ok(id) = std::str::from_utf8(msg.get_payload_bytes())
-                        .map_err(|_| ())
-                        .and_then(|s| JobId::parse(s).map_err(|_| ()))
-                    {
-                        waiters.notify(&id);
-                    }
-                }
-                tracing::debug!("async queue: result notifications disconnected");
-                waiters.notify_all();
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "async queue: cannot subscribe"),
-            Err(_) => tracing::debug!("async queue: subscribing timed out"),
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
