@@ -22,6 +22,7 @@ mod codec;
 mod consumer;
 mod memory;
 mod redis_queue;
+mod settings;
 mod wait;
 
 use std::fmt;
@@ -34,6 +35,7 @@ use futures::future::BoxFuture;
 pub use consumer::{ConsumerConfig, ConsumerReport, StreamSelector, run_consumer};
 pub use memory::MemoryQueue;
 pub use redis_queue::{RedisOptions, RedisQueue};
+pub use settings::{SettingError, check_shared_settings, is_redis_url};
 
 /// gRPC status codes used in error outcomes written by the queue itself.
 pub mod codes {

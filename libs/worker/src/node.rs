@@ -260,26 +260,15 @@ impl NodeConfig {
         crate::names::check_region(&self.region)
             .map_err(|message| ConfigError::invalid(format!("region {message}")))?;
         if let Some(url) = &self.async_queue
-            && !(url.starts_with("redis://") || url.starts_with("redis+unix://"))
+            && !shamal_async_queue::is_redis_url(url)
         {
             return Err(ConfigError::invalid(format!(
                 "async_queue '{}' must be a redis:// URL",
                 Redacted(url)
             )));
         }
-        if self.async_key_prefix.is_empty()
-            || self.async_key_prefix.len() > 128
-            || self.async_key_prefix.chars().any(|c| !c.is_ascii_graphic())
-        {
-            return Err(ConfigError::invalid(
-                "async_key_prefix must be 1 to 128 printable characters without spaces",
-            ));
-        }
-        if self.async_result_ttl_ms < 1_000 {
-            return Err(ConfigError::invalid(
-                "async_result_ttl_ms must be at least 1000",
-            ));
-        }
+        shamal_async_queue::check_shared_settings(&self.async_key_prefix, self.async_result_ttl_ms)
+            .map_err(|error| ConfigError::invalid(error.to_string()))?;
         if self.async_concurrency == Some(0) {
             return Err(ConfigError::invalid(
                 "async_concurrency must be at least 1 (or unset: capacity)",

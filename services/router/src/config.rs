@@ -410,26 +410,15 @@ impl RouterConfig {
         }
         if let Some(queue) = &self.async_queue
             && queue != MEMORY_QUEUE
-            && !(queue.starts_with("redis://") || queue.starts_with("redis+unix://"))
+            && !shamal_async_queue::is_redis_url(queue)
         {
             return Err(ConfigError::invalid(format!(
                 "async_queue '{}' must be a redis:// URL (or \"memory\" when embedded)",
                 Redacted(queue)
             )));
         }
-        if self.async_key_prefix.is_empty()
-            || self.async_key_prefix.len() > 128
-            || self.async_key_prefix.chars().any(|c| !c.is_ascii_graphic())
-        {
-            return Err(ConfigError::invalid(
-                "async_key_prefix must be 1 to 128 printable characters without spaces",
-            ));
-        }
-        if self.async_result_ttl_ms < 1_000 {
-            return Err(ConfigError::invalid(
-                "async_result_ttl_ms must be at least 1000",
-            ));
-        }
+        shamal_async_queue::check_shared_settings(&self.async_key_prefix, self.async_result_ttl_ms)
+            .map_err(|error| ConfigError::invalid(error.to_string()))?;
         if self.async_job_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "async_job_timeout_ms must be at least 1",
