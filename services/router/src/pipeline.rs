@@ -9,10 +9,11 @@
 //! Every layer is always ready (refusals are answers, never back-pressure
 //! through `poll_ready`): admission refuses at once instead of queueing, so
 //! a caller is never left waiting for a slot. Steps that only read or
-//! rewrite the request are [`Step`]s, which add no allocation; the layers
-//! that act after the answer (observation, shadow, traffic) box one future
-//! each, a few hundred nanoseconds against a request's hundreds of
-//! microseconds (docs/benchmarks.md, the issue 14 A/B run).
+//! rewrite the request are [`Step`]s, which add no allocation; the
+//! policies that act around the rest ([`Policy`]: observation, admission,
+//! shadow, traffic) box one future each, a few hundred nanoseconds against
+//! a request's hundreds of microseconds (docs/benchmarks.md, the issue 14
+//! A/B run).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -105,11 +106,11 @@ pub fn build(parts: Parts) -> Pipeline {
         // 1. Observe: outermost, so that every call is counted and timed,
         //    whichever step below refuses it, and so that idle polling
         //    (when on) covers the whole call.
-        .layer(ObserveLayer {
+        .layer(Around::layer(Observe {
             pool: pool.clone(),
             metrics: metrics.clone(),
             keep_awake,
-        })
+        }))
         // 2. Authentication and authorisation (issue 15) go here: after
         //    observation, so that refusals are counted, and before any
         //    step reads the request on the caller's behalf.
@@ -148,21 +149,21 @@ pub fn build(parts: Parts) -> Pipeline {
         //    than tower's `ConcurrencyLimit` + `LoadShed`, which know no
         //    priorities. Admitted requests deposit in the retry budget:
         //    refused ones are no traffic to retry on behalf of.
-        .layer(AdmitLayer {
+        .layer(Around::layer(Admit {
             admission,
             retry_budget: retry_budget.clone(),
             model_inflight,
             metrics: metrics.clone(),
-        })
+        }))
         // 7. Shadow: a copy to the rollout's shadow version, off the
         //    request path. Below admission, so that a shed request sends
         //    no copy; above the traffic report, which counts the caller's
         //    answer only.
-        .option_layer(shadow.map(|shadow| ShadowLayer { shadow }))
+        .option_layer(shadow.map(Around::layer))
         // 8. Traffic report: each admitted request's outcome per version,
         //    for the registry's canary analysis. Shed requests never
         //    reached a version and are not traffic.
-        .option_layer(registry.map(|routing| TrafficLayer { routing }))
+        .option_layer(registry.map(|routing| Around::layer(TrafficReport { routing })))
         // 9. Forward: replica choice (least loaded of two, in an allowed
         //    region), retries on another replica within the retry budget,
         //    the caller's deadline, outlier ejection (see `forward`).
@@ -257,57 +258,94 @@ fn take<S: Clone>(inner: &mut S) -> S {
     std::mem::replace(inner, clone)
 }
 
-#[derive(Clone)]
-struct ObserveLayer {
-    pool: Arc<WorkerPool>,
-    metrics: RouterMetrics,
-    keep_awake: Option<&'static KeepAwake>,
+/// A policy that acts around the rest of the pipeline: before it, on the
+/// call, and after it, on the answer. [`Around`] makes it a layer, so each
+/// policy is one `impl` rather than a layer, a service and their plumbing.
+trait Policy: Clone {
+    /// Runs the policy around `next`, the rest of the pipeline; `Right`
+    /// hands back `next`'s own future when the policy has nothing to do
+    /// after it.
+    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
+    where
+        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static;
 }
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+/// The layer, and the service, of a [`Policy`].
+#[derive(Clone)]
+struct Around<P, S = ()> {
+    policy: P,
+    inner: S,
+}
+
+impl<P> Around<P> {
+    fn layer(policy: P) -> Around<P> {
+        Around { policy, inner: () }
+    }
+}
+
+impl<P: Clone, S> Layer<S> for Around<P> {
+    type Service = Around<P, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe {
-            layer: self.clone(),
+        Around {
+            policy: self.policy.clone(),
             inner,
         }
     }
 }
 
-/// Counts and times every call by model, answered version, protocol and
-/// code; unknown model names share one label, so callers cannot grow the
-/// label set.
-#[derive(Clone)]
-struct Observe<S> {
-    layer: ObserveLayer,
-    inner: S,
-}
-
-impl<S> Service<InferCall> for Observe<S>
+impl<P, S> Service<InferCall> for Around<P, S>
 where
+    P: Policy,
     S: Service<InferCall, Response = ModelInferResponse, Error = Status> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = ModelInferResponse;
     type Error = Status;
-    type Future = BoxInfer;
+    type Future = Either<BoxInfer, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut call: InferCall) -> Self::Future {
+    fn call(&mut self, call: InferCall) -> Self::Future {
+        self.policy.around(call, &mut self.inner)
+    }
+}
+
+/// Counts and times every call by model, answered version, protocol and
+/// code; unknown model names share one label, so callers cannot grow the
+/// label set. Step 1 of [`build`].
+#[derive(Clone)]
+struct Observe {
+    pool: Arc<WorkerPool>,
+    metrics: RouterMetrics,
+    keep_awake: Option<&'static KeepAwake>,
+}
+
+impl Policy for Observe {
+    fn around<S>(&self, mut call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
+    where
+        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let started = Instant::now();
-        let awake = self.layer.keep_awake.map(KeepAwake::request);
-        call.known = self.layer.pool.knows_model(&call.request.model_name);
+        let awake = self.keep_awake.map(KeepAwake::request);
+        call.known = self.pool.knows_model(&call.request.model_name);
         let known = call.known;
         let model = call.request.model_name.clone();
         let protocol = call.context.protocol;
         let request_id = call.context.request_id.clone();
-        let metrics = self.layer.metrics.clone();
-        let answer = take(&mut self.inner).call(call);
-        Box::pin(async move {
+        let metrics = self.metrics.clone();
+        let answer = take(next).call(call);
+        Either::Left(Box::pin(async move {
             let _awake = awake;
             let result = answer.await;
             let label = if known { model.as_str() } else { "_unknown" };
@@ -320,65 +358,44 @@ where
                 tracing::debug!(request_id = %request_id, model = %model, code = ?status.code(), message = status.message(), "inference failed");
             }
             result
-        })
+        }))
     }
 }
 
+/// Admission control; step 6 of [`build`].
 #[derive(Clone)]
-struct AdmitLayer {
+struct Admit {
     admission: Arc<Admission>,
     retry_budget: Arc<TpsBudget>,
     model_inflight: Arc<ModelInflight>,
     metrics: RouterMetrics,
 }
 
-impl<S> Layer<S> for AdmitLayer {
-    type Service = Admit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Admit {
-            layer: self.clone(),
-            inner,
-        }
-    }
-}
-
-/// Admission control; see step 6 of [`build`].
-#[derive(Clone)]
-struct Admit<S> {
-    layer: AdmitLayer,
-    inner: S,
-}
-
-impl<S> Service<InferCall> for Admit<S>
-where
-    S: Service<InferCall, Response = ModelInferResponse, Error = Status> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ModelInferResponse;
-    type Error = Status;
-    type Future = Either<BoxInfer, Ready<InferResult>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: InferCall) -> Self::Future {
+impl Policy for Admit {
+    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
+    where
+        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let priority = call.priority;
-        let Some(permit) = self.layer.admission.try_admit(priority) else {
-            self.layer.metrics.shed(priority);
-            return Either::Right(ready(Err(Status::resource_exhausted(format!(
+        let Some(permit) = self.admission.try_admit(priority) else {
+            self.metrics.shed(priority);
+            let refusal = Status::resource_exhausted(format!(
                 "router is at capacity for {} priority requests, retry later",
                 priority.label()
-            )))));
+            ));
+            return Either::Left(Box::pin(ready(Err(refusal))));
         };
-        self.layer.retry_budget.deposit();
+        self.retry_budget.deposit();
         // Known models only: callers cannot grow the autoscaling signal's
         // label set with made-up names.
         let model_inflight = call
             .known
-            .then(|| self.layer.model_inflight.enter(&call.request.model_name));
-        let answer = take(&mut self.inner).call(call);
+            .then(|| self.model_inflight.enter(&call.request.model_name));
+        let answer = take(next).call(call);
         Either::Left(Box::pin(async move {
             let _held = (permit, model_inflight);
             answer.await
@@ -386,50 +403,23 @@ where
     }
 }
 
-#[derive(Clone)]
-struct ShadowLayer {
-    shadow: Shadow,
-}
-
-impl<S> Layer<S> for ShadowLayer {
-    type Service = ShadowService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ShadowService {
-            shadow: self.shadow.clone(),
-            inner,
-        }
-    }
-}
-
 /// Sends the shadow copy the plan asks for and hands it the caller's
-/// answer for comparison; see step 7 of [`build`].
-#[derive(Clone)]
-struct ShadowService<S> {
-    shadow: Shadow,
-    inner: S,
-}
-
-impl<S> Service<InferCall> for ShadowService<S>
-where
-    S: Service<InferCall, Response = ModelInferResponse, Error = Status> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ModelInferResponse;
-    type Error = Status;
-    type Future = Either<BoxInfer, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: InferCall) -> Self::Future {
+/// answer for comparison; step 7 of [`build`].
+impl Policy for Shadow {
+    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
+    where
+        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let primary_answer = match &call.plan {
             Some(Plan {
                 shadow: Some(version),
                 rollout_revision,
                 ..
-            }) => self.shadow.spawn(
+            }) => self.spawn(
                 &call.request,
                 *version,
                 *rollout_revision,
@@ -438,7 +428,7 @@ where
             ),
             _ => None,
         };
-        let answer = take(&mut self.inner).call(call);
+        let answer = take(next).call(call);
         let Some(sender) = primary_answer else {
             return Either::Right(answer);
         };
@@ -450,51 +440,29 @@ where
     }
 }
 
-#[derive(Clone)]
-struct TrafficLayer {
-    routing: Arc<RegistryRouting>,
-}
-
-impl<S> Layer<S> for TrafficLayer {
-    type Service = TrafficReport<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        TrafficReport {
-            routing: self.routing.clone(),
-            inner,
-        }
-    }
-}
-
 /// Records each planned request's outcome under the version that
-/// answered (or was chosen); see step 8 of [`build`].
+/// answered (or was chosen); step 8 of [`build`].
 #[derive(Clone)]
-struct TrafficReport<S> {
+struct TrafficReport {
     routing: Arc<RegistryRouting>,
-    inner: S,
 }
 
-impl<S> Service<InferCall> for TrafficReport<S>
-where
-    S: Service<InferCall, Response = ModelInferResponse, Error = Status> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ModelInferResponse;
-    type Error = Status;
-    type Future = Either<BoxInfer, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: InferCall) -> Self::Future {
+impl Policy for TrafficReport {
+    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
+    where
+        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let Some(plan) = call.plan else {
-            return Either::Right(take(&mut self.inner).call(call));
+            return Either::Right(take(next).call(call));
         };
         let started = Instant::now();
         let model = call.request.model_name.clone();
         let routing = self.routing.clone();
-        let answer = take(&mut self.inner).call(call);
+        let answer = take(next).call(call);
         Either::Left(Box::pin(async move {
             let result = answer.await;
             let (code, answered) = match &result {
