@@ -82,6 +82,16 @@ impl Service {
         })
     }
 
+    /// The environment variables the service reads with `A`'s flags: for a
+    /// service's test that every documented variable is read.
+    pub fn variables_read<A: Args>(&self) -> Vec<String> {
+        self.command::<A>()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// Parses `arguments` (the program name first) and the environment.
     pub fn try_parse_from<A, I, T>(&self, arguments: I) -> Result<ServiceCli<A>, clap::Error>
     where

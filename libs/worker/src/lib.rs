@@ -8,7 +8,6 @@ pub mod agent;
 pub mod async_consumer;
 pub mod backend;
 pub mod batcher;
-pub use shamal_idle_poll as keep_awake;
 pub mod node;
 pub mod repository;
 pub mod server;

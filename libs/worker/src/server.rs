@@ -23,13 +23,13 @@ use tonic::transport::server::TcpIncoming;
 use crate::agent::{self, Agent, Membership, RegistryAgentSettings};
 use crate::async_consumer::AsyncInference;
 use crate::backend::Runtime;
-use crate::keep_awake::KeepAwake;
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
 };
 use crate::service::{WorkerService, WorkerState};
 use crate::settings::ModelDefaults;
 use crate::stats::WorkerMetrics;
+use shamal_idle_poll::KeepAwake;
 
 /// What a worker serves and how.
 #[derive(Clone, Debug)]

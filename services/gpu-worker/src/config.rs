@@ -332,12 +332,7 @@ mod tests {
 
     #[test]
     fn every_documented_variable_is_read() {
-        let command = SERVICE.command::<GpuWorkerArgs>();
-        let read: Vec<String> = command
-            .get_arguments()
-            .filter_map(|arg| arg.get_env())
-            .map(|name| name.to_string_lossy().into_owned())
-            .collect();
+        let read = SERVICE.variables_read::<GpuWorkerArgs>();
         let documented = shamal_telemetry::process::documented_variables(
             SERVICE.env_prefix,
             &[

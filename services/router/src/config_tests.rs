@@ -108,12 +108,7 @@ fn layers_apply_in_order_and_values_are_checked() {
 
 #[test]
 fn every_documented_variable_is_read() {
-    let command = SERVICE.command::<RouterArgs>();
-    let read: Vec<String> = command
-        .get_arguments()
-        .filter_map(|arg| arg.get_env())
-        .map(|name| name.to_string_lossy().into_owned())
-        .collect();
+    let read = SERVICE.variables_read::<RouterArgs>();
     let documented = shamal_telemetry::process::documented_variables(
         SERVICE.env_prefix,
         &[

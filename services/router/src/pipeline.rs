@@ -258,6 +258,23 @@ fn take<S: Clone>(inner: &mut S) -> S {
     std::mem::replace(inner, clone)
 }
 
+/// The rest of the pipeline as a policy sees it.
+trait Next:
+    Service<InferCall, Response = ModelInferResponse, Error = Status, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Next for S where
+    S: Service<InferCall, Response = ModelInferResponse, Error = Status, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
 /// A policy that acts around the rest of the pipeline: before it, on the
 /// call, and after it, on the answer. [`Around`] makes it a layer, so each
 /// policy is one `impl` rather than a layer, a service and their plumbing.
@@ -265,13 +282,7 @@ trait Policy: Clone {
     /// Runs the policy around `next`, the rest of the pipeline; `Right`
     /// hands back `next`'s own future when the policy has nothing to do
     /// after it.
-    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
-    where
-        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static;
+    fn around<S: Next>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>;
 }
 
 /// The layer, and the service, of a [`Policy`].
@@ -298,12 +309,7 @@ impl<P: Clone, S> Layer<S> for Around<P> {
     }
 }
 
-impl<P, S> Service<InferCall> for Around<P, S>
-where
-    P: Policy,
-    S: Service<InferCall, Response = ModelInferResponse, Error = Status> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
+impl<P: Policy, S: Next> Service<InferCall> for Around<P, S> {
     type Response = ModelInferResponse;
     type Error = Status;
     type Future = Either<BoxInfer, S::Future>;
@@ -328,14 +334,7 @@ struct Observe {
 }
 
 impl Policy for Observe {
-    fn around<S>(&self, mut call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
-    where
-        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn around<S: Next>(&self, mut call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
         let started = Instant::now();
         let awake = self.keep_awake.map(KeepAwake::request);
         call.known = self.pool.knows_model(&call.request.model_name);
@@ -372,14 +371,7 @@ struct Admit {
 }
 
 impl Policy for Admit {
-    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
-    where
-        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn around<S: Next>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
         let priority = call.priority;
         let Some(permit) = self.admission.try_admit(priority) else {
             self.metrics.shed(priority);
@@ -406,14 +398,7 @@ impl Policy for Admit {
 /// Sends the shadow copy the plan asks for and hands it the caller's
 /// answer for comparison; step 7 of [`build`].
 impl Policy for Shadow {
-    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
-    where
-        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn around<S: Next>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
         let primary_answer = match &call.plan {
             Some(Plan {
                 shadow: Some(version),
@@ -448,14 +433,7 @@ struct TrafficReport {
 }
 
 impl Policy for TrafficReport {
-    fn around<S>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future>
-    where
-        S: Service<InferCall, Response = ModelInferResponse, Error = Status>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    fn around<S: Next>(&self, call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
         let Some(plan) = call.plan else {
             return Either::Right(take(next).call(call));
         };

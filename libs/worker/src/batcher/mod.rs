@@ -55,8 +55,8 @@ use shamal_tensor::Tensor;
 use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError, InstanceDevice};
-use crate::keep_awake::KeepAwake;
 use crate::stats::ModelStats;
+use shamal_idle_poll::KeepAwake;
 
 mod execution;
 mod inline;
