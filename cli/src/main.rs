@@ -1,5 +1,6 @@
 //! `shamal`: the one command to try the platform and to operate it.
 
+mod certs;
 mod client;
 mod model;
 mod output;
@@ -41,6 +42,9 @@ enum Command {
     /// Placement: which workers hold which versions of a model.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
+    /// Development certificates for mutual TLS between services.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +85,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Workers(command) => workers::run(command, &cli.registry).await,
         Command::Residency(command) => residency::run(command, &cli.registry).await,
         Command::Placement(command) => placement::run(command, &cli.registry).await,
+        Command::Certs(command) => certs::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
