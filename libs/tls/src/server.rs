@@ -222,10 +222,15 @@ async fn accept_loop(
                 Ok(Err(error)) => (classify(&error), error.to_string()),
                 Err(_) => (reason::TIMEOUT, format!("no handshake within {timeout:?}")),
             };
-            let (reason, message) = failure;
-            tracing::warn!(peer = %remote_addr, reason, error = %message, "TLS handshake failed");
+            let (label, message) = failure;
+            if label == reason::CLOSED {
+                // TCP probes and port scans: not worth a warning each.
+                tracing::debug!(peer = %remote_addr, reason = label, error = %message, "TLS handshake failed");
+            } else {
+                tracing::warn!(peer = %remote_addr, reason = label, error = %message, "TLS handshake failed");
+            }
             if let Some(metrics) = metrics {
-                metrics.handshake_failed(reason);
+                metrics.handshake_failed(label);
             }
         });
     }

@@ -62,11 +62,20 @@ impl Drop for Server {
 
 impl Server {
     async fn start(files: &TlsFiles, client_auth: ClientAuth) -> Server {
+        Server::start_with_timeout(files, client_auth, Duration::from_secs(10)).await
+    }
+
+    async fn start_with_timeout(
+        files: &TlsFiles,
+        client_auth: ClientAuth,
+        handshake_timeout: Duration,
+    ) -> Server {
         let registry = prometheus::Registry::new();
         let metrics = TlsMetrics::new(&registry).unwrap();
         let tls = ServerTls::new(files, client_auth)
             .unwrap()
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_handshake_timeout(handshake_timeout);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_reporter, health) = tonic_health::server::health_reporter();
@@ -313,6 +322,26 @@ async fn plaintext_h2c_to_a_tls_port_is_refused_and_counted() {
     // The server still serves TLS afterwards.
     let client = ClientTls::new(&pki.files("router")).unwrap();
     check(client.connect_lazy(server.endpoint())).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_times_out_without_blocking_others() {
+    let (_dir, pki) = pki();
+    let server = Server::start_with_timeout(
+        &pki.files("worker"),
+        ClientAuth::Required,
+        Duration::from_millis(500),
+    )
+    .await;
+    // Connected, silent: the handshake never starts.
+    let _stalled = TcpStream::connect(server.addr).await.unwrap();
+    let client = ClientTls::new(&pki.files("router")).unwrap();
+    check(client.connect_lazy(server.endpoint())).await.unwrap();
+    assert_eq!(server.metrics.handshake_failures(reason::TIMEOUT), 0);
+    server.wait_for_failure(reason::TIMEOUT, 1).await;
+    // A connection closed before its handshake is counted as such.
+    drop(TcpStream::connect(server.addr).await.unwrap());
+    server.wait_for_failure(reason::CLOSED, 1).await;
 }
 
 #[tokio::test]
