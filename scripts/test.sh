@@ -57,6 +57,13 @@ SHAMAL_TEST_REDIS_URL="$(scripts/ensure-redis.sh | tail -1)"
 export SHAMAL_TEST_REDIS_URL
 echo "using $SHAMAL_TEST_REDIS_URL"
 
+step "the development OpenID provider for the token validation tests"
+SHAMAL_TEST_OIDC_ISSUER="$(scripts/ensure-oidc.sh | tail -1)"
+export SHAMAL_TEST_OIDC_ISSUER
+# Its signing keys, private halves included: the tests forge tokens with them.
+export SHAMAL_TEST_OIDC_JWKS="$root/.deps/oidc/jwks.json"
+echo "using $SHAMAL_TEST_OIDC_ISSUER (keys $SHAMAL_TEST_OIDC_JWKS)"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
