@@ -22,6 +22,11 @@ app="$data/app"
 jwks="$data/jwks.json"
 port="${SHAMAL_OIDC_PORT:-9411}"
 issuer="http://127.0.0.1:$port"
+# oidc.pid and oidc.log for the default port, oidc-<port>.* for others.
+name="oidc"
+if [ "$port" != 9411 ]; then name="oidc-$port"; fi
+pid_file="$data/$name.pid"
+log="$data/$name.log"
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "ensure-oidc: node and npm are required (Node.js 20 or newer)" >&2
@@ -52,7 +57,26 @@ if [ -n "${SHAMAL_TEST_OIDC_ISSUER:-}" ]; then
   echo "ensure-oidc: SHAMAL_TEST_OIDC_ISSUER=$SHAMAL_TEST_OIDC_ISSUER does not answer; using the local provider" >&2
 fi
 
+# Whether the provider at $1 signs with the keys in $jwks (the tests forge
+# tokens with them).
+same_keys() {
+  node -e '
+    const fs = require("node:fs");
+    const [issuer, path] = process.argv.slice(1);
+    const mine = JSON.parse(fs.readFileSync(path, "utf8")).keys.map((k) => k.kid).sort().join(" ");
+    fetch(`${issuer}/jwks`, { signal: AbortSignal.timeout(2000) })
+      .then((r) => r.json())
+      .then((d) => process.exit(d.keys.map((k) => k.kid).sort().join(" ") === mine ? 0 : 1))
+      .catch(() => process.exit(1));' "$1" "$jwks" 2>/dev/null
+}
+
 if answers "$issuer"; then
+  if [ ! -f "$jwks" ] || ! same_keys "$issuer"; then
+    echo "ensure-oidc: the provider at $issuer does not sign with the keys in $jwks" \
+      "(started from another checkout, or the file was removed); stop it" \
+      "(kill \"\$(cat $pid_file)\" if this script started it) and run me again" >&2
+    exit 1
+  fi
   echo "$issuer"
   exit 0
 fi
@@ -69,27 +93,27 @@ fi
 # Next to its node_modules, where ES module imports resolve.
 cp infra/oidc-dev/provider.mjs "$app/provider.mjs"
 
-if [ -f "$data/oidc.pid" ] && kill -0 "$(cat "$data/oidc.pid")" 2>/dev/null; then
-  echo "ensure-oidc: a provider (pid $(cat "$data/oidc.pid")) runs but does not answer at $issuer; see $data/oidc.log" >&2
+if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+  echo "ensure-oidc: a provider (pid $(cat "$pid_file")) runs but does not answer at $issuer; see $log" >&2
   exit 1
 fi
 
 SHAMAL_OIDC_PORT="$port" SHAMAL_OIDC_ISSUER="$issuer" SHAMAL_OIDC_JWKS="$jwks" \
-  nohup setsid node "$app/provider.mjs" >"$data/oidc.log" 2>&1 </dev/null &
-echo $! >"$data/oidc.pid"
+  nohup setsid node "$app/provider.mjs" >"$log" 2>&1 </dev/null &
+echo $! >"$pid_file"
 
 for _ in $(seq 1 100); do
   if answers "$issuer"; then
-    echo "ensure-oidc: provider started (pid $(cat "$data/oidc.pid"), keys $jwks, log $data/oidc.log)" >&2
+    echo "ensure-oidc: provider started (pid $(cat "$pid_file"), keys $jwks, log $log)" >&2
     echo "$issuer"
     exit 0
   fi
-  if ! kill -0 "$(cat "$data/oidc.pid")" 2>/dev/null; then
-    echo "ensure-oidc: the provider exited; its log ($data/oidc.log):" >&2
-    cat "$data/oidc.log" >&2
+  if ! kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    echo "ensure-oidc: the provider exited; its log ($log):" >&2
+    cat "$log" >&2
     exit 1
   fi
   sleep 0.2
 done
-echo "ensure-oidc: the provider did not answer at $issuer within 20 s; see $data/oidc.log" >&2
+echo "ensure-oidc: the provider did not answer at $issuer within 20 s; see $log" >&2
 exit 1

@@ -446,6 +446,16 @@ fn seconds(difference: f64) -> i64 {
 mod tests {
     use super::*;
 
+    /// Compiles only if the validator can be shared across tasks and its
+    /// future moved between threads (tower layers and spawned tasks need it).
+    #[allow(dead_code)]
+    fn validator_and_authenticate_are_send_and_sync(validator: &TokenValidator) {
+        fn send<T: Send>(_: &T) {}
+        fn sync<T: Send + Sync + 'static>() {}
+        sync::<TokenValidator>();
+        send(&validator.authenticate(None));
+    }
+
     #[test]
     fn roles_come_from_arrays_or_space_separated_strings() {
         let value = serde_json::json!(["viewer", "admin", 7, "root", "viewer"]);
