@@ -1,5 +1,6 @@
 //! `shamal`: the one command to try the platform and to operate it.
 
+mod admin;
 mod certs;
 mod client;
 mod model;
@@ -42,6 +43,9 @@ enum Command {
     /// Placement: which workers hold which versions of a model.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
+    /// Registry administration: re-key artifacts encrypted at rest.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Development certificates for mutual TLS between services.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -85,6 +89,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Workers(command) => workers::run(command, &cli.registry).await,
         Command::Residency(command) => residency::run(command, &cli.registry).await,
         Command::Placement(command) => placement::run(command, &cli.registry).await,
+        Command::Admin(command) => admin::run(command, &cli.registry).await,
         Command::Certs(command) => certs::run(command),
     };
     match result {

@@ -25,6 +25,14 @@ pub struct RegistryConfig {
     pub artifact_dir: PathBuf,
     /// Largest artifact accepted, in bytes.
     pub max_artifact_bytes: u64,
+    /// Key file of the artifact store's encryption at rest (TOML or JSON,
+    /// mode 0600: `active = "k2"` and `[keys]` of `id = "<base64>"`); see
+    /// docs/registry.md. Unset, with `artifact_keys` unset too, new
+    /// artifacts are stored in plaintext.
+    pub artifact_key_file: Option<PathBuf>,
+    /// The same keys as `id:base64` entries, the active one first
+    /// (`SHAMAL_REGISTRY_ARTIFACT_KEYS`); printed redacted.
+    pub artifact_keys: Option<ArtifactKeys>,
     /// How often workers must heartbeat (told to them at registration).
     pub heartbeat_interval_ms: u64,
     /// Time without a heartbeat after which a worker is marked `lost`;
@@ -45,10 +53,37 @@ impl Default for RegistryConfig {
             database_url: "sqlite://.shamal/registry.db".to_owned(),
             artifact_dir: PathBuf::from(".shamal/artifacts"),
             max_artifact_bytes: 8 * 1024 * 1024 * 1024,
+            artifact_key_file: None,
+            artifact_keys: None,
             heartbeat_interval_ms: 250,
             lease_ms: 1000,
             placement_grace_ms: 3000,
         }
+    }
+}
+
+/// Artifact keys as `id:base64` entries (the value of `artifact_keys`):
+/// never shown, neither by `Debug` nor by `--print-config` (it serializes
+/// as `***`), and zeroized on drop.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct ArtifactKeys(pub zeroize::Zeroizing<String>);
+
+impl ArtifactKeys {
+    pub fn new(entries: impl Into<String>) -> ArtifactKeys {
+        ArtifactKeys(zeroize::Zeroizing::new(entries.into()))
+    }
+}
+
+impl std::fmt::Debug for ArtifactKeys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(config::REDACTED)
+    }
+}
+
+impl Serialize for ArtifactKeys {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(config::REDACTED)
     }
 }
 
@@ -80,6 +115,15 @@ pub struct RegistryArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_artifact_bytes: Option<u64>,
+    /// Key file for encrypting artifacts at rest (TOML or JSON, mode 0600).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_key_file: Option<PathBuf>,
+    /// Artifact keys as `id:base64,...`, the active one first. Prefer the
+    /// environment variable: a flag's value shows in the process list.
+    #[arg(long, hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_keys: Option<String>,
     /// How often workers heartbeat, in milliseconds (default 250).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,6 +165,7 @@ impl RegistryConfig {
         if self.artifact_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("artifact_dir must not be empty"));
         }
+        self.artifact_key_ring()?;
         if self.max_artifact_bytes == 0 {
             return Err(ConfigError::invalid(
                 "max_artifact_bytes must be at least 1",
@@ -143,6 +188,26 @@ impl RegistryConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The key ring of the artifact store's encryption at rest, `None`
+    /// when it is off. Reads the key file (errors name it and the key id).
+    pub fn artifact_key_ring(&self) -> Result<Option<shamal_keys::KeyRing>, ConfigError> {
+        match (&self.artifact_key_file, &self.artifact_keys) {
+            (Some(_), Some(_)) => Err(ConfigError::invalid(
+                "artifact_key_file and artifact_keys (SHAMAL_REGISTRY_ARTIFACT_KEYS) are both set; set one",
+            )),
+            (Some(path), None) => shamal_keys::KeyRing::from_file(path)
+                .map(Some)
+                .map_err(|error| ConfigError::invalid(format!("artifact_key_file: {error}"))),
+            (None, Some(keys)) => shamal_keys::KeyRing::from_entries(
+                "artifact_keys (SHAMAL_REGISTRY_ARTIFACT_KEYS)",
+                &keys.0,
+            )
+            .map(Some)
+            .map_err(|error| ConfigError::invalid(error.to_string())),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The placement timings this configuration sets.
@@ -267,6 +332,65 @@ mod tests {
             error.contains("database_url") && !error.contains("hunter2"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn artifact_keys_are_read_redacted_and_checked() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let args = RegistryArgs {
+            artifact_keys: Some(format!("k2:{key}")),
+            ..RegistryArgs::default()
+        };
+        // The layers and this crate's checks (not the security policy of
+        // `load`, which is the security settings' to test).
+        let load = |args: &RegistryArgs| {
+            config::load::<RegistryConfig>(None, args).and_then(|config| {
+                config.validate()?;
+                Ok(config)
+            })
+        };
+        let config = load(&args).unwrap_or_default();
+        let ring = config.artifact_key_ring().ok().flatten();
+        assert_eq!(ring.as_ref().map(|ring| ring.active_id()), Some("k2"));
+        let printed = shamal_telemetry::config::printable(&config).unwrap_or_default();
+        assert!(printed.contains("artifact_keys = \"***\""), "{printed}");
+        assert!(!printed.contains(key), "{printed}");
+        assert!(!format!("{config:?}").contains(key));
+        assert!(
+            SERVICE
+                .variables_read::<RegistryArgs>()
+                .contains(&"SHAMAL_REGISTRY_ARTIFACT_KEYS".to_owned())
+        );
+        for (args, named) in [
+            (
+                RegistryArgs {
+                    artifact_keys: Some(format!("k1:{}", &key[..20])),
+                    ..RegistryArgs::default()
+                },
+                "key 'k1'",
+            ),
+            (
+                RegistryArgs {
+                    artifact_keys: Some(format!("k1:{key}")),
+                    artifact_key_file: Some(PathBuf::from("/nonexistent/keys.toml")),
+                    ..RegistryArgs::default()
+                },
+                "both set",
+            ),
+            (
+                RegistryArgs {
+                    artifact_key_file: Some(PathBuf::from("/nonexistent/keys.toml")),
+                    ..RegistryArgs::default()
+                },
+                "artifact_key_file: key file /nonexistent/keys.toml",
+            ),
+        ] {
+            let error = load(&args)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(named) && !error.contains(key), "{error}");
+        }
     }
 
     #[test]

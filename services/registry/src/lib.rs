@@ -54,8 +54,18 @@ impl RegistryListeners {
     }
 }
 
-/// Opens the database (migrating it) and the artifact store.
+/// Opens the database (migrating it) and the artifact store, which
+/// encrypts new artifacts when a key ring is configured.
 pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>> {
+    let keys = config.artifact_key_ring()?;
+    match &keys {
+        Some(keys) => tracing::info!(
+            active_key = keys.active_id(),
+            keys = keys.key_ids().count(),
+            "artifacts are encrypted at rest"
+        ),
+        None => tracing::info!("artifact encryption at rest is off"),
+    }
     if let Some(path) = config.database_url.strip_prefix("sqlite://")
         && !path.starts_with(":memory:")
     {
@@ -67,7 +77,9 @@ pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>>
         }
     }
     let store = store::Store::connect(&config.database_url).await?;
-    let artifacts = Arc::new(artifacts::LocalArtifactStore::new(&config.artifact_dir)?);
+    let artifacts = Arc::new(
+        artifacts::LocalArtifactStore::new(&config.artifact_dir)?.with_keys(keys.map(Arc::new)),
+    );
     Ok(Arc::new(
         ModelRegistry::new(store, artifacts, config.max_artifact_bytes)
             .await?

@@ -12,6 +12,7 @@
 //! for the UI, the document and the fallbacks); `extract` holds the request
 //! extractors they share and `reply` the pieces of their answers.
 
+mod admin;
 mod aliases;
 mod api_error;
 mod artifacts;
@@ -150,6 +151,7 @@ pub fn router(
                 .delete(residency::delete_tenant_policy),
         )
         .route("/v1/residency/history", get(residency::residency_history))
+        .route("/v1/admin/rekey", post(admin::rekey))
         .fallback(meta::no_route)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))

@@ -1370,6 +1370,7 @@ const ROUTES: &[&str] = &[
     "PUT /v1/residency/tenants/{tenant}",
     "DELETE /v1/residency/tenants/{tenant}",
     "GET /v1/residency/history",
+    "POST /v1/admin/rekey",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

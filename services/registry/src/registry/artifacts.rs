@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::ModelRegistry;
-use crate::artifacts::{ByteStream, validate_sha256};
+use crate::artifacts::{ByteStream, RekeyReport, validate_sha256};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 
@@ -34,6 +34,16 @@ impl ModelRegistry {
         Ok(size)
     }
 
+    /// Re-encrypts, blob by blob, every stored artifact that is not under
+    /// the active key of the artifact key ring (plaintext ones included);
+    /// `FailedPrecondition` when encryption at rest is off. Safe while
+    /// serving: each blob is replaced by one rename after its plaintext
+    /// was checked against its digest.
+    pub async fn rekey_artifacts(&self) -> Result<RekeyReport> {
+        self.artifacts.rekey().await
+    }
+
+    /// The bytes of an artifact (decrypted), with their size.
     pub async fn open_artifact(&self, sha256: &str) -> Result<(u64, ByteStream)> {
         validate_sha256("sha256", sha256)?;
         self.artifacts.open(sha256).await?.ok_or_else(|| {

@@ -6,7 +6,9 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use super::{aliases, artifacts, meta, models, placement, residency, rollouts, versions, workers};
+use super::{
+    admin, aliases, artifacts, meta, models, placement, residency, rollouts, versions, workers,
+};
 use crate::error::{ErrorBody, ErrorDetail};
 
 #[derive(OpenApi)]
@@ -56,6 +58,7 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         residency::set_tenant_policy,
         residency::delete_tenant_policy,
         residency::residency_history,
+        admin::rekey,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&CommonResponses),
@@ -68,6 +71,7 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         (name = "workers", description = "Workers, their membership state and what they hold"),
         (name = "placement", description = "Placement policy: which workers hold which versions of a model"),
         (name = "residency", description = "Data residency: regions a model's or a tenant's requests may be processed in"),
+        (name = "admin", description = "Operations on the registry itself: re-keying artifacts encrypted at rest"),
         (name = "meta", description = "This document"),
     )
 )]
