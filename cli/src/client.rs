@@ -1,15 +1,33 @@
 //! A small client of the registry's REST API (`/v1`), and the errors and
 //! exit codes the registry commands share.
+//!
+//! Requests go over hyper with rustls on the ring provider (https, with the
+//! system's roots; `SSL_CERT_FILE` names another bundle) or plain http.
+//! Not reqwest: its rustls features would unify into every reqwest client
+//! of the workspace (see libs/auth/Cargo.toml). A bearer token, when there
+//! is one (`--token` / `SHAMAL_TOKEN`, else the stored `shamal login`), is
+//! sent with every request.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use http::{Method, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-/// Flags every registry command takes (`--registry`, `--actor`, `--output`).
-#[derive(Clone, Debug, clap::Args)]
+/// Flags every registry command takes (`--registry`, `--actor`, `--token`,
+/// `--output`). Its `Debug` leaves the token out.
+#[derive(Clone, clap::Args)]
 pub struct RegistryOpts {
     /// Registry REST endpoint (model, rollout, workers, residency and placement commands).
     #[arg(
@@ -21,7 +39,8 @@ pub struct RegistryOpts {
         value_name = "URL"
     )]
     pub registry: String,
-    /// Who the change is recorded as (default: $USER).
+    /// Who the change is recorded as (default: $USER), on registries with
+    /// auth off; with a token, the registry records its subject.
     #[arg(
         long,
         global = true,
@@ -30,6 +49,18 @@ pub struct RegistryOpts {
         value_name = "NAME"
     )]
     pub actor: Option<String>,
+    /// Bearer token (an OIDC access token) for registries with auth on,
+    /// for scripts and CI; default: the token `shamal login` stored. The
+    /// token's subject is then the actor.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Registry options",
+        env = "SHAMAL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
     /// Output format of the registry commands.
     #[arg(
         long,
@@ -39,6 +70,17 @@ pub struct RegistryOpts {
         default_value_t = Output::Table
     )]
     pub output: Output,
+}
+
+impl std::fmt::Debug for RegistryOpts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryOpts")
+            .field("registry", &self.registry)
+            .field("actor", &self.actor)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("output", &self.output)
+            .finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,7 +97,15 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     pub const CONFLICT: u8 = 3;
     pub const NOT_FOUND: u8 = 4;
+    /// No token, or the registry refused it (HTTP 401).
+    pub const UNAUTHENTICATED: u8 = 5;
+    /// The token lacks a permission (HTTP 403).
+    pub const FORBIDDEN: u8 = 6;
 }
+
+/// What to do when the registry asks for credentials.
+pub const LOGIN_HINT: &str =
+    "not logged in or token expired: run `shamal login --issuer URL` or set SHAMAL_TOKEN";
 
 /// What went wrong, and the exit code it maps to.
 #[derive(Debug)]
@@ -70,6 +120,9 @@ pub enum CliError {
     },
     /// Wrong flags or arguments that clap cannot check.
     Usage(String),
+    /// No usable credentials (not logged in, a login that cannot be
+    /// refreshed, an unreadable token).
+    Unauthenticated(String),
     /// Anything else (unreachable registry, unreadable file, ...).
     Other(String),
 }
@@ -83,6 +136,11 @@ impl CliError {
         match self {
             CliError::Api { status, .. } if *status == StatusCode::CONFLICT => exit::CONFLICT,
             CliError::Api { status, .. } if *status == StatusCode::NOT_FOUND => exit::NOT_FOUND,
+            CliError::Api { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                exit::UNAUTHENTICATED
+            }
+            CliError::Api { status, .. } if *status == StatusCode::FORBIDDEN => exit::FORBIDDEN,
+            CliError::Unauthenticated(_) => exit::UNAUTHENTICATED,
             CliError::Api { .. } | CliError::Other(_) => exit::FAILURE,
             CliError::Usage(_) => exit::USAGE,
         }
@@ -102,7 +160,11 @@ impl CliError {
                 field,
                 current_revision,
             } => {
-                if *status == StatusCode::CONFLICT && current_revision.is_some() {
+                if *status == StatusCode::UNAUTHORIZED {
+                    eprintln!("shamal: {LOGIN_HINT} (the registry said: {message})");
+                } else if *status == StatusCode::FORBIDDEN {
+                    eprintln!("shamal: permission denied: {message}");
+                } else if *status == StatusCode::CONFLICT && current_revision.is_some() {
                     eprintln!("shamal: conflict: {message}");
                     if let Some(revision) = current_revision {
                         eprintln!(
@@ -118,6 +180,7 @@ impl CliError {
                 }
             }
             CliError::Usage(message) => eprintln!("shamal: {message}"),
+            CliError::Unauthenticated(message) => eprintln!("shamal: {message}"),
             CliError::Other(message) => eprintln!("shamal: {message}"),
         }
         ExitCode::from(self.exit_code())
@@ -139,18 +202,25 @@ pub fn segment(text: &str) -> String {
     out
 }
 
+type RequestBody = BoxBody<Bytes, std::io::Error>;
+
 pub struct Client {
     base: String,
     actor: String,
-    http: reqwest::Client,
+    /// `--token` / `SHAMAL_TOKEN`.
+    explicit_token: Option<String>,
+    /// The token sent (resolved, and refreshed, at the first request).
+    token: tokio::sync::OnceCell<Option<String>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, RequestBody>,
 }
 
 impl Client {
     pub fn new(opts: &RegistryOpts) -> CliResult<Client> {
         let base = opts.registry.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
             return Err(CliError::Usage(format!(
-                "--registry must be an http:// URL, not '{base}'"
+                "--registry must be an http:// or https:// URL, not '{base}'"
             )));
         }
         let actor = opts
@@ -159,40 +229,120 @@ impl Client {
             .or_else(|| std::env::var("USER").ok())
             .filter(|actor| !actor.trim().is_empty())
             .unwrap_or_else(|| "anonymous".to_owned());
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|error| CliError::other(format!("cannot build the HTTP client: {error}")))?;
-        Ok(Client { base, actor, http })
+        let explicit_token = opts
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned);
+        Ok(Client {
+            base,
+            actor,
+            explicit_token,
+            token: tokio::sync::OnceCell::new(),
+            http: http_client(https)?,
+        })
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .header("x-shamal-actor", &self.actor)
+    /// The bearer token to send, if any: `--token` / `SHAMAL_TOKEN`, else
+    /// the stored login (refreshed when it is about to expire).
+    async fn bearer(&self) -> CliResult<Option<&str>> {
+        let token = self
+            .token
+            .get_or_try_init(|| async {
+                let token = match &self.explicit_token {
+                    Some(token) => Some(token.clone()),
+                    None => crate::login::stored_access_token().await?,
+                };
+                if token.is_some() && !is_secure_base(&self.base) {
+                    eprintln!(
+                        "shamal: warning: sending a bearer token to {} over plain http",
+                        self.base
+                    );
+                }
+                Ok::<_, CliError>(token)
+            })
+            .await?;
+        Ok(token.as_deref())
     }
 
-    async fn finish(&self, request: reqwest::RequestBuilder) -> CliResult<Value> {
-        let response = request.send().await.map_err(|error| {
+    /// Sends a request: with the bearer token when there is one (the
+    /// registry takes the actor from it), else with `x-shamal-actor`.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Option<u64>, RequestBody)>,
+    ) -> CliResult<http::Response<hyper::body::Incoming>> {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        match self.bearer().await? {
+            Some(token) => {
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                        CliError::Unauthenticated(
+                            "the token has characters a header cannot carry".to_owned(),
+                        )
+                    })?;
+                value.set_sensitive(true);
+                request = request.header(AUTHORIZATION, value);
+            }
+            None => {
+                let actor = HeaderValue::from_str(&self.actor).map_err(|_| {
+                    CliError::Usage(format!(
+                        "--actor '{}' is not a valid header value",
+                        self.actor
+                    ))
+                })?;
+                request = request.header("x-shamal-actor", actor);
+            }
+        }
+        let body = match body {
+            Some((content_type, length, body)) => {
+                request = request.header(CONTENT_TYPE, content_type);
+                if let Some(length) = length {
+                    request = request.header(CONTENT_LENGTH, length);
+                }
+                body
+            }
+            None => Empty::new().map_err(|never| match never {}).boxed(),
+        };
+        let request = request
+            .body(body)
+            .map_err(|error| CliError::Usage(format!("bad request path '{path}': {error}")))?;
+        self.http.request(request).await.map_err(|error| {
             CliError::other(format!(
-                "cannot reach the registry at {}: {error}",
-                self.base
+                "cannot reach the registry at {}: {}",
+                self.base,
+                error_chain(&error)
             ))
-        })?;
+        })
+    }
+
+    async fn finish(&self, response: http::Response<hyper::body::Incoming>) -> CliResult<Value> {
         let status = response.status();
-        let text = response
-            .text()
+        let challenge = challenge_description(response.headers());
+        let bytes = response
+            .into_body()
+            .collect()
             .await
-            .map_err(|error| CliError::other(format!("reading the registry's answer: {error}")))?;
+            .map_err(|error| CliError::other(format!("reading the registry's answer: {error}")))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
         let body: Value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).map_err(|_| {
-                CliError::other(format!(
-                    "the registry answered {status} with a body that is not JSON: {}",
-                    text.chars().take(200).collect::<String>()
-                ))
-            })?
+            match serde_json::from_str(&text) {
+                Ok(body) => body,
+                Err(_) if !status.is_success() => Value::Null,
+                Err(_) => {
+                    return Err(CliError::other(format!(
+                        "the registry answered {status} with a body that is not JSON: {}",
+                        text.chars().take(200).collect::<String>()
+                    )));
+                }
+            }
         };
         if status.is_success() {
             return Ok(body);
@@ -205,18 +355,37 @@ impl Client {
                 .map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned),
             message: error["message"]
                 .as_str()
-                .map_or_else(|| status.to_string(), str::to_owned),
+                .map(str::to_owned)
+                .or(challenge)
+                .unwrap_or_else(|| {
+                    let text = text.trim();
+                    if text.is_empty() {
+                        status.to_string()
+                    } else {
+                        text.chars().take(200).collect()
+                    }
+                }),
             field: error["field"].as_str().map(str::to_owned),
             current_revision: error["current_revision"].as_u64(),
         })
     }
 
     pub async fn get(&self, path: &str) -> CliResult<Value> {
-        self.finish(self.request(Method::GET, path)).await
+        let response = self.call(Method::GET, path, None).await?;
+        self.finish(response).await
     }
 
     pub async fn send(&self, method: Method, path: &str, body: &Value) -> CliResult<Value> {
-        self.finish(self.request(method, path).json(body)).await
+        let bytes = Bytes::from(
+            serde_json::to_vec(body)
+                .map_err(|error| CliError::other(format!("cannot encode the request: {error}")))?,
+        );
+        let length = bytes.len() as u64;
+        let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+        let response = self
+            .call(method, path, Some(("application/json", Some(length), body)))
+            .await?;
+        self.finish(response).await
     }
 
     /// Every item of a paged list.
@@ -243,16 +412,14 @@ impl Client {
     /// Whether an artifact is stored already.
     pub async fn has_artifact(&self, sha256: &str) -> CliResult<bool> {
         let response = self
-            .request(Method::HEAD, &format!("/v1/artifacts/{sha256}"))
-            .send()
-            .await
-            .map_err(|error| {
-                CliError::other(format!(
-                    "cannot reach the registry at {}: {error}",
-                    self.base
-                ))
-            })?;
-        Ok(response.status().is_success())
+            .call(Method::HEAD, &format!("/v1/artifacts/{sha256}"), None)
+            .await?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // A HEAD answer has no body: the refusal is told as a GET's.
+            return self.finish(response).await.map(|_| false);
+        }
+        Ok(status.is_success())
     }
 
     /// Uploads a file as an artifact, streamed from disk.
@@ -260,13 +427,17 @@ impl Client {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|error| CliError::other(format!("cannot open {}: {error}", path.display())))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1024 * 1024);
-        let request = self
-            .request(Method::PUT, &format!("/v1/artifacts/{sha256}"))
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .header(reqwest::header::CONTENT_LENGTH, size)
-            .body(reqwest::Body::wrap_stream(stream));
-        self.finish(request).await
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1024 * 1024)
+            .map_ok(hyper::body::Frame::data);
+        let body = StreamBody::new(stream).boxed();
+        let response = self
+            .call(
+                Method::PUT,
+                &format!("/v1/artifacts/{sha256}"),
+                Some(("application/octet-stream", Some(size), body)),
+            )
+            .await?;
+        self.finish(response).await
     }
 
     /// The current revision of a model's rollout (0 when it never had
@@ -280,5 +451,106 @@ impl Client {
             Err(error) if error.is_not_found() => Ok(0),
             Err(error) => Err(error),
         }
+    }
+}
+
+/// The HTTP client: hyper over rustls (ring) for https with the system's
+/// roots, plain http otherwise; a 10 s connect timeout.
+fn http_client(https: bool) -> CliResult<HyperClient<HttpsConnector<HttpConnector>, RequestBody>> {
+    let mut roots = rustls::RootCertStore::empty();
+    if https {
+        // Only read when needed: plain-http registries (shamal up) skip it.
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        if added == 0 {
+            return Err(CliError::other(format!(
+                "no CA certificates found to verify the registry's (set SSL_CERT_FILE): {:?}",
+                native.errors
+            )));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| CliError::other(format!("TLS configuration: {error}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(HyperClient::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Whether a token may travel to `base` without being sniffed: https, or
+/// http to a loopback host.
+fn is_secure_base(base: &str) -> bool {
+    let Some(rest) = base.strip_prefix("http://") else {
+        return true;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The `error_description` of a `WWW-Authenticate: Bearer` challenge.
+fn challenge_description(headers: &http::HeaderMap) -> Option<String> {
+    let challenge = headers.get(WWW_AUTHENTICATE)?.to_str().ok()?;
+    let start = challenge.find("error_description=\"")? + "error_description=\"".len();
+    let rest = &challenge[start..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// An error and its sources, `: `-separated (hyper's own message is terse).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_travel_in_the_clear_only_to_loopback() {
+        assert!(is_secure_base("https://registry.example.com"));
+        assert!(is_secure_base("http://127.0.0.1:8200"));
+        assert!(is_secure_base("http://[::1]:8200/x"));
+        assert!(is_secure_base("http://localhost:8200"));
+        assert!(!is_secure_base("http://registry.example.com:8200"));
+        assert!(!is_secure_base("http://10.0.0.1"));
+    }
+
+    #[test]
+    fn reads_the_description_of_a_bearer_challenge() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(
+                r#"Bearer realm="shamal", error="invalid_token", error_description="token expired""#,
+            ),
+        );
+        assert_eq!(
+            challenge_description(&headers).as_deref(),
+            Some("token expired")
+        );
+        assert_eq!(challenge_description(&http::HeaderMap::new()), None);
     }
 }

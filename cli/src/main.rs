@@ -3,12 +3,14 @@
 mod admin;
 mod certs;
 mod client;
+mod login;
 mod model;
 mod output;
 mod placement;
 mod residency;
 mod rollout;
 mod up;
+mod whoami;
 mod workers;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +51,13 @@ enum Command {
     /// Development certificates for mutual TLS between services.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Log in at an OpenID provider: the registry commands then send your
+    /// access token (kept in ~/.config/shamal/credentials.json, refreshed).
+    Login(login::LoginArgs),
+    /// Forget the stored login.
+    Logout,
+    /// Who the registry commands act as: subject, tenant, roles, expiry.
+    Whoami(whoami::WhoamiArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -91,6 +100,9 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Placement(command) => placement::run(command, &cli.registry).await,
         Command::Admin(command) => admin::run(command, &cli.registry).await,
         Command::Certs(command) => certs::run(command),
+        Command::Login(args) => login::login(args).await,
+        Command::Logout => login::logout(),
+        Command::Whoami(args) => whoami::run(args, &cli.registry).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
