@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_telemetry::config::{self, ConfigError, redact_urls};
 use shamal_telemetry::process::Service;
 
@@ -13,6 +14,9 @@ use shamal_telemetry::process::Service;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
+    /// TLS, mTLS and OIDC: the `[security]` table (`tls_cert`,
+    /// `oidc_issuer`, ..., `insecure`).
+    pub security: SecurityConfig,
     /// REST API, OpenAPI document and web UI for release managers.
     pub http_listen: SocketAddr,
     /// Internal gRPC API for routers and workers.
@@ -42,11 +46,23 @@ pub struct RegistryConfig {
     /// of a version must have had it ready before a worker that loses it
     /// lets it go. Must exceed the routers' `refresh_interval_ms`.
     pub placement_grace_ms: u64,
+    /// The web UI's OIDC client (authorization code + PKCE; OIDC on only).
+    pub oidc_web_client_id: String,
+    /// Its secret (a confidential client, HTTP basic at the token
+    /// endpoint); unset, a public client (PKCE alone). Printed redacted.
+    pub oidc_web_client_secret: Option<crate::rest::session::WebClientSecret>,
+    /// Scopes the web UI asks for (`openid` always).
+    pub oidc_web_scopes: String,
+    /// The registry's external origin (`https://registry.example.com`):
+    /// the web login's redirect URI is `<public_url>/oidc/callback`.
+    /// Default: the HTTP listener's address (loopback for a wildcard).
+    pub public_url: Option<String>,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
+            security: SecurityConfig::default(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8200)),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8201)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8202))),
@@ -58,6 +74,10 @@ impl Default for RegistryConfig {
             heartbeat_interval_ms: 250,
             lease_ms: 1000,
             placement_grace_ms: 3000,
+            oidc_web_client_id: "shamal-web".to_owned(),
+            oidc_web_client_secret: None,
+            oidc_web_scopes: crate::rest::session::DEFAULT_SCOPES.to_owned(),
+            public_url: None,
         }
     }
 }
@@ -96,6 +116,9 @@ pub struct RegistryArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// The `[security]` table's flags (`--tls-cert`, `--insecure`, ...).
+    #[command(flatten)]
+    pub security: SecurityArgs,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<SocketAddr>,
@@ -139,6 +162,24 @@ pub struct RegistryArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement_grace_ms: Option<u64>,
+    /// The web UI's OIDC client id (default shamal-web).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oidc_web_client_id: Option<String>,
+    /// Its client secret. Prefer the environment variable: a flag's value
+    /// shows in the process list.
+    #[arg(long, hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oidc_web_client_secret: Option<String>,
+    /// Scopes the web UI asks for (default "openid profile offline_access shamal").
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oidc_web_scopes: Option<String>,
+    /// The registry's external origin, for the web login's redirect URI
+    /// (default: the HTTP listener's address).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// The registry binary: its name and the prefix of its variables.
@@ -160,6 +201,16 @@ impl RegistryConfig {
 
     /// Checks every value, naming the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Consistency only: whether running open is acceptable is the
+        // binary's check (`main.rs`, `SecurityConfig::validate`); a
+        // library caller (`shamal up`, tests) decides for itself.
+        let consistency = SecurityConfig {
+            insecure: true,
+            ..self.security.clone()
+        };
+        consistency
+            .validate(Exposure::Public)
+            .map_err(ConfigError::invalid)?;
         crate::store::Backend::from_url(&self.database_url)
             .map_err(|error| ConfigError::invalid(redact_urls(&error.to_string())))?;
         if self.artifact_dir.as_os_str().is_empty() {
@@ -181,6 +232,9 @@ impl RegistryConfig {
                 "lease_ms must be more than twice heartbeat_interval_ms ({} ms) and at most 3600000",
                 self.heartbeat_interval_ms
             )));
+        }
+        if let Some(url) = &self.public_url {
+            crate::rest::session::public_origin(url).map_err(ConfigError::invalid)?;
         }
         if self.placement_grace_ms > 600_000 {
             return Err(ConfigError::invalid(

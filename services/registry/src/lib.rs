@@ -8,6 +8,7 @@
 //! policy: which workers hold which versions.
 
 pub mod artifacts;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -25,11 +26,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
+use shamal_auth::layer::GrpcAuthLayer;
+use shamal_auth::metrics::AuthMetrics;
+use shamal_auth::security::Exposure;
 use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
 use shamal_telemetry::{MetricsRegistry, Readiness};
+use shamal_tls::{ClientAuth, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 pub use config::{RegistryArgs, RegistryConfig};
 pub use registry::ModelRegistry;
@@ -107,6 +110,29 @@ pub async fn serve(
     metrics: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let security = &config.security;
+    security.announce("registry", Exposure::Public, &metrics);
+    let auth_metrics = if security.tls_on() || security.oidc_on() {
+        Some(AuthMetrics::new(&metrics)?)
+    } else {
+        None
+    };
+    let auth = security
+        .authenticator(auth_metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // Optional client certificates: routers and workers present theirs,
+    // people and scripts a bearer token.
+    let server_tls = match security.tls_files() {
+        Some(files) => {
+            let tls = ServerTls::new(&files, ClientAuth::Optional)?;
+            Some(match TlsMetrics::new(&metrics) {
+                Ok(tls_metrics) => tls.with_metrics(tls_metrics),
+                Err(_) => tls,
+            })
+        }
+        None => None,
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RegistryServer<grpc::RegistryGrpc>>()
@@ -149,6 +175,12 @@ pub async fn serve(
         ))
     });
     let grpc = tonic::transport::Server::builder()
+        // Every method is authorised by its policy (`auth::grpc_access`).
+        .layer(GrpcAuthLayer::new(
+            auth.clone(),
+            auth::grpc_access,
+            auth::GRPC_API,
+        ))
         .add_service(health_service)
         .add_service(
             RegistryServer::new(grpc::RegistryGrpc::new(registry.clone(), stop.clone()))
@@ -156,15 +188,19 @@ pub async fn serve(
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            Incoming::new(listeners.grpc, server_tls.as_ref()),
             wait_stop(stop.clone()),
         );
-    let http_listener = listeners.http.tap_io(|stream| {
-        let _ = stream.set_nodelay(true);
-    });
+    // The web UI's OIDC login, when OIDC is on.
+    let web_login =
+        rest::session::WebLogin::of(config, listeners.http.local_addr()?, auth.clone())?;
     let http = axum::serve(
-        http_listener,
-        rest::router(registry.clone(), config.max_artifact_bytes, &metrics)?,
+        HttpListener::new(listeners.http, server_tls.as_ref()),
+        rest::session::attach(
+            rest::router_with_auth(registry.clone(), config.max_artifact_bytes, &metrics, auth)?,
+            web_login,
+        )
+        .into_make_service_with_connect_info::<PeerInfo>(),
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);

@@ -3,14 +3,16 @@
 //!
 //! Every error, including malformed requests that axum would otherwise
 //! answer in plain text, is a JSON [`ErrorBody`](crate::error::ErrorBody)
-//! naming the offending field where there is one. Writes are attributed to
-//! the `x-shamal-actor` header (until OIDC lands).
+//! naming the offending field where there is one. With auth on, every route
+//! is checked against its policy (`crate::auth`) and writes are attributed
+//! to the token's subject; with auth off, to the `x-shamal-actor` header.
 //!
 //! Each resource's handlers, with their OpenAPI annotations and request
 //! bodies, live in a file of their own (`models`, `versions`, `artifacts`,
 //! `aliases`, `rollouts`, `workers`, `placement`, `residency`, and `meta`
 //! for the UI, the document and the fallbacks); `extract` holds the request
-//! extractors they share and `reply` the pieces of their answers.
+//! extractors they share and `reply` the pieces of their answers;
+//! `session` is the UI's OIDC login and its cookie sessions.
 
 mod admin;
 mod aliases;
@@ -25,6 +27,7 @@ mod placement;
 mod reply;
 mod residency;
 mod rollouts;
+pub mod session;
 mod versions;
 mod workers;
 
@@ -57,12 +60,28 @@ pub(crate) struct AppState {
 }
 
 /// The REST API, OpenAPI document and web UI, with request metrics
-/// registered on `metrics`. Fails only when those metrics are registered
-/// there already (one REST API per metrics registry).
+/// registered on `metrics`, auth off. Fails only when those metrics are
+/// registered there already (one REST API per metrics registry).
 pub fn router(
     registry: Arc<ModelRegistry>,
     max_artifact_bytes: u64,
     metrics: &shamal_telemetry::MetricsRegistry,
+) -> prometheus::Result<Router> {
+    router_with_auth(
+        registry,
+        max_artifact_bytes,
+        metrics,
+        shamal_auth::Authenticator::off(),
+    )
+}
+
+/// Like [`router`], every route checked by `auth` against its policy
+/// (`crate::auth::rest_access`).
+pub fn router_with_auth(
+    registry: Arc<ModelRegistry>,
+    max_artifact_bytes: u64,
+    metrics: &shamal_telemetry::MetricsRegistry,
+    auth: Arc<shamal_auth::Authenticator>,
 ) -> prometheus::Result<Router> {
     let openapi_json = openapi().to_pretty_json().unwrap_or_else(|error| {
         tracing::error!(%error, "cannot serialise the OpenAPI document");
@@ -77,6 +96,11 @@ pub fn router(
     let app = Router::new()
         .route("/", get(meta::ui))
         .route("/openapi.json", get(meta::openapi_document))
+        // The web UI's OIDC login (`session`; 404 with OIDC off).
+        .route("/login", get(session::login))
+        .route(session::CALLBACK_PATH, get(session::callback))
+        .route("/session", get(session::session))
+        .route("/logout", post(session::logout))
         .route(
             "/v1/models",
             get(models::list_models).post(models::create_model),
@@ -152,6 +176,13 @@ pub fn router(
         )
         .route("/v1/residency/history", get(residency::residency_history))
         .route("/v1/admin/rekey", post(admin::rekey))
+        // After routing (a route layer), so that the matched route names
+        // its policy; unknown routes and methods fall through to the JSON
+        // 404 and 405 below.
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::rest_layer,
+        ))
         .fallback(meta::no_route)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
