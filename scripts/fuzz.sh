@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz shamal-tensor (the KServe v2 tensor codec) with cargo-fuzz/libFuzzer.
+# Fuzz shamal-tensor (the KServe v2 tensor codec) and shamal-auth's bearer
+# token parsing with cargo-fuzz/libFuzzer.
 #
 #   scripts/fuzz.sh [SECONDS]     # SECONDS per target, default 60
 #
