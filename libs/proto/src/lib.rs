@@ -35,3 +35,12 @@ pub mod shamal {
 /// `config.pbtxt` files through reflection.
 pub const INFERENCE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the registry's internal protocol: its
+/// tests walk every method (each must have an access policy).
+pub const REGISTRY_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/registry_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the asynchronous inference protocol.
+pub const ASYNC_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/async_descriptor.bin"));
