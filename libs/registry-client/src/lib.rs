@@ -28,16 +28,24 @@ pub enum Error {
     },
 }
 
-/// A lazily connecting channel to the registry's gRPC address
+/// A lazily connecting plaintext channel to the registry's gRPC address
 /// (`host:port` or a URL). Fails only on an address that cannot be parsed;
 /// an unreachable registry shows up on the first call.
 pub fn channel(address: &str) -> Result<Channel, Error> {
+    channel_with(address, None)
+}
+
+/// Like [`channel`], over mTLS with this service's certificate when `tls`
+/// is given (a `host:port` address then means `https://`).
+pub fn channel_with(address: &str, tls: Option<&shamal_tls::ClientTls>) -> Result<Channel, Error> {
     let url = if address.starts_with("http://") || address.starts_with("https://") {
         address.to_owned()
+    } else if tls.is_some() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
-    Ok(Endpoint::from_shared(url)
+    let endpoint = Endpoint::from_shared(url)
         .map_err(|source| Error::InvalidAddress {
             address: address.to_owned(),
             source,
@@ -46,8 +54,11 @@ pub fn channel(address: &str) -> Result<Channel, Error> {
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(match tls {
+        Some(tls) => tls.connect_lazy(endpoint),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 /// A registry client with Shamal's message size limit.

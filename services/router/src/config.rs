@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_registry_client::names;
 use shamal_telemetry::config::{self, ConfigError, Redacted};
 use shamal_telemetry::process::Service;
@@ -14,6 +15,9 @@ use shamal_telemetry::process::Service;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterConfig {
+    /// TLS, mTLS and OIDC: the `[security]` table (`tls_cert`,
+    /// `oidc_issuer`, ..., `insecure`).
+    pub security: SecurityConfig,
     /// KServe v2 gRPC front door (Triton's default port is 8001).
     pub grpc_listen: SocketAddr,
     /// KServe v2 HTTP/JSON front door (Triton's 8000).
@@ -109,6 +113,7 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
+            security: SecurityConfig::default(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8002))),
@@ -184,6 +189,9 @@ pub struct RouterArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// The `[security]` table's flags (`--tls-cert`, `--insecure`, ...).
+    #[command(flatten)]
+    pub security: SecurityArgs,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_listen: Option<SocketAddr>,
@@ -308,6 +316,16 @@ impl RouterConfig {
 
     /// Checks every value, naming the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Consistency only: whether running open is acceptable is the
+        // binary's check (`main.rs`, `SecurityConfig::validate`); a
+        // library caller (`shamal up`, tests) decides for itself.
+        let consistency = SecurityConfig {
+            insecure: true,
+            ..self.security.clone()
+        };
+        consistency
+            .validate(Exposure::Public)
+            .map_err(ConfigError::invalid)?;
         if self.workers.iter().any(|worker| worker.trim().is_empty()) {
             return Err(ConfigError::invalid(
                 "workers must not contain empty addresses",
@@ -457,6 +475,7 @@ impl RouterConfig {
     /// Worker pool settings.
     pub fn pool_settings(&self) -> crate::pool::PoolSettings {
         crate::pool::PoolSettings {
+            tls: None,
             connections: self.connections_per_worker,
             max_message_bytes: self.max_message_bytes,
             static_region: self.static_worker_region.clone(),

@@ -62,6 +62,9 @@ pub struct CallContext {
     /// The caller's headers (gRPC metadata), where a rollout's sticky key
     /// may be found; filled for inference calls only, empty otherwise.
     pub headers: HeaderMap,
+    /// The identity in the caller's client certificate, when it sent one
+    /// over mTLS; filled for inference calls only.
+    pub peer: Option<shamal_tls::PeerIdentity>,
 }
 
 impl CallContext {

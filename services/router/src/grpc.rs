@@ -30,6 +30,7 @@ impl RouterService {
                 .deadline(Instant::now(), shamal_rpc::request_timeout(metadata)),
             protocol: "grpc",
             headers: http::HeaderMap::new(),
+            peer: None,
         }
     }
 }
@@ -117,8 +118,9 @@ impl GrpcInferenceService for RouterService {
         let span = tracing::debug_span!("infer", request_id = %context.request_id);
         // The metadata travels along: a rollout's sticky key and the
         // request's data-residency policy may be there.
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
         context.headers = metadata.into_headers();
+        context.peer = shamal_tls::peer_identity(&extensions);
         let request_id = context.request_id.clone();
         let response = self.core.infer(message, context).instrument(span).await?;
         Ok(respond_with_id(response, &request_id))

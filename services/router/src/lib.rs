@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod async_api;
+pub mod auth;
 pub mod autoscale;
 pub mod config;
 pub mod forward;
@@ -26,13 +27,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use shamal_async_queue::JobQueue;
+use shamal_auth::layer::GrpcAuthLayer;
+use shamal_auth::metrics::AuthMetrics;
+use shamal_auth::security::Exposure;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_proto::shamal::r#async::v1::async_inference_server::AsyncInferenceServer;
 use shamal_telemetry::{MetricsRegistry, Readiness};
+use shamal_tls::{ClientAuth, ClientTls, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 pub use config::{RouterArgs, RouterConfig};
 use grpc::RouterService;
@@ -59,6 +62,9 @@ pub struct RouterExtras {
     /// The async inference queue, shared with in-process workers (e.g. one
     /// `MemoryQueue`); takes precedence over `async_queue`.
     pub async_queue: Option<Arc<dyn JobQueue>>,
+    /// Refusal counters shared with the other services of this process
+    /// (they live in one metrics registry in `shamal up`).
+    pub auth_metrics: Option<AuthMetrics>,
 }
 
 /// Runs the router until `shutdown` completes, then stops intake, lets
@@ -107,14 +113,45 @@ pub async fn run_with(
     let RouterExtras {
         local_workers,
         async_queue,
+        auth_metrics,
     } = extras;
+    // Security first: a bad certificate or an unreachable OIDC provider
+    // fails the start before anything listens.
+    let security = &config.security;
+    security.announce("router", Exposure::Public, &metrics_registry);
+    let auth_metrics = match auth_metrics {
+        Some(metrics) => Some(metrics),
+        None if security.tls_on() || security.oidc_on() => {
+            Some(AuthMetrics::new(&metrics_registry)?)
+        }
+        None => None,
+    };
+    let auth = security
+        .authenticator(auth_metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (server_tls, client_tls) = match security.tls_files() {
+        Some(files) => {
+            let metrics = TlsMetrics::new(&metrics_registry).ok();
+            let mut server = ServerTls::new(&files, ClientAuth::Optional)?;
+            let mut client = ClientTls::new(&files)?;
+            if let Some(metrics) = metrics {
+                server = server.with_metrics(metrics.clone());
+                client = client.with_metrics(metrics);
+            }
+            (Some(server), Some(client))
+        }
+        None => (None, None),
+    };
     if config.workers.is_empty() && local_workers.is_empty() && config.registry.is_none() {
         anyhow::bail!(
             "workers must list at least one worker address (or set registry to learn them from it)"
         );
     }
+    let mut pool_settings = config.pool_settings();
+    pool_settings.tls = client_tls.clone().map(|tls| tls.expect_service("worker"));
     let pool = Arc::new(
-        WorkerPool::new(&config.workers, local_workers, config.pool_settings())
+        WorkerPool::new(&config.workers, local_workers, pool_settings)
             .map_err(anyhow::Error::msg)?,
     );
     let refresher = pool.spawn_refresh(Duration::from_millis(config.refresh_interval_ms));
@@ -144,6 +181,7 @@ pub async fn run_with(
         (Some(address), Some((routing, _))) => Some(
             registry_link::spawn(
                 address,
+                client_tls.as_ref(),
                 &config.router_id,
                 Duration::from_millis(config.traffic_report_interval_ms),
                 pool.clone(),
@@ -159,6 +197,7 @@ pub async fn run_with(
         limits: config.limits(),
         registry: routing,
         keep_awake,
+        auth: auth.clone(),
     }));
     let autoscale_signals = autoscale::spawn(
         &metrics_registry,
@@ -235,21 +274,27 @@ pub async fn run_with(
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    // Every method but ModelInfer is authorised here, by its policy in
+    // `auth::grpc_access`; ModelInfer by the inference pipeline's own step.
     let grpc = tonic::transport::Server::builder()
+        .layer(GrpcAuthLayer::new(
+            auth.clone(),
+            auth::grpc_access,
+            auth::API,
+        ))
         .add_service(health_service)
         .add_service(grpc_service)
         .add_service(async_service)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            Incoming::new(listeners.grpc, server_tls.as_ref()),
             wait_stop(stop.clone()),
         );
-    // Nagle's algorithm would hold small responses back for delayed ACKs.
-    let http_listener = listeners.http.tap_io(|stream| {
-        let _ = stream.set_nodelay(true);
-    });
+    // TCP_NODELAY is set on every connection: Nagle's algorithm would hold
+    // small responses back for delayed ACKs.
     let http = axum::serve(
-        http_listener,
-        http::router_with_async(core.clone(), async_api, config.max_message_bytes),
+        HttpListener::new(listeners.http, server_tls.as_ref()),
+        http::router_with_async(core.clone(), async_api, config.max_message_bytes)
+            .into_make_service_with_connect_info::<PeerInfo>(),
     )
     .with_graceful_shutdown(wait_stop(stop.clone()));
     let (grpc_result, http_result) = tokio::join!(grpc, http);

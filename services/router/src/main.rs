@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use shamal_auth::security::Exposure;
 use shamal_router::config::SERVICE;
 use shamal_router::{RouterConfig, RouterListeners};
 
@@ -12,6 +13,12 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Not open by accident: TLS (and OIDC on public APIs), or --insecure.
+    if let Err(code) =
+        shamal_auth::security::require(SERVICE.name, &config.security, Exposure::Public)
+    {
+        return code;
+    }
     let listeners = bind(
         config.grpc_listen,
         config.http_listen,

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use futures::future::{Either, Ready, ready};
 use http::HeaderMap;
+use shamal_auth::{Authenticator, Credentials, Permission, Principal};
 use shamal_idle_poll::KeepAwake;
 use shamal_proto::inference::{ModelInferRequest, ModelInferResponse};
 use tonic::{Code, Status};
@@ -53,6 +54,8 @@ pub struct InferCall {
     pub regions: Option<Arc<RegionPolicy>>,
     /// The rollout's decision, for models the registry routes.
     pub plan: Option<Plan>,
+    /// Who is calling (step 2); anonymous until then, and when auth is off.
+    pub principal: Principal,
 }
 
 impl InferCall {
@@ -64,6 +67,7 @@ impl InferCall {
             priority: Priority::Normal,
             regions: None,
             plan: None,
+            principal: Principal::Anonymous,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Parts {
     pub shadow: Option<Shadow>,
     /// Idle polling, when this router turned it on (`idle_poll_us`).
     pub keep_awake: Option<&'static KeepAwake>,
+    /// Who callers are ([`Authenticator::off`] when auth is off).
+    pub auth: Arc<Authenticator>,
 }
 
 /// Declares the inference pipeline, outermost layer first.
@@ -100,6 +106,7 @@ pub fn build(parts: Parts) -> Pipeline {
         registry,
         shadow,
         keep_awake,
+        auth,
     } = parts;
     let residency_registry = registry.clone();
     let stack = ServiceBuilder::new()
@@ -111,10 +118,13 @@ pub fn build(parts: Parts) -> Pipeline {
             metrics: metrics.clone(),
             keep_awake,
         }))
-        // 2. Authentication and authorisation (issue 15) go here: after
-        //    observation, so that refusals are counted, and before any
-        //    step reads the request on the caller's behalf.
-        //
+        // 2. Authentication and authorisation: after observation, so that
+        //    refusals are counted and timed like any answer, and before any
+        //    step reads the request on the caller's behalf (residency
+        //    takes the tenant from the principal this step admits). A
+        //    token seen before costs a hash and a lookup; an unseen one is
+        //    validated off the fast path.
+        .layer(Around::layer(Authenticate { auth }))
         // 3. Priority: read first, because admission depends on it; a
         //    malformed `priority` is the caller's error, INVALID_ARGUMENT.
         .layer(Step::new(|call: &mut InferCall| {
@@ -130,6 +140,7 @@ pub fn build(parts: Parts) -> Pipeline {
                 residency_registry.as_deref(),
                 &call.request,
                 &call.context.headers,
+                &call.principal,
             )?;
             call.regions = policy.map(Arc::new);
             Ok(())
@@ -183,13 +194,36 @@ pub async fn call(pipeline: &Pipeline, call: InferCall) -> InferResult {
 /// The regions a request may be processed in (see `residency`): its own
 /// list, its tenant's default and its model's policy. The async API asks
 /// the same question before it queues a job.
+///
+/// With auth on, a user's tenant is the one in their token: a request
+/// naming another is refused (PERMISSION_DENIED), so that no header can
+/// move a caller under a laxer tenant's policy. Services (a batch
+/// coordinator acting for a tenant) and anonymous callers (auth off) name
+/// it in the request.
 pub(crate) fn region_policy(
     registry: Option<&RegistryRouting>,
     request: &ModelInferRequest,
     headers: &HeaderMap,
+    principal: &Principal,
 ) -> Result<Option<RegionPolicy>, Status> {
     let requested = residency::requested_regions(&request.parameters, headers)?;
-    let tenant = residency::tenant(&request.parameters, headers)?;
+    let named = residency::tenant(&request.parameters, headers)?;
+    let tenant = match principal {
+        Principal::User(user) => {
+            let own = user.tenant.as_deref();
+            if let Some(named) = named
+                && Some(named) != own
+            {
+                return Err(Status::permission_denied(format!(
+                    "the request names tenant '{named}', but the caller's token says {}; \
+                     with auth on the tenant comes from the token",
+                    own.map_or("none".to_owned(), |own| format!("'{own}'"))
+                )));
+            }
+            own
+        }
+        _ => named,
+    };
     match registry {
         None => residency::combine(requested, None, None),
         Some(routing) => routing.region_policy(&request.model_name, requested, tenant),
@@ -320,6 +354,73 @@ impl<P: Policy, S: Next> Service<InferCall> for Around<P, S> {
 
     fn call(&mut self, call: InferCall) -> Self::Future {
         self.policy.around(call, &mut self.inner)
+    }
+}
+
+/// Authenticates the caller and checks it may call models: a token in
+/// `authorization`, or the peer's mTLS identity (a batch coordinator).
+/// Step 2 of [`build`].
+#[derive(Clone)]
+struct Authenticate {
+    auth: Arc<Authenticator>,
+}
+
+impl Authenticate {
+    fn admit(&self, principal: Principal, call: &mut InferCall) -> Result<(), Status> {
+        match principal.require(Permission::InferenceCall) {
+            Ok(()) => {
+                call.principal = principal;
+                Ok(())
+            }
+            Err(error) => Err(self.refuse(&error)),
+        }
+    }
+
+    fn refuse(&self, error: &shamal_auth::AuthError) -> Status {
+        match self.auth.metrics() {
+            Some(metrics) => metrics.refused(crate::auth::API, "ModelInfer", error),
+            None => shamal_auth::metrics::log_refusal(crate::auth::API, "ModelInfer", error),
+        }
+        error.to_status()
+    }
+}
+
+impl Policy for Authenticate {
+    fn around<S: Next>(&self, mut call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
+        if !self.auth.is_on() {
+            return Either::Right(take(next).call(call));
+        }
+        let known = self.auth.authenticate_now(credentials(&call.context));
+        match known {
+            Some(Ok(principal)) => match self.admit(principal, &mut call) {
+                Ok(()) => Either::Right(take(next).call(call)),
+                Err(status) => Either::Left(Box::pin(ready(Err(status)))),
+            },
+            Some(Err(error)) => Either::Left(Box::pin(ready(Err(self.refuse(&error))))),
+            None => {
+                let policy = self.clone();
+                let next = take(next);
+                Either::Left(Box::pin(async move {
+                    let authenticated = policy.auth.authenticate(credentials(&call.context)).await;
+                    let admitted = match authenticated {
+                        Ok(principal) => policy.admit(principal, &mut call),
+                        Err(error) => Err(policy.refuse(&error)),
+                    };
+                    admitted?;
+                    next.oneshot(call).await
+                }))
+            }
+        }
+    }
+}
+
+fn credentials(context: &CallContext) -> Credentials<'_> {
+    Credentials {
+        peer: context.peer.as_ref(),
+        authorization: context
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|value| value.to_str().unwrap_or("\u{0}")),
     }
 }
 

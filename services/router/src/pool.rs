@@ -53,6 +53,9 @@ pub struct PoolSettings {
     /// wins when it knows them).
     pub static_region: String,
     pub outlier: OutlierSettings,
+    /// mTLS to workers (this router's certificate, the CA they chain to);
+    /// `None`: plaintext.
+    pub tls: Option<shamal_tls::ClientTls>,
 }
 
 impl Default for PoolSettings {
@@ -62,6 +65,7 @@ impl Default for PoolSettings {
             max_message_bytes: shamal_rpc::DEFAULT_MAX_MESSAGE_BYTES,
             static_region: "local".to_owned(),
             outlier: OutlierSettings::default(),
+            tls: None,
         }
     }
 }
@@ -96,8 +100,7 @@ impl WorkerPool {
     ) -> Result<WorkerPool, Error> {
         let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
         for address in addresses {
-            let transport =
-                remote_transport(address, settings.connections, settings.max_message_bytes)?;
+            let transport = remote_transport(address, &settings)?;
             upstreams.push(Arc::new(Upstream::new(
                 WorkerMeta {
                     id: address.clone(),
@@ -255,11 +258,7 @@ impl WorkerPool {
     }
 
     fn remote(&self, meta: WorkerMeta) -> Result<Upstream, Error> {
-        let transport = remote_transport(
-            &meta.address,
-            self.settings.connections,
-            self.settings.max_message_bytes,
-        )?;
+        let transport = remote_transport(&meta.address, &self.settings)?;
         Ok(Upstream::new(meta, transport))
     }
 

@@ -264,12 +264,13 @@ pub struct RegistryLink {
 /// that versions workers just loaded are routable), then is applied.
 pub fn spawn(
     address: &str,
+    tls: Option<&shamal_tls::ClientTls>,
     router_id: &str,
     report_interval: Duration,
     pool: Arc<WorkerPool>,
     routing: Arc<RegistryRouting>,
 ) -> Result<RegistryLink, shamal_registry_client::Error> {
-    let channel = shamal_registry_client::channel(address)?;
+    let channel = shamal_registry_client::channel_with(address, tls)?;
     let watch = {
         let mut events = shamal_registry_client::watch(channel.clone(), router_id);
         let routing = routing.clone();

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shamal_auth::Authenticator;
 use shamal_idle_poll::KeepAwake;
 use shamal_proto::inference::repository_index_response::ModelIndex;
 use shamal_proto::inference::*;
@@ -71,6 +72,7 @@ pub struct RoutingCore {
     pub default_timeout: Duration,
     /// Rollout routing, when the router follows a registry.
     registry: Option<Arc<RegistryRouting>>,
+    auth: Arc<Authenticator>,
 }
 
 /// What a router's core is built from.
@@ -83,6 +85,8 @@ pub struct CoreParts {
     pub registry: Option<(Arc<RegistryRouting>, Shadow)>,
     /// Idle polling, when this router turned it on (`idle_poll_us`).
     pub keep_awake: Option<&'static KeepAwake>,
+    /// Who callers are ([`Authenticator::off`] when auth is off).
+    pub auth: Arc<Authenticator>,
 }
 
 impl RoutingCore {
@@ -93,6 +97,7 @@ impl RoutingCore {
             limits,
             registry,
             keep_awake,
+            auth,
         } = parts;
         let admission = Arc::new(Admission::new(
             limits.max_inflight,
@@ -117,6 +122,7 @@ impl RoutingCore {
             registry: registry.clone(),
             shadow,
             keep_awake,
+            auth: auth.clone(),
         });
         RoutingCore {
             pool,
@@ -127,7 +133,13 @@ impl RoutingCore {
             model_inflight,
             default_timeout: limits.default_timeout,
             registry,
+            auth,
         }
+    }
+
+    /// Who callers are.
+    pub fn auth(&self) -> &Arc<Authenticator> {
+        &self.auth
     }
 
     /// Requests admitted and not yet answered.
@@ -214,8 +226,14 @@ impl RoutingCore {
         &self,
         request: &ModelInferRequest,
         context: &CallContext,
+        principal: &shamal_auth::Principal,
     ) -> Result<Option<RegionPolicy>, Status> {
-        pipeline::region_policy(self.registry.as_deref(), request, &context.headers)
+        pipeline::region_policy(
+            self.registry.as_deref(),
+            request,
+            &context.headers,
+            principal,
+        )
     }
 
     /// Inference, down the declared pipeline (see `pipeline::build`). With

@@ -85,6 +85,7 @@ impl Shadow {
                 deadline: context.deadline,
                 protocol: context.protocol,
                 headers: HeaderMap::new(),
+                peer: None,
             },
             regions,
         };

@@ -37,7 +37,8 @@ impl AsyncInference for AsyncService {
         request: tonic::Request<ModelInferRequest>,
     ) -> Result<tonic::Response<SubmitResponse>, Status> {
         let api = self.api()?;
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
+        let principal = shamal_auth::layer::principal_of(&extensions);
         let context = CallContext {
             request_id: shamal_rpc::request_id(&metadata),
             deadline: self
@@ -45,8 +46,9 @@ impl AsyncInference for AsyncService {
                 .deadline(Instant::now(), shamal_rpc::request_timeout(&metadata)),
             protocol: "grpc",
             headers: metadata.into_headers(),
+            peer: shamal_tls::peer_identity(&extensions),
         };
-        let id = api.submit(message, &context).await?;
+        let id = api.submit(message, &context, &principal).await?;
         let mut response = tonic::Response::new(SubmitResponse { id: id.to_string() });
         shamal_rpc::set_request_id(response.metadata_mut(), &context.request_id);
         Ok(response)

@@ -50,9 +50,13 @@ pub fn routes(state: AsyncHttp) -> Router {
 async fn submit_http(
     State(state): State<AsyncHttp>,
     Path(ModelPath { model, version }): Path<ModelPath>,
+    principal: Option<axum::Extension<shamal_auth::Principal>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let principal = principal
+        .map(|axum::Extension(principal)| principal)
+        .unwrap_or_default();
     let Some(api) = &state.api else {
         return error_response(&not_configured());
     };
@@ -63,7 +67,7 @@ async fn submit_http(
     let mut context = context(&state.core, &headers);
     // Residency and sticky-routing headers travel along.
     context.headers = headers;
-    match api.submit(request, &context).await {
+    match api.submit(request, &context, &principal).await {
         Ok(id) => {
             let status_url = format!("/v2/async/{id}");
             let mut response = (

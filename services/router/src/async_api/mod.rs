@@ -192,12 +192,13 @@ impl AsyncApi {
         &self,
         mut request: ModelInferRequest,
         context: &CallContext,
+        principal: &shamal_auth::Principal,
     ) -> Result<JobId, Status> {
         if request.model_name.is_empty() {
             return Err(Status::invalid_argument("model name must not be empty"));
         }
         let priority = Priority::of(&request.parameters)?;
-        let policy = self.core.region_policy(&request, context)?;
+        let policy = self.core.region_policy(&request, context, principal)?;
         if let Some(routing) = self.core.registry() {
             // Writes the rollout's (or alias's) version into the request.
             routing.plan(&mut request, &context.headers)?;

@@ -28,9 +28,19 @@ pub(crate) struct ModelPath {
 /// The JSON error body of the v2 protocol, with the HTTP status that the
 /// one error table (`shamal_error`) gives the gRPC code (a status that
 /// claims OK is malformed: 500).
+/// A refusal's `WWW-Authenticate` challenge (carried in the status's
+/// metadata) becomes the response's header.
 pub(crate) fn error_response(status: &Status) -> Response {
     let http_status = shamal_error::ErrorKind::from_code(status.code()).http_status();
-    (http_status, Json(json!({ "error": status.message() }))).into_response()
+    let mut response = (http_status, Json(json!({ "error": status.message() }))).into_response();
+    if let Some(challenge) = status.metadata().get("www-authenticate")
+        && let Ok(value) = axum::http::HeaderValue::from_bytes(challenge.as_bytes())
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
 }
 
 /// The call context of an HTTP request: its id (the caller's
@@ -48,6 +58,7 @@ pub(crate) fn context(core: &RoutingCore, headers: &HeaderMap) -> CallContext {
         deadline: core.deadline(Instant::now(), None),
         protocol: "http",
         headers: HeaderMap::new(),
+        peer: None,
     }
 }
 

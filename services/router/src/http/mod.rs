@@ -68,8 +68,14 @@ pub fn router_with_async(
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
-        .with_state(core)
+        .with_state(core.clone())
         .merge(async_routes)
+        // After routing (a route layer), so that the matched route names
+        // the policy (`auth::http_access`).
+        .route_layer(middleware::from_fn_with_state(
+            core.auth().clone(),
+            crate::auth::http_layer,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(request_id_layer))
 }
@@ -245,10 +251,12 @@ async fn repository_index(
 async fn infer(
     State(core): State<AppState>,
     Path(ModelPath { model, version }): Path<ModelPath>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let mut context = context(&core, &headers);
+    context.peer = peer.0;
     let (request, encoding) = match decode_infer_body(&model, &version, &headers, body) {
         Ok(decoded) => decoded,
         Err(response) => return response,
@@ -259,5 +267,20 @@ async fn infer(
     match core.infer(request, context).await {
         Ok(response) => infer_response(response, &encoding),
         Err(status) => error_response(&status),
+    }
+}
+
+/// The identity in the caller's client certificate, when it sent one over
+/// mTLS (for the inference pipeline's authentication step).
+struct Peer(Option<shamal_tls::PeerIdentity>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &S,
+    ) -> Result<Peer, Self::Rejection> {
+        Ok(Peer(shamal_tls::peer_identity(&parts.extensions)))
     }
 }

@@ -13,6 +13,7 @@ use shamal_proto::inference::*;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use super::PoolSettings;
 use crate::outlier::OutlierState;
 
 /// Why a worker cannot be added to the pool.
@@ -118,14 +119,14 @@ pub struct Upstream {
 }
 
 /// Lazily connecting channels to a worker at `address` (`host:port` or a
-/// URL); fails only on an address that cannot be parsed.
-pub(super) fn remote_transport(
-    address: &str,
-    connections: usize,
-    max_message_bytes: usize,
-) -> Result<Transport, Error> {
+/// URL), over mTLS when `settings.tls` is set; fails only on an address
+/// that cannot be parsed.
+pub(super) fn remote_transport(address: &str, settings: &PoolSettings) -> Result<Transport, Error> {
+    let (connections, max_message_bytes) = (settings.connections, settings.max_message_bytes);
     let url = if address.starts_with("http://") || address.starts_with("https://") {
         address.to_owned()
+    } else if settings.tls.is_some() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
@@ -144,7 +145,10 @@ pub(super) fn remote_transport(
     // Several HTTP/2 connections spread the load of many concurrent
     // streams over more than one socket and I/O task.
     let channels = (0..connections.max(1))
-        .map(|_| endpoint.connect_lazy())
+        .map(|_| match &settings.tls {
+            Some(tls) => tls.connect_lazy(endpoint.clone()),
+            None => endpoint.connect_lazy(),
+        })
         .collect();
     Ok(Transport::Remote {
         channels,
