@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod async_consumer;
+pub mod auth;
 pub mod backend;
 pub mod batcher;
 pub mod node;

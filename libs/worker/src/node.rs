@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shamal_async_queue::{QueueConfig, RedisOptions};
+use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_telemetry::config::{ConfigError, Layers, Redacted};
 
 use crate::{
@@ -33,6 +34,10 @@ use crate::{
 /// from them (every field is present in the bottom layer).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct NodeConfig {
+    /// mTLS: the `[security]` table (`tls_cert`, `tls_key`, `tls_ca`,
+    /// `trust_domain`) or `insecure`; workers take no bearer tokens (only
+    /// services call them).
+    pub security: SecurityConfig,
     /// Address of the v2 gRPC service the router calls.
     pub grpc_listen: SocketAddr,
     /// Address of `/metrics` and probes; `None` (only when embedding the
@@ -88,6 +93,9 @@ pub struct NodeConfig {
 /// values given appear: it is the top layer of the configuration.
 #[derive(Clone, Debug, Default, clap::Args, Serialize)]
 pub struct NodeArgs {
+    /// The `[security]` table's flags (`--tls-cert`, `--insecure`, ...).
+    #[command(flatten)]
+    pub security: SecurityArgs,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_listen: Option<SocketAddr>,
@@ -156,6 +164,7 @@ impl NodeConfig {
     pub fn with_ports(grpc_port: u16, metrics_port: u16) -> NodeConfig {
         let defaults = ModelDefaults::default();
         NodeConfig {
+            security: SecurityConfig::default(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], metrics_port))),
             model_repository: None,
@@ -209,6 +218,16 @@ impl NodeConfig {
 
     /// Checks every shared value, naming the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Consistency only: whether running open is acceptable is the
+        // binary's check (`main.rs`, `SecurityConfig::validate`); a
+        // library caller decides for itself.
+        let consistency = SecurityConfig {
+            insecure: true,
+            ..self.security.clone()
+        };
+        consistency
+            .validate(Exposure::Internal)
+            .map_err(ConfigError::invalid)?;
         if self.max_queue_size == 0 {
             return Err(ConfigError::invalid("max_queue_size must be at least 1"));
         }
@@ -284,6 +303,7 @@ impl NodeConfig {
     /// `defaults.inline_max` and `idle_poll` itself.
     pub fn worker_config(&self, server_name: &str, device: &str, instances: usize) -> WorkerConfig {
         WorkerConfig {
+            security: self.security.clone(),
             server_name: server_name.to_owned(),
             model_repository: self.model_repository.clone(),
             registry: self.registry.as_ref().map(|address| RegistryAgentSettings {
@@ -295,6 +315,7 @@ impl NodeConfig {
                 artifact_cache: self.artifact_cache.clone(),
                 capacity: self.capacity.unwrap_or(0),
                 drain_grace: Duration::from_millis(self.drain_grace_ms),
+                tls: None,
             }),
             defaults: ModelDefaults {
                 max_batch_size: self.max_batch_size,

@@ -14,14 +14,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use shamal_auth::layer::GrpcAuthLayer;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_telemetry::{MetricsRegistry, Readiness};
+use shamal_tls::Incoming;
 use tokio::net::TcpListener;
 use tonic::codegen::http;
-use tonic::transport::server::TcpIncoming;
 
 use crate::agent::{self, Agent, Membership, RegistryAgentSettings};
 use crate::async_consumer::AsyncInference;
+use crate::auth::WorkerSecurity;
 use crate::backend::Runtime;
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
@@ -34,6 +36,8 @@ use shamal_idle_poll::KeepAwake;
 /// What a worker serves and how.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
+    /// mTLS or insecure (workers take no bearer tokens).
+    pub security: shamal_auth::security::SecurityConfig,
     /// Name reported by ServerMetadata.
     pub server_name: String,
     /// Triton-layout repository read at start-up; `None` serves only what
@@ -146,7 +150,7 @@ impl Worker {
 }
 
 async fn serve(
-    config: WorkerConfig,
+    mut config: WorkerConfig,
     runtime: Arc<dyn Runtime>,
     metrics_registry: MetricsRegistry,
     state: Arc<WorkerState>,
@@ -155,6 +159,11 @@ async fn serve(
     async_inference: Option<AsyncInference>,
 ) -> anyhow::Result<()> {
     let grpc_address = listeners.grpc.local_addr()?;
+    // A bad certificate fails the start before anything listens.
+    let security = WorkerSecurity::start(&config.security, &metrics_registry)?;
+    if let Some(registry) = config.registry.as_mut() {
+        registry.tls = security.client.clone();
+    }
     let metrics = WorkerMetrics::new(&metrics_registry, runtime.backend());
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -325,11 +334,18 @@ async fn serve(
         count: inflight,
     };
     // Returns once intake has stopped and the requests in flight are done.
+    // Only services call a worker: with TLS on, a client certificate is
+    // required and its role checked per method (`auth::grpc_access`).
     let served = tonic::transport::Server::builder()
+        .layer(GrpcAuthLayer::new(
+            security.auth.clone(),
+            crate::auth::grpc_access,
+            crate::auth::API,
+        ))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            Incoming::new(listeners.grpc, security.server.as_ref()),
             wait_stop(stop.clone()),
         )
         .await;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use shamal_auth::security::Exposure;
 use shamal_cpu_worker::CpuWorkerConfig;
 use shamal_cpu_worker::config::SERVICE;
 
@@ -11,6 +12,12 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Not open by accident: TLS (and OIDC on public APIs), or --insecure.
+    if let Err(code) =
+        shamal_auth::security::require(SERVICE.name, &config.node.security, Exposure::Internal)
+    {
+        return code;
+    }
     let listeners = config.node.bind().await;
     SERVICE
         .serve(listeners, |listeners, metrics, shutdown| {

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use shamal_auth::security::Exposure;
 use shamal_gpu_worker::GpuWorkerConfig;
 use shamal_gpu_worker::config::SERVICE;
 
@@ -13,6 +14,12 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Not open by accident: TLS (and OIDC on public APIs), or --insecure.
+    if let Err(code) =
+        shamal_auth::security::require(SERVICE.name, &config.node.security, Exposure::Internal)
+    {
+        return code;
+    }
     // SAFETY: no other thread exists yet; the async runtime starts below.
     let device = match unsafe { shamal_gpu_worker::cpu_threads::select_device(&config) } {
         Ok(device) => device,

@@ -66,7 +66,8 @@ impl Membership {
         state: Arc<WorkerState>,
         inflight: Arc<AtomicUsize>,
     ) -> Result<Arc<Membership>, shamal_registry_client::Error> {
-        let channel = shamal_registry_client::channel(&settings.address)?;
+        let channel =
+            shamal_registry_client::channel_with(&settings.address, settings.tls.as_ref())?;
         Ok(Arc::new(Membership {
             channel,
             registration: RegisterWorkerRequest {

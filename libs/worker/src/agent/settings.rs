@@ -33,6 +33,9 @@ pub struct RegistryAgentSettings {
     /// the registry accepted its drain notice, so that routers hear of it
     /// and route around it first.
     pub drain_grace: Duration,
+    /// mTLS to the registry (this worker's certificate); `None`:
+    /// plaintext. Set by the worker from its security settings.
+    pub tls: Option<shamal_tls::ClientTls>,
 }
 
 /// Default of [`RegistryAgentSettings::drain_grace`].
@@ -54,6 +57,7 @@ impl RegistryAgentSettings {
             artifact_cache: artifact_cache.into(),
             capacity: 0,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            tls: None,
         }
     }
 

@@ -398,6 +398,7 @@ async fn start_worker(
     runtime: FakeRuntime,
 ) -> Running {
     let config = WorkerConfig {
+        security: Default::default(),
         server_name: "test-worker".to_owned(),
         model_repository: repository,
         registry,
