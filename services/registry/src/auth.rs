@@ -67,9 +67,7 @@ pub fn rest_access(method: &Method, route: &str) -> Option<Access> {
             | "/v1/models/{name}/versions/{version}/retry",
             false,
         ) => needs(P::ModelsWrite),
-        ("/v1/models/{name}/rollout", false) if *method == Method::POST => {
-            needs(P::RolloutsStart)
-        }
+        ("/v1/models/{name}/rollout", false) if *method == Method::POST => needs(P::RolloutsStart),
         (
             "/v1/models/{name}/rollout/policy"
             | "/v1/models/{name}/rollout/shift"
@@ -110,7 +108,10 @@ pub async fn rest_layer(
         None => {
             let error = AuthError::Forbidden {
                 permission: Permission::Admin,
-                who: format!("every caller ({} {route} has no access policy)", request.method()),
+                who: format!(
+                    "every caller ({} {route} has no access policy)",
+                    request.method()
+                ),
             };
             return refusal(&auth, &route, &error);
         }
@@ -152,7 +153,9 @@ fn refusal(auth: &Authenticator, route: &str, error: &AuthError) -> Response {
     if let Some(value) = error.www_authenticate("shamal")
         && let Ok(value) = HeaderValue::try_from(value)
     {
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
     }
     response
 }

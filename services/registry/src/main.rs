@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use shamal_auth::security::Exposure;
 use shamal_registry::config::SERVICE;
 use shamal_registry::{RegistryConfig, RegistryListeners};
 
@@ -11,6 +12,12 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Not open by accident: TLS (and OIDC on public APIs), or --insecure.
+    if let Err(code) =
+        shamal_auth::security::require(SERVICE.name, &config.security, Exposure::Public)
+    {
+        return code;
+    }
     let listeners = RegistryListeners::bind(&config).await;
     SERVICE
         .serve(listeners, |listeners, metrics, shutdown| {

@@ -82,11 +82,17 @@ async fn load(registry: &ModelRegistry, sha256: &str) -> shamal_registry::error:
     let (size, mut stream) = registry.open_artifact(sha256).await?;
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(|error| {
-            shamal_registry::error::RegistryError::Internal(error.to_string())
-        })?);
+        bytes.extend_from_slice(
+            &chunk.map_err(|error| {
+                shamal_registry::error::RegistryError::Internal(error.to_string())
+            })?,
+        );
     }
-    assert_eq!(size, bytes.len() as u64, "the size served is the plaintext's");
+    assert_eq!(
+        size,
+        bytes.len() as u64,
+        "the size served is the plaintext's"
+    );
     Ok(bytes)
 }
 
@@ -102,13 +108,10 @@ async fn fetch_served(
     config.grpc_listen = ([127, 0, 0, 1], 0).into();
     config.metrics_listen = None;
     let listeners = RegistryListeners::bind(&config).await.unwrap();
-    let running = RunningRegistry::start(
-        config,
-        listeners,
-        shamal_telemetry::MetricsRegistry::new(),
-    )
-    .await
-    .unwrap();
+    let running =
+        RunningRegistry::start(config, listeners, shamal_telemetry::MetricsRegistry::new())
+            .await
+            .unwrap();
     let response = reqwest::get(format!(
         "http://{}/v1/artifacts/{sha256}",
         running.http_address
@@ -118,13 +121,11 @@ async fn fetch_served(
     assert_eq!(response.status(), 200);
     let rest = response.bytes().await.unwrap().to_vec();
     use shamal_proto::shamal::registry::v1 as proto;
-    let mut client = proto::registry_client::RegistryClient::connect(format!(
-        "http://{}",
-        running.grpc_address
-    ))
-    .await
-    .unwrap()
-    .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        proto::registry_client::RegistryClient::connect(format!("http://{}", running.grpc_address))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 * 1024 * 1024);
     let mut chunks = client
         .fetch_artifact(proto::FetchArtifactRequest {
             sha256: sha256.to_owned(),
@@ -158,7 +159,10 @@ async fn encryption_rotation_and_rekey(db: TestDb) {
         assert_eq!(stored_key(&db, &old_sha), None);
         let error = registry.rekey_artifacts().await.unwrap_err();
         assert_eq!(error.code(), "failed_precondition", "{error}");
-        assert!(error.to_string().contains("encryption at rest is off"), "{error}");
+        assert!(
+            error.to_string().contains("encryption at rest is off"),
+            "{error}"
+        );
     }
 
     // Encryption on under k1: new blobs are encrypted, old ones readable.
@@ -176,7 +180,10 @@ async fn encryption_rotation_and_rekey(db: TestDb) {
             .await
             .unwrap();
         for sha in [&small_sha, &large_sha] {
-            assert!(!plaintext_on_disk(&db, sha), "{sha} is in plaintext on disk");
+            assert!(
+                !plaintext_on_disk(&db, sha),
+                "{sha} is in plaintext on disk"
+            );
             assert_eq!(stored_key(&db, sha).as_deref(), Some("k1"));
         }
         assert_eq!(load(&registry, &small_sha).await.unwrap(), small);
@@ -205,7 +212,11 @@ async fn encryption_rotation_and_rekey(db: TestDb) {
         let first = in_flight.next().await.unwrap().unwrap();
         let report = registry.rekey_artifacts().await.unwrap();
         assert_eq!(
-            (report.rekeyed, report.already_current, report.active_key.as_str()),
+            (
+                report.rekeyed,
+                report.already_current,
+                report.active_key.as_str()
+            ),
             (3, 1, "k2")
         );
         let mut downloaded = first.to_vec();
@@ -337,7 +348,10 @@ async fn tampered_and_unreadable_blobs_are_refused(db: TestDb) {
     let off = open(&db, None).await;
     let error = off.open_artifact(&small_sha).await.err().unwrap();
     assert_eq!(error.code(), "failed_precondition", "{error}");
-    assert!(error.to_string().contains("no artifact key ring"), "{error}");
+    assert!(
+        error.to_string().contains("no artifact key ring"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -393,7 +407,11 @@ async fn key_files_configure_the_store_and_bad_ones_name_the_file() {
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let error = shamal_registry::open(&config).await.err().unwrap().to_string();
+        let error = shamal_registry::open(&config)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             error.contains("artifact_key_file") && error.contains("artifact-keys.toml"),
             "{error}"

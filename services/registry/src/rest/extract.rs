@@ -15,7 +15,8 @@ use utoipa::IntoParams;
 use super::api_error::ApiError;
 use crate::error::RegistryError;
 
-/// Who a write is attributed to (until OIDC lands).
+/// Who a write is attributed to when auth is off (with auth on, the
+/// token's subject: the header is refused).
 pub const ACTOR_HEADER: &str = "x-shamal-actor";
 
 const MAX_ACTOR_CHARS: usize = 256;
@@ -312,14 +313,29 @@ impl<S: Send + Sync> FromRequestParts<S> for WorkersQuery {
     }
 }
 
-/// The `x-shamal-actor` header (empty when absent: the registry records
-/// `anonymous`).
+/// Who a write is attributed to: with auth on, the authenticated
+/// principal (the token's subject and client, or a service's identity),
+/// and a request that also names an actor in `x-shamal-actor` is refused
+/// rather than silently re-attributed; with auth off, that header (empty
+/// when absent: the registry records `anonymous`).
 pub struct Actor(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let principal = parts.extensions.get::<shamal_auth::Principal>();
+        if let Some(principal) = principal
+            && *principal != shamal_auth::Principal::Anonymous
+        {
+            if parts.headers.contains_key(ACTOR_HEADER) {
+                return Err(ApiError::invalid(
+                    ACTOR_HEADER,
+                    "cannot be set when auth is on: changes are attributed to the caller's token",
+                ));
+            }
+            return Ok(Actor(principal.actor()));
+        }
         let Some(value) = parts.headers.get(ACTOR_HEADER) else {
             return Ok(Actor(String::new()));
         };
