@@ -8,7 +8,12 @@
 #   A_ARGS="--inline-max-us 100" B_ARGS="" loadtests/ab-bench.sh
 #   A_BIN=/path/to/old/target/release/shamal loadtests/ab-bench.sh   # before/after
 #
+#   A_ARGS="--oidc-issuer $ISSUER --oidc-audience shamal" A_TOKEN="$token" \
+#     loadtests/ab-bench.sh                       # auth on (A) against off (B)
+#
 # Environment: A_ARGS, B_ARGS (extra `shamal up` flags of each side),
+# A_TOKEN, B_TOKEN (a bearer token each side's load generator and readiness
+# probe send, for a side with auth on),
 # A_BIN, B_BIN (the `shamal` binary of each side, default this tree's release
 # build: a binary built from another commit compares two versions),
 # ROUNDS (4), AB_DURATION (4s), AB_WARMUP (1s), AB_CASES (the cases below,
@@ -51,6 +56,7 @@ cp -r models/repository/demo "$tmp/"
 "$python" models/generate.py --large "$tmp" >/dev/null
 
 declare -A grpc
+declare -A token=([A]="${A_TOKEN:-}" [B]="${B_TOKEN:-}")
 start_side() {
   local side="$1"
   shift
@@ -69,10 +75,11 @@ start_side A ${a_args[@]+"${a_args[@]}"}
 start_side B ${b_args[@]+"${b_args[@]}"}
 for side in A B; do
   for _ in $(seq 1 120); do
-    if "$python" - "${grpc[$side]}" <<'EOF' 2>/dev/null; then break; fi
+    if "$python" - "${grpc[$side]}" "${token[$side]}" <<'EOF' 2>/dev/null; then break; fi
 import sys, tritonclient.grpc as g
 c = g.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}")
-sys.exit(0 if c.is_model_ready("demo") and c.is_model_ready("mlp_large") else 1)
+h = {"authorization": f"Bearer {sys.argv[2]}"} if sys.argv[2] else None
+sys.exit(0 if c.is_model_ready("demo", headers=h) and c.is_model_ready("mlp_large", headers=h) else 1)
 EOF
     sleep 0.5
   done
@@ -80,7 +87,7 @@ done
 echo "A: ${A_BIN:-$bin/shamal} ${A_ARGS:-(defaults)}  B: ${B_BIN:-$bin/shamal} ${B_ARGS:-(defaults)}"
 
 load() { # side model concurrency json
-  "$bin/shamal-loadgen" --url "http://127.0.0.1:${grpc[$1]}" --model "$2" \
+  SHAMAL_TOKEN="${token[$1]}" "$bin/shamal-loadgen" --url "http://127.0.0.1:${grpc[$1]}" --model "$2" \
     --concurrency "$3" --duration "$duration" --warmup "$warmup" --json "$4" >/dev/null
 }
 figures() { # json

@@ -68,7 +68,7 @@ start_workers() {
   for _ in $(seq 1 "$1"); do
     local grpc metrics
     read -r grpc metrics < <(free_ports 2)
-    RUST_LOG=warn nice -n "$worker_nice" "$bin/shamal-cpu-worker" --model-repository "$tmp/repo" \
+    RUST_LOG=warn nice -n "$worker_nice" "$bin/shamal-cpu-worker" --insecure --model-repository "$tmp/repo" \
       --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
       --instances 1 --intra-threads 1 >"$out/worker-$grpc.log" 2>&1 &
     worker_pids+=("$!")
@@ -86,7 +86,7 @@ start_router() {
   read -r router_grpc http metrics < <(free_ports 3)
   workers="$(IFS=,; echo "${worker_addresses[*]}")"
   router_log="$out/router-$router_grpc.log"
-  RUST_LOG=info "$bin/shamal-router" --worker "$workers" \
+  RUST_LOG=info "$bin/shamal-router" --insecure --worker "$workers" \
     --grpc-listen "127.0.0.1:$router_grpc" --http-listen "127.0.0.1:$http" \
     --metrics-listen "127.0.0.1:$metrics" --max-inflight "$1" \
     --refresh-interval-ms 200 >"$router_log" 2>&1 &

@@ -36,7 +36,7 @@ workdir="$(mktemp -d)"
 base="http://127.0.0.1:$http_port"
 
 cargo build -q -p shamal-registry
-"$root/target/debug/shamal-registry" \
+"$root/target/debug/shamal-registry" --insecure \
     --database-url sqlite::memory: \
     --artifact-dir "$artifacts" \
     --http-listen "127.0.0.1:$http_port" \

@@ -64,6 +64,18 @@ export SHAMAL_TEST_OIDC_ISSUER
 export SHAMAL_TEST_OIDC_JWKS="$root/.deps/oidc/jwks.json"
 echo "using $SHAMAL_TEST_OIDC_ISSUER (keys $SHAMAL_TEST_OIDC_JWKS)"
 
+step "Chromium for the registry web UI's browser test"
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
+fi
+SHAMAL_TEST_CHROMIUM="$(command -v chromium)"
+export SHAMAL_TEST_CHROMIUM
+echo "using $SHAMAL_TEST_CHROMIUM"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

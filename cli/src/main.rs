@@ -45,12 +45,12 @@ enum Command {
     /// Placement: which workers hold which versions of a model.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
-    /// Registry administration: re-key artifacts encrypted at rest.
-    #[command(subcommand)]
-    Admin(admin::AdminCommand),
     /// Development certificates for mutual TLS between services.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Registry administration: re-key artifacts encrypted at rest.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Log in at an OpenID provider: the registry commands then send your
     /// access token (kept in ~/.config/shamal/credentials.json, refreshed).
     Login(login::LoginArgs),
@@ -98,8 +98,8 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Workers(command) => workers::run(command, &cli.registry).await,
         Command::Residency(command) => residency::run(command, &cli.registry).await,
         Command::Placement(command) => placement::run(command, &cli.registry).await,
-        Command::Admin(command) => admin::run(command, &cli.registry).await,
         Command::Certs(command) => certs::run(command),
+        Command::Admin(command) => admin::run(command, &cli.registry).await,
         Command::Login(args) => login::login(args).await,
         Command::Logout => login::logout(),
         Command::Whoami(args) => whoami::run(args, &cli.registry).await,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shamal_async_queue::{JobQueue, MemoryQueue, QueueConfig};
+use shamal_auth::security::{SecurityArgs, SecurityConfig};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 use shamal_gpu_worker::{GpuWorkerArgs, GpuWorkerConfig};
 use shamal_proto::inference::RepositoryIndexRequest;
@@ -19,6 +20,7 @@ use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use shamal_registry::model::NewVersion;
 use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
 use shamal_router::{RouterConfig, RouterExtras, RouterListeners};
+use shamal_tls::ClientTls;
 use shamal_worker::{AsyncInference, NodeArgs, QueueSource, WorkerListeners};
 use tokio::net::TcpListener;
 
@@ -89,6 +91,90 @@ pub struct UpArgs {
     /// Start without the gpu-worker.
     #[arg(long)]
     pub(crate) no_gpu_worker: bool,
+    /// Turn OIDC + RBAC on for the router and the registry: access tokens
+    /// of this issuer (exact URL) are required on every API.
+    #[arg(long, env = "SHAMAL_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// The audience access tokens must carry (with --oidc-issuer).
+    #[arg(long, env = "SHAMAL_OIDC_AUDIENCE")]
+    oidc_audience: Option<String>,
+    /// The token claim holding roles.
+    #[arg(long, default_value = "roles")]
+    oidc_roles_claim: String,
+    /// Listen on a non-loopback --host without auth (development only).
+    #[arg(long)]
+    insecure: bool,
+    /// Serve TLS on the public ports and mTLS inside (workers to the
+    /// registry, router to the registry), with development certificates
+    /// kept in <data-dir>/certs (made by the first start; clients trust
+    /// <data-dir>/certs/ca.pem).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// Where `shamal up --tls` keeps its development CA and certificates.
+fn certs_dir(args: &UpArgs) -> PathBuf {
+    args.data_dir.join("certs")
+}
+
+/// The development certificates of `shamal up --tls`: made on the first
+/// start (one per service, for localhost, 127.0.0.1 and a non-loopback
+/// --host), kept afterwards, so that clients keep trusting the same CA.
+fn dev_certificates(args: &UpArgs) -> Result<(), String> {
+    let dir = certs_dir(args);
+    if dir.join("ca.pem").exists() {
+        return Ok(());
+    }
+    let mut options = shamal_tls::DevPkiOptions::default();
+    if !args.host.is_loopback() && !args.host.is_unspecified() {
+        options.hosts.push(args.host.to_string());
+    }
+    shamal_tls::init_dev_pki(&dir, &options)
+        .map(|_| ())
+        .map_err(|error| {
+            format!(
+                "cannot make development certificates in {}: {error}",
+                dir.display()
+            )
+        })
+}
+
+/// `security` with `service`'s development certificate, under --tls.
+fn with_tls(security: &SecurityConfig, args: &UpArgs, service: &str) -> SecurityConfig {
+    if !args.tls {
+        return security.clone();
+    }
+    let files = shamal_tls::dev::service_files(&certs_dir(args), service);
+    SecurityConfig {
+        tls_cert: Some(files.cert),
+        tls_key: Some(files.key),
+        tls_ca: Some(files.ca),
+        ..security.clone()
+    }
+}
+
+/// The security of `shamal up`'s public APIs (router and registry): auth
+/// off on loopback (the default), OIDC with --oidc-issuer; listening
+/// beyond loopback without auth needs --insecure.
+fn public_security(args: &UpArgs) -> Result<SecurityConfig, String> {
+    if args.oidc_issuer.is_some() != args.oidc_audience.is_some() {
+        return Err("--oidc-issuer and --oidc-audience go together".to_owned());
+    }
+    let oidc = args.oidc_issuer.is_some();
+    if !oidc && !args.host.is_loopback() && !args.insecure {
+        return Err(format!(
+            "refusing to listen on {} without authentication: give --oidc-issuer and \
+             --oidc-audience, or --insecure to accept anyone who can reach it",
+            args.host
+        ));
+    }
+    Ok(SecurityConfig {
+        insecure: !oidc,
+        oidc_issuer: args.oidc_issuer.clone(),
+        oidc_audience: args.oidc_audience.clone(),
+        oidc_roles_claim: args.oidc_roles_claim.clone(),
+        ..SecurityConfig::default()
+    })
 }
 
 /// The gpu-worker's default repository (the bundled demo models).
@@ -101,6 +187,24 @@ const DEFAULT_GPU_REPOSITORY: &str = "models/gpu/repository";
 const CPU_WORKER_ID: &str = "local-cpu-worker";
 const GPU_WORKER_ID: &str = "local-gpu-worker";
 
+/// The in-process workers' security flags: their development certificate
+/// under --tls, else insecure on loopback.
+fn worker_security(args: &UpArgs) -> SecurityArgs {
+    if !args.tls {
+        return SecurityArgs {
+            insecure: Some(true),
+            ..SecurityArgs::default()
+        };
+    }
+    let files = shamal_tls::dev::service_files(&certs_dir(args), "worker");
+    SecurityArgs {
+        tls_cert: Some(files.cert),
+        tls_key: Some(files.key),
+        tls_ca: Some(files.ca),
+        ..SecurityArgs::default()
+    }
+}
+
 /// The settings both in-process workers take from `shamal up`'s flags:
 /// following the embedded registry as `worker_id`, and the batching
 /// defaults.
@@ -111,6 +215,10 @@ fn shared_worker_args(args: &UpArgs, registry_grpc: SocketAddr, worker_id: &str)
         artifact_cache: Some(args.data_dir.join("cache")),
         max_batch_size: args.max_batch_size,
         max_queue_delay_us: args.max_queue_delay_us,
+        // In process with the router, which calls them without a hop;
+        // their own gRPC listens on loopback only. Under --tls they take
+        // mTLS callers only and reach the registry with their certificate.
+        security: worker_security(args),
         ..NodeArgs::default()
     }
 }
@@ -148,6 +256,19 @@ async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String
 }
 
 pub async fn run(args: UpArgs) -> ExitCode {
+    let security = match public_security(&args) {
+        Ok(security) => security,
+        Err(error) => {
+            eprintln!("shamal up: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    if args.tls
+        && let Err(error) = dev_certificates(&args)
+    {
+        eprintln!("shamal up: {error}");
+        return ExitCode::FAILURE;
+    }
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let registry_grpc = SocketAddr::new(loopback, args.registry_grpc_port);
     let worker_args = CpuWorkerArgs {
@@ -226,6 +347,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
 
     // The registry first: worker and router follow it.
     let registry_config = RegistryConfig {
+        security: with_tls(&security, &args, "registry"),
         http_listen: SocketAddr::new(args.host, args.registry_http_port),
         grpc_listen: registry_grpc,
         metrics_listen: None,
@@ -258,6 +380,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
     // The router calls the worker in process: same service code, no hop.
     // The worker still listens on loopback for tools that want it directly.
     let router_config = RouterConfig {
+        security: with_tls(&security, &args, "router"),
         workers: Vec::new(),
         refresh_interval_ms: 500,
         registry: Some(registry_grpc.to_string()),
@@ -348,6 +471,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
             RouterExtras {
                 local_workers,
                 async_queue: Some(async_queue),
+                auth_metrics: None,
             },
         )
         .await;
@@ -356,14 +480,48 @@ pub async fn run(args: UpArgs) -> ExitCode {
         result
     });
 
-    tokio::spawn(announce(
-        worker_address,
-        gpu_announce,
-        grpc_address,
-        http_address,
-        metrics_address,
-        registry_http_address,
-    ));
+    let tls = if args.tls {
+        format!(
+            "TLS on (development CA {}; mTLS inside)",
+            certs_dir(&args).join("ca.pem").display()
+        )
+    } else {
+        "TLS off".to_owned()
+    };
+    let auth = match &security.oidc_issuer {
+        Some(issuer) => format!("OIDC + RBAC (issuer {issuer}); {tls}"),
+        None if args.host.is_loopback() => format!(
+            "OFF: anyone on this machine may call every API (loopback only; see \
+             docs/security.md); {tls}"
+        ),
+        None => format!(
+            "OFF on {} (--insecure): anyone who can reach it may call every API; {tls}",
+            args.host
+        ),
+    };
+    // Under --tls the workers take mTLS callers only: ask them as the
+    // router.
+    let probe_tls = if args.tls {
+        match ClientTls::new(&shamal_tls::dev::service_files(&certs_dir(&args), "router")) {
+            Ok(tls) => Some(tls),
+            Err(error) => {
+                eprintln!("shamal up: {error}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tokio::spawn(announce(Banner {
+        auth,
+        tls: probe_tls,
+        worker: worker_address,
+        gpu_worker: gpu_announce,
+        grpc: grpc_address,
+        http: http_address,
+        metrics: metrics_address,
+        registry: registry_http_address,
+    }));
 
     let router_result = router.await;
     let worker_result = worker.await;
@@ -391,34 +549,56 @@ pub async fn run(args: UpArgs) -> ExitCode {
     }
 }
 
-/// Prints the endpoints and the served models once the workers have loaded.
-/// `gpu_worker`: the gpu-worker's address and device label.
-async fn announce(
+/// What the start-up banner shows.
+struct Banner {
+    /// The auth and TLS mode, in words.
+    auth: String,
+    /// The router's certificate under --tls (the workers take mTLS only).
+    tls: Option<ClientTls>,
     worker: String,
+    /// The gpu-worker's address and device label.
     gpu_worker: Option<(String, String)>,
     grpc: String,
     http: String,
     metrics: String,
     registry: String,
-) {
-    let Some(models) = loaded_models(&worker).await else {
+}
+
+/// Prints the endpoints and the served models once the workers have loaded.
+async fn announce(banner: Banner) {
+    let Banner {
+        auth,
+        tls,
+        worker,
+        gpu_worker,
+        grpc,
+        http,
+        metrics,
+        registry,
+    } = banner;
+    let Some(models) = loaded_models(&worker, tls.as_ref()).await else {
         return;
     };
     let gpu_models = match &gpu_worker {
-        Some((address, device)) => loaded_models(address)
+        Some((address, device)) => loaded_models(address, tls.as_ref())
             .await
             .map(|models| (models, device.clone())),
         None => None,
     };
+    let web = if tls.is_some() { "https" } else { "http" };
     println!("Shamal is up.");
-    println!("  KServe v2 HTTP:  http://{http}/v2");
-    println!("  KServe v2 gRPC:  {grpc}");
+    println!("  KServe v2 HTTP:  {web}://{http}/v2");
     println!(
-        "  Async inference: POST http://{http}/v2/models/<model>/infer/async, GET http://{http}/v2/async/<id>"
+        "  KServe v2 gRPC:  {grpc}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
+    println!(
+        "  Async inference: POST {web}://{http}/v2/models/<model>/infer/async, GET {web}://{http}/v2/async/<id>"
     );
     println!("  Metrics:         http://{metrics}/metrics");
+    println!("  Auth:            {auth}");
     println!(
-        "  Registry:        http://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
+        "  Registry:        {web}://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
     );
     println!("  Models:          {} (ONNX Runtime)", models.join(", "));
     if let Some((models, device)) = gpu_models {
@@ -436,9 +616,13 @@ async fn announce(
 
 /// Waits until `worker` has finished loading (at most a minute) and lists
 /// its versions, with the reason of those not ready.
-async fn loaded_models(worker: &str) -> Option<Vec<String>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{worker}")).ok()?;
-    let channel = endpoint.connect_lazy();
+async fn loaded_models(worker: &str, tls: Option<&ClientTls>) -> Option<Vec<String>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{worker}")).ok()?;
+    let channel = match tls {
+        Some(tls) => tls.connect_lazy(endpoint),
+        None => endpoint.connect_lazy(),
+    };
     let mut client = GrpcInferenceServiceClient::new(channel);
     for _ in 0..600 {
         let ready = client

@@ -14,7 +14,8 @@
 //   SHAMAL_OIDC_AUDIENCE       `aud` of the access tokens (default shamal)
 //   SHAMAL_OIDC_TOKEN_TTL_S    access token lifetime (default 3600)
 //   SHAMAL_OIDC_WEB_REDIRECTS  comma-separated redirect URIs of shamal-web
-//                              (default http://127.0.0.1:8200/auth/callback)
+//                              (default: `shamal up`'s registry on 8200, and
+//                              the registry's web-login tests on 18290/18291)
 
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -27,7 +28,12 @@ const ISSUER = process.env.SHAMAL_OIDC_ISSUER || `http://127.0.0.1:${PORT}`;
 const JWKS_PATH = resolve(process.env.SHAMAL_OIDC_JWKS || '.deps/oidc/jwks.json');
 const AUDIENCE = process.env.SHAMAL_OIDC_AUDIENCE || 'shamal';
 const TOKEN_TTL_S = Number.parseInt(process.env.SHAMAL_OIDC_TOKEN_TTL_S || '3600', 10);
-const WEB_REDIRECTS = (process.env.SHAMAL_OIDC_WEB_REDIRECTS || 'http://127.0.0.1:8200/auth/callback')
+const WEB_REDIRECTS = (process.env.SHAMAL_OIDC_WEB_REDIRECTS || [
+  'http://127.0.0.1:8200/oidc/callback',
+  'http://localhost:8200/oidc/callback',
+  'http://127.0.0.1:18290/oidc/callback',
+  'http://localhost:18291/oidc/callback',
+].join(','))
   .split(',')
   .map((uri) => uri.trim())
   .filter(Boolean);

@@ -58,6 +58,8 @@ pub struct Config {
     /// Inputs sent with every element set to one value instead of random
     /// contents (e.g. an attention mask of 1s), by input name.
     pub fill: Vec<(String, f64)>,
+    /// Bearer access token sent with every request (a router with auth on).
+    pub token: Option<String>,
 }
 
 impl Config {
@@ -76,7 +78,20 @@ impl Config {
             timeout: Duration::from_secs(5),
             label: String::new(),
             fill: Vec::new(),
+            token: None,
         }
+    }
+
+    /// The `authorization` metadata of every request, when a token is set.
+    fn authorization(&self) -> Result<Option<Authorization>> {
+        self.token
+            .as_ref()
+            .map(|token| {
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))
+            })
+            .transpose()
     }
 
     /// The default number of connections for a mode: min(concurrency, 4), or 4.
@@ -92,6 +107,9 @@ impl Config {
 const CLIENT_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs the load described by `config` and returns its report.
+/// The `authorization` metadata value (`Bearer <token>`).
+type Authorization = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
 pub async fn run(config: Config) -> Result<Report> {
     if config.batch == 0 || config.dim == 0 || config.connections == 0 {
         bail!("batch, dim and connections must be at least 1");
@@ -112,6 +130,9 @@ pub async fn run(config: Config) -> Result<Report> {
         name: config.model.clone(),
         version: config.model_version.clone(),
     });
+    if let Some(value) = config.authorization()? {
+        meta_req.metadata_mut().insert("authorization", value);
+    }
     // Metadata is set-up, not load: it gets a generous deadline of its own.
     meta_req.set_timeout(config.timeout.max(Duration::from_secs(10)));
     let metadata = first
@@ -250,9 +271,15 @@ async fn infer(
     client: &mut Client,
     request: ModelInferRequest,
     timeout: Duration,
+    auth: Option<&Authorization>,
 ) -> Result<(), (Code, String)> {
     let mut request = tonic::Request::new(request);
     request.set_timeout(timeout);
+    if let Some(value) = auth {
+        request
+            .metadata_mut()
+            .insert("authorization", value.clone());
+    }
     match tokio::time::timeout(timeout + CLIENT_GRACE, client.model_infer(request)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(status)) => Err((error_code(&status), status.message().to_string())),
@@ -288,6 +315,7 @@ async fn closed_loop(
         let mut client = clients[i % clients.len()].clone();
         let request = request.clone();
         let timeout = config.timeout;
+        let auth = config.authorization()?;
         workers.push(tokio::spawn(async move {
             let mut stats = Stats::new(max_latency);
             loop {
@@ -295,7 +323,7 @@ async fn closed_loop(
                 if sent >= end {
                     break;
                 }
-                let result = infer(&mut client, request.clone(), timeout).await;
+                let result = infer(&mut client, request.clone(), timeout, auth.as_ref()).await;
                 if sent < measure_from {
                     continue;
                 }
@@ -330,6 +358,7 @@ async fn open_loop(
 ) -> Result<(Stats, u64)> {
     let max_latency = config.timeout + CLIENT_GRACE;
     let stats = Arc::new(Mutex::new(Stats::new(max_latency)));
+    let auth = config.authorization()?;
     let permits = Arc::new(Semaphore::new(max_outstanding));
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut dropped = 0u64;
@@ -353,9 +382,10 @@ async fn open_loop(
         let request = request.clone();
         let stats = stats.clone();
         let timeout = config.timeout;
+        let auth = auth.clone();
         tokio::spawn(async move {
             let sent = Instant::now();
-            let result = infer(&mut client, request, timeout).await;
+            let result = infer(&mut client, request, timeout, auth.as_ref()).await;
             // Latency from the intended send time: queueing in the client counts.
             let latency = intended.elapsed();
             let since_send = sent.elapsed();

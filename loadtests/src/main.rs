@@ -62,6 +62,9 @@ struct Args {
     /// to every request; otherwise one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Bearer access token sent with every request (a router with OIDC on).
+    #[arg(long, env = "SHAMAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// Parses `NAME=VALUE` of `--fill`.
@@ -127,6 +130,7 @@ async fn real_main(args: Args) -> Result<()> {
         timeout: args.timeout,
         label: args.label,
         fill: args.fill,
+        token: args.token.filter(|token| !token.is_empty()),
     };
     let report = run(config).await?;
     println!("{report}");

@@ -28,7 +28,10 @@ impl Process {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
+        // A benchmark on loopback, without certificates or a provider: each
+        // service would refuse to start open.
         let child = Command::new(binary)
+            .arg("--insecure")
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
