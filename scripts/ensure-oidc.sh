@@ -5,7 +5,8 @@
 #   1. SHAMAL_TEST_OIDC_ISSUER, if set and its discovery document answers
 #      (naming that issuer);
 #   2. the project-local provider on http://127.0.0.1:$SHAMAL_OIDC_PORT
-#      (default 9411), if already answering;
+#      (default: the first of 9411..9420 that is free or already serves
+#      this checkout's provider), if already answering;
 #   3. that provider, started here in the background: `npm ci` of the
 #      committed infra/oidc-dev/package-lock.json into .deps/oidc/app (the
 #      npm registry only), signing keys generated once into
@@ -20,13 +21,24 @@ cd "$root"
 data="$root/.deps/oidc"
 app="$data/app"
 jwks="$data/jwks.json"
-port="${SHAMAL_OIDC_PORT:-9411}"
-issuer="http://127.0.0.1:$port"
-# oidc.pid and oidc.log for the default port, oidc-<port>.* for others.
-name="oidc"
-if [ "$port" != 9411 ]; then name="oidc-$port"; fi
-pid_file="$data/$name.pid"
-log="$data/$name.log"
+# An explicit SHAMAL_OIDC_PORT is used as given; by default the first of
+# 9411..9420 that is free or already serves this checkout's provider (one of
+# another checkout, signing with other keys, is passed over).
+if [ -n "${SHAMAL_OIDC_PORT:-}" ]; then
+  ports=("$SHAMAL_OIDC_PORT")
+else
+  ports=(9411 9412 9413 9414 9415 9416 9417 9418 9419 9420)
+fi
+# Sets port, issuer, pid_file and log for port $1 (oidc.pid and oidc.log
+# for 9411, oidc-<port>.* for others).
+use_port() {
+  port="$1"
+  issuer="http://127.0.0.1:$port"
+  local name="oidc"
+  if [ "$port" != 9411 ]; then name="oidc-$port"; fi
+  pid_file="$data/$name.pid"
+  log="$data/$name.log"
+}
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "ensure-oidc: node and npm are required (Node.js 20 or newer)" >&2
@@ -70,16 +82,40 @@ same_keys() {
       .catch(() => process.exit(1));' "$1" "$jwks" 2>/dev/null
 }
 
-if answers "$issuer"; then
-  if [ ! -f "$jwks" ] || ! same_keys "$issuer"; then
+# Whether something listens on 127.0.0.1:$1.
+listening() {
+  node -e '
+    const socket = require("node:net").connect(Number(process.argv[1]), "127.0.0.1");
+    socket.on("connect", () => process.exit(0));
+    socket.on("error", () => process.exit(1));' "$1" 2>/dev/null
+}
+
+chosen=""
+for candidate in "${ports[@]}"; do
+  use_port "$candidate"
+  if answers "$issuer"; then
+    if [ -f "$jwks" ] && same_keys "$issuer"; then
+      echo "$issuer"
+      exit 0
+    fi
     echo "ensure-oidc: the provider at $issuer does not sign with the keys in $jwks" \
-      "(started from another checkout, or the file was removed); stop it" \
-      "(kill \"\$(cat $pid_file)\" if this script started it) and run me again" >&2
+      "(another checkout's, or the file was removed); trying another port" >&2
+    continue
+  fi
+  if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    echo "ensure-oidc: a provider (pid $(cat "$pid_file")) runs but does not answer at $issuer; see $log" >&2
     exit 1
   fi
-  echo "$issuer"
-  exit 0
+  if ! listening "$candidate"; then
+    chosen="$candidate"
+    break
+  fi
+done
+if [ -z "$chosen" ]; then
+  echo "ensure-oidc: no port for the provider among ${ports[*]}" >&2
+  exit 1
 fi
+use_port "$chosen"
 
 # Install (again only when the committed lock changed).
 mkdir -p "$app"
@@ -92,11 +128,6 @@ if [ ! -d "$app/node_modules/oidc-provider" ] || [ "$(cat "$app/.installed" 2>/d
 fi
 # Next to its node_modules, where ES module imports resolve.
 cp infra/oidc-dev/provider.mjs "$app/provider.mjs"
-
-if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-  echo "ensure-oidc: a provider (pid $(cat "$pid_file")) runs but does not answer at $issuer; see $log" >&2
-  exit 1
-fi
 
 SHAMAL_OIDC_PORT="$port" SHAMAL_OIDC_ISSUER="$issuer" SHAMAL_OIDC_JWKS="$jwks" \
   nohup setsid node "$app/provider.mjs" >"$log" 2>&1 </dev/null &
