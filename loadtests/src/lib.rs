@@ -60,6 +60,10 @@ pub struct Config {
     pub fill: Vec<(String, f64)>,
     /// Bearer access token sent with every request (a router with auth on).
     pub token: Option<String>,
+    /// TLS to the router, presenting this certificate (a service identity,
+    /// e.g. the batch coordinator's); the URL's host must be in the
+    /// router's certificate (`https://localhost:8001`).
+    pub tls: Option<shamal_tls::TlsFiles>,
 }
 
 impl Config {
@@ -79,6 +83,7 @@ impl Config {
             label: String::new(),
             fill: Vec::new(),
             token: None,
+            tls: None,
         }
     }
 
@@ -250,13 +255,18 @@ async fn connect(config: &Config) -> Result<Vec<Client>> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_adaptive_window(true);
+    let tls = match &config.tls {
+        Some(files) => Some(shamal_tls::ClientTls::new(files)?),
+        None => None,
+    };
     let mut clients = Vec::with_capacity(config.connections);
     for _ in 0..config.connections {
         // One Channel per connection: each `connect` opens its own HTTP/2 connection.
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", config.url))?;
+        let channel = match &tls {
+            Some(tls) => tls.connect(endpoint.clone()).await,
+            None => endpoint.connect().await,
+        }
+        .with_context(|| format!("connecting to {}", config.url))?;
         clients.push(
             GrpcInferenceServiceClient::new(channel)
                 .max_decoding_message_size(usize::MAX)

@@ -65,6 +65,15 @@ struct Args {
     /// Bearer access token sent with every request (a router with OIDC on).
     #[arg(long, env = "SHAMAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// TLS to the router with this client certificate (PEM; with --tls-key
+    /// and --tls-ca; the URL is then https://<a name in the router's
+    /// certificate>:<port>).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
 }
 
 /// Parses `NAME=VALUE` of `--fill`.
@@ -131,6 +140,10 @@ async fn real_main(args: Args) -> Result<()> {
         label: args.label,
         fill: args.fill,
         token: args.token.filter(|token| !token.is_empty()),
+        tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(shamal_tls::TlsFiles { cert, key, ca }),
+            _ => None,
+        },
     };
     let report = run(config).await?;
     println!("{report}");
