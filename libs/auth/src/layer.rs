@@ -29,6 +29,45 @@ pub enum Access {
     Pipeline,
 }
 
+/// What a route's access means for one request, before any credential is
+/// read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Let it through unchecked (public, or checked by the service's own
+    /// pipeline).
+    Open,
+    /// Authenticate the caller and require the permission.
+    Check(Permission),
+    /// No access policy for the route: refused, auth on or off.
+    Refuse(AuthError),
+}
+
+impl Gate {
+    /// The gate of a route whose access is `access` (`None`: the route
+    /// table has no entry; `what` names the route in the refusal).
+    pub fn of(access: Option<Access>, what: &str) -> Gate {
+        match access {
+            Some(Access::Public) | Some(Access::Pipeline) => Gate::Open,
+            Some(Access::Needs(permission)) => Gate::Check(permission),
+            None => Gate::Refuse(AuthError::Forbidden {
+                permission: Permission::Admin,
+                who: format!("every caller ({what} has no access policy)"),
+            }),
+        }
+    }
+}
+
+/// Authenticates `credentials` and requires `permission` of the principal.
+pub async fn admit(
+    auth: &Authenticator,
+    credentials: Credentials<'_>,
+    permission: Permission,
+) -> Result<Principal, AuthError> {
+    let principal = auth.authenticate(credentials).await?;
+    principal.require(permission)?;
+    Ok(principal)
+}
+
 /// A service's route table: the access a gRPC method path
 /// (`/package.Service/Method`) needs; `None` for a method it does not know.
 pub type RouteTable = fn(&str) -> Option<Access>;
@@ -84,21 +123,11 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let layer = &self.layer;
-        let permission = match (layer.routes)(request.uri().path()) {
-            Some(Access::Public) | Some(Access::Pipeline) => {
-                return Either::Left(self.inner.call(request));
-            }
-            Some(Access::Needs(permission)) => permission,
-            None => {
-                let error = AuthError::Forbidden {
-                    permission: Permission::Admin,
-                    who: format!(
-                        "every caller ('{}' has no access policy)",
-                        request.uri().path()
-                    ),
-                };
-                return Either::Right(refuse(layer, request.uri().path(), error));
-            }
+        let path = request.uri().path();
+        let permission = match Gate::of((layer.routes)(path), path) {
+            Gate::Open => return Either::Left(self.inner.call(request)),
+            Gate::Check(permission) => permission,
+            Gate::Refuse(error) => return Either::Right(refuse(layer, path, error)),
         };
         let known = layer
             .auth
@@ -119,11 +148,7 @@ where
                 let mut inner = std::mem::replace(&mut self.inner, inner);
                 Either::Right(Box::pin(async move {
                     let credentials = Credentials::of(request.headers(), request.extensions());
-                    let admitted = match layer.auth.authenticate(credentials).await {
-                        Ok(principal) => principal.require(permission).map(|()| principal),
-                        Err(error) => Err(error),
-                    };
-                    match admitted {
+                    match admit(&layer.auth, credentials, permission).await {
                         Ok(principal) => {
                             request.extensions_mut().insert(principal);
                             inner.call(request).await

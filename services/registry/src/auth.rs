@@ -13,7 +13,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Method, header};
-use shamal_auth::layer::Access;
+use shamal_auth::layer::{Access, Gate};
 use shamal_auth::{AuthError, Authenticator, Credentials, Permission};
 
 use crate::rest::ApiError;
@@ -102,19 +102,11 @@ pub async fn rest_layer(
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| request.uri().path().to_owned());
-    let permission = match rest_access(request.method(), &route) {
-        Some(Access::Public) | Some(Access::Pipeline) => return next.run(request).await,
-        Some(Access::Needs(permission)) => permission,
-        None => {
-            let error = AuthError::Forbidden {
-                permission: Permission::Admin,
-                who: format!(
-                    "every caller ({} {route} has no access policy)",
-                    request.method()
-                ),
-            };
-            return refusal(&auth, &route, &error);
-        }
+    let what = format!("{} {route}", request.method());
+    let permission = match Gate::of(rest_access(request.method(), &route), &what) {
+        Gate::Open => return next.run(request).await,
+        Gate::Check(permission) => permission,
+        Gate::Refuse(error) => return refusal(&auth, &route, &error),
     };
     let credentials = Credentials::of(request.headers(), request.extensions());
     // The web UI's session cookie (with its CSRF token on changes) when

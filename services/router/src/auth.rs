@@ -15,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Method, header};
 use serde_json::json;
-use shamal_auth::layer::Access;
+use shamal_auth::layer::{Access, Gate, admit};
 use shamal_auth::{AuthError, Authenticator, Credentials, Permission};
 
 /// The API label of the router's refusals in `shamal_auth_refusals_total`.
@@ -101,26 +101,14 @@ pub async fn http_layer(
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| request.uri().path().to_owned());
-    let permission = match http_access(request.method(), &route) {
-        Some(Access::Public) | Some(Access::Pipeline) => return next.run(request).await,
-        Some(Access::Needs(permission)) => permission,
-        None => {
-            let error = AuthError::Forbidden {
-                permission: Permission::Admin,
-                who: format!(
-                    "every caller ({} {route} has no access policy)",
-                    request.method()
-                ),
-            };
-            return refusal(&auth, &route, &error);
-        }
+    let what = format!("{} {route}", request.method());
+    let permission = match Gate::of(http_access(request.method(), &route), &what) {
+        Gate::Open => return next.run(request).await,
+        Gate::Check(permission) => permission,
+        Gate::Refuse(error) => return refusal(&auth, &route, &error),
     };
     let credentials = Credentials::of(request.headers(), request.extensions());
-    let admitted = match auth.authenticate(credentials).await {
-        Ok(principal) => principal.require(permission).map(|()| principal),
-        Err(error) => Err(error),
-    };
-    match admitted {
+    match admit(&auth, credentials, permission).await {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
             next.run(request).await
