@@ -104,6 +104,15 @@ impl Authenticator {
         self.metrics.as_ref()
     }
 
+    /// Logs a refusal of a call to `api`'s `method`, and counts it when
+    /// this authenticator keeps metrics.
+    pub fn refused(&self, api: &str, method: &str, error: &AuthError) {
+        match &self.metrics {
+            Some(metrics) => metrics.refused(api, method, error),
+            None => crate::metrics::log_refusal(api, method, error),
+        }
+    }
+
     /// The principal behind `credentials`, when it can be told without
     /// waiting: auth off, a service certificate, a cached token, or a
     /// refusal that needs no key. `None`: the token must be validated

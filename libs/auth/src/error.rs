@@ -75,6 +75,13 @@ impl AuthError {
         status
     }
 
+    /// The `WWW-Authenticate` header of a 401 (realm `shamal`), ready to
+    /// insert; `None` for a 403.
+    pub fn challenge(&self) -> Option<http::HeaderValue> {
+        self.www_authenticate("shamal")
+            .and_then(|value| http::HeaderValue::try_from(value).ok())
+    }
+
     /// The `WWW-Authenticate` value of a 401 (RFC 6750 section 3); `None`
     /// for a 403.
     pub fn www_authenticate(&self, realm: &str) -> Option<String> {

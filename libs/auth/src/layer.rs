@@ -174,19 +174,14 @@ fn refuse<R: Default + Send + 'static, E: Send + 'static>(
 }
 
 fn count(layer: &GrpcAuthLayer, path: &str, error: &AuthError) {
-    match layer.auth.metrics() {
-        Some(metrics) => metrics.refused(layer.api, path, error),
-        None => crate::metrics::log_refusal(layer.api, path, error),
-    }
+    layer.auth.refused(layer.api, path, error);
 }
 
 /// A refusal as a gRPC response (trailers-only), with `WWW-Authenticate`
 /// on UNAUTHENTICATED.
 pub fn refusal<R: Default>(error: &AuthError) -> http::Response<R> {
     let mut response = error.to_status().into_http();
-    if let Some(value) = error.www_authenticate("shamal")
-        && let Ok(value) = http::HeaderValue::try_from(value)
-    {
+    if let Some(value) = error.challenge() {
         response
             .headers_mut()
             .insert(http::header::WWW_AUTHENTICATE, value);

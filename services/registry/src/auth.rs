@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, Method, header};
+use http::{Method, header};
 use shamal_auth::layer::{Access, Gate};
 use shamal_auth::{AuthError, Authenticator, Credentials, Permission};
 
@@ -135,16 +135,11 @@ pub async fn rest_layer(
 /// A refusal as the REST API's JSON error, `WWW-Authenticate` on 401;
 /// counted and logged.
 fn refusal(auth: &Authenticator, route: &str, error: &AuthError) -> Response {
-    match auth.metrics() {
-        Some(metrics) => metrics.refused(REST_API, route, error),
-        None => shamal_auth::metrics::log_refusal(REST_API, route, error),
-    }
+    auth.refused(REST_API, route, error);
     let kind = error.kind();
     let mut response =
         ApiError::new(kind.http_status(), kind.label(), error.to_string()).into_response();
-    if let Some(value) = error.www_authenticate("shamal")
-        && let Ok(value) = HeaderValue::try_from(value)
-    {
+    if let Some(value) = error.challenge() {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, value);

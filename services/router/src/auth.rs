@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, Method, header};
+use http::{Method, header};
 use serde_json::json;
 use shamal_auth::layer::{Access, Gate, admit};
 use shamal_auth::{AuthError, Authenticator, Credentials, Permission};
@@ -120,15 +120,10 @@ pub async fn http_layer(
 /// A refusal in the v2 protocol's error body, `WWW-Authenticate` on 401;
 /// counted and logged.
 pub fn refusal(auth: &Authenticator, route: &str, error: &AuthError) -> Response {
-    match auth.metrics() {
-        Some(metrics) => metrics.refused(API, route, error),
-        None => shamal_auth::metrics::log_refusal(API, route, error),
-    }
+    auth.refused(API, route, error);
     let status = error.kind().http_status();
     let mut response = (status, axum::Json(json!({ "error": error.to_string() }))).into_response();
-    if let Some(value) = error.www_authenticate("shamal")
-        && let Ok(value) = HeaderValue::try_from(value)
-    {
+    if let Some(value) = error.challenge() {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, value);

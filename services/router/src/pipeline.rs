@@ -377,10 +377,7 @@ impl Authenticate {
     }
 
     fn refuse(&self, error: &shamal_auth::AuthError) -> Status {
-        match self.auth.metrics() {
-            Some(metrics) => metrics.refused(crate::auth::API, "ModelInfer", error),
-            None => shamal_auth::metrics::log_refusal(crate::auth::API, "ModelInfer", error),
-        }
+        self.auth.refused(crate::auth::API, "ModelInfer", error);
         error.to_status()
     }
 }

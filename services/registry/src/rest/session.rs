@@ -742,12 +742,7 @@ impl WebLogin {
         let (session, principal) = match self.session_of(&session_id).await {
             Ok(found) => found,
             Err(error) => {
-                match self.auth.metrics() {
-                    Some(metrics) => metrics.refused(crate::auth::REST_API, &route, &error),
-                    None => {
-                        shamal_auth::metrics::log_refusal(crate::auth::REST_API, &route, &error)
-                    }
-                }
+                self.auth.refused(crate::auth::REST_API, &route, &error);
                 let mut response = refused(
                     error.kind().http_status(),
                     error.kind().label(),
