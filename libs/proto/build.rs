@@ -63,6 +63,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&async_out)
         .file_descriptor_set_path(&async_descriptor_path)
         .extern_path(".inference", "crate::inference")
-        .compile_protos(&[async_inference], &[root, inference])?;
+        .compile_protos(&[async_inference], &[root.clone(), inference])?;
+
+    // The audit log.
+    let audit = root.join("shamal/audit/v1/audit.proto");
+    println!("cargo:rerun-if-changed={}", audit.display());
+    let audit_descriptors = protox::compile([&audit], [&root])?;
+    let audit_descriptor_path = out_dir.join("audit_descriptor.bin");
+    std::fs::write(&audit_descriptor_path, audit_descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .skip_protoc_run()
+        .file_descriptor_set_path(&audit_descriptor_path)
+        .compile_protos(&[audit], std::slice::from_ref(&root))?;
     Ok(())
 }

@@ -22,6 +22,14 @@ pub mod shamal {
         }
     }
 
+    /// The audit log (append, query, export, verify).
+    pub mod audit {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("shamal.audit.v1");
+        }
+    }
+
     /// Asynchronous inference (submit now, fetch the answer by id later).
     pub mod r#async {
         #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -40,6 +48,11 @@ pub const INFERENCE_DESCRIPTOR_SET: &[u8] =
 /// tests walk every method (each must have an access policy).
 pub const REGISTRY_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/registry_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the audit protocol: its tests walk every
+/// method (each must have an access policy).
+pub const AUDIT_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/audit_descriptor.bin"));
 
 /// Encoded `FileDescriptorSet` of the asynchronous inference protocol.
 pub const ASYNC_DESCRIPTOR_SET: &[u8] =
