@@ -10,16 +10,20 @@
 //! | `rollouts:start` (start a canary) | | | yes | yes | yes |
 //! | `rollouts:manage` (shift, promote, roll back, pause, resume, policy, aliases) | | | | yes | yes |
 //! | `residency:write` (residency and placement policies) | | | | yes | yes |
+//! | `access:write` (limit a model to listed tenants or groups) | | | | yes | yes |
 //! | `workers:read` | | | | | yes |
 //! | `workers:register` | | | | | yes |
 //! | `registry:watch` | | | | | yes |
 //! | `artifacts:fetch` | | | | | yes |
 //! | `traffic:report` | | | | | yes |
-//! | `admin` (re-encrypt artifacts, audit) | | | | | yes |
+//! | `audit:append` | | | | | yes |
+//! | `audit:read` (query, export, verify the audit log) | | | | | yes |
+//! | `admin` (re-encrypt artifacts) | | | | | yes |
 //!
 //! Services (mTLS identities) hold what their job needs and nothing more:
 //! workers register, heartbeat, report placement, watch and fetch
-//! artifacts; routers watch, report traffic and call workers.
+//! artifacts; routers watch, report traffic and call workers; the registry,
+//! routers and batch coordinators append to the audit log.
 
 use std::fmt;
 
@@ -80,6 +84,7 @@ impl Role {
                     | P::RolloutsStart
                     | P::RolloutsManage
                     | P::ResidencyWrite
+                    | P::AccessWrite
             ),
         }
     }
@@ -113,6 +118,8 @@ pub enum Permission {
     RolloutsManage,
     /// Residency and placement policies.
     ResidencyWrite,
+    /// Limit a model to listed tenants or groups.
+    AccessWrite,
     /// List workers.
     WorkersRead,
     /// Register, heartbeat, deregister, report placement (workers).
@@ -123,12 +130,16 @@ pub enum Permission {
     ArtifactsFetch,
     /// Report traffic counts for canary analysis (routers).
     TrafficReport,
-    /// Administration: re-encrypt artifacts, read the audit log.
+    /// Append events to the audit log (the registry, routers, batch).
+    AuditAppend,
+    /// Query, export and verify the audit log.
+    AuditRead,
+    /// Administration: re-encrypt artifacts.
     Admin,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 16] = [
         Permission::MetadataRead,
         Permission::ModelsRead,
         Permission::InferenceCall,
@@ -136,11 +147,14 @@ impl Permission {
         Permission::RolloutsStart,
         Permission::RolloutsManage,
         Permission::ResidencyWrite,
+        Permission::AccessWrite,
         Permission::WorkersRead,
         Permission::WorkersRegister,
         Permission::RegistryWatch,
         Permission::ArtifactsFetch,
         Permission::TrafficReport,
+        Permission::AuditAppend,
+        Permission::AuditRead,
         Permission::Admin,
     ];
 
@@ -154,11 +168,14 @@ impl Permission {
             Permission::RolloutsStart => "rollouts:start",
             Permission::RolloutsManage => "rollouts:manage",
             Permission::ResidencyWrite => "residency:write",
+            Permission::AccessWrite => "access:write",
             Permission::WorkersRead => "workers:read",
             Permission::WorkersRegister => "workers:register",
             Permission::RegistryWatch => "registry:watch",
             Permission::ArtifactsFetch => "artifacts:fetch",
             Permission::TrafficReport => "traffic:report",
+            Permission::AuditAppend => "audit:append",
+            Permission::AuditRead => "audit:read",
             Permission::Admin => "admin",
         }
     }
@@ -185,15 +202,17 @@ pub fn service_allows(role: ServiceRole, permission: Permission) -> bool {
                 | P::ModelsRead
                 | P::MetadataRead
                 | P::InferenceCall
+                | P::AuditAppend
         ),
         // Batch coordinators call models like routers (issue 17).
         ServiceRole::Batch => {
             matches!(
                 permission,
-                P::ModelsRead | P::MetadataRead | P::InferenceCall
+                P::ModelsRead | P::MetadataRead | P::InferenceCall | P::AuditAppend
             )
         }
-        ServiceRole::Registry | ServiceRole::Audit => false,
+        ServiceRole::Registry => permission == P::AuditAppend,
+        ServiceRole::Audit => false,
     }
 }
 
