@@ -152,6 +152,10 @@ impl AuditLog {
         &self.store
     }
 
+    pub fn metrics(&self) -> &AuditMetrics {
+        &self.metrics
+    }
+
     /// The key checkpoints, tombstones and seals are signed with.
     pub fn public_key(&self) -> &PublicKey {
         &self.public_key
