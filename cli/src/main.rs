@@ -1,5 +1,6 @@
 //! `shamal`: the one command to try the platform and to operate it.
 
+mod access;
 mod admin;
 mod certs;
 mod client;
@@ -42,6 +43,9 @@ enum Command {
     /// processed in.
     #[command(subcommand)]
     Residency(residency::ResidencyCommand),
+    /// Model access: limit a model to callers of listed tenants or groups.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// Placement: which workers hold which versions of a model.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
@@ -97,6 +101,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Rollout(command) => rollout::run(command, &cli.registry).await,
         Command::Workers(command) => workers::run(command, &cli.registry).await,
         Command::Residency(command) => residency::run(command, &cli.registry).await,
+        Command::Access(command) => access::run(command, &cli.registry).await,
         Command::Placement(command) => placement::run(command, &cli.registry).await,
         Command::Certs(command) => certs::run(command),
         Command::Admin(command) => admin::run(command, &cli.registry).await,

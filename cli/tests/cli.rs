@@ -556,6 +556,82 @@ async fn workers_and_residency_commands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_commands() {
+    let fixture = Fixture::start().await;
+    let file = fixture.file("fraud.onnx", b"weights");
+    let output = fixture
+        .shamal(&["model", "push", &file, "--name", "fraud"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+
+    let output = fixture.shamal(&["access", "show", "fraud"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("no: any caller"),
+        "{}",
+        stdout(&output)
+    );
+    let output = fixture
+        .shamal(&[
+            "access",
+            "set",
+            "fraud",
+            "--tenants",
+            "acme,globex",
+            "--groups",
+            "/risk/analysts",
+        ])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("acme,globex"),
+        "{}",
+        stdout(&output)
+    );
+    let access = fixture
+        .running
+        .registry
+        .get_model_access("fraud")
+        .await
+        .unwrap();
+    assert_eq!(access.allowed_tenants, ["acme", "globex"]);
+    assert_eq!(access.allowed_groups, ["/risk/analysts"]);
+    let output = fixture
+        .shamal(&["access", "show", "fraud", "--output", "json"])
+        .await;
+    assert_eq!(json(&output)["allowed_groups"][0], "/risk/analysts");
+
+    // Errors: nothing named is a usage error (2), a bad group names the
+    // field (1), an unknown model is 4.
+    let output = fixture.shamal(&["access", "set", "fraud"]).await;
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
+    let output = fixture
+        .shamal(&["access", "set", "fraud", "--groups", "ops,ops"])
+        .await;
+    assert_eq!(code(&output), 1);
+    assert!(
+        stderr(&output).contains("allowed_groups[1]"),
+        "{}",
+        stderr(&output)
+    );
+    let output = fixture
+        .shamal(&["access", "set", "nope", "--tenants", "acme"])
+        .await;
+    assert_eq!(code(&output), 4, "{}", stderr(&output));
+    // Clear lifts it.
+    let output = fixture.shamal(&["access", "clear", "fraud"]).await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let access = fixture
+        .running
+        .registry
+        .get_model_access("fraud")
+        .await
+        .unwrap();
+    assert!(access.allowed_tenants.is_empty() && access.allowed_groups.is_empty());
+    fixture.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_commands() {
     let fixture = Fixture::start().await;
     let registry = fixture.running.registry.clone();

@@ -84,6 +84,7 @@ pub fn rest_access(method: &Method, route: &str) -> Option<Access> {
             | "/v1/models/{name}/placement",
             false,
         ) => needs(P::ResidencyWrite),
+        ("/v1/models/{name}/access", false) => needs(P::AccessWrite),
         ("/v1/admin/rekey", false) => needs(P::Admin),
         _ => None,
     }

@@ -7,6 +7,7 @@
 //! data-residency policies routers enforce, and each model's placement
 //! policy: which workers hold which versions.
 
+pub mod access;
 pub mod artifacts;
 pub mod auth;
 pub mod config;

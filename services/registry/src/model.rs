@@ -494,6 +494,35 @@ pub struct SetResidency {
     pub allowed_regions: Vec<String>,
 }
 
+/// Who may call a model, beyond the roles: callers whose token names one
+/// of `allowed_tenants` (the tenant claim) or one of `allowed_groups` (the
+/// groups claim). Both empty: no limit. Admins and service identities are
+/// never limited.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelAccess {
+    pub model: String,
+    pub allowed_tenants: Vec<String>,
+    pub allowed_groups: Vec<String>,
+    /// Who set it last (empty when never set).
+    pub updated_by: String,
+    pub updated_at: Millis,
+}
+
+/// Input of a model access write.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetAccess {
+    /// Tenant names (the rule of residency policies); at most 64, no
+    /// duplicates.
+    #[serde(default)]
+    pub allowed_tenants: Vec<String>,
+    /// Group names as the identity provider puts them in the groups claim
+    /// (1-256 characters, no whitespace or control characters); at most
+    /// 64, no duplicates.
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+}
+
 /// One recorded residency change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ResidencyChange {

@@ -14,6 +14,7 @@
 //! extractors they share and `reply` the pieces of their answers;
 //! `session` is the UI's OIDC login and its cookie sessions.
 
+mod access;
 mod admin;
 mod aliases;
 mod api_error;
@@ -160,6 +161,10 @@ pub fn router_with_auth(
             get(placement::get_placement).put(placement::set_placement),
         )
         .route("/v1/workers", get(workers::list_workers))
+        .route(
+            "/v1/models/{name}/access",
+            get(access::get_model_access).put(access::set_model_access),
+        )
         .route(
             "/v1/models/{name}/residency",
             get(residency::get_model_residency).put(residency::set_model_residency),

@@ -892,6 +892,77 @@ async fn rollouts_move_traffic_under_optimistic_concurrency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_access_is_read_set_validated_and_watched() {
+    let api = Api::start().await;
+    api.push("fraud", b"weights").await;
+
+    let (status, body) = api.get("/v1/models/fraud/access").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed_tenants"], json!([]));
+    assert_eq!(body["allowed_groups"], json!([]));
+    assert_eq!(body["updated_by"], "");
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/access",
+            json!({"allowed_tenants": ["acme"], "allowed_groups": ["/risk/analysts"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["updated_by"], "alice");
+    assert_eq!(body["allowed_tenants"], json!(["acme"]));
+    let (status, body) = api.get("/v1/models/fraud/access").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed_groups"], json!(["/risk/analysts"]));
+    // Routers learn it through Watch.
+    let state = api
+        .running
+        .registry
+        .model_state("fraud")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.allowed_tenants, ["acme"]);
+    assert_eq!(state.allowed_groups, ["/risk/analysts"]);
+    // A list may be left out (empty).
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/access",
+            json!({"allowed_groups": ["ops"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["allowed_tenants"], json!([]));
+
+    // Bad input names the field.
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/access",
+            json!({"allowed_tenants": ["acme", "bad tenant"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "allowed_tenants[1]");
+    let (status, body) = api
+        .put(
+            "/v1/models/fraud/access",
+            json!({"allowed_groups": ["ops", "ops"]}),
+        )
+        .await;
+    assert_invalid(status, &body, "allowed_groups[1]");
+    let (status, body) = api
+        .put("/v1/models/fraud/access", json!({"tenants": ["acme"]}))
+        .await;
+    assert_invalid(status, &body, "tenants");
+    let (status, body) = api
+        .put("/v1/models/nope/access", json!({"allowed_tenants": []}))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    // The refused writes changed nothing.
+    let (_, body) = api.get("/v1/models/fraud/access").await;
+    assert_eq!(body["allowed_groups"], json!(["ops"]));
+    api.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn residency_policies_and_workers() {
     let api = Api::start().await;
     api.push("fraud", b"weights").await;

@@ -131,10 +131,12 @@ pub fn build(parts: Parts) -> Pipeline {
             call.priority = Priority::of(&call.request.parameters)?;
             Ok(())
         }))
-        // 4. Residency: where the request may be processed (its own
-        //    regions, its tenant's and its model's policies). Before the
-        //    rollout plan, so that a request no region can take is refused
-        //    before it draws a version or a shadow copy.
+        // 4. Model access and residency: whether the caller may call this
+        //    model at all (a model limited to listed tenants or groups),
+        //    then where the request may be processed (its own regions, its
+        //    tenant's and its model's policies). Before the rollout plan,
+        //    so that a request no region can take is refused before it
+        //    draws a version or a shadow copy.
         .layer(Step::new(move |call: &mut InferCall| {
             let policy = region_policy(
                 residency_registry.as_deref(),
@@ -192,8 +194,10 @@ pub async fn call(pipeline: &Pipeline, call: InferCall) -> InferResult {
 }
 
 /// The regions a request may be processed in (see `residency`): its own
-/// list, its tenant's default and its model's policy. The async API asks
-/// the same question before it queues a job.
+/// list, its tenant's default and its model's policy, once the caller is
+/// known to be one the model admits (its tenant and group limit:
+/// PERMISSION_DENIED otherwise). The async API asks the same question
+/// before it queues a job.
 ///
 /// With auth on, a user's tenant is the one in their token: a request
 /// naming another is refused (PERMISSION_DENIED), so that no header can
@@ -206,6 +210,9 @@ pub(crate) fn region_policy(
     headers: &HeaderMap,
     principal: &Principal,
 ) -> Result<Option<RegionPolicy>, Status> {
+    if let Some(routing) = registry {
+        routing.check_access(&request.model_name, principal)?;
+    }
     let requested = residency::requested_regions(&request.parameters, headers)?;
     let named = residency::tenant(&request.parameters, headers)?;
     let tenant = match principal {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use prometheus::{IntGaugeVec, Opts};
+use shamal_auth::Principal;
 use shamal_proto::inference::ModelInferRequest;
 use shamal_registry_client::proto::{ReportTrafficRequest, WatchEvent};
 use shamal_telemetry::MetricsRegistry;
@@ -156,6 +157,23 @@ impl RegistryRouting {
             .model(model)
             .map(|route| (model, route.allowed_regions.as_slice()));
         residency::combine(requested, tenant, model_policy)
+    }
+
+    /// Model access: whether `principal` may call `model` (the model's
+    /// tenant and group limit; none for models the registry does not
+    /// know, admins and service identities). PERMISSION_DENIED otherwise.
+    pub fn check_access(&self, model: &str, principal: &Principal) -> Result<(), Status> {
+        let table = self.routes.current();
+        let Some(route) = table.model(model) else {
+            return Ok(());
+        };
+        if principal.within(&route.allowed_tenants, &route.allowed_groups) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "model '{model}' is limited to listed tenants or groups, and {} is in none of them",
+            principal.describe()
+        )))
     }
 
     /// Whether the registry's first snapshot has been applied.

@@ -196,6 +196,10 @@ pub struct ModelRoute {
     /// Data residency: regions the model's requests may be processed in
     /// (empty: no model-level restriction).
     pub allowed_regions: Vec<String>,
+    /// Model access: the tenants and groups whose users may call the model
+    /// (both empty: no limit beyond the roles).
+    pub allowed_tenants: Vec<String>,
+    pub allowed_groups: Vec<String>,
 }
 
 /// Random numbers a choice may need, drawn by the caller (tests fix them).
@@ -242,6 +246,8 @@ impl ModelRoute {
                 .collect(),
             rollout: state.rollout.as_ref().map(RolloutRoute::from_proto),
             allowed_regions: state.allowed_regions.clone(),
+            allowed_tenants: state.allowed_tenants.clone(),
+            allowed_groups: state.allowed_groups.clone(),
         }
     }
 

@@ -294,3 +294,109 @@ async fn callers_are_authenticated_and_authorised_end_to_end() {
     router.running.stop().await.unwrap();
     worker.stop().await.unwrap();
 }
+
+/// A model limited to listed tenants or groups (set in the registry,
+/// applied by the router through Watch) refuses callers of other tenants
+/// and groups with PERMISSION_DENIED, whatever their role, but not admins.
+#[tokio::test]
+async fn a_model_limited_to_tenants_or_groups_refuses_other_callers() {
+    let Some(issuer) = oidc::issuer("model access") else {
+        return;
+    };
+    let stack = RegistryStack::start(TestDb::sqlite()).await;
+    let registry_address = stack.registry.grpc_address.to_string();
+    let worker = stack.worker.address.to_string();
+    let router = start_router(vec![worker], |config| {
+        config.registry = Some(registry_address);
+        config.router_id = "router-access".into();
+        config.security = SecurityConfig {
+            oidc_issuer: Some(issuer.clone()),
+            oidc_audience: Some(oidc::AUDIENCE.to_owned()),
+            ..SecurityConfig::default()
+        };
+    })
+    .await;
+    // shamal-inference: tenant acme, group apps; shamal-inference-globex:
+    // tenant globex, group apps; shamal-admin: tenant acme, group ops.
+    let acme = oidc::token(&issuer, "shamal-inference").await;
+    let globex = oidc::token(&issuer, "shamal-inference-globex").await;
+    let admin = oidc::token(&issuer, "shamal-admin").await;
+    let address = router.running.address;
+    let call = |token: String| async move {
+        client(address)
+            .await
+            .model_infer(with_token(simple_infer_request("1"), &token))
+            .await
+    };
+    let limited = |answer: &Result<tonic::Response<ModelInferResponse>, tonic::Status>| {
+        answer.as_ref().is_err_and(|status| {
+            status.code() == tonic::Code::PermissionDenied
+                && status
+                    .message()
+                    .contains("limited to listed tenants or groups")
+        })
+    };
+    wait_until("acme calls the unlimited model", || async {
+        call(acme.clone()).await.is_ok()
+    })
+    .await;
+
+    // Limited to tenant globex: acme's caller is refused, globex's and the
+    // admin are not.
+    let registry = stack.registry();
+    let only = |tenants: &[&str], groups: &[&str]| shamal_registry::model::SetAccess {
+        allowed_tenants: tenants.iter().map(|s| (*s).to_owned()).collect(),
+        allowed_groups: groups.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    registry
+        .set_model_access(MODEL, only(&["globex"], &[]), "tester")
+        .await
+        .unwrap();
+    wait_until("the tenant limit is applied", || async {
+        limited(&call(acme.clone()).await)
+    })
+    .await;
+    let refused = call(acme.clone()).await.unwrap_err();
+    assert!(refused.message().contains("model 'simple'"), "{refused:?}");
+    assert_eq!(
+        answered_version(&call(globex.clone()).await.unwrap().into_inner()),
+        1
+    );
+    call(admin.clone()).await.unwrap();
+
+    // Limited to group apps: both inference callers are in it.
+    registry
+        .set_model_access(MODEL, only(&[], &["apps"]), "tester")
+        .await
+        .unwrap();
+    wait_until("the group limit is applied", || async {
+        call(acme.clone()).await.is_ok()
+    })
+    .await;
+    call(globex.clone()).await.unwrap();
+
+    // Limited to group ops: neither inference caller; the admin always.
+    registry
+        .set_model_access(MODEL, only(&[], &["ops"]), "tester")
+        .await
+        .unwrap();
+    wait_until("the ops limit is applied", || async {
+        limited(&call(globex.clone()).await)
+    })
+    .await;
+    assert!(limited(&call(acme.clone()).await));
+    call(admin.clone()).await.unwrap();
+
+    // Lifted: everyone with the inference role again.
+    registry
+        .set_model_access(MODEL, only(&[], &[]), "tester")
+        .await
+        .unwrap();
+    wait_until("the limit is lifted", || async {
+        call(acme.clone()).await.is_ok()
+    })
+    .await;
+
+    router.running.stop().await.unwrap();
+    stack.stop().await;
+}

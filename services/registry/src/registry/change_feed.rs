@@ -94,7 +94,7 @@ impl ModelRegistry {
     pub async fn model_state(&self, name: &str) -> Result<Option<proto::ModelState>> {
         let pool = &self.store.pool;
         let exists = sqlx::query(
-            "SELECT allowed_regions, placement_mode, placement_min_replicas FROM models WHERE name = $1",
+            "SELECT allowed_regions, allowed_tenants, allowed_groups, placement_mode, placement_min_replicas FROM models WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(pool)
@@ -103,6 +103,7 @@ impl ModelRegistry {
             return Ok(None);
         };
         let allowed_regions: String = exists.try_get("allowed_regions")?;
+        let (allowed_tenants, allowed_groups) = crate::access::access_lists(&exists)?;
         let mode: String = exists.try_get("placement_mode")?;
         let mode = PlacementMode::parse(&mode).ok_or_else(|| {
             RegistryError::Internal(format!("unknown stored placement mode {mode}"))
@@ -173,6 +174,8 @@ impl ModelRegistry {
             rollout,
             placements,
             allowed_regions: regions_from_text(&allowed_regions)?,
+            allowed_tenants,
+            allowed_groups,
             placement_policy: Some(proto::PlacementPolicy {
                 mode: mode.as_str().to_owned(),
                 min_replicas,

@@ -7,7 +7,8 @@ use utoipa::openapi::{
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    admin, aliases, artifacts, meta, models, placement, residency, rollouts, versions, workers,
+    access, admin, aliases, artifacts, meta, models, placement, residency, rollouts, versions,
+    workers,
 };
 use crate::error::{ErrorBody, ErrorDetail};
 
@@ -58,6 +59,8 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         residency::set_tenant_policy,
         residency::delete_tenant_policy,
         residency::residency_history,
+        access::get_model_access,
+        access::set_model_access,
         admin::rekey,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -71,6 +74,7 @@ when it is stale. Writes are attributed to the `x-shamal-actor` header (default 
         (name = "workers", description = "Workers, their membership state and what they hold"),
         (name = "placement", description = "Placement policy: which workers hold which versions of a model"),
         (name = "residency", description = "Data residency: regions a model's or a tenant's requests may be processed in"),
+        (name = "access", description = "Model access: a model limited to listed tenants or groups"),
         (name = "admin", description = "Operations on the registry itself: re-keying artifacts encrypted at rest"),
         (name = "meta", description = "This document"),
     )
