@@ -76,6 +76,9 @@ SHAMAL_TEST_CHROMIUM="$(command -v chromium)"
 export SHAMAL_TEST_CHROMIUM
 echo "using $SHAMAL_TEST_CHROMIUM"
 
+step "Kubernetes manifests against the API schemas (kubernetes-validate)"
+scripts/check-manifests.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
