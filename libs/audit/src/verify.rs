@@ -324,7 +324,9 @@ impl ChainVerifier {
         self.prev = tombstone.last_hash;
         self.last_was_record = false;
         self.tombstones += 1;
-        self.removed += tombstone.last_seq - tombstone.first_seq + 1;
+        self.removed = self
+            .removed
+            .saturating_add((tombstone.last_seq - tombstone.first_seq).saturating_add(1));
         Ok(())
     }
 

@@ -28,9 +28,14 @@ pub fn event(seq: u64) -> Event {
     Event {
         event_id: format!("evt-{seq:06}"),
         occurred_at_ms: recorded_at(seq) - 5,
-        service: if seq % 3 == 0 { "registry" } else { "router" }.to_owned(),
+        service: if seq.is_multiple_of(3) {
+            "registry"
+        } else {
+            "router"
+        }
+        .to_owned(),
         instance: "host-a".to_owned(),
-        action: if seq % 3 == 0 {
+        action: if seq.is_multiple_of(3) {
             "model.update"
         } else {
             "inference"
@@ -48,12 +53,12 @@ pub fn event(seq: u64) -> Event {
         latency_us: seq * 17,
         request_sha256: Digest::of(format!("req{seq}").as_bytes()).to_hex(),
         response_sha256: Digest::of(format!("resp{seq}").as_bytes()).to_hex(),
-        before_json: if seq % 3 == 0 {
+        before_json: if seq.is_multiple_of(3) {
             format!("{{\"weight\":{seq}}}")
         } else {
             String::new()
         },
-        after_json: if seq % 3 == 0 {
+        after_json: if seq.is_multiple_of(3) {
             format!("{{\"weight\":{}}}", seq + 1)
         } else {
             String::new()
@@ -99,7 +104,7 @@ pub fn export_lines() -> Vec<Line> {
             continue;
         }
         lines.push(Line::Record(record.clone()));
-        if seq % 25 == 0 || seq == REMOVED.start() - 1 {
+        if seq.is_multiple_of(25) || seq == REMOVED.start() - 1 {
             lines.push(Line::Checkpoint(signer.checkpoint(
                 seq,
                 record.hash,
