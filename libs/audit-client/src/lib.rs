@@ -720,6 +720,12 @@ mod tests {
     }
 
     #[test]
+    fn auditors_can_be_shared_between_tasks() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Auditor>();
+    }
+
+    #[test]
     fn a_disabled_auditor_accepts_everything() {
         let auditor = Auditor::disabled();
         assert!(!auditor.is_enabled());

@@ -62,7 +62,7 @@ async fn intermittent_failures_neither_lose_nor_double_events() {
     }
     let serving = fake.serve(addr).await;
     let mut cfg = config(dir.path(), addr);
-    cfg.batch_size = 7;
+    cfg.batch_size = 20;
     let auditor = start(cfg, "flaky");
     let mut expected = Vec::new();
     for wave in 0..4 {
@@ -272,5 +272,43 @@ async fn shutdown_keeps_unshipped_events_for_the_next_start() {
     next.drain(DRAIN).await.unwrap();
     assert_log_is(&fake, &expected);
     next.shutdown().await;
+    serving.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let fake = FakeAudit::default();
+    fake.state().fail_every = Some(4);
+    let serving = fake.serve(addr).await;
+    let auditor = start(config(dir.path(), addr), "concurrent");
+    let producers: Vec<_> = (0..4)
+        .map(|producer| {
+            let auditor = auditor.clone();
+            tokio::spawn(async move {
+                for i in 0..500 {
+                    auditor.record(event(&format!("p{producer}-{i}"))).unwrap();
+                    if i % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    auditor.drain(DRAIN).await.unwrap();
+    let expected: Vec<String> = (0..4)
+        .flat_map(|producer| ids(&format!("p{producer}"), 500))
+        .collect();
+    assert_log_is(&fake, &expected);
+    let stats = auditor.stats();
+    assert_eq!(
+        (stats.shipped, stats.spool_events, stats.spool_bytes),
+        (2000, 0, 0)
+    );
+    auditor.shutdown().await;
     serving.stop().await;
 }

@@ -44,18 +44,42 @@ async fn spool_damage_and_restart(
 
     let segs = segments(dir.path());
     assert_eq!(segs.len(), 1, "{segs:?}");
+    let ends = frame_ends(&std::fs::read(&segs[0]).unwrap());
+    assert_eq!(ends.len(), 50);
+    let cut_to = match damage {
+        Damage::Garbage => ends[49],
+        Damage::Truncate | Damage::FlipLastByte => ends[48],
+    };
     damage_segment(&segs[0], damage);
 
     let fake = FakeAudit::default();
     let serving = fake.serve(addr).await;
     let second = start(cfg, service);
     let recovered = second.stats().recovered_frames;
+    assert_eq!(
+        std::fs::metadata(&segs[0]).unwrap().len(),
+        cut_to as u64,
+        "the segment is cut after its last whole frame"
+    );
     second.drain(DRAIN).await.unwrap();
     let logged = fake.log_ids();
     assert_eq!(second.stats().spool_events, 0);
     second.shutdown().await;
     serving.stop().await;
     (recorded, logged, recovered)
+}
+
+/// Where each frame of a segment ends.
+fn frame_ends(bytes: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut offset = 0;
+    while offset + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        offset += 8 + len;
+        ends.push(offset);
+    }
+    assert_eq!(offset, bytes.len());
+    ends
 }
 
 fn damage_segment(path: &Path, damage: Damage) {
