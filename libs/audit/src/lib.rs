@@ -1,7 +1,14 @@
 //! The audit log's format: events, records, the hash chain, signed
 //! checkpoints and tombstones, the export format and an offline verifier.
+//! A pure library (no service, database or RPC dependency): an auditor
+//! verifies an exported file with [`verify_export`] and the service's
+//! [`PublicKey`]. The audit service appends with [`Record::append`], signs
+//! with [`Signer`] and re-checks its store with [`ChainVerifier`]. Feature
+//! `proto`: conversions to and from the `shamal.audit.v1` protobuf types.
 //!
-//! See `docs/audit-format.md` for the complete specification.
+//! What follows is the format's specification, `docs/audit-format.md`.
+//!
+#![doc = include_str!("../../../docs/audit-format.md")]
 
 mod digest;
 mod encoding;
