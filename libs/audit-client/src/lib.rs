@@ -38,6 +38,15 @@
 //!    spooled events are never dropped. The channel connects lazily and
 //!    reconnects as needed.
 //!
+//!    The one exception to "retry" is `INVALID_ARGUMENT`: the service
+//!    validated the events and will never take them (it refuses a whole
+//!    batch for one bad event). The shipper then sends that batch's events
+//!    one at a time; each event refused on its own is appended to the
+//!    spool's `rejected.frames` file (fsynced), counted in
+//!    `shamal_audit_rejected_total`, logged as an error with its
+//!    `event_id` and the service's reason, and not sent again. Without
+//!    this, one malformed event would block the spool for ever.
+//!
 //! # The spool
 //!
 //! `spool_dir` holds:
@@ -56,6 +65,9 @@
 //!   cursor are deleted.
 //! - `lock`: `flock`ed by the running auditor; a second auditor on the same
 //!   directory fails to start with [`Error::SpoolLocked`].
+//! - `rejected.frames` (only once the service has refused an event as
+//!   invalid): the refused events, in the segments' frame format, for an
+//!   operator to inspect. Never read back by the auditor.
 //!
 //! On start the auditor **recovers**: it deletes segments before the
 //! cursor, reads every remaining segment frame by frame, and cuts a segment
@@ -75,7 +87,8 @@
 //! - Every durable event is delivered **at least once**: the cursor only
 //!   moves past acknowledged batches, so a crash or a failed call sends the
 //!   unacknowledged ones again. `Append` skips event ids it already has, so
-//!   the audit log holds each event **exactly once**.
+//!   the audit log holds each event **exactly once** — except events the
+//!   service refuses as invalid, which end up in `rejected.frames`.
 //! - Events reach the service in the order they were spooled.
 //! - [`drain`](Auditor::drain) waits until everything recorded before it is
 //!   acknowledged; [`shutdown`](Auditor::shutdown) makes everything
@@ -110,8 +123,8 @@
 //! `shamal_audit_spool_events` (gauges of what is recorded and not yet
 //! acknowledged), `shamal_audit_shipped_total`,
 //! `shamal_audit_ship_failures_total`, `shamal_audit_dropped_total`,
-//! `shamal_audit_refused_total`, `shamal_audit_spool_recovered_frames_total`
-//! and `shamal_audit_spool_write_errors_total`.
+//! `shamal_audit_refused_total`, `shamal_audit_spool_recovered_frames_total`,
+//! `shamal_audit_spool_write_errors_total` and `shamal_audit_rejected_total`.
 
 mod config;
 mod frame;
@@ -216,6 +229,8 @@ pub struct AuditStats {
     pub refused: u64,
     pub recovered_frames: u64,
     pub write_errors: u64,
+    /// Events the audit service refused as invalid (set aside).
+    pub rejected: u64,
 }
 
 /// What the handles and the tasks share.
@@ -673,6 +688,7 @@ impl Auditor {
             refused: metrics.refused.get(),
             recovered_frames: metrics.recovered.get(),
             write_errors: metrics.write_errors.get(),
+            rejected: metrics.rejected.get(),
         }
     }
 }

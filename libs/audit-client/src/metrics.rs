@@ -16,6 +16,7 @@ struct Families {
     refused: IntCounterVec,
     recovered: IntCounterVec,
     write_errors: IntCounterVec,
+    rejected: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> prometheus::Result<IntCounterVec> {
@@ -59,6 +60,10 @@ fn build() -> prometheus::Result<Families> {
         write_errors: counter(
             "shamal_audit_spool_write_errors_total",
             "Failed spool writes or fsyncs (each is retried)",
+        )?,
+        rejected: counter(
+            "shamal_audit_rejected_total",
+            "Audit events the audit service refused as invalid (set aside in the spool's rejected file, not retried)",
         )?,
     })
 }
@@ -115,6 +120,7 @@ pub struct Metrics {
     pub refused: Counter,
     pub recovered: Counter,
     pub write_errors: Counter,
+    pub rejected: Counter,
 }
 
 impl Metrics {
@@ -128,6 +134,7 @@ impl Metrics {
         register(registry, Box::new(families.refused.clone()))?;
         register(registry, Box::new(families.recovered.clone()))?;
         register(registry, Box::new(families.write_errors.clone()))?;
+        register(registry, Box::new(families.rejected.clone()))?;
         let labels = [service];
         Ok(Metrics {
             spool_bytes: families.spool_bytes.with_label_values(&labels),
@@ -138,6 +145,7 @@ impl Metrics {
             refused: Counter::new(families.refused.with_label_values(&labels)),
             recovered: Counter::new(families.recovered.with_label_values(&labels)),
             write_errors: Counter::new(families.write_errors.with_label_values(&labels)),
+            rejected: Counter::new(families.rejected.with_label_values(&labels)),
         })
     }
 }

@@ -35,6 +35,12 @@ pub(crate) struct Shipper {
     pub corrupt_at: Option<Pos>,
 }
 
+enum Sent {
+    Acked(AppendResponse),
+    /// `INVALID_ARGUMENT`: the service will never take this batch.
+    Rejected(tonic::Status),
+}
+
 /// Completes when the auditor stops (or is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
@@ -107,20 +113,30 @@ impl Shipper {
         };
         if !batch.events.is_empty() {
             let count = batch.events.len() as u64;
-            let Some(response) = self.append(batch.events).await else {
-                return false;
+            let request = AppendRequest {
+                events: batch.events,
             };
-            tracing::debug!(
-                events = count,
-                appended = response.appended,
-                duplicates = response.duplicates,
-                head_seq = response.head_seq,
-                "audit events shipped"
-            );
+            let rejected = match self.append(&request).await {
+                None => return false,
+                Some(Sent::Acked(response)) => {
+                    tracing::debug!(
+                        events = count,
+                        appended = response.appended,
+                        duplicates = response.duplicates,
+                        head_seq = response.head_seq,
+                        "audit events shipped"
+                    );
+                    0
+                }
+                Some(Sent::Rejected(status)) => match self.one_by_one(request, status).await {
+                    None => return false,
+                    Some(rejected) => rejected,
+                },
+            };
             self.pos.offset = batch.end;
             self.frames_acked += count;
             self.shared.unspool(batch.bytes, count);
-            self.shared.metrics.shipped.add(count);
+            self.shared.metrics.shipped.add(count - rejected);
             self.acknowledge().await;
         }
         if batch.corrupt {
@@ -129,10 +145,10 @@ impl Shipper {
         true
     }
 
-    /// Sends one batch until it is acknowledged; `None` when stopped.
-    async fn append(&mut self, events: Vec<AuditEvent>) -> Option<AppendResponse> {
-        let count = events.len();
-        let request = AppendRequest { events };
+    /// Sends one batch until it is acknowledged or refused as invalid;
+    /// `None` when stopped.
+    async fn append(&mut self, request: &AppendRequest) -> Option<Sent> {
+        let count = request.events.len();
         let mut attempt: u64 = 0;
         loop {
             attempt += 1;
@@ -148,7 +164,13 @@ impl Shipper {
                     if attempt > 1 {
                         tracing::info!(events = count, attempt, "audit Append succeeded again");
                     }
-                    return Some(response.into_inner());
+                    return Some(Sent::Acked(response.into_inner()));
+                }
+                // The service validated the events and refuses (one of)
+                // them: sending the same again cannot succeed.
+                Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                    self.backoff.reset();
+                    return Some(Sent::Rejected(status));
                 }
                 Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
                 Err(_) => format!("timed out after {:?}", self.request_timeout),
@@ -164,6 +186,74 @@ impl Shipper {
             );
             if !self.pause(delay).await {
                 return None;
+            }
+        }
+    }
+
+    /// A batch the service refused as invalid: sends its events one at a
+    /// time so that only the invalid ones are set aside (in the rejected
+    /// file). The number set aside; `None` when stopped.
+    async fn one_by_one(&mut self, request: AppendRequest, status: tonic::Status) -> Option<u64> {
+        if request.events.len() == 1 {
+            let event = request.events.into_iter().next()?;
+            return self.reject(event, &status).await.then_some(1);
+        }
+        tracing::warn!(
+            events = request.events.len(),
+            error = status.message(),
+            "the audit service refuses a batch as invalid; sending its events one at a time"
+        );
+        let mut rejected = 0;
+        for event in request.events {
+            let single = AppendRequest {
+                events: vec![event],
+            };
+            match self.append(&single).await? {
+                Sent::Acked(_) => {}
+                Sent::Rejected(status) => {
+                    let event = single.events.into_iter().next()?;
+                    if !self.reject(event, &status).await {
+                        return None;
+                    }
+                    rejected += 1;
+                }
+            }
+        }
+        Some(rejected)
+    }
+
+    /// Keeps an event the service refuses in the rejected file (durably,
+    /// retrying), counts and logs it; false when stopped first.
+    async fn reject(&mut self, event: AuditEvent, status: &tonic::Status) -> bool {
+        tracing::error!(
+            event_id = %event.event_id,
+            action = %event.action,
+            service = %event.service,
+            error = status.message(),
+            file = %self.shared.dir.join(spool::REJECTED_FILE).display(),
+            "the audit service refuses an event as invalid; it is set aside in the rejected file and not sent again"
+        );
+        let event = Arc::new(event);
+        loop {
+            let dir = self.shared.dir.clone();
+            let kept = event.clone();
+            let written =
+                tokio::task::spawn_blocking(move || spool::append_rejected(&dir, &kept)).await;
+            match written {
+                Ok(Ok(())) => {
+                    self.shared.metrics.rejected.add(1);
+                    return true;
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "cannot write the audit rejected file; retrying")
+                }
+                Err(error) => {
+                    tracing::error!(%error, "audit rejected-file writer failed; retrying")
+                }
+            }
+            let delay = self.backoff.next_delay();
+            if !self.pause(delay).await {
+                return false;
             }
         }
     }

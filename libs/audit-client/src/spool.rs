@@ -17,6 +17,9 @@ pub const SEGMENT_SUFFIX: &str = ".seg";
 /// The acknowledged position: one line, `<segment> <offset>`.
 pub const CURSOR_FILE: &str = "cursor";
 const CURSOR_TEMP: &str = "cursor.tmp";
+/// Events the audit service refused as invalid, in the segments' frame
+/// format, for an operator to inspect.
+pub const REJECTED_FILE: &str = "rejected.frames";
 /// Held (`flock`) by the running producer.
 pub const LOCK_FILE: &str = "lock";
 
@@ -69,6 +72,21 @@ pub fn lock(dir: &Path) -> Result<File, Error> {
         }),
         Err(fs::TryLockError::Error(source)) => Err(io_error(&path, source)),
     }
+}
+
+/// Appends `event` to the rejected file, durably.
+pub fn append_rejected(dir: &Path, event: &AuditEvent) -> io::Result<()> {
+    let path = dir.join(REJECTED_FILE);
+    let created = !path.exists();
+    let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut frame = Vec::new();
+    frame::encode(event, &mut frame);
+    file.write_all(&frame)?;
+    file.sync_data()?;
+    if created {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Writes the cursor atomically: temporary file, `fsync`, rename, `fsync`

@@ -312,3 +312,51 @@ async fn concurrent_producers_lose_nothing() {
     auditor.shutdown().await;
     serving.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_service_refuses_as_invalid_are_set_aside_not_retried_for_ever() {
+    use shamal_proto::prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let fake = FakeAudit::default();
+    fake.state().invalid_action = Some("bogus".into());
+    let serving = fake.serve(addr).await;
+    let auditor = start(config(dir.path(), addr), "invalid");
+    let mut expected = Vec::new();
+    for i in 0..120 {
+        let id = format!("inv-{i}");
+        let mut event = event(&id);
+        if i % 40 == 7 {
+            event.action = "bogus".into();
+        } else {
+            expected.push(id);
+        }
+        auditor.record(event).unwrap();
+    }
+    auditor.drain(DRAIN).await.unwrap();
+    assert_log_is(&fake, &expected);
+    let stats = auditor.stats();
+    assert_eq!((stats.rejected, stats.shipped), (3, 117), "{stats:?}");
+    assert_eq!(stats.spool_events, 0);
+
+    // The refused events are kept, framed like the segments.
+    let bytes = std::fs::read(dir.path().join("rejected.frames")).unwrap();
+    let mut kept = Vec::new();
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
+        let payload = &bytes[offset + 8..offset + 8 + len];
+        assert_eq!(crc32fast::hash(payload), crc);
+        kept.push(
+            shamal_audit_client::AuditEvent::decode(payload)
+                .unwrap()
+                .event_id,
+        );
+        offset += 8 + len;
+    }
+    assert_eq!(kept, ["inv-7", "inv-47", "inv-87"]);
+    auditor.shutdown().await;
+    serving.stop().await;
+}

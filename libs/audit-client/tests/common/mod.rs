@@ -37,6 +37,9 @@ pub struct State {
     /// fail (a lost response: the producer must resend, the log must not
     /// double them).
     pub lose_response_every: Option<u64>,
+    /// Events with this action are invalid: a batch holding one is
+    /// refused whole with INVALID_ARGUMENT, as the real service does.
+    pub invalid_action: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -143,9 +146,17 @@ impl AuditService for FakeAudit {
         {
             return Err(Status::internal("failing every so often"));
         }
+        let request = request.into_inner();
+        if let Some(invalid) = &state.invalid_action
+            && let Some(index) = request.events.iter().position(|e| &e.action == invalid)
+        {
+            return Err(Status::invalid_argument(format!(
+                "events[{index}].action: {invalid:?} is not an action"
+            )));
+        }
         let mut appended = 0;
         let mut duplicates = 0;
-        for event in request.into_inner().events {
+        for event in request.events {
             *state.received.entry(event.event_id.clone()).or_default() += 1;
             if state.ids.insert(event.event_id.clone()) {
                 state.log.push(event);
