@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shamal_audit_client::AuditClientConfig;
 use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_registry_client::names;
 use shamal_telemetry::config::{self, ConfigError, Redacted};
@@ -18,6 +19,9 @@ pub struct RouterConfig {
     /// TLS, mTLS and OIDC: the `[security]` table (`tls_cert`,
     /// `oidc_issuer`, ..., `insecure`).
     pub security: SecurityConfig,
+    /// The audit trail: the `[audit]` table (`endpoint`, `spool_dir`,
+    /// `max_spool_bytes`, `on_full`, ...); off without an `endpoint`.
+    pub audit: AuditClientConfig,
     /// KServe v2 gRPC front door (Triton's default port is 8001).
     pub grpc_listen: SocketAddr,
     /// KServe v2 HTTP/JSON front door (Triton's 8000).
@@ -114,6 +118,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             security: SecurityConfig::default(),
+            audit: AuditClientConfig::default(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8002))),
@@ -326,6 +331,9 @@ impl RouterConfig {
         consistency
             .validate(Exposure::Public)
             .map_err(ConfigError::invalid)?;
+        self.audit
+            .validate()
+            .map_err(|error| ConfigError::invalid(error.to_string()))?;
         if self.workers.iter().any(|worker| worker.trim().is_empty()) {
             return Err(ConfigError::invalid(
                 "workers must not contain empty addresses",

@@ -123,6 +123,8 @@ pub(crate) struct Route<'a> {
     pub version: &'a str,
     pub regions: Option<&'a RegionPolicy>,
     pub retry_budget: Option<&'a TpsBudget>,
+    /// The call's audit record, told which worker (and region) it went to.
+    pub audit: Option<&'a crate::audit::AuditNote>,
 }
 
 /// Calls one worker serving the route's model in an allowed region,
@@ -173,6 +175,9 @@ where
                 }));
             }
             metrics.retries.inc();
+        }
+        if let Some(note) = route.audit {
+            note.worker(&upstream.meta.id, &upstream.meta.region);
         }
         tried.push(upstream.clone());
         let _inflight = InflightGuard::new(upstream.clone());

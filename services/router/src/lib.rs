@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod async_api;
+pub mod audit;
 pub mod auth;
 pub mod autoscale;
 pub mod config;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shamal_async_queue::JobQueue;
+use shamal_audit_client::Auditor;
 use shamal_auth::layer::GrpcAuthLayer;
 use shamal_auth::metrics::AuthMetrics;
 use shamal_auth::security::Exposure;
@@ -191,6 +193,16 @@ pub async fn run_with(
         ),
         _ => None,
     };
+    // The audit trail: every inference call's record goes through a
+    // durable local spool to the audit service (over mTLS when TLS is on).
+    let audit_tls = client_tls.clone().map(|tls| tls.expect_service("audit"));
+    let auditor = Auditor::start(
+        config.audit.clone(),
+        audit_tls.as_ref(),
+        "router",
+        &config.router_id,
+        &metrics_registry,
+    )?;
     let core = Arc::new(RoutingCore::new(CoreParts {
         pool: pool.clone(),
         metrics,
@@ -198,6 +210,7 @@ pub async fn run_with(
         registry: routing,
         keep_awake,
         auth: auth.clone(),
+        auditor: auditor.clone(),
     }));
     let autoscale_signals = autoscale::spawn(
         &metrics_registry,
@@ -307,6 +320,14 @@ pub async fn run_with(
     }
     if let Some(link) = registry_link {
         link.stop().await;
+    }
+    // Every answered call's record is spooled; give the shipper a moment
+    // to hand them over (what is left is shipped by the next start).
+    if auditor.is_enabled() {
+        if let Err(timeout) = auditor.drain(audit::DRAIN_AT_SHUTDOWN).await {
+            tracing::warn!(%timeout, "audit records left in the spool at shutdown");
+        }
+        auditor.shutdown().await;
     }
     if let Some(task) = metrics_task {
         let _ = task.await;

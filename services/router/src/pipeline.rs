@@ -31,7 +31,10 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
+use shamal_audit_client::Auditor;
+
 use crate::admission::{Admission, Priority};
+use crate::audit::{self, AuditNote};
 use crate::autoscale::ModelInflight;
 use crate::forward::{CallContext, Route, forward_to};
 use crate::metrics::RouterMetrics;
@@ -56,6 +59,9 @@ pub struct InferCall {
     pub plan: Option<Plan>,
     /// Who is calling (step 2); anonymous until then, and when auth is off.
     pub principal: Principal,
+    /// What this call's audit record learns on the way (step 1b), when
+    /// auditing is on.
+    pub audit: Option<Arc<AuditNote>>,
 }
 
 impl InferCall {
@@ -68,6 +74,7 @@ impl InferCall {
             regions: None,
             plan: None,
             principal: Principal::Anonymous,
+            audit: None,
         }
     }
 }
@@ -93,6 +100,8 @@ pub struct Parts {
     pub keep_awake: Option<&'static KeepAwake>,
     /// Who callers are ([`Authenticator::off`] when auth is off).
     pub auth: Arc<Authenticator>,
+    /// The audit trail ([`Auditor::disabled`] when auditing is off).
+    pub auditor: Auditor,
 }
 
 /// Declares the inference pipeline, outermost layer first.
@@ -107,6 +116,7 @@ pub fn build(parts: Parts) -> Pipeline {
         shadow,
         keep_awake,
         auth,
+        auditor,
     } = parts;
     let residency_registry = registry.clone();
     let stack = ServiceBuilder::new()
@@ -118,6 +128,11 @@ pub fn build(parts: Parts) -> Pipeline {
             metrics: metrics.clone(),
             keep_awake,
         }))
+        // 1b. Audit: one record per call, refusals of every step below
+        //     included (metadata and payload digests, see `audit`). Fail
+        //     closed: a full audit spool refuses the call here, before any
+        //     work. Costs nothing when auditing is off.
+        .layer(Around::layer(AuditStep { auditor }))
         // 2. Authentication and authorisation: after observation, so that
         //    refusals are counted and timed like any answer, and before any
         //    step reads the request on the caller's behalf (residency
@@ -145,6 +160,12 @@ pub fn build(parts: Parts) -> Pipeline {
                 &call.principal,
             )?;
             call.regions = policy.map(Arc::new);
+            if let Some(note) = &call.audit
+                && let Ok(Some(named)) =
+                    residency::tenant(&call.request.parameters, &call.context.headers)
+            {
+                note.tenant_if_unset(named);
+            }
             Ok(())
         }))
         // 5. Rollout plan: the version the model's rollout (or alias)
@@ -374,6 +395,9 @@ struct Authenticate {
 
 impl Authenticate {
     fn admit(&self, principal: Principal, call: &mut InferCall) -> Result<(), Status> {
+        if let Some(note) = &call.audit {
+            note.caller(&principal);
+        }
         match principal.require(Permission::InferenceCall) {
             Ok(()) => {
                 call.principal = principal;
@@ -425,6 +449,39 @@ fn credentials(context: &CallContext) -> Credentials<'_> {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or("\u{0}")),
+    }
+}
+
+/// Opens each call's audit record and writes it when the answer is known
+/// (see `audit`). Step 1b of [`build`].
+#[derive(Clone)]
+struct AuditStep {
+    auditor: Auditor,
+}
+
+impl Policy for AuditStep {
+    fn around<S: Next>(&self, mut call: InferCall, next: &mut S) -> Either<BoxInfer, S::Future> {
+        if !self.auditor.is_enabled() {
+            return Either::Right(take(next).call(call));
+        }
+        if let Err(backlog) = self.auditor.admit() {
+            return Either::Left(Box::pin(ready(Err(audit::backlog_status(&backlog)))));
+        }
+        let pending = audit::Pending::open(&call.request, &call.context.request_id);
+        call.audit = Some(pending.note.clone());
+        let auditor = self.auditor.clone();
+        let answer = take(next).call(call);
+        Either::Left(Box::pin(async move {
+            let result = answer.await;
+            let event = match &result {
+                Ok(response) => pending.event(
+                    audit::INFERENCE,
+                    Ok((&response.model_version, Some(response))),
+                ),
+                Err(status) => pending.event(audit::INFERENCE, Err(status)),
+            };
+            audit::record(&auditor, event, result)
+        }))
     }
 }
 
@@ -591,6 +648,7 @@ impl Service<InferCall> for Forward {
                 request,
                 context,
                 regions,
+                audit,
                 ..
             } = call;
             let route = Route {
@@ -598,6 +656,7 @@ impl Service<InferCall> for Forward {
                 version: &request.model_version,
                 regions: regions.as_deref(),
                 retry_budget: Some(&forward.retry_budget),
+                audit: audit.as_deref(),
             };
             let request = &request;
             let context = &context;

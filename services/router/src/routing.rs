@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shamal_audit_client::Auditor;
 use shamal_auth::Authenticator;
 use shamal_idle_poll::KeepAwake;
 use shamal_proto::inference::repository_index_response::ModelIndex;
@@ -73,6 +74,7 @@ pub struct RoutingCore {
     /// Rollout routing, when the router follows a registry.
     registry: Option<Arc<RegistryRouting>>,
     auth: Arc<Authenticator>,
+    auditor: Auditor,
 }
 
 /// What a router's core is built from.
@@ -87,6 +89,8 @@ pub struct CoreParts {
     pub keep_awake: Option<&'static KeepAwake>,
     /// Who callers are ([`Authenticator::off`] when auth is off).
     pub auth: Arc<Authenticator>,
+    /// The audit trail ([`Auditor::disabled`] when auditing is off).
+    pub auditor: Auditor,
 }
 
 impl RoutingCore {
@@ -98,6 +102,7 @@ impl RoutingCore {
             registry,
             keep_awake,
             auth,
+            auditor,
         } = parts;
         let admission = Arc::new(Admission::new(
             limits.max_inflight,
@@ -123,6 +128,7 @@ impl RoutingCore {
             shadow,
             keep_awake,
             auth: auth.clone(),
+            auditor: auditor.clone(),
         });
         RoutingCore {
             pool,
@@ -134,7 +140,13 @@ impl RoutingCore {
             default_timeout: limits.default_timeout,
             registry,
             auth,
+            auditor,
         }
+    }
+
+    /// The audit trail (disabled when auditing is off).
+    pub fn auditor(&self) -> &Auditor {
+        &self.auditor
     }
 
     /// Who callers are.
@@ -217,6 +229,7 @@ impl RoutingCore {
             version,
             regions: None,
             retry_budget: Some(&self.retry_budget),
+            audit: None,
         };
         forward_to(&self.pool, &self.metrics, &route, context, call).await
     }

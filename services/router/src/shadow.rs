@@ -200,6 +200,7 @@ async fn run(
         version: &version_label,
         regions: copy.regions.as_deref(),
         retry_budget: None,
+        audit: None,
     };
     let result = forward_to(
         &shadow.pool,

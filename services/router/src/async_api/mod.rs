@@ -187,8 +187,40 @@ impl AsyncApi {
         &self.settings
     }
 
-    /// Checks and queues an inference request; returns the job's id.
+    /// Checks and queues an inference request; returns the job's id. The
+    /// submission is audited (`inference.async_submit`, the job id in the
+    /// record's `reason`) when auditing is on; a full audit spool refuses
+    /// it (fail closed).
     pub async fn submit(
+        &self,
+        request: ModelInferRequest,
+        context: &CallContext,
+        principal: &shamal_auth::Principal,
+    ) -> Result<JobId, Status> {
+        let auditor = self.core.auditor();
+        if !auditor.is_enabled() {
+            return self.submit_checked(request, context, principal).await;
+        }
+        auditor
+            .admit()
+            .map_err(|backlog| crate::audit::backlog_status(&backlog))?;
+        let pending = crate::audit::Pending::open(&request, &context.request_id);
+        pending.note.caller(principal);
+        if let Ok(Some(named)) = crate::residency::tenant(&request.parameters, &context.headers) {
+            pending.note.tenant_if_unset(named);
+        }
+        let result = self.submit_checked(request, context, principal).await;
+        let mut event = match &result {
+            Ok(_) => pending.event(crate::audit::ASYNC_SUBMIT, Ok(("", None))),
+            Err(status) => pending.event(crate::audit::ASYNC_SUBMIT, Err(status)),
+        };
+        if let Ok(id) = &result {
+            event.reason = format!("job {id}");
+        }
+        crate::audit::record(auditor, event, result)
+    }
+
+    async fn submit_checked(
         &self,
         mut request: ModelInferRequest,
         context: &CallContext,
