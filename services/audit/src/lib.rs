@@ -114,29 +114,7 @@ pub async fn serve(
     metrics: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let security = &config.security;
-    security.announce("audit", config::EXPOSURE, &metrics);
-    let auth_metrics = if security.tls_on() || security.oidc_on() {
-        Some(AuthMetrics::new(&metrics)?)
-    } else {
-        None
-    };
-    let auth = security
-        .authenticator(auth_metrics)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    // Optional client certificates: producers present theirs, admins a
-    // bearer token.
-    let server_tls = match security.tls_files() {
-        Some(files) => {
-            let tls = ServerTls::new(&files, ClientAuth::Optional)?;
-            Some(match TlsMetrics::new(&metrics) {
-                Ok(tls_metrics) => tls.with_metrics(tls_metrics),
-                Err(_) => tls,
-            })
-        }
-        None => None,
-    };
+    // Listen for the stop first (SIGTERM during the start-up stops it too).
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<AuditServiceServer<grpc::AuditGrpc>>()
@@ -166,6 +144,29 @@ pub async fn serve(
             let _ = stop_sender.send(true);
         });
     }
+    let security = &config.security;
+    security.announce("audit", config::EXPOSURE, &metrics);
+    let auth_metrics = if security.tls_on() || security.oidc_on() {
+        Some(AuthMetrics::new(&metrics)?)
+    } else {
+        None
+    };
+    let auth = security
+        .authenticator(auth_metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // Optional client certificates: producers present theirs, admins a
+    // bearer token.
+    let server_tls = match security.tls_files() {
+        Some(files) => {
+            let tls = ServerTls::new(&files, ClientAuth::Optional)?;
+            Some(match TlsMetrics::new(&metrics) {
+                Ok(tls_metrics) => tls.with_metrics(tls_metrics),
+                Err(_) => tls,
+            })
+        }
+        None => None,
+    };
     let checkpointer = log.spawn_checkpointer(stop.clone());
     let retention = config.retention().map(|retention| {
         tracing::info!(

@@ -25,9 +25,11 @@ pub const MAX_APPEND_EVENTS: usize = 10_000;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// A Query page's size when the request names none.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
-/// Rows per multi-row INSERT (24 values each: well under both backends'
-/// limits on bound values).
-const INSERT_CHUNK: usize = 400;
+/// Rows per multi-row INSERT (24 values each). Measured: binding cost
+/// grows faster than linearly with a statement's values through sqlx's
+/// `Any` driver, so a 1,000-event append takes about a sixth of the time
+/// in chunks of 50 than in chunks of 400 on SQLite, half on Postgres.
+const INSERT_CHUNK: usize = 50;
 /// Event ids per duplicate lookup.
 const LOOKUP_CHUNK: usize = 500;
 

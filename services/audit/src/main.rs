@@ -18,7 +18,15 @@ async fn main() -> ExitCode {
     let listeners = AuditListeners::bind(&config).await;
     SERVICE
         .serve(listeners, |listeners, metrics, shutdown| {
-            tracing::info!(grpc = %config.grpc_listen, "audit service listening");
+            let grpc = listeners
+                .grpc
+                .local_addr()
+                .map_or(config.grpc_listen, |bound| bound);
+            let metrics_address = listeners
+                .metrics
+                .as_ref()
+                .and_then(|listener| listener.local_addr().ok());
+            tracing::info!(%grpc, metrics = ?metrics_address, "audit service listening");
             shamal_audit_service::run(config, listeners, metrics, shutdown)
         })
         .await

@@ -351,6 +351,9 @@ async fn retention_leaves_a_tombstone_and_the_chain_verifies(db: &TestDb) {
     refused(&log, "DELETE FROM audit_records WHERE seq = 43").await;
 }
 
+/// Which events a query should return.
+type Keep = Box<dyn Fn(&shamal_audit::Event) -> bool>;
+
 async fn query_filters_and_pages(db: &TestDb) {
     let log = db.open().await;
     let mut batch = Vec::new();
@@ -403,7 +406,7 @@ async fn query_filters_and_pages(db: &TestDb) {
             .collect::<Vec<u64>>()
     };
     // Every filter alone, paged 7 at a time.
-    let cases: Vec<(Query, Box<dyn Fn(&shamal_audit::Event) -> bool>)> = vec![
+    let cases: Vec<(Query, Keep)> = vec![
         (
             Query {
                 model: "fraud".into(),
