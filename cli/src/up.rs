@@ -1,9 +1,11 @@
-//! `shamal up`: registry, router, cpu-worker and gpu-worker in one process,
-//! on loopback. The registry keeps its state (SQLite) and artifacts under
-//! the data directory; each worker serves its model repository (ONNX for the
-//! cpu-worker, safetensors on candle for the gpu-worker) and every version
-//! of its format the registry assigns it; the router follows the registry's
-//! rollouts.
+//! `shamal up`: registry, router, cpu-worker, gpu-worker and the audit
+//! service in one process, on loopback. The registry keeps its state
+//! (SQLite) and artifacts under the data directory; each worker serves its
+//! model repository (ONNX for the cpu-worker, safetensors on candle for the
+//! gpu-worker) and every version of its format the registry assigns it; the
+//! router follows the registry's rollouts. The router and the registry
+//! report every inference and every change to the audit log (SQLite in the
+//! data directory, through spools there).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shamal_async_queue::{JobQueue, MemoryQueue, QueueConfig};
+use shamal_audit_client::AuditClientConfig;
+use shamal_audit_service::{AuditConfig, AuditListeners, RunningAudit};
 use shamal_auth::security::{SecurityArgs, SecurityConfig};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 use shamal_gpu_worker::{GpuWorkerArgs, GpuWorkerConfig};
@@ -65,6 +69,14 @@ pub struct UpArgs {
     /// MetricsRegistry internal gRPC port (routers and workers), on loopback.
     #[arg(long, default_value_t = 8201)]
     registry_grpc_port: u16,
+    /// Audit service gRPC port (append, query, export, verify), on
+    /// loopback.
+    #[arg(long, default_value_t = 8301)]
+    audit_grpc_port: u16,
+    /// Start without the audit service: nothing is recorded (for
+    /// comparisons; a regulated deployment keeps it on).
+    #[arg(long)]
+    no_audit: bool,
     /// Largest dynamic batch for models without a configuration file.
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -249,6 +261,60 @@ fn gpu_worker_config(
     .map_err(|error| format!("gpu-worker: {error}"))
 }
 
+/// The embedded audit service: SQLite and its checkpoint signing key in the
+/// data directory, on loopback. Under --tls it takes mTLS (and tokens of
+/// the --oidc-issuer); otherwise it is open to this machine, like the
+/// other internal ports.
+async fn start_audit(
+    args: &UpArgs,
+    security: &SecurityConfig,
+    listener: TcpListener,
+    metrics: &shamal_telemetry::MetricsRegistry,
+) -> anyhow::Result<RunningAudit> {
+    let security = if args.tls {
+        with_tls(security, args, "audit")
+    } else {
+        SecurityConfig {
+            insecure: true,
+            ..SecurityConfig::default()
+        }
+    };
+    let config = AuditConfig {
+        security,
+        grpc_listen: listener.local_addr()?,
+        metrics_listen: None,
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            args.data_dir.join("audit.db").display()
+        ),
+        signing_key_file: args.data_dir.join("audit-signing-key.pem"),
+        ..AuditConfig::default()
+    };
+    RunningAudit::start(
+        config,
+        AuditListeners {
+            grpc: listener,
+            metrics: None,
+        },
+        metrics.clone(),
+    )
+    .await
+}
+
+/// The `[audit]` settings of an embedded producer: the embedded audit
+/// service, a spool of its own in the data directory, fail closed; off
+/// with --no-audit.
+fn audit_client(args: &UpArgs, audit: Option<&str>, service: &str) -> AuditClientConfig {
+    match audit {
+        Some(audit) => AuditClientConfig {
+            endpoint: Some(audit.to_owned()),
+            spool_dir: args.data_dir.join("audit-spool").join(service),
+            ..AuditClientConfig::default()
+        },
+        None => AuditClientConfig::default(),
+    }
+}
+
 async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(SocketAddr::new(host, port))
         .await
@@ -312,17 +378,37 @@ pub async fn run(args: UpArgs) -> ExitCode {
         let metrics = bind(args.host, args.metrics_port, "metrics").await?;
         let registry_http = bind(args.host, args.registry_http_port, "registry HTTP").await?;
         let registry_grpc = bind(loopback, args.registry_grpc_port, "registry gRPC").await?;
-        Ok::<_, String>((worker, grpc, http, metrics, registry_http, registry_grpc))
+        let audit_grpc = if args.no_audit {
+            None
+        } else {
+            Some(bind(loopback, args.audit_grpc_port, "audit gRPC").await?)
+        };
+        Ok::<_, String>((
+            worker,
+            grpc,
+            http,
+            metrics,
+            registry_http,
+            registry_grpc,
+            audit_grpc,
+        ))
     }
     .await;
-    let (worker_listener, grpc, http, metrics, registry_http, registry_grpc_listener) =
-        match listeners {
-            Ok(listeners) => listeners,
-            Err(error) => {
-                eprintln!("shamal up: {error}");
-                return ExitCode::from(71);
-            }
-        };
+    let (
+        worker_listener,
+        grpc,
+        http,
+        metrics,
+        registry_http,
+        registry_grpc_listener,
+        audit_grpc_listener,
+    ) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            eprintln!("shamal up: {error}");
+            return ExitCode::from(71);
+        }
+    };
     let gpu_worker_listener = match &gpu_worker_config {
         Some(_) => match bind(loopback, 0, "gpu-worker").await {
             Ok(listener) => Some(listener),
@@ -344,6 +430,20 @@ pub async fn run(args: UpArgs) -> ExitCode {
         (address(&grpc), address(&http), address(&metrics));
     let registry_http_address = address(&registry_http);
     let metrics_registry = shamal_telemetry::MetricsRegistry::new();
+
+    // The audit service before everything that reports to it, stopped
+    // after them so that their spools drain into it.
+    let audit_address = audit_grpc_listener.as_ref().map(address);
+    let audit = match audit_grpc_listener {
+        Some(listener) => match start_audit(&args, &security, listener, &metrics_registry).await {
+            Ok(audit) => Some(audit),
+            Err(error) => {
+                eprintln!("shamal up: cannot start the audit service: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
 
     // The registry first: worker and router follow it.
     let registry_config = RegistryConfig {
@@ -385,6 +485,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         refresh_interval_ms: 500,
         registry: Some(registry_grpc.to_string()),
         router_id: "local-router".to_owned(),
+        audit: audit_client(&args, audit_address.as_deref(), "router"),
         // Async inference on one in-process queue shared with the worker:
         // no Redis needed (jobs do not survive a restart).
         async_queue: Some(shamal_router::config::MEMORY_QUEUE.to_owned()),
@@ -521,6 +622,8 @@ pub async fn run(args: UpArgs) -> ExitCode {
         http: http_address,
         metrics: metrics_address,
         registry: registry_http_address,
+        audit: audit_address,
+        data_dir: args.data_dir.clone(),
     }));
 
     let router_result = router.await;
@@ -534,6 +637,11 @@ pub async fn run(args: UpArgs) -> ExitCode {
     }
     if let Err(error) = model_registry.stop().await {
         eprintln!("shamal up: registry failed: {error:#}");
+    }
+    if let Some(audit) = audit
+        && let Err(error) = audit.stop().await
+    {
+        eprintln!("shamal up: audit service failed: {error:#}");
     }
     match (router_result, worker_result) {
         (Ok(Ok(())), Ok(Ok(()))) if matches!(gpu_worker_result, Ok(Ok(()))) => ExitCode::SUCCESS,
@@ -562,6 +670,8 @@ struct Banner {
     http: String,
     metrics: String,
     registry: String,
+    audit: Option<String>,
+    data_dir: PathBuf,
 }
 
 /// Prints the endpoints and the served models once the workers have loaded.
@@ -575,6 +685,8 @@ async fn announce(banner: Banner) {
         http,
         metrics,
         registry,
+        audit,
+        data_dir,
     } = banner;
     let Some(models) = loaded_models(&worker, tls.as_ref()).await else {
         return;
@@ -600,6 +712,14 @@ async fn announce(banner: Banner) {
     println!(
         "  Registry:        {web}://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
     );
+    match audit {
+        Some(audit) => println!(
+            "  Audit log:       {}://{audit} (every inference and change; `shamal audit query`, records in {})",
+            if tls.is_some() { "https" } else { "http" },
+            data_dir.join("audit.db").display()
+        ),
+        None => println!("  Audit log:       OFF (--no-audit): nothing is recorded"),
+    }
     println!("  Models:          {} (ONNX Runtime)", models.join(", "));
     if let Some((models, device)) = gpu_models {
         println!(
