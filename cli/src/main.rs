@@ -2,6 +2,7 @@
 
 mod access;
 mod admin;
+mod audit;
 mod certs;
 mod client;
 mod login;
@@ -62,6 +63,9 @@ enum Command {
     Logout,
     /// Who the registry commands act as: subject, tenant, roles, expiry.
     Whoami(whoami::WhoamiArgs),
+    /// The audit log: export it, verify an export offline with the
+    /// signing key, query records (docs/audit.md).
+    Audit(audit::AuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,6 +112,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Login(args) => login::login(args).await,
         Command::Logout => login::logout(),
         Command::Whoami(args) => whoami::run(args, &cli.registry).await,
+        Command::Audit(args) => return audit::run(args, &cli.registry).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
