@@ -6,7 +6,9 @@
 
 use crate::error::{RegistryError, Result};
 use crate::model::*;
-use crate::registry::{ModelRegistry, actor_or_anonymous, validate_model_name};
+use crate::registry::{
+    Change, ModelRegistry, actor_or_anonymous, audit_json, audit_json_opt, validate_model_name,
+};
 use crate::store::*;
 use sqlx::Row;
 
@@ -110,11 +112,28 @@ impl ModelRegistry {
     ) -> Result<ModelAccess> {
         validate_model_name(model)?;
         validate_access(&input)?;
+        let requested_by = actor;
         let actor = actor_or_anonymous(actor);
         let now = now_millis();
         let tenants = json_text(&input.allowed_tenants)?;
         let groups = json_text(&input.allowed_groups)?;
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = sqlx::query("SELECT allowed_tenants, allowed_groups, access_updated_by, access_updated_at FROM models WHERE name = $1")
+            .bind(model)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| -> Result<ModelAccess> {
+                let (allowed_tenants, allowed_groups) = access_lists(&row)?;
+                Ok(ModelAccess {
+                    model: model.to_owned(),
+                    allowed_tenants,
+                    allowed_groups,
+                    updated_by: row.try_get("access_updated_by")?,
+                    updated_at: row.try_get("access_updated_at")?,
+                })
+            })
+            .transpose()?;
         let updated = sqlx::query("UPDATE models SET allowed_tenants = $1, allowed_groups = $2, access_updated_by = $3, access_updated_at = $4 WHERE name = $5")
             .bind(&tenants)
             .bind(&groups)
@@ -140,13 +159,22 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(model, tenants = ?input.allowed_tenants, groups = ?input.allowed_groups, %actor, "model access set");
-        Ok(ModelAccess {
+        let after = ModelAccess {
             model: model.to_owned(),
             allowed_tenants: input.allowed_tenants,
             allowed_groups: input.allowed_groups,
             updated_by: actor,
             updated_at: now,
-        })
+        };
+        self.audit(Change {
+            action: "access.set",
+            actor: requested_by,
+            model,
+            before: audit_json_opt(before.as_ref()),
+            after: audit_json(&after),
+            ..Change::default()
+        });
+        Ok(after)
     }
 }
 

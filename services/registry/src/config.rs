@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shamal_audit_client::AuditClientConfig;
 use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_telemetry::config::{self, ConfigError, redact_urls};
 use shamal_telemetry::process::Service;
@@ -57,6 +58,10 @@ pub struct RegistryConfig {
     /// the web login's redirect URI is `<public_url>/oidc/callback`.
     /// Default: the HTTP listener's address (loopback for a wildcard).
     pub public_url: Option<String>,
+    /// The audit trail: the `[audit]` table (`endpoint`, `spool_dir`,
+    /// `max_spool_bytes`, `on_full`, ...). No `endpoint` (the default):
+    /// mutations are not reported.
+    pub audit: AuditClientConfig,
 }
 
 impl Default for RegistryConfig {
@@ -78,6 +83,7 @@ impl Default for RegistryConfig {
             oidc_web_client_secret: None,
             oidc_web_scopes: crate::rest::session::DEFAULT_SCOPES.to_owned(),
             public_url: None,
+            audit: AuditClientConfig::default(),
         }
     }
 }
@@ -180,6 +186,31 @@ pub struct RegistryArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// The `[audit]` table's flags (`--audit-endpoint`,
+    /// `--audit-spool-dir`).
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "AuditArgs::is_empty")]
+    pub audit: AuditArgs,
+}
+
+/// Flags of the `[audit]` table; its other keys are set in the file.
+#[derive(Clone, Debug, Default, clap::Args, Serialize)]
+pub struct AuditArgs {
+    /// The audit service's gRPC address (`https://audit:8301`): turns the
+    /// audit trail on (needs a spool directory).
+    #[arg(long)]
+    #[serde(rename = "endpoint", skip_serializing_if = "Option::is_none")]
+    pub audit_endpoint: Option<String>,
+    /// Directory of the audit spool (events not yet acknowledged).
+    #[arg(long)]
+    #[serde(rename = "spool_dir", skip_serializing_if = "Option::is_none")]
+    pub audit_spool_dir: Option<PathBuf>,
+}
+
+impl AuditArgs {
+    fn is_empty(&self) -> bool {
+        self.audit_endpoint.is_none() && self.audit_spool_dir.is_none()
+    }
 }
 
 /// The registry binary: its name and the prefix of its variables.
@@ -241,6 +272,9 @@ impl RegistryConfig {
                 "placement_grace_ms must be at most 600000",
             ));
         }
+        self.audit.validate().map_err(|error| {
+            ConfigError::invalid(format!("audit.{}: {}", error.field, error.reason))
+        })?;
         Ok(())
     }
 
@@ -468,6 +502,62 @@ mod tests {
                 error.contains(named) && error.contains("registry.toml"),
                 "{text}: {error}"
             );
+        }
+    }
+
+    #[test]
+    fn the_audit_table_is_read_checked_and_off_by_default() {
+        let config = RegistryConfig::load(&RegistryArgs::default()).unwrap_or_default();
+        assert!(!config.audit.enabled());
+        let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+        let file = dir.path().join("registry.toml");
+        std::fs::write(
+            &file,
+            "[audit]\nendpoint = \"https://audit:8301\"\nspool_dir = \"/var/lib/shamal/registry/audit-spool\"\nmax_spool_bytes = 1048576\non_full = \"fail_open\"\n",
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        let args = RegistryArgs {
+            config: Some(file.clone()),
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(config.audit.endpoint.as_deref(), Some("https://audit:8301"));
+        assert_eq!(config.audit.max_spool_bytes, 1_048_576);
+        assert_eq!(config.audit.on_full, shamal_audit_client::OnFull::FailOpen);
+        // The flag wins over the file.
+        let args = RegistryArgs {
+            config: Some(file.clone()),
+            audit: AuditArgs {
+                audit_endpoint: Some("audit.internal:8301".to_owned()),
+                audit_spool_dir: None,
+            },
+            ..RegistryArgs::default()
+        };
+        let config = RegistryConfig::load(&args).unwrap_or_default();
+        assert_eq!(
+            config.audit.endpoint.as_deref(),
+            Some("audit.internal:8301")
+        );
+        assert!(
+            SERVICE
+                .variables_read::<RegistryArgs>()
+                .contains(&"SHAMAL_REGISTRY_AUDIT_ENDPOINT".to_owned())
+        );
+        for (text, named) in [
+            ("[audit]\nendpont = \"x:1\"\n", "unknown field `endpont`"),
+            ("[audit]\nendpoint = \"audit:8301\"\n", "audit.spool_dir"),
+            ("[audit]\non_full = \"drop\"\n", "on_full"),
+        ] {
+            std::fs::write(&file, text).unwrap_or_else(|error| panic!("{error}"));
+            let args = RegistryArgs {
+                config: Some(file.clone()),
+                ..RegistryArgs::default()
+            };
+            let error = RegistryConfig::load(&args)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(named), "{text}: {error}");
         }
     }
 

@@ -29,6 +29,10 @@ pub enum RegistryError {
     DigestMismatch(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The audit backlog is full (`[audit] on_full = "fail_closed"`): the
+    /// change is refused before it is made.
+    #[error("{0}; change refused, retry later")]
+    AuditBacklog(#[from] shamal_audit_client::Backlog),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +60,7 @@ impl RegistryError {
             RegistryError::Conflict { .. } => ErrorKind::Aborted,
             RegistryError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             RegistryError::PayloadTooLarge(_) => ErrorKind::PayloadTooLarge,
+            RegistryError::AuditBacklog(_) => ErrorKind::ResourceExhausted,
             RegistryError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -183,9 +188,10 @@ mod tests {
             RegistryError::FailedPrecondition("p".to_owned()),
             RegistryError::DigestMismatch("d".to_owned()),
             RegistryError::PayloadTooLarge("big".to_owned()),
+            RegistryError::AuditBacklog(shamal_audit_client::Backlog::Queue { queued: 1 }),
             RegistryError::Internal("x".to_owned()),
         ];
-        let expected = [400, 404, 409, 409, 400, 400, 413, 500];
+        let expected = [400, 404, 409, 409, 400, 400, 413, 429, 500];
         for (error, http) in errors.into_iter().zip(expected) {
             assert_eq!(error.http_status().as_u16(), http, "{error:?}");
             let kind = error.kind();

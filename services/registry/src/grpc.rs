@@ -158,9 +158,10 @@ impl Registry for RegistryGrpc {
         &self,
         request: Request<proto::RegisterWorkerRequest>,
     ) -> Result<Response<proto::RegisterWorkerResponse>, Status> {
+        let actor = caller(&request);
         let request = request.into_inner();
         self.registry
-            .register_member(
+            .register_member_as(
                 WorkerInfo {
                     id: request.worker_id,
                     address: request.address,
@@ -170,6 +171,7 @@ impl Registry for RegistryGrpc {
                     last_seen: now_millis(),
                 },
                 request.capacity,
+                &actor,
             )
             .await?;
         let membership = self.registry.membership();
@@ -195,9 +197,10 @@ impl Registry for RegistryGrpc {
         &self,
         request: Request<proto::DeregisterWorkerRequest>,
     ) -> Result<Response<proto::DeregisterWorkerResponse>, Status> {
+        let actor = caller(&request);
         let request = request.into_inner();
         self.registry
-            .deregister_worker(&request.worker_id, request.done, &request.reason)
+            .deregister_worker_as(&request.worker_id, request.done, &request.reason, &actor)
             .await?;
         Ok(Response::new(proto::DeregisterWorkerResponse {}))
     }
@@ -255,5 +258,14 @@ impl Registry for RegistryGrpc {
             Some(state) => Ok(Response::new(state)),
             None => Err(Status::not_found(format!("model '{name}' does not exist"))),
         }
+    }
+}
+
+/// Who makes a gRPC call, as the audit trail records it: the service URI
+/// of its certificate, the token's subject, or empty (anonymous).
+fn caller<T>(request: &Request<T>) -> String {
+    match request.extensions().get::<shamal_auth::Principal>() {
+        Some(principal) if *principal != shamal_auth::Principal::Anonymous => principal.actor(),
+        _ => String::new(),
     }
 }

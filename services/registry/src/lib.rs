@@ -27,12 +27,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use shamal_audit_client::Auditor;
 use shamal_auth::layer::GrpcAuthLayer;
 use shamal_auth::metrics::AuthMetrics;
 use shamal_auth::security::Exposure;
 use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
 use shamal_telemetry::{MetricsRegistry, Readiness};
-use shamal_tls::{ClientAuth, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
+use shamal_tls::{ClientAuth, ClientTls, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
 use tokio::net::TcpListener;
 
 pub use config::{RegistryArgs, RegistryConfig};
@@ -58,9 +59,57 @@ impl RegistryListeners {
     }
 }
 
+/// How long a stopping registry waits for the audit service to acknowledge
+/// what is spooled (the rest is shipped by the next start).
+pub const AUDIT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the auditor of `config.audit` (disabled without an endpoint),
+/// over mTLS with the `[security]` certificate when TLS is configured (the
+/// server must then be the audit service), its metrics in `metrics`.
+pub fn start_auditor(
+    config: &RegistryConfig,
+    metrics: &MetricsRegistry,
+) -> anyhow::Result<Auditor> {
+    if !config.audit.enabled() {
+        return Ok(Auditor::disabled());
+    }
+    let tls = match config.security.tls_files() {
+        Some(files) => Some(ClientTls::new(&files)?.expect_service("audit")),
+        None => None,
+    };
+    let instance = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .unwrap_or_else(|| config.grpc_listen.to_string());
+    Ok(Auditor::start(
+        config.audit.clone(),
+        tls.as_ref(),
+        "registry",
+        &instance,
+        metrics,
+    )?)
+}
+
+/// Drains (for at most [`AUDIT_DRAIN_TIMEOUT`]) and stops an auditor.
+pub async fn stop_auditor(auditor: Auditor) {
+    if let Err(error) = auditor.drain(AUDIT_DRAIN_TIMEOUT).await {
+        tracing::warn!(%error, "audit events left in the spool for the next start");
+    }
+    auditor.shutdown().await;
+}
+
 /// Opens the database (migrating it) and the artifact store, which
-/// encrypts new artifacts when a key ring is configured.
+/// encrypts new artifacts when a key ring is configured. Mutations are not
+/// audited: see [`open_with_auditor`].
 pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>> {
+    open_with_auditor(config, Auditor::disabled()).await
+}
+
+/// [`open`], reporting every mutation to `auditor`.
+pub async fn open_with_auditor(
+    config: &RegistryConfig,
+    auditor: Auditor,
+) -> anyhow::Result<Arc<ModelRegistry>> {
     let keys = config.artifact_key_ring()?;
     match &keys {
         Some(keys) => tracing::info!(
@@ -88,7 +137,8 @@ pub async fn open(config: &RegistryConfig) -> anyhow::Result<Arc<ModelRegistry>>
         ModelRegistry::new(store, artifacts, config.max_artifact_bytes)
             .await?
             .with_membership(config.membership())
-            .with_placement(config.placement()),
+            .with_placement(config.placement())
+            .with_auditor(auditor),
     ))
 }
 
@@ -99,8 +149,11 @@ pub async fn run(
     metrics: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let registry = open(&config).await?;
-    serve(registry, &config, listeners, metrics, shutdown).await
+    let auditor = start_auditor(&config, &metrics)?;
+    let registry = open_with_auditor(&config, auditor.clone()).await?;
+    let served = serve(registry, &config, listeners, metrics, shutdown).await;
+    stop_auditor(auditor).await;
+    served
 }
 
 /// Serves an opened registry until `shutdown` completes.
@@ -227,22 +280,50 @@ pub struct RunningRegistry {
 
 impl RunningRegistry {
     /// Opens the registry of `config` and serves it on the given
-    /// listeners in a background task.
+    /// listeners in a background task; its auditor (of `config.audit`) is
+    /// drained and shut down when it stops.
     pub async fn start(
         config: RegistryConfig,
         listeners: RegistryListeners,
         metrics: MetricsRegistry,
     ) -> anyhow::Result<RunningRegistry> {
-        let registry = open(&config).await?;
+        let auditor = start_auditor(&config, &metrics)?;
+        RunningRegistry::launch(config, listeners, metrics, auditor, true).await
+    }
+
+    /// [`RunningRegistry::start`] reporting mutations to `auditor` (the
+    /// caller's: `config.audit` is not used, and stopping the registry
+    /// leaves the auditor running).
+    pub async fn start_with_auditor(
+        config: RegistryConfig,
+        listeners: RegistryListeners,
+        metrics: MetricsRegistry,
+        auditor: Auditor,
+    ) -> anyhow::Result<RunningRegistry> {
+        RunningRegistry::launch(config, listeners, metrics, auditor, false).await
+    }
+
+    async fn launch(
+        config: RegistryConfig,
+        listeners: RegistryListeners,
+        metrics: MetricsRegistry,
+        auditor: Auditor,
+        owns_auditor: bool,
+    ) -> anyhow::Result<RunningRegistry> {
+        let registry = open_with_auditor(&config, auditor.clone()).await?;
         let http_address = listeners.http.local_addr()?;
         let grpc_address = listeners.grpc.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let serving = registry.clone();
         let task = tokio::spawn(async move {
-            serve(serving, &config, listeners, metrics, async move {
+            let served = serve(serving, &config, listeners, metrics, async move {
                 let _ = stopped.await;
             })
-            .await
+            .await;
+            if owns_auditor {
+                stop_auditor(auditor).await;
+            }
+            served
         });
         Ok(RunningRegistry {
             registry,
@@ -259,6 +340,16 @@ impl RunningRegistry {
         database_url: &str,
         artifact_dir: &std::path::Path,
     ) -> anyhow::Result<RunningRegistry> {
+        RunningRegistry::start_local_with(database_url, artifact_dir, Auditor::disabled()).await
+    }
+
+    /// [`RunningRegistry::start_local`] reporting mutations to `auditor`
+    /// (left running when the registry stops).
+    pub async fn start_local_with(
+        database_url: &str,
+        artifact_dir: &std::path::Path,
+        auditor: Auditor,
+    ) -> anyhow::Result<RunningRegistry> {
         let config = RegistryConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -268,7 +359,8 @@ impl RunningRegistry {
             ..RegistryConfig::default()
         };
         let listeners = RegistryListeners::bind(&config).await?;
-        RunningRegistry::start(config, listeners, MetricsRegistry::new()).await
+        RunningRegistry::start_with_auditor(config, listeners, MetricsRegistry::new(), auditor)
+            .await
     }
 
     /// Stops serving and waits for the server to finish.

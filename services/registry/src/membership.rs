@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{RegistryError, Result};
 use crate::model::*;
-use crate::registry::ModelRegistry;
+use crate::registry::{Change, ModelRegistry, audit_json, audit_json_opt};
 use crate::store::*;
 
 /// The last heartbeat is written to the database at most this often.
@@ -108,6 +108,17 @@ impl ModelRegistry {
     /// before: a lost, draining or gone worker comes back) with a fresh
     /// lease. A change is recorded when its state or details changed.
     pub async fn register_member(&self, worker: WorkerInfo, capacity: u32) -> Result<WorkerStatus> {
+        self.register_member_as(worker, capacity, "").await
+    }
+
+    /// [`ModelRegistry::register_member`] on behalf of `actor` (the
+    /// caller's identity, for the audit trail's `worker.register`).
+    pub async fn register_member_as(
+        &self,
+        worker: WorkerInfo,
+        capacity: u32,
+        actor: &str,
+    ) -> Result<WorkerStatus> {
         validate_worker_id(&worker.id)?;
         if worker.address.is_empty() {
             return Err(RegistryError::invalid("address", "must not be empty"));
@@ -116,6 +127,7 @@ impl ModelRegistry {
         // unreachable for every residency-bound request: refuse it here.
         crate::residency::validate_region("region", &worker.region)?;
         let capacity = capacity.max(1);
+        self.admit()?;
         let _writes = self.member_writes.lock().await;
         let now = now_millis();
         let mut tx = self.store.begin_write().await?;
@@ -186,6 +198,17 @@ impl ModelRegistry {
             previous = existing.as_ref().map_or("new", |existing| existing.state.as_str()),
             "worker registered"
         );
+        if changed {
+            self.audit(Change {
+                action: "worker.register",
+                actor,
+                worker: &status.id,
+                region: &status.region,
+                before: audit_json_opt(existing.as_ref()),
+                after: audit_json(&status),
+                ..Change::default()
+            });
+        }
         Ok(status)
     }
 
@@ -264,7 +287,20 @@ impl ModelRegistry {
         done: bool,
         reason: &str,
     ) -> Result<WorkerStatus> {
+        self.deregister_worker_as(worker_id, done, reason, "").await
+    }
+
+    /// [`ModelRegistry::deregister_worker`] on behalf of `actor` (for the
+    /// audit trail's `worker.deregister`).
+    pub async fn deregister_worker_as(
+        &self,
+        worker_id: &str,
+        done: bool,
+        reason: &str,
+        actor: &str,
+    ) -> Result<WorkerStatus> {
         validate_worker_id(worker_id)?;
+        self.admit()?;
         let _writes = self.member_writes.lock().await;
         let now = now_millis();
         let mut tx = self.store.begin_write().await?;
@@ -337,11 +373,22 @@ impl ModelRegistry {
         }
         self.notify(revision);
         tracing::info!(worker = %worker_id, state = target.as_str(), %reason, "worker deregistering");
+        let before = audit_json(&current);
         let mut status = current;
         status.state = target;
         status.state_reason = reason;
         status.state_changed_at = now;
         status.last_heartbeat = now;
+        self.audit(Change {
+            action: "worker.deregister",
+            actor,
+            worker: worker_id,
+            region: &status.region,
+            before,
+            after: audit_json(&status),
+            reason: &status.state_reason,
+            ..Change::default()
+        });
         Ok(self.overlay(status))
     }
 
@@ -407,13 +454,25 @@ impl ModelRegistry {
 
     async fn mark_lost(&self, id: &str, member: &Member, silent: Duration) -> Result<bool> {
         let mut tx = self.store.begin_write().await?;
+        // Read for the audit trail (a lease expiring is rare: not a hot path).
+        let before = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(worker_status_from_row)
+        .transpose()?;
+        let reason = format!(
+            "no heartbeat for {} ms (lease {} ms)",
+            silent.as_millis(),
+            self.membership.lease.as_millis()
+        );
+        let now = now_millis();
         let updated = sqlx::query("UPDATE workers SET state = 'lost', state_reason = $1, state_changed_at = $2, last_seen = $3 WHERE id = $4 AND (state = 'serving' OR state = 'draining')")
-            .bind(format!(
-                "no heartbeat for {} ms (lease {} ms)",
-                silent.as_millis(),
-                self.membership.lease.as_millis()
-            ))
-            .bind(now_millis())
+            .bind(&reason)
+            .bind(now)
             .bind(member.last_heartbeat_ms)
             .bind(id)
             .execute(&mut *tx)
@@ -425,6 +484,24 @@ impl ModelRegistry {
         let revision = record_change_of(&mut tx, change_kind::WORKER, id).await?;
         tx.commit().await?;
         self.notify(revision);
+        // The registry's own observation: recorded, never refused.
+        let after = before.clone().map(|mut status| {
+            status.state = MemberState::Lost;
+            status.state_reason = reason.clone();
+            status.state_changed_at = now;
+            status.last_heartbeat = member.last_heartbeat_ms;
+            status
+        });
+        self.audit(Change {
+            action: "worker.state",
+            actor: crate::registry::SYSTEM_ACTOR,
+            worker: id,
+            region: before.as_ref().map_or("", |status| status.region.as_str()),
+            before: audit_json_opt(before.as_ref()),
+            after: audit_json_opt(after.as_ref()),
+            reason: &reason,
+            ..Change::default()
+        });
         Ok(true)
     }
 

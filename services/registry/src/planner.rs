@@ -306,8 +306,17 @@ impl ModelRegistry {
                 ),
             ));
         }
+        let requested_by = actor;
         let actor = actor_or_anonymous(actor);
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = sqlx::query("SELECT placement_mode, placement_min_replicas, placement_updated_by, placement_updated_at FROM models WHERE name = $1")
+            .bind(model)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(policy_from_row)
+            .transpose()?;
         let updated = sqlx::query("UPDATE models SET placement_mode = $1, placement_min_replicas = $2, placement_updated_by = $3, placement_updated_at = $4 WHERE name = $5")
             .bind(input.mode.as_str())
             .bind(i64::from(min_replicas))
@@ -326,7 +335,16 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(model, mode = input.mode.as_str(), min_replicas, %actor, "placement policy set");
-        self.placement(model).await
+        let placement = self.placement(model).await?;
+        self.audit(crate::registry::Change {
+            action: "placement.policy",
+            actor: requested_by,
+            model,
+            before: crate::registry::audit_json_opt(before.as_ref()),
+            after: crate::registry::audit_json(&placement.policy),
+            ..Default::default()
+        });
+        Ok(placement)
     }
 
     /// A model's policy and where its active versions are held, as stored

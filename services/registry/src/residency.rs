@@ -10,7 +10,9 @@ use sqlx::Row;
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 use crate::paging::PageRequest;
-use crate::registry::{ModelRegistry, actor_or_anonymous, validate_model_name};
+use crate::registry::{
+    Change, ModelRegistry, actor_or_anonymous, audit_json, audit_json_opt, validate_model_name,
+};
 use crate::store::*;
 
 use shamal_registry_client::names;
@@ -67,6 +69,19 @@ fn tenant_from_row(row: &sqlx::any::AnyRow) -> Result<TenantPolicy> {
     })
 }
 
+async fn fetch_tenant_policy(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    tenant: &str,
+) -> Result<Option<TenantPolicy>> {
+    sqlx::query("SELECT tenant, allowed_regions, updated_by, updated_at FROM tenant_policies WHERE tenant = $1")
+        .bind(tenant)
+        .fetch_optional(&mut **tx)
+        .await?
+        .as_ref()
+        .map(tenant_from_row)
+        .transpose()
+}
+
 async fn record_history(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     scope: &str,
@@ -112,9 +127,24 @@ impl ModelRegistry {
     ) -> Result<ModelResidency> {
         validate_model_name(model)?;
         validate_regions(&regions)?;
+        let requested_by = actor;
         let actor = actor_or_anonymous(actor);
         let now = now_millis();
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = sqlx::query("SELECT allowed_regions, residency_updated_by, residency_updated_at FROM models WHERE name = $1")
+            .bind(model)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| -> Result<ModelResidency> {
+                Ok(ModelResidency {
+                    model: model.to_owned(),
+                    allowed_regions: regions_from_text(&row.try_get::<String, _>("allowed_regions")?)?,
+                    updated_by: row.try_get("residency_updated_by")?,
+                    updated_at: row.try_get("residency_updated_at")?,
+                })
+            })
+            .transpose()?;
         let updated = sqlx::query("UPDATE models SET allowed_regions = $1, residency_updated_by = $2, residency_updated_at = $3 WHERE name = $4")
             .bind(json_text(&regions)?)
             .bind(&actor)
@@ -132,12 +162,21 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(model, regions = ?regions, %actor, "model residency set");
-        Ok(ModelResidency {
+        let after = ModelResidency {
             model: model.to_owned(),
             allowed_regions: regions,
             updated_by: actor,
             updated_at: now,
-        })
+        };
+        self.audit(Change {
+            action: "residency.model",
+            actor: requested_by,
+            model,
+            before: audit_json_opt(before.as_ref()),
+            after: audit_json(&after),
+            ..Change::default()
+        });
+        Ok(after)
     }
 
     /// Every tenant policy, by tenant.
@@ -183,7 +222,9 @@ impl ModelRegistry {
             updated_by: actor_or_anonymous(actor),
             updated_at: now_millis(),
         };
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = fetch_tenant_policy(&mut tx, tenant).await?;
         sqlx::query("INSERT INTO tenant_policies (tenant, allowed_regions, updated_by, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant) DO UPDATE SET allowed_regions = excluded.allowed_regions, updated_by = excluded.updated_by, updated_at = excluded.updated_at")
             .bind(&policy.tenant)
             .bind(json_text(&policy.allowed_regions)?)
@@ -204,14 +245,25 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(tenant, regions = ?policy.allowed_regions, actor = %policy.updated_by, "tenant residency policy set");
+        self.audit(Change {
+            action: "residency.tenant.set",
+            actor,
+            tenant,
+            before: audit_json_opt(before.as_ref()),
+            after: audit_json(&policy),
+            ..Change::default()
+        });
         Ok(policy)
     }
 
     /// Removes a tenant's policy.
     pub async fn delete_tenant_policy(&self, tenant: &str, actor: &str) -> Result<()> {
         validate_tenant(tenant)?;
+        let requested_by = actor;
         let actor = actor_or_anonymous(actor);
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = fetch_tenant_policy(&mut tx, tenant).await?;
         let deleted = sqlx::query("DELETE FROM tenant_policies WHERE tenant = $1")
             .bind(tenant)
             .execute(&mut *tx)
@@ -226,6 +278,13 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(tenant, %actor, "tenant residency policy deleted");
+        self.audit(Change {
+            action: "residency.tenant.delete",
+            actor: requested_by,
+            tenant,
+            before: audit_json_opt(before.as_ref()),
+            ..Change::default()
+        });
         Ok(())
     }
 

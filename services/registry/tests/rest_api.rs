@@ -1434,6 +1434,8 @@ const ROUTES: &[&str] = &[
     "GET /v1/models/{name}/placements",
     "GET /v1/models/{name}/placement",
     "PUT /v1/models/{name}/placement",
+    "GET /v1/models/{name}/access",
+    "PUT /v1/models/{name}/access",
     "GET /v1/models/{name}/residency",
     "PUT /v1/models/{name}/residency",
     "GET /v1/residency/tenants",

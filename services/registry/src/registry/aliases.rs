@@ -1,7 +1,7 @@
 //! Aliases: movable names (e.g. `production`) for a model's versions.
 
-use super::sql::{fetch_version, upsert_alias};
-use super::{ModelRegistry, actor_or_anonymous, validate_alias};
+use super::sql::{fetch_alias, fetch_version, upsert_alias};
+use super::{Change, ModelRegistry, actor_or_anonymous, audit_json, validate_alias};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 use crate::store::*;
@@ -15,8 +15,10 @@ impl ModelRegistry {
         actor: &str,
     ) -> Result<Alias> {
         validate_alias(alias)?;
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
         let target = fetch_version(&mut tx, model, version).await?;
+        let before = fetch_alias(&mut tx, model, alias).await?;
         if matches!(target.lifecycle, Lifecycle::Archived | Lifecycle::Failed) {
             return Err(RegistryError::FailedPrecondition(format!(
                 "version {version} of '{model}' is {}",
@@ -34,11 +36,26 @@ impl ModelRegistry {
         let revision = record_change(&mut tx, model).await?;
         tx.commit().await?;
         self.notify(revision);
+        self.audit(Change {
+            action: "alias.set",
+            actor,
+            model,
+            version: Some(version),
+            before: before
+                .map(|version| {
+                    audit_json(&serde_json::json!({ "alias": alias, "version": version }))
+                })
+                .unwrap_or_default(),
+            after: audit_json(&serde_json::json!({ "alias": alias, "version": version })),
+            ..Change::default()
+        });
         Ok(entry)
     }
 
-    pub async fn delete_alias(&self, model: &str, alias: &str) -> Result<()> {
+    pub async fn delete_alias(&self, model: &str, alias: &str, actor: &str) -> Result<()> {
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
+        let before = fetch_alias(&mut tx, model, alias).await?;
         let deleted = sqlx::query("DELETE FROM aliases WHERE model = $1 AND alias = $2")
             .bind(model)
             .bind(alias)
@@ -52,6 +69,18 @@ impl ModelRegistry {
         let revision = record_change(&mut tx, model).await?;
         tx.commit().await?;
         self.notify(revision);
+        self.audit(Change {
+            action: "alias.delete",
+            actor,
+            model,
+            version: before,
+            before: before
+                .map(|version| {
+                    audit_json(&serde_json::json!({ "alias": alias, "version": version }))
+                })
+                .unwrap_or_default(),
+            ..Change::default()
+        });
         Ok(())
     }
 

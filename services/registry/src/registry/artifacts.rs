@@ -5,7 +5,7 @@ use std::io;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use super::ModelRegistry;
+use super::{Change, ModelRegistry, audit_json};
 use crate::artifacts::{ByteStream, RekeyReport, validate_sha256};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
@@ -18,7 +18,19 @@ impl ModelRegistry {
         sha256: &str,
         body: BoxStream<'_, io::Result<Bytes>>,
     ) -> Result<u64> {
+        self.put_artifact_as(sha256, body, "").await
+    }
+
+    /// [`ModelRegistry::put_artifact`] on behalf of `actor` (the audit
+    /// trail's `artifact.put`).
+    pub async fn put_artifact_as(
+        &self,
+        sha256: &str,
+        body: BoxStream<'_, io::Result<Bytes>>,
+        actor: &str,
+    ) -> Result<u64> {
         validate_sha256("sha256", sha256)?;
+        self.admit()?;
         let size = self
             .artifacts
             .put(sha256, body, self.max_artifact_bytes)
@@ -31,6 +43,12 @@ impl ModelRegistry {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.audit(Change {
+            action: "artifact.put",
+            actor,
+            after: audit_json(&serde_json::json!({ "sha256": sha256, "size_bytes": size })),
+            ..Change::default()
+        });
         Ok(size)
     }
 
@@ -40,7 +58,21 @@ impl ModelRegistry {
     /// serving: each blob is replaced by one rename after its plaintext
     /// was checked against its digest.
     pub async fn rekey_artifacts(&self) -> Result<RekeyReport> {
-        self.artifacts.rekey().await
+        self.rekey_artifacts_as("").await
+    }
+
+    /// [`ModelRegistry::rekey_artifacts`] on behalf of `actor` (the audit
+    /// trail's `artifacts.rekey`, with the report as `after_json`).
+    pub async fn rekey_artifacts_as(&self, actor: &str) -> Result<RekeyReport> {
+        self.admit()?;
+        let report = self.artifacts.rekey().await?;
+        self.audit(Change {
+            action: "artifacts.rekey",
+            actor,
+            after: audit_json(&report),
+            ..Change::default()
+        });
+        Ok(report)
     }
 
     /// The bytes of an artifact (decrypted), with their size.

@@ -1,7 +1,7 @@
 //! Models: the named things that versions, aliases and rollouts belong to.
 
 use super::sql::insert_model;
-use super::{ModelRegistry, actor_or_anonymous, validate_model_name};
+use super::{Change, ModelRegistry, actor_or_anonymous, audit_json, validate_model_name};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 use crate::paging::PageRequest;
@@ -10,6 +10,7 @@ use crate::store::*;
 impl ModelRegistry {
     pub async fn create_model(&self, name: &str, description: &str, actor: &str) -> Result<Model> {
         validate_model_name(name)?;
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
         let model = Model {
             name: name.to_owned(),
@@ -22,6 +23,13 @@ impl ModelRegistry {
         let revision = record_change(&mut tx, name).await?;
         tx.commit().await?;
         self.notify(revision);
+        self.audit(Change {
+            action: "model.create",
+            actor,
+            model: name,
+            after: audit_json(&model),
+            ..Change::default()
+        });
         Ok(model)
     }
 

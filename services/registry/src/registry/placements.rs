@@ -3,8 +3,8 @@
 
 use sqlx::Row;
 
-use super::ModelRegistry;
 use super::sql::fetch_version;
+use super::{Change, ModelRegistry, audit_json};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 use crate::store::*;
@@ -43,6 +43,7 @@ impl ModelRegistry {
                 .map_err(|error| RegistryError::invalid("signature_json", error.to_string()))?;
             Some(json_text(&value)?)
         };
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
         let known = sqlx::query("SELECT state FROM workers WHERE id = $1")
             .bind(worker_id)
@@ -76,6 +77,7 @@ impl ModelRegistry {
                 .execute(&mut *tx)
                 .await?;
         }
+        let mut moved = None;
         if current.lifecycle != Lifecycle::Archived {
             let rows = sqlx::query("SELECT state, reason FROM placements WHERE model = $1 AND version = $2 ORDER BY updated_at DESC")
                 .bind(model)
@@ -102,11 +104,35 @@ impl ModelRegistry {
                     .execute(&mut *tx)
                     .await?;
                 tracing::info!(model, version, lifecycle = lifecycle.as_str(), reason = %why, "version lifecycle changed");
+                if lifecycle != current.lifecycle {
+                    moved = Some((lifecycle, why));
+                }
             }
         }
         let revision = record_change(&mut tx, model).await?;
         tx.commit().await?;
         self.notify(revision);
+        if let Some((lifecycle, why)) = moved {
+            let mut after = current.clone();
+            after.lifecycle = lifecycle;
+            after.reason = why;
+            if let Some(signature) = &signature
+                && after.signature.is_none()
+            {
+                after.signature = serde_json::from_str(signature).ok();
+            }
+            self.audit(Change {
+                action: "version.lifecycle",
+                actor: worker_id,
+                model,
+                version: Some(version),
+                worker: worker_id,
+                before: audit_json(&current),
+                after: audit_json(&after),
+                reason: &after.reason,
+                ..Change::default()
+            });
+        }
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use sqlx::{Any, Transaction};
 
 use super::sql::{ensure_routable, fetch_alias, fetch_rollout, upsert_alias};
-use super::{ModelRegistry, actor_or_anonymous};
+use super::{Change, ModelRegistry, actor_or_anonymous, audit_json, audit_json_opt};
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 use crate::paging::PageRequest;
@@ -381,6 +381,12 @@ impl ModelRegistry {
             Option<Rollout>,
         ) -> futures::future::BoxFuture<'t, Result<Rollout>>,
     {
+        let audit_action = audit_action(action);
+        // The canary analysis's rollback is a safety action: never refused
+        // for the audit backlog (its event is still recorded).
+        if audit_action != "rollout.auto_rollback" {
+            self.admit()?;
+        }
         let mut tx = self.store.begin_write().await?;
         let exists = sqlx::query("SELECT name FROM models WHERE name = $1")
             .bind(model)
@@ -401,6 +407,7 @@ impl ModelRegistry {
                 current_revision,
             });
         }
+        let before = audit_json_opt(current.as_ref());
         let mut rollout = build(&mut tx, current).await?;
         rollout.model = model.to_owned();
         rollout.revision = current_revision + 1;
@@ -459,8 +466,38 @@ impl ModelRegistry {
             reason,
             "rollout changed"
         );
+        self.audit(Change {
+            action: audit_action,
+            actor,
+            model,
+            version: audited_version(&rollout),
+            before,
+            after: audit_json(&rollout),
+            reason,
+            ..Change::default()
+        });
         Ok(rollout)
     }
+}
+
+/// The audit action of a rollout history action.
+fn audit_action(action: &str) -> &'static str {
+    match action {
+        "start" => "rollout.start",
+        "shift" => "rollout.shift",
+        "promote" => "rollout.promote",
+        "rollback" => "rollout.rollback",
+        "auto_rollback" => "rollout.auto_rollback",
+        "pause" => "rollout.pause",
+        "resume" => "rollout.resume",
+        _ => "rollout.policy",
+    }
+}
+
+/// The version a rollout change is about: its one candidate, else its
+/// stable version (after a promotion, the promoted one).
+fn audited_version(rollout: &Rollout) -> Option<u64> {
+    Some(single_candidate(rollout).unwrap_or(rollout.stable_version))
 }
 
 fn validate_extras(

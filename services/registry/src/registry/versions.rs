@@ -4,7 +4,7 @@
 use sqlx::Row;
 
 use super::sql::{fetch_alias, fetch_rollout, fetch_version, insert_model, upsert_alias};
-use super::{ModelRegistry, actor_or_anonymous, validate_model_name};
+use super::{Change, ModelRegistry, actor_or_anonymous, audit_json, validate_model_name};
 use crate::artifacts::validate_sha256;
 use crate::error::{RegistryError, Result};
 use crate::model::*;
@@ -32,7 +32,9 @@ impl ModelRegistry {
                 ));
             }
         }
+        let requested_by = actor;
         let actor = actor_or_anonymous(actor);
+        self.admit()?;
         let Some(size) = self.artifacts.size(&new.sha256).await? else {
             return Err(RegistryError::FailedPrecondition(format!(
                 "artifact sha256:{} has not been uploaded (PUT /v1/artifacts/{})",
@@ -151,6 +153,14 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(model, version = version.version, sha256 = %version.artifact.sha256, "version registered");
+        self.audit(Change {
+            action: "version.register",
+            actor: requested_by,
+            model,
+            version: Some(version.version),
+            after: audit_json(&version),
+            ..Change::default()
+        });
         Ok(version)
     }
 
@@ -197,6 +207,7 @@ impl ModelRegistry {
     /// Retires a version: workers unload it. Refused while a rollout in
     /// progress or an alias uses it.
     pub async fn archive_version(&self, model: &str, version: u64, actor: &str) -> Result<Version> {
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
         let current = fetch_version(&mut tx, model, version).await?;
         if current.lifecycle == Lifecycle::Archived {
@@ -240,6 +251,15 @@ impl ModelRegistry {
         let archived = fetch_version(&mut tx, model, version).await?;
         tx.commit().await?;
         self.notify(revision);
+        self.audit(Change {
+            action: "version.archive",
+            actor,
+            model,
+            version: Some(version),
+            before: audit_json(&current),
+            after: audit_json(&archived),
+            ..Change::default()
+        });
         Ok(archived)
     }
 
@@ -248,6 +268,7 @@ impl ModelRegistry {
     /// (after the cause — a worker short of memory, a registry outage during
     /// a fetch — is fixed).
     pub async fn retry_version(&self, model: &str, version: u64, actor: &str) -> Result<Version> {
+        self.admit()?;
         let mut tx = self.store.begin_write().await?;
         let current = fetch_version(&mut tx, model, version).await?;
         if current.lifecycle != Lifecycle::Failed {
@@ -274,6 +295,15 @@ impl ModelRegistry {
         tx.commit().await?;
         self.notify(revision);
         tracing::info!(model, version, actor = %actor_or_anonymous(actor), previous_reason = %current.reason, "failed version retried");
+        self.audit(Change {
+            action: "version.retry",
+            actor,
+            model,
+            version: Some(version),
+            before: audit_json(&current),
+            after: audit_json(&retried),
+            ..Change::default()
+        });
         Ok(retried)
     }
 }

@@ -5,6 +5,7 @@ use axum::extract::State;
 
 use super::AppState;
 use super::api_error::ApiResult;
+use super::extract::Actor;
 use crate::artifacts::RekeyReport;
 use crate::error::ErrorBody;
 
@@ -26,6 +27,9 @@ use crate::error::ErrorBody;
         (status = 500, description = "Some artifacts could not be re-keyed (the registry log names them)", body = ErrorBody),
     )
 )]
-pub async fn rekey(State(state): State<AppState>) -> ApiResult<Json<RekeyReport>> {
-    Ok(Json(state.registry.rekey_artifacts().await?))
+pub async fn rekey(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+) -> ApiResult<Json<RekeyReport>> {
+    Ok(Json(state.registry.rekey_artifacts_as(&actor).await?))
 }

@@ -91,10 +91,11 @@ pub async fn set_alias(
 pub async fn delete_alias(
     State(state): State<AppState>,
     params: PathParams,
+    Actor(actor): Actor,
 ) -> ApiResult<StatusCode> {
     state
         .registry
-        .delete_alias(params.name(), params.get("alias"))
+        .delete_alias(params.name(), params.get("alias"), &actor)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

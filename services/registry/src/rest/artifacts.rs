@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::api_error::{ApiError, ApiResult};
-use super::extract::PathParams;
+use super::extract::{Actor, PathParams};
 use super::reply::created;
 use crate::error::{ErrorBody, RegistryError};
 
@@ -53,6 +53,7 @@ pub struct ArtifactBytes(#[allow(dead_code)] Vec<u8>);
 pub async fn put_artifact(
     State(state): State<AppState>,
     params: PathParams,
+    Actor(actor): Actor,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -88,7 +89,11 @@ pub async fn put_artifact(
             Ok(chunk)
         })
         .boxed();
-    let size = match state.registry.put_artifact(&sha256, stream).await {
+    let size = match state
+        .registry
+        .put_artifact_as(&sha256, stream, &actor)
+        .await
+    {
         Ok(size) => size,
         Err(_) if exceeded.load(Ordering::Relaxed) => return Err(too_large()),
         Err(error) => return Err(error.into()),
