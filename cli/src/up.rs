@@ -453,6 +453,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         metrics_listen: None,
         database_url: format!("sqlite://{}", args.data_dir.join("registry.db").display()),
         artifact_dir: args.data_dir.join("artifacts"),
+        audit: audit_client(&args, audit_address.as_deref(), "registry"),
         ..RegistryConfig::default()
     };
     let model_registry = match RunningRegistry::start(
