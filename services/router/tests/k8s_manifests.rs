@@ -17,16 +17,30 @@
 //!   that Secret is a cert-manager `Certificate`'s (`05-certificates.yaml`)
 //!   whose SPIFFE URI names this service in the configured trust domain,
 //!   with both TLS usages and a short-lived, rotated ECDSA P-256 key;
-//! - the router and the registry have an OIDC issuer (https) and audience;
+//! - the router, the registry and the audit service have an OIDC issuer
+//!   (https) and audience (the audit service's readers are admins with
+//!   tokens), the workers none;
 //! - probes use plain HTTP on the metrics port (the others speak TLS).
+//!
+//! The audit service (`45-audit.yaml`, loaded with its own loader like the
+//! others) also gets its signing key as the service accepts it: a 0400 copy
+//! owned by the pod's user, made by an init container from the key's
+//! Secret (a Secret volume's files get group read from `fsGroup`, which
+//! `Signer::load` refuses), in a memory-backed volume mounted read-only;
+//! the key format OpenSSL writes (`openssl genpkey -algorithm ed25519`)
+//! loads. Each producer's `[audit]` table (router.toml, registry.toml)
+//! dials the audit Service over https, fails closed, and
+//! spools to a writable volume of the pod large enough for the spool; the
+//! network policies let producers reach 8301.
 //!
 //! Finally the names peers dial (the `registry` address of router.toml and
 //! cpu-worker.toml, the address each worker advertises, the router's
-//! Service name) are checked against the Certificates with real handshakes
-//! of `shamal-tls`: certificates with each Certificate's URI and DNS names,
-//! from a development CA, must let router → worker, router → registry,
-//! worker → registry and a client → router connect, with the identities
-//! each side expects.
+//! Service name, the audit endpoint) are checked against the Certificates
+//! with real handshakes of `shamal-tls`: certificates with each
+//! Certificate's URI and DNS names, from a development CA, must let router
+//! → worker, router → registry, worker → registry, a client → router,
+//! router → audit and registry → audit connect, with the identities each
+//! side expects.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -48,11 +62,31 @@ const K8S: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../infra/k8s");
 
 /// What a Secret the manifests read but do not create holds, for the
 /// variables taken from it (`secretKeyRef`); operators create these.
-const SECRET_STAND_INS: &[(&str, &str, &str)] = &[(
-    "shamal-registry-db",
-    "database-url",
-    "postgres://shamal:password@db.example.internal:5432/shamal_registry",
-)];
+const SECRET_STAND_INS: &[(&str, &str, &str)] = &[
+    (
+        "shamal-registry-db",
+        "database-url",
+        "postgres://shamal:password@db.example.internal:5432/shamal_registry",
+    ),
+    (
+        "shamal-audit-db",
+        "database-url",
+        "postgres://shamal_audit:password@db.example.internal:5432/shamal_audit",
+    ),
+];
+
+/// RFC 8410's example Ed25519 private key (section 10.3), in the form
+/// `openssl genpkey -algorithm ed25519` writes (PKCS#8 v1 PEM), and its
+/// public key as `openssl pkey -pubout` writes it (section 10.1). A
+/// published example, not a key of anyone's.
+const RFC8410_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC
+-----END PRIVATE KEY-----
+";
+const RFC8410_PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=
+-----END PUBLIC KEY-----
+";
 
 /// One YAML document of the manifests.
 struct Doc {
@@ -169,6 +203,8 @@ struct Subject {
     /// The SPIFFE `<service>` its certificate must carry (the RBAC role).
     spiffe_service: &'static str,
     exposure: Exposure,
+    /// Whether it takes OIDC tokens.
+    oidc: bool,
     /// The pod whose environment is resolved (`metadata.name`).
     pod: &'static str,
 }
@@ -179,6 +215,7 @@ const REGISTRY: Subject = Subject {
     config_key: "registry.toml",
     spiffe_service: "registry",
     exposure: Exposure::Public,
+    oidc: true,
     pod: "registry-7c9f8d6b5-x2x7q",
 };
 const ROUTER: Subject = Subject {
@@ -187,6 +224,7 @@ const ROUTER: Subject = Subject {
     config_key: "router.toml",
     spiffe_service: "router",
     exposure: Exposure::Public,
+    oidc: true,
     pod: "router-6d5b7c9f8-k4p2m",
 };
 const CPU_WORKER: Subject = Subject {
@@ -195,7 +233,18 @@ const CPU_WORKER: Subject = Subject {
     config_key: "cpu-worker.toml",
     spiffe_service: "worker",
     exposure: Exposure::Internal,
+    oidc: false,
     pod: "cpu-worker-0",
+};
+const AUDIT: Subject = Subject {
+    workload_kind: "Deployment",
+    workload: "audit",
+    config_key: "audit.toml",
+    spiffe_service: "audit",
+    // Internal (mTLS producers), but its readers are admins with tokens.
+    exposure: shamal_audit_service::config::EXPOSURE,
+    oidc: true,
+    pod: "audit-5f7d9c8b6-q8w2n",
 };
 
 /// A workload's pod spec and its one container.
@@ -249,6 +298,41 @@ impl<'a> Pod<'a> {
     /// The mount whose directory holds `path`, with its volume.
     fn mount_holding(&self, path: &Path) -> (&'a Value, &'a Value) {
         self.mount_at(path.parent().unwrap())
+    }
+
+    /// The innermost mount at or above `path`, with its volume.
+    fn mount_containing(&self, path: &Path) -> (&'a Value, &'a Value) {
+        let mut dir = Some(path);
+        while let Some(candidate) = dir {
+            let mounted = list(&self.container["volumeMounts"])
+                .iter()
+                .any(|mount| Path::new(text(&mount["mountPath"], "mountPath")) == candidate);
+            if mounted {
+                return self.mount_at(candidate);
+            }
+            dir = candidate.parent();
+        }
+        panic!(
+            "{}: no volume is mounted at or above {}: it would be on the read-only root file system",
+            self.what(),
+            path.display()
+        )
+    }
+
+    /// The volume named `name`.
+    fn volume(&self, name: &str) -> &'a Value {
+        list(&self.spec["volumes"])
+            .iter()
+            .find(|volume| volume["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("{}: no volume {name}", self.what()))
+    }
+
+    /// The value of the pods' `app.kubernetes.io/name` label.
+    fn app_label(&self) -> &'a str {
+        text(
+            &self.doc.value["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"],
+            "pod label app.kubernetes.io/name",
+        )
     }
 
     /// The container port named `name`, or the number itself.
@@ -585,8 +669,8 @@ fn check(docs: &[Doc], subject: &Subject, loaded: &Loaded) -> Checked {
         "{cert_what}: renewBefore {renew_before:?} should leave room before expiry"
     );
 
-    // OIDC on the public services.
-    if subject.exposure == Exposure::Public {
+    // OIDC where people call.
+    if subject.oidc {
         let issuer = security.oidc_issuer.as_deref().unwrap_or_default();
         assert!(
             issuer.starts_with("https://"),
@@ -600,7 +684,7 @@ fn check(docs: &[Doc], subject: &Subject, loaded: &Loaded) -> Checked {
             "{what}: oidc_audience"
         );
     } else {
-        assert!(!security.oidc_on(), "{what}: workers take no tokens");
+        assert!(!security.oidc_on(), "{what}: takes no tokens");
     }
 
     // Probes: plain HTTP on the metrics port.
@@ -628,6 +712,288 @@ fn check(docs: &[Doc], subject: &Subject, loaded: &Loaded) -> Checked {
     Checked {
         security: security.clone(),
         certificate: certificate.value.clone(),
+    }
+}
+
+/// A Kubernetes quantity of bytes (`512Mi`, `1Gi`, `1000000`).
+fn quantity(text: &str) -> u64 {
+    for (suffix, unit) in [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ] {
+        if let Some(number) = text.strip_suffix(suffix) {
+            return number.parse::<u64>().unwrap() * unit;
+        }
+    }
+    text.parse()
+        .unwrap_or_else(|_| panic!("quantity {text:?} not understood here"))
+}
+
+/// A producer's `[audit]` table: it dials the audit Service by a name the
+/// audit Certificate carries (https), fails closed, and spools to a
+/// writable volume of its pod with room for the whole spool. Gives the host
+/// it dials.
+fn check_audit_producer(
+    docs: &[Doc],
+    subject: &Subject,
+    audit: &shamal_audit_client::AuditClientConfig,
+    audit_pod: &Pod,
+    audit_grpc_port: u16,
+) -> String {
+    let pod = Pod::of(docs, subject);
+    let what = format!("{} [audit] of {}", subject.config_key, pod.what());
+    audit
+        .validate()
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+    let endpoint = audit
+        .endpoint
+        .as_deref()
+        .unwrap_or_else(|| panic!("{what}: no endpoint: auditing is off"));
+    assert!(
+        endpoint.starts_with("https://"),
+        "{what}: {endpoint} must be https (mTLS to the audit service)"
+    );
+    let host = host_of(endpoint).to_owned();
+    let port: u16 = endpoint.rsplit_once(':').unwrap().1.parse().unwrap();
+    let service = find(docs, "Service", host.split('.').next().unwrap());
+    assert!(
+        host == service.name() || host.starts_with(&format!("{}.shamal.", service.name())),
+        "{what}: {host} is not the Service {} in the namespace shamal",
+        service.name()
+    );
+    assert_eq!(
+        service.value["spec"]["selector"]["app.kubernetes.io/name"].as_str(),
+        Some(audit_pod.app_label()),
+        "{what}: Service {} does not select the audit pods",
+        service.name()
+    );
+    let service_port = list(&service.value["spec"]["ports"])
+        .iter()
+        .find(|candidate| candidate["port"].as_u64() == Some(u64::from(port)))
+        .unwrap_or_else(|| panic!("{what}: Service {} has no port {port}", service.name()));
+    assert_eq!(
+        audit_pod.port(&service_port["targetPort"]),
+        audit_grpc_port,
+        "{what}: Service {} port {port} does not lead to the audit gRPC port",
+        service.name()
+    );
+    assert_eq!(
+        audit.on_full,
+        shamal_audit_client::OnFull::FailClosed,
+        "{what}: a call must not be served unrecorded"
+    );
+
+    // The spool: a writable volume of this pod, with room for it.
+    let (mount, volume) = pod.mount_containing(&audit.spool_dir);
+    assert_ne!(
+        mount["readOnly"].as_bool(),
+        Some(true),
+        "{what}: the spool's volume is mounted read-only"
+    );
+    let room = audit.max_spool_bytes + audit.segment_bytes;
+    let size = if !volume["emptyDir"].is_null() {
+        let dir = &volume["emptyDir"];
+        assert_ne!(
+            dir["medium"].as_str(),
+            Some("Memory"),
+            "{what}: a memory-backed spool is lost with the container"
+        );
+        quantity(text(&dir["sizeLimit"], "the spool's emptyDir sizeLimit"))
+    } else if !volume["persistentVolumeClaim"].is_null() {
+        let claim = find(
+            docs,
+            "PersistentVolumeClaim",
+            text(&volume["persistentVolumeClaim"]["claimName"], "claimName"),
+        );
+        quantity(text(
+            &claim.value["spec"]["resources"]["requests"]["storage"],
+            "storage request",
+        ))
+    } else {
+        panic!("{what}: the spool must be on an emptyDir or a PersistentVolumeClaim: {volume:?}")
+    };
+    assert!(
+        size > room,
+        "{what}: the spool's volume ({size} bytes) has no room for max_spool_bytes and a segment ({room})"
+    );
+    host
+}
+
+/// The signing key reaches the service as `Signer::load` accepts it: a
+/// 0400 copy, owned by the pod's user, made by an init container from the
+/// key's Secret into a memory-backed volume the service mounts read-only.
+fn check_signing_key(pod: &Pod, key_file: &Path, scratch: &Path) {
+    let what = pod.what();
+    let (mount, volume) = pod.mount_holding(key_file);
+    assert_eq!(
+        mount["readOnly"].as_bool(),
+        Some(true),
+        "{what}: mount the signing key read-only (a missing key must not be replaced by a new one)"
+    );
+    assert_eq!(
+        volume["emptyDir"]["medium"].as_str(),
+        Some("Memory"),
+        "{what}: the key's copy belongs in memory, not on the node's disk"
+    );
+    let copy_volume = text(&volume["name"], "volume name");
+    let init = list(&pod.spec["initContainers"])
+        .iter()
+        .find(|init| {
+            list(&init["volumeMounts"])
+                .iter()
+                .any(|mount| mount["name"].as_str() == Some(copy_volume))
+        })
+        .unwrap_or_else(|| panic!("{what}: no init container writes the volume {copy_volume}"));
+    let context = &init["securityContext"];
+    assert!(
+        context["runAsUser"].is_null()
+            || context["runAsUser"] == pod.spec["securityContext"]["runAsUser"],
+        "{what}: the key's copy must belong to the service's user"
+    );
+    let mut secret_file = None;
+    for init_mount in list(&init["volumeMounts"]) {
+        let source = pod.volume(text(&init_mount["name"], "volumeMount name"));
+        if source["secret"].is_null() {
+            continue;
+        }
+        let items = list(&source["secret"]["items"]);
+        assert_eq!(items.len(), 1, "{what}: the key's Secret volume: one item");
+        secret_file = Some((
+            Path::new(text(&init_mount["mountPath"], "mountPath"))
+                .join(text(&items[0]["path"], "item path")),
+            file_mode(&source["secret"]["defaultMode"]),
+        ));
+    }
+    let (secret_file, secret_mode) =
+        secret_file.unwrap_or_else(|| panic!("{what}: the init container mounts no Secret"));
+    let command = strings(&init["command"], "command").join(" ");
+    let install = format!(
+        "install -m 0400 {} {}",
+        secret_file.display(),
+        key_file.display()
+    );
+    assert!(
+        command.contains(&install),
+        "{what}: the init container must run `{install}`: {command}"
+    );
+
+    // Why: the Secret's file as kubelet writes it with fsGroup (at least
+    // group-readable) is refused, the 0400 copy accepted, and the key
+    // OpenSSL writes parses.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch.join("audit-key");
+    std::fs::create_dir_all(&dir).unwrap();
+    let from_secret = dir.join("from-secret.pem");
+    std::fs::write(&from_secret, RFC8410_PRIVATE_KEY).unwrap();
+    std::fs::set_permissions(
+        &from_secret,
+        std::fs::Permissions::from_mode(u32::try_from(secret_mode | 0o440).unwrap()),
+    )
+    .unwrap();
+    let refused = shamal_audit::Signer::load(&from_secret).unwrap_err();
+    assert!(refused.to_string().contains("group or others"), "{refused}");
+    let copied = dir.join("signing-key.pem");
+    std::fs::copy(&from_secret, &copied).unwrap();
+    std::fs::set_permissions(&copied, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let signer = shamal_audit::Signer::load(&copied)
+        .unwrap_or_else(|error| panic!("the 0400 copy is refused: {error}"));
+    assert_eq!(signer.public_key().to_pem(), RFC8410_PUBLIC_KEY);
+
+    // A fresh key from OpenSSL itself, when it is installed.
+    let generated = dir.join("openssl.pem");
+    match std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&generated)
+        .status()
+    {
+        Ok(status) => {
+            assert!(status.success(), "openssl genpkey: {status}");
+            let public = std::process::Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&generated)
+                .output()
+                .unwrap();
+            assert!(public.status.success(), "openssl pkey -pubout");
+            let signer =
+                shamal_audit::Signer::from_pem(&std::fs::read_to_string(&generated).unwrap())
+                    .unwrap_or_else(|error| panic!("openssl's Ed25519 key: {error}"));
+            assert_eq!(
+                signer.public_key().to_pem(),
+                String::from_utf8(public.stdout).unwrap(),
+                "the published public key (openssl pkey -pubout) is not the one that signs"
+            );
+        }
+        Err(error) => eprintln!("openssl not run ({error}): checked with RFC 8410's key only"),
+    }
+}
+
+/// Whether a NetworkPolicy peer list lets pods labelled `label` in.
+fn peers_include(peers: &Value, label: &str) -> bool {
+    list(peers).iter().any(|peer| {
+        peer["namespaceSelector"].is_null()
+            && peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str() == Some(label)
+    })
+}
+
+/// Whether a rule's ports include TCP `port`.
+fn rule_allows_port(rule: &Value, port: u16) -> bool {
+    list(&rule["ports"])
+        .iter()
+        .any(|allowed| allowed["port"].as_u64() == Some(u64::from(port)))
+}
+
+/// The network policies let `producers` reach the audit gRPC port (in at
+/// the audit pods, and out of producers whose egress is restricted), and
+/// nobody else.
+fn check_audit_network(docs: &[Doc], audit_label: &str, producers: &[&str], port: u16) {
+    let selects = |doc: &Doc, label: &str| {
+        doc.value["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str()
+            == Some(label)
+    };
+    let policies: Vec<&Doc> = docs
+        .iter()
+        .filter(|doc| doc.kind() == "NetworkPolicy")
+        .collect();
+    let types = |doc: &Doc| strings(&doc.value["spec"]["policyTypes"], "policyTypes");
+    let ingress = policies
+        .iter()
+        .find(|doc| selects(doc, audit_label) && types(doc).iter().any(|t| t == "Ingress"))
+        .unwrap_or_else(|| panic!("no NetworkPolicy limits who reaches the audit service"));
+    let rules: Vec<&Value> = list(&ingress.value["spec"]["ingress"])
+        .iter()
+        .filter(|rule| rule_allows_port(rule, port))
+        .collect();
+    assert!(
+        rules.iter().all(|rule| !rule["from"].is_null()),
+        "NetworkPolicy {}: {port} open to everyone",
+        ingress.name()
+    );
+    for producer in producers {
+        assert!(
+            rules
+                .iter()
+                .any(|rule| peers_include(&rule["from"], producer)),
+            "NetworkPolicy {}: {producer} cannot reach {port}",
+            ingress.name()
+        );
+        for egress in policies
+            .iter()
+            .filter(|doc| selects(doc, producer) && types(doc).iter().any(|t| t == "Egress"))
+        {
+            assert!(
+                list(&egress.value["spec"]["egress"]).iter().any(|rule| {
+                    rule_allows_port(rule, port)
+                        && (rule["to"].is_null() || peers_include(&rule["to"], audit_label))
+                }),
+                "NetworkPolicy {}: {producer} may not connect to the audit service",
+                egress.name()
+            );
+        }
     }
 }
 
@@ -816,12 +1182,72 @@ async fn the_manifests_start_every_service_zero_trust() {
     };
     let worker = check(&docs, &CPU_WORKER, &worker_loaded);
 
+    // The audit service, and its signing key.
+    let audit_config: shamal_audit_service::AuditConfig = load(
+        &docs,
+        &AUDIT,
+        &shamal_audit_service::config::SERVICE,
+        scratch.path(),
+        &[],
+        shamal_audit_service::AuditConfig::load,
+    );
+    let audit = check(
+        &docs,
+        &AUDIT,
+        &Loaded {
+            security: audit_config.security.clone(),
+            metrics_port: audit_config.metrics_listen.unwrap().port(),
+            registry: None,
+        },
+    );
+    let audit_pod = Pod::of(&docs, &AUDIT);
+    assert!(
+        audit_config.database_url.starts_with("postgres://"),
+        "audit.toml: the audit log belongs in PostgreSQL, not in the pod"
+    );
+    check_signing_key(&audit_pod, &audit_config.signing_key_file, scratch.path());
+
+    // The producers' [audit] tables, as their loaders took them.
+    let audit_grpc_port = audit_config.grpc_listen.port();
+    let producers = [
+        (
+            "router",
+            check_audit_producer(
+                &docs,
+                &ROUTER,
+                &router_config.audit,
+                &audit_pod,
+                audit_grpc_port,
+            ),
+        ),
+        (
+            "registry",
+            check_audit_producer(
+                &docs,
+                &REGISTRY,
+                &registry_config.audit,
+                &audit_pod,
+                audit_grpc_port,
+            ),
+        ),
+    ];
+    check_audit_network(
+        &docs,
+        audit_pod.app_label(),
+        &[
+            Pod::of(&docs, &ROUTER).app_label(),
+            Pod::of(&docs, &REGISTRY).app_label(),
+        ],
+        audit_grpc_port,
+    );
+
     // One trust domain and one OpenID provider for all.
     let mut trust_domains = BTreeMap::new();
     for (name, checked) in [
         ("registry", &registry),
         ("router", &router),
         ("cpu-worker", &worker),
+        ("audit", &audit),
     ] {
         trust_domains.insert(checked.security.trust_domain.clone(), name);
     }
@@ -837,6 +1263,11 @@ async fn the_manifests_start_every_service_zero_trust() {
     assert_eq!(
         registry.security.oidc_audience,
         router.security.oidc_audience
+    );
+    assert_eq!(
+        (&audit.security.oidc_issuer, &audit.security.oidc_audience),
+        (&router.security.oidc_issuer, &router.security.oidc_audience),
+        "the audit service trusts another provider than the router"
     );
 
     // Where peers dial: the registry's Service, each worker's stable name
@@ -943,6 +1374,52 @@ async fn the_manifests_start_every_service_zero_trust() {
         });
     }
 
+    // Producers → the audit service at the host they dial, with the
+    // identities its access policy keys on; admins (tokens, no
+    // certificate) at the Service and through a port-forward.
+    let audit_files = issue_like(&ca, &audit.certificate, &pki);
+    let audit_server = ServerTls::new(&audit_files, ClientAuth::Optional)
+        .unwrap()
+        .rustls_config();
+    let registry_client = ClientTls::new(&registry_files).unwrap();
+    let audit_host = producers[0].1.clone();
+    for (producer, host) in &producers {
+        assert_eq!(
+            host, &audit_host,
+            "{producer} dials the audit service by another name"
+        );
+    }
+    for (caller, client, service) in [
+        ("router", &router_client, "router"),
+        ("registry", &registry_client, "registry"),
+    ] {
+        let seen = handshake(
+            client.expect_service("audit").rustls_client_config(),
+            audit_server.clone(),
+            &audit_host,
+        )
+        .unwrap_or_else(|error| panic!("{caller} → audit at {audit_host} fails: {error}"));
+        assert_eq!(
+            seen.map(|identity| identity.service).as_deref(),
+            Some(service)
+        );
+    }
+    for host in [audit_host.as_str(), "localhost", "127.0.0.1"] {
+        let seen = handshake(anonymous.clone(), audit_server.clone(), host)
+            .unwrap_or_else(|error| panic!("admin → audit at {host} fails: {error}"));
+        assert_eq!(seen, None);
+    }
+    // A producer expecting the audit service refuses another service's
+    // certificate.
+    assert!(
+        handshake(
+            router_client.expect_service("audit").rustls_client_config(),
+            registry_server.clone(),
+            &registry_host,
+        )
+        .is_err()
+    );
+
     // The workers refuse callers without a certificate, and the router's
     // certificate is not the registry's.
     assert!(handshake(anonymous, worker_server, &worker_host).is_err());
@@ -994,6 +1471,9 @@ fn the_helpers_read_manifests_as_kubernetes_does() {
     assert_eq!(file_mode(&yaml["c"]), 0o400);
     assert_eq!(file_mode(&yaml["missing"]), 0o644);
     assert_eq!(host_of("registry:8201"), "registry");
+    assert_eq!(quantity("512Mi"), 512 << 20);
+    assert_eq!(quantity("1Gi"), 1 << 30);
+    assert_eq!(quantity("1000"), 1000);
     assert_eq!(
         host_of("https://cpu-worker-0.cpu-worker.shamal.svc:8101"),
         "cpu-worker-0.cpu-worker.shamal.svc"
