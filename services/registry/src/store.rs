@@ -1,35 +1,13 @@
 //! The database: one set of queries for Postgres and SQLite (sqlx's `Any`
 //! driver), migrations per backend, and row decoding.
 
-use std::time::Duration;
-
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyRow;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::error::{RegistryError, Result};
 use crate::model::*;
 
-/// The database engine behind a connection URL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-impl Backend {
-    pub fn from_url(url: &str) -> Result<Backend> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Backend::Postgres)
-        } else if url.starts_with("sqlite:") {
-            Ok(Backend::Sqlite)
-        } else {
-            Err(RegistryError::invalid(
-                "database_url",
-                "must start with postgres://, postgresql:// or sqlite:",
-            ))
-        }
-    }
-}
+pub use shamal_sql::Backend;
 
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -42,45 +20,23 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and applies pending migrations. SQLite runs on a single
-    /// connection: its writers are serialised anyway, and a single writer
-    /// never meets `SQLITE_BUSY`.
+    /// Connects and applies pending migrations (`shamal_sql::open`: SQLite
+    /// on one connection, Postgres on up to 16).
     pub async fn connect(url: &str) -> Result<Store> {
-        sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(url)?;
-        let url = match backend {
-            Backend::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
-                let separator = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{separator}mode=rwc")
+        let (pool, backend) = shamal_sql::open(
+            url,
+            shamal_sql::Migrations {
+                postgres: &POSTGRES_MIGRATIONS,
+                sqlite: &SQLITE_MIGRATIONS,
+            },
+        )
+        .await
+        .map_err(|error| match error {
+            shamal_sql::OpenError::Url => {
+                RegistryError::invalid("database_url", shamal_sql::URL_RULE)
             }
-            _ => url.to_owned(),
-        };
-        let options = AnyPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(10))
-            .max_connections(match backend {
-                Backend::Postgres => 16,
-                Backend::Sqlite => 1,
-            });
-        // An in-memory SQLite database lives as long as its connection.
-        let options = if url.contains(":memory:") {
-            options
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .min_connections(1)
-        } else {
-            options
-        };
-        let pool = options.connect(&url).await.map_err(|error| {
-            RegistryError::Internal(format!("cannot open {backend:?} database: {error}"))
+            other => RegistryError::Internal(other.to_string()),
         })?;
-        let migrator = match backend {
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-        };
-        migrator
-            .run(&pool)
-            .await
-            .map_err(|error| RegistryError::Internal(format!("migrations failed: {error}")))?;
         Ok(Store { pool, backend })
     }
 
