@@ -1,6 +1,9 @@
 //! gRPC plumbing shared by the router and the workers: the `grpc-timeout`
 //! deadline header, request ids, message size limits and the mapping of codec
-//! errors to statuses.
+//! errors to statuses; and the serving state (health, readiness, stop) of
+//! the control-plane services.
+
+pub mod serving;
 
 use std::time::Duration;
 

@@ -34,7 +34,8 @@ use std::sync::Arc;
 use shamal_auth::layer::GrpcAuthLayer;
 use shamal_auth::metrics::AuthMetrics;
 use shamal_proto::shamal::audit::v1::audit_service_server::AuditServiceServer;
-use shamal_telemetry::{MetricsRegistry, Readiness};
+use shamal_rpc::serving::{Serving, serving};
+use shamal_telemetry::MetricsRegistry;
 use shamal_tls::{ClientAuth, Incoming, ServerTls, TlsMetrics};
 use tokio::net::TcpListener;
 
@@ -115,35 +116,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // Listen for the stop first (SIGTERM during the start-up stops it too).
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AuditServiceServer<grpc::AuditGrpc>>()
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let readiness = Readiness::default();
-    readiness.set(true);
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    };
-    {
-        let health = health_reporter.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("audit service stopping");
-            readiness.set(false);
-            health
-                .set_not_serving::<AuditServiceServer<grpc::AuditGrpc>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            let _ = stop_sender.send(true);
-        });
-    }
+    let Serving {
+        health_service,
+        readiness,
+        stop,
+    } = serving::<AuditServiceServer<grpc::AuditGrpc>>("audit service", shutdown).await;
+    let wait_stop = shamal_rpc::serving::stopped;
     let security = &config.security;
     security.announce("audit", config::EXPOSURE, &metrics);
     let auth_metrics = if security.tls_on() || security.oidc_on() {

@@ -32,7 +32,8 @@ use shamal_auth::layer::GrpcAuthLayer;
 use shamal_auth::metrics::AuthMetrics;
 use shamal_auth::security::Exposure;
 use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
-use shamal_telemetry::{MetricsRegistry, Readiness};
+use shamal_rpc::serving::{Serving, serving};
+use shamal_telemetry::MetricsRegistry;
 use shamal_tls::{ClientAuth, ClientTls, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
 use tokio::net::TcpListener;
 
@@ -187,35 +188,12 @@ pub async fn serve(
         }
         None => None,
     };
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RegistryServer<grpc::RegistryGrpc>>()
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let readiness = Readiness::default();
-    readiness.set(true);
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    };
-    {
-        let health = health_reporter.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("registry stopping");
-            readiness.set(false);
-            health
-                .set_not_serving::<RegistryServer<grpc::RegistryGrpc>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            let _ = stop_sender.send(true);
-        });
-    }
+    let Serving {
+        health_service,
+        readiness,
+        stop,
+    } = serving::<RegistryServer<grpc::RegistryGrpc>>("registry", shutdown).await;
+    let wait_stop = shamal_rpc::serving::stopped;
     // Workers whose lease expires are marked lost while the registry serves.
     let sweeper = registry.spawn_sweeper(stop.clone());
     // Versions of `weighted` models follow traffic, workers and rollouts.
