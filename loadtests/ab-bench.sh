@@ -60,14 +60,21 @@ declare -A token=([A]="${A_TOKEN:-}" [B]="${B_TOKEN:-}")
 start_side() {
   local side="$1"
   shift
-  local http g metrics reg_http reg_grpc
-  read -r http g metrics reg_http reg_grpc < <(free_ports 5)
+  local http g metrics reg_http reg_grpc audit_grpc
+  read -r http g metrics reg_http reg_grpc audit_grpc < <(free_ports 6)
   local shamal="$bin/shamal"
   if [ "$side" = A ] && [ -n "${A_BIN:-}" ]; then shamal="$A_BIN"; fi
   if [ "$side" = B ] && [ -n "${B_BIN:-}" ]; then shamal="$B_BIN"; fi
+  # Two stacks side by side need two audit ports; a binary from before the
+  # audit service has no such flag.
+  local audit_flag=()
+  if "$shamal" up --help | grep -q -- --audit-grpc-port; then
+    audit_flag=(--audit-grpc-port "$audit_grpc")
+  fi
   "$shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
     --metrics-port "$metrics" --registry-http-port "$reg_http" \
-    --registry-grpc-port "$reg_grpc" --data-dir "$tmp/data_$side" "$@" >"$out/server_$side.log" 2>&1 &
+    --registry-grpc-port "$reg_grpc" "${audit_flag[@]}" --data-dir "$tmp/data_$side" "$@" \
+    >"$out/server_$side.log" 2>&1 &
   pids+=("$!")
   grpc[$side]="$g"
 }

@@ -192,7 +192,7 @@ done
 # ready. Its log: $out/shamal_$4.log.
 start_server() {
   local candle_threads="$1" intra="$2" instances="$3" name="$4"
-  read -r http_port grpc_port metrics_port reg_http reg_grpc < <(free_ports 5)
+  read -r http_port grpc_port metrics_port reg_http reg_grpc audit_grpc < <(free_ports 6)
   rm -rf "$tmp/data"
   local threads_env=(env -u RAYON_NUM_THREADS -u CANDLE_NUM_THREADS)
   [ "$candle_threads" = default ] || threads_env+=("RAYON_NUM_THREADS=$candle_threads")
@@ -203,6 +203,7 @@ start_server() {
     --intra-threads "$intra" "${instances_flag[@]}" \
     --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
     --registry-http-port "$reg_http" --registry-grpc-port "$reg_grpc" \
+    --audit-grpc-port "$audit_grpc" \
     >"$out/shamal_$name.log" 2>&1 &
   server_pid=$!
   for model in minilm minilm_onnx; do
