@@ -262,6 +262,44 @@ impl SecurityConfig {
         Ok(crate::Authenticator::new(tokens, trust_domain, metrics))
     }
 
+    /// The server side of a control-plane service (the registry, the audit
+    /// service): announces the mode, builds the authenticator (refusals
+    /// counted on `metrics` when TLS or OIDC is on) and, with TLS, the
+    /// server configuration taking optional client certificates (services
+    /// present theirs, people a bearer token), its handshakes counted.
+    pub async fn serve_side(
+        &self,
+        service: &str,
+        exposure: Exposure,
+        metrics: &prometheus::Registry,
+    ) -> Result<
+        (
+            std::sync::Arc<crate::Authenticator>,
+            Option<shamal_tls::ServerTls>,
+        ),
+        String,
+    > {
+        self.announce(service, exposure, metrics);
+        let auth_metrics = if self.tls_on() || self.oidc_on() {
+            Some(crate::metrics::AuthMetrics::new(metrics).map_err(|error| error.to_string())?)
+        } else {
+            None
+        };
+        let auth = self.authenticator(auth_metrics).await?;
+        let server_tls = match self.tls_files() {
+            Some(files) => {
+                let tls = shamal_tls::ServerTls::new(&files, shamal_tls::ClientAuth::Optional)
+                    .map_err(|error| error.to_string())?;
+                Some(match shamal_tls::TlsMetrics::new(metrics) {
+                    Ok(tls_metrics) => tls.with_metrics(tls_metrics),
+                    Err(_) => tls,
+                })
+            }
+            None => None,
+        };
+        Ok((auth, server_tls))
+    }
+
     /// Logs what is on and off (a warning when started insecure) and
     /// exports `shamal_security_insecure` on `metrics`: 1 when TLS is off,
     /// or OIDC is off on a public service.

@@ -32,11 +32,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shamal_auth::layer::GrpcAuthLayer;
-use shamal_auth::metrics::AuthMetrics;
 use shamal_proto::shamal::audit::v1::audit_service_server::AuditServiceServer;
 use shamal_rpc::serving::{Serving, serving};
 use shamal_telemetry::MetricsRegistry;
-use shamal_tls::{ClientAuth, Incoming, ServerTls, TlsMetrics};
+use shamal_tls::Incoming;
 use tokio::net::TcpListener;
 
 pub use config::{AuditArgs, AuditConfig};
@@ -122,29 +121,13 @@ pub async fn serve(
         stop,
     } = serving::<AuditServiceServer<grpc::AuditGrpc>>("audit service", shutdown).await;
     let wait_stop = shamal_rpc::serving::stopped;
-    let security = &config.security;
-    security.announce("audit", config::EXPOSURE, &metrics);
-    let auth_metrics = if security.tls_on() || security.oidc_on() {
-        Some(AuthMetrics::new(&metrics)?)
-    } else {
-        None
-    };
-    let auth = security
-        .authenticator(auth_metrics)
-        .await
-        .map_err(anyhow::Error::msg)?;
     // Optional client certificates: producers present theirs, admins a
     // bearer token.
-    let server_tls = match security.tls_files() {
-        Some(files) => {
-            let tls = ServerTls::new(&files, ClientAuth::Optional)?;
-            Some(match TlsMetrics::new(&metrics) {
-                Ok(tls_metrics) => tls.with_metrics(tls_metrics),
-                Err(_) => tls,
-            })
-        }
-        None => None,
-    };
+    let (auth, server_tls) = config
+        .security
+        .serve_side("audit", config::EXPOSURE, &metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let checkpointer = log.spawn_checkpointer(stop.clone());
     let retention = config.retention().map(|retention| {
         tracing::info!(

@@ -29,12 +29,11 @@ use std::sync::Arc;
 
 use shamal_audit_client::Auditor;
 use shamal_auth::layer::GrpcAuthLayer;
-use shamal_auth::metrics::AuthMetrics;
 use shamal_auth::security::Exposure;
 use shamal_proto::shamal::registry::v1::registry_server::RegistryServer;
 use shamal_rpc::serving::{Serving, serving};
 use shamal_telemetry::MetricsRegistry;
-use shamal_tls::{ClientAuth, ClientTls, HttpListener, Incoming, PeerInfo, ServerTls, TlsMetrics};
+use shamal_tls::{ClientTls, HttpListener, Incoming, PeerInfo};
 use tokio::net::TcpListener;
 
 pub use config::{RegistryArgs, RegistryConfig};
@@ -165,29 +164,13 @@ pub async fn serve(
     metrics: MetricsRegistry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let security = &config.security;
-    security.announce("registry", Exposure::Public, &metrics);
-    let auth_metrics = if security.tls_on() || security.oidc_on() {
-        Some(AuthMetrics::new(&metrics)?)
-    } else {
-        None
-    };
-    let auth = security
-        .authenticator(auth_metrics)
-        .await
-        .map_err(anyhow::Error::msg)?;
     // Optional client certificates: routers and workers present theirs,
     // people and scripts a bearer token.
-    let server_tls = match security.tls_files() {
-        Some(files) => {
-            let tls = ServerTls::new(&files, ClientAuth::Optional)?;
-            Some(match TlsMetrics::new(&metrics) {
-                Ok(tls_metrics) => tls.with_metrics(tls_metrics),
-                Err(_) => tls,
-            })
-        }
-        None => None,
-    };
+    let (auth, server_tls) = config
+        .security
+        .serve_side("registry", Exposure::Public, &metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let Serving {
         health_service,
         readiness,
