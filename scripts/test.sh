@@ -76,6 +76,20 @@ SHAMAL_TEST_CHROMIUM="$(command -v chromium)"
 export SHAMAL_TEST_CHROMIUM
 echo "using $SHAMAL_TEST_CHROMIUM"
 
+step "Java 17 for the Spark helper's tests (a local Spark session)"
+if ! command -v java >/dev/null 2>&1; then
+  # Debian's slim images lack the man directory the package's postinst
+  # links into.
+  if [ "$(id -u)" = 0 ]; then
+    mkdir -p /usr/share/man/man1
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless >/dev/null
+  else
+    sudo mkdir -p /usr/share/man/man1
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless >/dev/null
+  fi
+fi
+echo "using $(command -v java) ($(java -version 2>&1 | head -n 1))"
+
 step "Kubernetes manifests against the API schemas (kubernetes-validate)"
 scripts/check-manifests.sh
 
@@ -150,6 +164,9 @@ export SHAMAL_METRICS_URL="127.0.0.1:$metrics_port"
 
 step "compatibility: tritonclient (gRPC and HTTP)"
 .deps/venv/bin/python -m pytest -q tests/compat/test_tritonclient.py
+
+step "compatibility: scoring a DataFrame from Spark (python/shamal_spark, local[2])"
+.deps/venv/bin/python -m pytest -q tests/spark
 
 step "compatibility: perf_analyzer"
 tests/compat/perf_analyzer.sh
