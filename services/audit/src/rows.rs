@@ -13,7 +13,8 @@ pub const RECORD_COLUMNS: &str = "seq, event_id, recorded_at_ms, occurred_at_ms,
      action, outcome, actor, client_id, tenant, model, version, region, worker, request_id, \
      latency_us, request_sha256, response_sha256, before_json, after_json, reason, prev_hash, hash";
 
-/// How many columns [`RECORD_COLUMNS`] names.
+/// How many columns [`RECORD_COLUMNS`] names (the values of an inserted
+/// row, see `log::record_row`).
 pub const RECORD_COLUMN_COUNT: usize = 24;
 
 pub const CHECKPOINT_COLUMNS: &str = "seq, head_hash, signed_at_ms, key_id, signature";
@@ -99,34 +100,12 @@ pub fn tombstone_from_row(row: &AnyRow) -> Result<Tombstone> {
     })
 }
 
-/// `($1, $2, ...), ($n, ...)`: the VALUES of a multi-row insert of `rows`
-/// rows of `columns` columns.
-pub fn values_placeholders(rows: usize, columns: usize) -> String {
-    let mut text = String::with_capacity(rows * columns * 5);
-    for row in 0..rows {
-        if row > 0 {
-            text.push_str(", ");
-        }
-        text.push('(');
-        for column in 0..columns {
-            if column > 0 {
-                text.push_str(", ");
-            }
-            text.push('$');
-            text.push_str(&(row * columns + column + 1).to_string());
-        }
-        text.push(')');
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_every_value() {
-        assert_eq!(values_placeholders(2, 2), "($1, $2), ($3, $4)");
+    fn the_column_count_matches_the_columns() {
         assert_eq!(RECORD_COLUMNS.split(',').count(), RECORD_COLUMN_COUNT);
     }
 }
