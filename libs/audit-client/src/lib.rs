@@ -129,6 +129,7 @@
 mod config;
 mod frame;
 mod metrics;
+mod refusals;
 mod shipper;
 mod spool;
 mod writer;
@@ -149,6 +150,7 @@ use tonic::transport::Endpoint;
 pub use config::{
     AuditClientConfig, ConfigError, DEFAULT_MAX_SPOOL_BYTES, DEFAULT_SEGMENT_BYTES, OnFull,
 };
+pub use refusals::{AUTH_REFUSED, RefusalRecorder};
 pub use shamal_proto::shamal::audit::v1::AuditEvent;
 
 use metrics::Metrics;

@@ -1,7 +1,7 @@
 //! Turning a call's credentials into a [`Principal`]: the peer's mTLS
 //! identity, the bearer token, or (auth off) nobody.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use shamal_tls::PeerIdentity;
 
@@ -9,6 +9,23 @@ use crate::error::AuthError;
 use crate::metrics::AuthMetrics;
 use crate::principal::Principal;
 use crate::validator::TokenValidator;
+
+/// One refusal, as [`Authenticator::refused`] reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Refusal<'a> {
+    /// The API label (`router`, `registry-grpc`, ...).
+    pub api: &'a str,
+    /// The gRPC method path or HTTP route refused.
+    pub method: &'a str,
+    pub error: &'a AuthError,
+}
+
+/// Told of every refusal an [`Authenticator`] reports: the services' audit
+/// trail (`shamal-audit-client`'s `RefusalRecorder`). Called on the
+/// refusing task: it must not block.
+pub trait RefusalObserver: Send + Sync + 'static {
+    fn refused(&self, refusal: Refusal<'_>);
+}
 
 /// What a call presented: the identity in its client certificate (when the
 /// connection is mTLS and the certificate has one) and its
@@ -47,6 +64,8 @@ pub struct Authenticator {
     /// Callers without credentials are anonymous rather than refused: a
     /// service started insecure with TLS but no OIDC (`shamal up --tls`).
     anonymous: bool,
+    /// Set once, after start (the auditor starts after the authenticator).
+    observer: OnceLock<Arc<dyn RefusalObserver>>,
 }
 
 impl Authenticator {
@@ -57,6 +76,7 @@ impl Authenticator {
             trust_domain: None,
             metrics: None,
             anonymous: true,
+            observer: OnceLock::new(),
         })
     }
 
@@ -72,6 +92,7 @@ impl Authenticator {
             trust_domain,
             metrics,
             anonymous: false,
+            observer: OnceLock::new(),
         })
     }
 
@@ -87,6 +108,7 @@ impl Authenticator {
             trust_domain,
             metrics,
             anonymous: true,
+            observer: OnceLock::new(),
         })
     }
 
@@ -104,13 +126,30 @@ impl Authenticator {
         self.metrics.as_ref()
     }
 
-    /// Logs a refusal of a call to `api`'s `method`, and counts it when
-    /// this authenticator keeps metrics.
+    /// Logs a refusal of a call to `api`'s `method`, counts it when this
+    /// authenticator keeps metrics, and tells the refusal observer (the
+    /// audit trail) when one is set.
     pub fn refused(&self, api: &str, method: &str, error: &AuthError) {
+        self.count_refusal(api, method, error);
+        if let Some(observer) = self.observer.get() {
+            observer.refused(Refusal { api, method, error });
+        }
+    }
+
+    /// [`Authenticator::refused`] without the observer: for a caller that
+    /// records the refusal in its own audit record (the router's inference
+    /// pipeline records a refused ModelInfer as that call's record).
+    pub fn count_refusal(&self, api: &str, method: &str, error: &AuthError) {
         match &self.metrics {
             Some(metrics) => metrics.refused(api, method, error),
             None => crate::metrics::log_refusal(api, method, error),
         }
+    }
+
+    /// Sets the observer every later refusal is reported to; `false` when
+    /// one was already set (the first stays).
+    pub fn observe_refusals(&self, observer: Arc<dyn RefusalObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// The principal behind `credentials`, when it can be told without

@@ -21,7 +21,16 @@ pub enum AuthError {
     },
     /// Identified, but without the permission the call needs.
     #[error("permission denied: {who} lacks permission '{permission}'")]
-    Forbidden { permission: Permission, who: String },
+    Forbidden {
+        permission: Permission,
+        /// The caller, as the message describes it (`subject 'alice'`).
+        who: String,
+        /// The caller as audit records name it ([`crate::Principal::actor`]:
+        /// the subject, with its client when that differs; the service's
+        /// SPIFFE URI; `anonymous`); empty when the refusal came before the
+        /// caller was identified (a route without a policy).
+        actor: String,
+    },
 }
 
 impl AuthError {
@@ -137,6 +146,7 @@ mod tests {
         let forbidden = AuthError::Forbidden {
             permission: Permission::ModelsWrite,
             who: "subject 'bob'".into(),
+            actor: "bob".into(),
         };
         assert_eq!(forbidden.kind().http_status().as_u16(), 403);
         assert_eq!(forbidden.to_status().code(), tonic::Code::PermissionDenied);

@@ -52,6 +52,7 @@ impl Gate {
             None => Gate::Refuse(AuthError::Forbidden {
                 permission: Permission::Admin,
                 who: format!("every caller ({what} has no access policy)"),
+                actor: String::new(),
             }),
         }
     }

@@ -22,7 +22,7 @@ pub mod security;
 pub mod settings;
 pub mod validator;
 
-pub use authenticator::{Authenticator, Credentials};
+pub use authenticator::{Authenticator, Credentials, Refusal, RefusalObserver};
 pub use bearer::{MAX_TOKEN_LEN, bearer_token, parse_authorization};
 pub use error::AuthError;
 pub use jwt::{Algorithm, decode_unverified};

@@ -115,6 +115,7 @@ impl Principal {
             Err(crate::AuthError::Forbidden {
                 permission,
                 who: self.describe(),
+                actor: self.actor(),
             })
         }
     }

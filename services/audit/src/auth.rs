@@ -2,8 +2,20 @@
 //! enforced by `shamal_auth::layer::GrpcAuthLayer`. A method missing here
 //! is refused whether auth is on or off.
 
-use shamal_auth::Permission;
+use std::sync::Arc;
+
+use shamal_audit::Event;
+use shamal_audit_client::RefusalRecorder;
 use shamal_auth::layer::Access;
+use shamal_auth::{Permission, Refusal, RefusalObserver};
+use tokio::sync::mpsc;
+
+use crate::log::{AuditLog, now_ms};
+
+/// Refusals waiting to be appended; past that they are dropped (counted).
+const REFUSAL_QUEUE: usize = 4096;
+/// Most refusals appended in one call.
+const REFUSAL_BATCH: usize = 500;
 
 /// The API label of the audit service's refusals.
 pub const GRPC_API: &str = "audit_grpc";
@@ -25,6 +37,61 @@ pub fn grpc_access(path: &str) -> Option<Access> {
         },
         _ => return None,
     })
+}
+
+/// The audit service's own refusals, appended to its own log as
+/// `auth.refused` records (the other services send theirs through their
+/// auditor's spool; this service is the log). Bounded: a flood of refused
+/// calls fills a queue of [`REFUSAL_QUEUE`] and the rest are counted in
+/// `shamal_audit_refusals_dropped_total`, never blocking a call.
+pub struct OwnRefusals {
+    queue: mpsc::Sender<Event>,
+    log: Arc<AuditLog>,
+    instance: String,
+}
+
+impl OwnRefusals {
+    /// The observer, and the task appending what it queues (it ends when
+    /// the observer is dropped, after appending what is left).
+    pub fn start(
+        log: Arc<AuditLog>,
+        instance: String,
+    ) -> (Arc<OwnRefusals>, tokio::task::JoinHandle<()>) {
+        let (queue, mut queued) = mpsc::channel::<Event>(REFUSAL_QUEUE);
+        let appender = log.clone();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(REFUSAL_BATCH);
+            while queued.recv_many(&mut batch, REFUSAL_BATCH).await > 0 {
+                let events = std::mem::take(&mut batch);
+                let count = events.len();
+                if let Err(error) = appender.append(events).await {
+                    appender.metrics().refusals_dropped.inc_by(count as u64);
+                    tracing::warn!(%error, count, "cannot record refused calls in the audit log");
+                }
+            }
+        });
+        (
+            Arc::new(OwnRefusals {
+                queue,
+                log,
+                instance,
+            }),
+            task,
+        )
+    }
+}
+
+impl RefusalObserver for OwnRefusals {
+    fn refused(&self, refusal: Refusal<'_>) {
+        let mut event = Event::from(RefusalRecorder::event(refusal));
+        event.event_id = uuid::Uuid::new_v4().to_string();
+        event.occurred_at_ms = now_ms();
+        event.service = "audit".to_owned();
+        event.instance.clone_from(&self.instance);
+        if self.queue.try_send(event).is_err() {
+            self.log.metrics().refusals_dropped.inc();
+        }
+    }
 }
 
 #[cfg(test)]

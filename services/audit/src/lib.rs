@@ -128,6 +128,11 @@ pub async fn serve(
         .serve_side("audit", config::EXPOSURE, &metrics)
         .await
         .map_err(anyhow::Error::msg)?;
+    // Refused calls to this service are recorded in its own log (the
+    // instance: the address it serves on).
+    let instance = listeners.grpc.local_addr()?.to_string();
+    let (own_refusals, refusals_task) = auth::OwnRefusals::start(log.clone(), instance);
+    auth.observe_refusals(own_refusals);
     let checkpointer = log.spawn_checkpointer(stop.clone());
     let retention = config.retention().map(|retention| {
         tracing::info!(
@@ -162,6 +167,9 @@ pub async fn serve(
             wait_stop(stop.clone()),
         )
         .await;
+    // The server (and with it the authenticator holding the observer) is
+    // gone: the task appends what is queued and ends.
+    let _ = refusals_task.await;
     let _ = checkpointer.await;
     if let Some(task) = retention {
         let _ = task.await;

@@ -26,6 +26,9 @@ pub struct AuditMetrics {
     pub verify_failures: IntCounter,
     /// Records removed by retention.
     pub retention_removed: IntCounter,
+    /// Refusals of the service's own callers not recorded (the queue of
+    /// them was full).
+    pub refusals_dropped: IntCounter,
 }
 
 impl AuditMetrics {
@@ -86,6 +89,13 @@ impl AuditMetrics {
                 IntCounter::new(
                     "shamal_audit_retention_removed_total",
                     "Records removed by retention (each range leaves a signed tombstone)",
+                )?,
+            )?,
+            refusals_dropped: register(
+                registry,
+                IntCounter::new(
+                    "shamal_audit_refusals_dropped_total",
+                    "Refused calls to the audit service left unrecorded (more refusals at once than its queue holds)",
                 )?,
             )?,
         })

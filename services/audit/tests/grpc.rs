@@ -327,7 +327,61 @@ async fn mtls_producers_append_and_other_services_are_refused() {
                 .is_err()
         );
     }
-    assert_eq!(audit.log.head().await.unwrap().seq, 9);
+    // The nine appended events, and the six refusals recorded in the
+    // service's own log (asynchronously: wait for them).
+    let mut head = 0;
+    for _ in 0..100 {
+        head = audit.log.head().await.unwrap().seq;
+        if head >= 15 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(head, 15);
+    let refusals = audit
+        .log
+        .query(&shamal_audit_service::log::Query {
+            action: "auth.refused".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .records;
+    let summary: Vec<(String, String, bool)> = refusals
+        .iter()
+        .map(|record| {
+            (
+                record.event.outcome.clone(),
+                record.event.actor.clone(),
+                record
+                    .event
+                    .reason
+                    .contains("/shamal.audit.v1.AuditService/"),
+            )
+        })
+        .collect();
+    let denied = |refusal: &(String, String, bool), service: &str| {
+        refusal.0 == "permission_denied"
+            && refusal.1.starts_with("spiffe://")
+            && refusal.1.contains(&format!("/{service}/"))
+            && refusal.2
+    };
+    assert_eq!(summary.len(), 6, "{summary:#?}");
+    assert!(denied(&summary[0], "worker"), "{summary:#?}");
+    assert!(denied(&summary[1], "audit"), "{summary:#?}");
+    assert_eq!(summary[2].0, "unauthenticated");
+    assert!(
+        summary[3..]
+            .iter()
+            .all(|refusal| denied(refusal, "registry")),
+        "{summary:#?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|record| record.event.service == "audit")
+    );
     audit.stop().await.unwrap();
 }
 
@@ -435,7 +489,31 @@ async fn oidc_roles_read_and_append_as_the_rbac_table_says() {
             .await
             .unwrap();
     }
-    // Only the admin's two events were written.
-    assert_eq!(audit.log.head().await.unwrap().seq, 2);
+    // Only the admin's two events were appended; each of the 20 refusals
+    // (four roles and nobody, four methods each) was recorded by the
+    // service itself, asynchronously.
+    let mut head = 0;
+    for _ in 0..100 {
+        head = audit.log.head().await.unwrap().seq;
+        if head >= 22 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(head, 22);
+    let records = audit
+        .log
+        .query(&shamal_audit_service::log::Query {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .records;
+    let refusals = records
+        .iter()
+        .filter(|record| record.event.action == "auth.refused")
+        .count();
+    assert_eq!((records.len() - refusals, refusals), (2, 20));
     audit.stop().await.unwrap();
 }

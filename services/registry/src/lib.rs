@@ -171,6 +171,12 @@ pub async fn serve(
         .serve_side("registry", Exposure::Public, &metrics)
         .await
         .map_err(anyhow::Error::msg)?;
+    // Every refused call, gRPC or REST, is recorded as `auth.refused`.
+    if registry.auditor().is_enabled() {
+        auth.observe_refusals(shamal_audit_client::RefusalRecorder::new(
+            registry.auditor().clone(),
+        ));
+    }
     let Serving {
         health_service,
         readiness,

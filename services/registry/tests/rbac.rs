@@ -32,8 +32,8 @@ const CLIENTS: [(&str, Option<Role>); 6] = [
     ("shamal-noroles", None),
 ];
 
-async fn start(issuer: &str, dir: &std::path::Path) -> shamal_registry::RunningRegistry {
-    let config = shamal_registry::RegistryConfig {
+fn config(issuer: &str, dir: &std::path::Path) -> shamal_registry::RegistryConfig {
+    shamal_registry::RegistryConfig {
         security: SecurityConfig {
             oidc_issuer: Some(issuer.to_owned()),
             oidc_audience: Some(oidc::AUDIENCE.to_owned()),
@@ -45,7 +45,11 @@ async fn start(issuer: &str, dir: &std::path::Path) -> shamal_registry::RunningR
         database_url: format!("sqlite://{}?mode=rwc", dir.join("registry.db").display()),
         artifact_dir: dir.join("artifacts"),
         ..Default::default()
-    };
+    }
+}
+
+async fn start(issuer: &str, dir: &std::path::Path) -> shamal_registry::RunningRegistry {
+    let config = config(issuer, dir);
     let listeners = shamal_registry::RegistryListeners::bind(&config)
         .await
         .unwrap();
@@ -205,4 +209,120 @@ async fn every_grpc_method_admits_exactly_the_roles_holding_its_permission() {
     // Only admins among people hold the services' permissions.
     assert!(!Role::ReleaseManager.allows(Permission::WorkersRegister));
     registry.stop().await.unwrap();
+}
+
+/// Refused calls reach the audit log as `auth.refused` records naming the
+/// caller, the route and the reason; admitted reads leave no record.
+#[tokio::test]
+async fn refused_calls_are_audited() {
+    let Some(issuer) = oidc::issuer("registry refusals audited") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let audit = shamal_audit_service::RunningAudit::start_local(
+        &format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("audit.db").display()
+        ),
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let auditor = shamal_audit_client::Auditor::start(
+        shamal_audit_client::AuditClientConfig {
+            endpoint: Some(format!("http://{}", audit.grpc_address)),
+            spool_dir: dir.path().join("audit-spool"),
+            ..Default::default()
+        },
+        None,
+        "registry",
+        "registry-rbac",
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let config = config(&issuer, dir.path());
+    let listeners = shamal_registry::RegistryListeners::bind(&config)
+        .await
+        .unwrap();
+    let registry = shamal_registry::RunningRegistry::start_with_auditor(
+        config,
+        listeners,
+        Default::default(),
+        auditor.clone(),
+    )
+    .await
+    .unwrap();
+    let viewer = oidc::token(&issuer, "shamal-viewer").await;
+    let (_, claims) = shamal_auth::decode_unverified(&viewer).unwrap();
+    let http = reqwest::Client::new();
+    let models = format!("http://{}/v1/models", registry.http_address);
+    // Refused: a viewer creating a model (403), nobody listing (401), and
+    // nobody over gRPC.
+    let response = http
+        .post(&models)
+        .bearer_auth(&viewer)
+        .json(&serde_json::json!({"name": "refused-model"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(http.get(&models).send().await.unwrap().status(), 401);
+    let channel = shamal_registry_client::channel(&registry.grpc_address.to_string()).unwrap();
+    assert_eq!(
+        call(channel, "/shamal.registry.v1.Registry/Watch", None).await,
+        tonic::Code::Unauthenticated
+    );
+    // Admitted: not recorded.
+    let response = http.get(&models).bearer_auth(&viewer).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    auditor
+        .drain(std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    let page = audit
+        .log
+        .query(&shamal_audit_service::log::Query {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let records: Vec<_> = page.records.iter().map(|record| &record.event).collect();
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert!(records.iter().all(|event| event.action == "auth.refused"));
+    assert_eq!(records[0].outcome, "permission_denied");
+    assert_eq!(
+        records[0].actor,
+        claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .unwrap()
+    );
+    assert!(
+        records[0].reason.contains("registry_rest /v1/models")
+            && records[0].reason.contains("models:write"),
+        "{}",
+        records[0].reason
+    );
+    assert_eq!(
+        (records[1].outcome.as_str(), records[1].actor.as_str()),
+        ("unauthenticated", "anonymous")
+    );
+    assert!(
+        records[1].reason.contains("registry_rest /v1/models"),
+        "{}",
+        records[1].reason
+    );
+    assert!(
+        records[2]
+            .reason
+            .contains("/shamal.registry.v1.Registry/Watch"),
+        "{}",
+        records[2].reason
+    );
+    assert!(records.iter().all(|event| event.service == "registry"));
+    registry.stop().await.unwrap();
+    auditor.shutdown().await;
+    audit.stop().await.unwrap();
 }

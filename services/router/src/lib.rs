@@ -203,6 +203,11 @@ pub async fn run_with(
         &config.router_id,
         &metrics_registry,
     )?;
+    // Refusals outside ModelInfer (metadata, async, HTTP routes) are
+    // recorded as `auth.refused`; a refused ModelInfer is its own record.
+    if auditor.is_enabled() {
+        auth.observe_refusals(shamal_audit_client::RefusalRecorder::new(auditor.clone()));
+    }
     let core = Arc::new(RoutingCore::new(CoreParts {
         pool: pool.clone(),
         metrics,

@@ -407,8 +407,11 @@ impl Authenticate {
         }
     }
 
+    /// Counted, not reported to the refusal observer: the call's own
+    /// inference record (step 1b) records the refusal.
     fn refuse(&self, error: &shamal_auth::AuthError) -> Status {
-        self.auth.refused(crate::auth::API, "ModelInfer", error);
+        self.auth
+            .count_refusal(crate::auth::API, "ModelInfer", error);
         error.to_status()
     }
 }

@@ -164,8 +164,30 @@ async fn callers_are_authenticated_and_authorised_end_to_end() {
         args.node.security.tls_ca = Some(files.ca);
     })
     .await;
+    // The audit service, on mTLS: the router records every refusal there.
+    let audit = {
+        let config = shamal_audit_service::AuditConfig {
+            grpc_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            database_url: format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("audit.db").display()
+            ),
+            signing_key_file: dir.path().join("audit-signing-key.pem"),
+            security: security(&pki, "audit", None),
+            ..shamal_audit_service::AuditConfig::default()
+        };
+        let listeners = shamal_audit_service::AuditListeners::bind(&config)
+            .await
+            .unwrap();
+        shamal_audit_service::RunningAudit::start(config, listeners, Default::default())
+            .await
+            .unwrap()
+    };
     let router = start_router(vec![worker.address.to_string()], |config| {
         config.security = security(&pki, "router", Some(&issuer));
+        config.audit.endpoint = Some(format!("https://localhost:{}", audit.grpc_address.port()));
+        config.audit.spool_dir = dir.path().join("router-audit-spool");
     })
     .await;
     let inference = oidc::token(&issuer, "shamal-inference").await;
@@ -280,6 +302,48 @@ async fn callers_are_authenticated_and_authorised_end_to_end() {
     assert!(refused("unauthenticated") >= 3.0, "{metrics}");
     assert!(refused("permission_denied") >= 2.0, "{metrics}");
 
+    // And recorded: a refused ModelInfer (gRPC or HTTP) as that call's
+    // inference record, every other refusal (here the metadata route
+    // without a token) as `auth.refused`; each exactly once.
+    router.running.stop().await.unwrap();
+    let records = |action: &'static str| {
+        let log = audit.log.clone();
+        async move {
+            log.query(&shamal_audit_service::log::Query {
+                action: action.to_owned(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .records
+        }
+    };
+    let refusals = records("auth.refused").await;
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert_eq!(refusals[0].event.outcome, "unauthenticated");
+    assert_eq!(refusals[0].event.actor, "anonymous");
+    assert!(
+        refusals[0]
+            .event
+            .reason
+            .contains("router /v2/models/{model}"),
+        "{}",
+        refusals[0].event.reason
+    );
+    let inferences = records("inference").await;
+    let outcomes = |outcome: &str| {
+        inferences
+            .iter()
+            .filter(|record| record.event.outcome == outcome)
+            .count()
+    };
+    // gRPC viewer and forged token, HTTPS without a token, viewer, and the
+    // other tenant.
+    assert_eq!(outcomes("permission_denied"), 3, "{inferences:#?}");
+    assert_eq!(outcomes("unauthenticated"), 2, "{inferences:#?}");
+    assert_eq!(outcomes("ok"), 3, "{inferences:#?}");
+
     // The worker itself: the registry's certificate names the wrong role;
     // the router's is right.
     let mut as_registry = mtls_client(&pki, "registry", worker.address);
@@ -291,8 +355,8 @@ async fn callers_are_authenticated_and_authorised_end_to_end() {
     let mut plaintext = client(worker.address).await;
     assert!(plaintext.model_infer(demo_request()).await.is_err());
 
-    router.running.stop().await.unwrap();
     worker.stop().await.unwrap();
+    audit.stop().await.unwrap();
 }
 
 /// A model limited to listed tenants or groups (set in the registry,
