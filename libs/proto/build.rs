@@ -75,5 +75,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .file_descriptor_set_path(&audit_descriptor_path)
         .compile_protos(&[audit], std::slice::from_ref(&root))?;
+
+    // Batch inference (jobs, and the shard tasks of the batch queue).
+    let batch = root.join("shamal/batch/v1/batch.proto");
+    println!("cargo:rerun-if-changed={}", batch.display());
+    let batch_descriptors = protox::compile([&batch], [&root])?;
+    let batch_descriptor_path = out_dir.join("batch_descriptor.bin");
+    std::fs::write(&batch_descriptor_path, batch_descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .skip_protoc_run()
+        .file_descriptor_set_path(&batch_descriptor_path)
+        .compile_protos(&[batch], std::slice::from_ref(&root))?;
     Ok(())
 }

@@ -30,6 +30,15 @@ pub mod shamal {
         }
     }
 
+    /// Batch inference (jobs over datasets, and the shard tasks workers
+    /// take from the batch queue).
+    pub mod batch {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("shamal.batch.v1");
+        }
+    }
+
     /// Asynchronous inference (submit now, fetch the answer by id later).
     pub mod r#async {
         #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -57,3 +66,8 @@ pub const AUDIT_DESCRIPTOR_SET: &[u8] =
 /// Encoded `FileDescriptorSet` of the asynchronous inference protocol.
 pub const ASYNC_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/async_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the batch protocol: its tests walk every
+/// method (each must have an access policy).
+pub const BATCH_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/batch_descriptor.bin"));
