@@ -5,7 +5,8 @@
 //! gpu-worker) and every version of its format the registry assigns it; the
 //! router follows the registry's rollouts. The router and the registry
 //! report every inference and every change to the audit log (SQLite in the
-//! data directory, through spools there).
+//! data directory, through spools there), the workers every async job they
+//! run.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -502,6 +503,10 @@ pub async fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The workers record the async jobs they run in the embedded audit log
+    // (each with a spool of its own; none with --no-audit).
+    let mut worker_config = worker_config;
+    worker_config.node.audit = audit_client(&args, audit_address.as_deref(), "cpu-worker");
     let worker = match shamal_cpu_worker::build(&worker_config, metrics_registry.clone()) {
         Ok(worker) => worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
             async_queue.clone(),
@@ -513,7 +518,8 @@ pub async fn run(args: UpArgs) -> ExitCode {
     };
     let local_service: shamal_router::LocalService = Arc::new(worker.service());
     let gpu_worker = match gpu_worker_config.zip(gpu_worker_listener) {
-        Some((config, listener)) => {
+        Some((mut config, listener)) => {
+            config.node.audit = audit_client(&args, audit_address.as_deref(), "gpu-worker");
             match shamal_gpu_worker::build_with_device(&config, metrics_registry.clone()) {
                 Ok((worker, device)) => Some((
                     worker.with_async_inference(AsyncInference::new(QueueSource::Shared(

@@ -17,10 +17,10 @@ pub mod settings;
 pub mod stats;
 
 pub use agent::{RegistryAgentSettings, validate_agent_settings};
-pub use async_consumer::{AsyncInference, QueueSource};
+pub use async_consumer::{ASYNC_RUN, AsyncInference, QueueSource};
 pub use backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime, TensorSpec};
 pub use batcher::{Batcher, BatcherConfig, InferError, InlineSlots};
-pub use node::{NodeArgs, NodeConfig};
+pub use node::{AuditArgs, NodeArgs, NodeConfig};
 pub use server::{Worker, WorkerConfig, WorkerListeners, run};
 pub use settings::ModelDefaults;
 pub use shamal_registry_client::names;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shamal_async_queue::{QueueConfig, RedisOptions};
+use shamal_audit_client::AuditClientConfig;
 use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_telemetry::config::{ConfigError, Layers, Redacted};
 
@@ -85,6 +86,11 @@ pub struct NodeConfig {
     /// Async jobs run at once; unset: `capacity` (`instances ×
     /// max_batch_size` when that is unset too).
     pub async_concurrency: Option<usize>,
+    /// The audit trail of the async jobs this worker runs (one
+    /// `inference.async_run` record each): the `[audit]` table
+    /// (`endpoint`, `spool_dir`, `max_spool_bytes`, `on_full`, ...), as the
+    /// router's; off without an `endpoint`.
+    pub audit: AuditClientConfig,
 }
 
 /// Flags of the [`NodeConfig`] settings, each also read from the worker's
@@ -156,6 +162,32 @@ pub struct NodeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub async_concurrency: Option<usize>,
+    /// The `[audit]` table's flags (`--audit-endpoint`,
+    /// `--audit-spool-dir`).
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "AuditArgs::is_empty")]
+    pub audit: AuditArgs,
+}
+
+/// Flags of the `[audit]` table (as the registry's); its other keys are
+/// set in the file.
+#[derive(Clone, Debug, Default, clap::Args, Serialize)]
+pub struct AuditArgs {
+    /// The audit service's gRPC address (`https://audit:8301`): turns the
+    /// audit trail of async jobs on (needs a spool directory).
+    #[arg(long)]
+    #[serde(rename = "endpoint", skip_serializing_if = "Option::is_none")]
+    pub audit_endpoint: Option<String>,
+    /// Directory of the audit spool (events not yet acknowledged).
+    #[arg(long)]
+    #[serde(rename = "spool_dir", skip_serializing_if = "Option::is_none")]
+    pub audit_spool_dir: Option<PathBuf>,
+}
+
+impl AuditArgs {
+    fn is_empty(&self) -> bool {
+        self.audit_endpoint.is_none() && self.audit_spool_dir.is_none()
+    }
 }
 
 impl NodeConfig {
@@ -184,6 +216,7 @@ impl NodeConfig {
             async_key_prefix: "shamal:async".to_owned(),
             async_result_ttl_ms: 3_600_000,
             async_concurrency: None,
+            audit: AuditClientConfig::default(),
         }
     }
 
@@ -293,6 +326,9 @@ impl NodeConfig {
                 "async_concurrency must be at least 1 (or unset: capacity)",
             ));
         }
+        self.audit.validate().map_err(|error| {
+            ConfigError::invalid(format!("audit.{}: {}", error.field, error.reason))
+        })?;
         Ok(())
     }
 
@@ -326,6 +362,7 @@ impl NodeConfig {
             },
             max_message_bytes: self.max_message_bytes,
             idle_poll: Duration::ZERO,
+            audit: self.audit.clone(),
         }
     }
 

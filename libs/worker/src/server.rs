@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use shamal_audit_client::Auditor;
 use shamal_auth::layer::GrpcAuthLayer;
 use shamal_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use shamal_telemetry::{MetricsRegistry, Readiness};
@@ -22,7 +23,7 @@ use tokio::net::TcpListener;
 use tonic::codegen::http;
 
 use crate::agent::{self, Agent, Membership, RegistryAgentSettings};
-use crate::async_consumer::AsyncInference;
+use crate::async_consumer::{AsyncInference, JobAudit};
 use crate::auth::WorkerSecurity;
 use crate::backend::Runtime;
 use crate::repository::{
@@ -52,6 +53,11 @@ pub struct WorkerConfig {
     /// Keep the CPUs awake this long after the last request (zero: off;
     /// see `keep_awake`).
     pub idle_poll: Duration,
+    /// The audit trail of the async jobs the worker runs (off without an
+    /// endpoint). The worker reports as service `server_name` without its
+    /// `shamal-` prefix (`cpu-worker`, `gpu-worker`), instance its async
+    /// consumer id.
+    pub audit: shamal_audit_client::AuditClientConfig,
 }
 
 /// Pre-bound listeners: binding happens before models load, so a port
@@ -309,6 +315,31 @@ async fn serve(
         })
     };
 
+    // The audit trail of the async jobs (one record per job run), over
+    // mTLS with the worker's certificate when TLS is on; drained once the
+    // consumer has finished its jobs.
+    let audit_service = audit_service_name(&config.server_name);
+    let auditor = if async_inference.is_some() || config.audit.enabled() {
+        let instance = consumer_id(&config, async_inference.as_ref(), grpc_address);
+        let audit_tls = security
+            .client
+            .as_ref()
+            .map(|tls| tls.expect_service("audit"));
+        Auditor::start(
+            config.audit.clone(),
+            audit_tls.as_ref(),
+            audit_service,
+            &instance,
+            &metrics_registry,
+        )?
+    } else {
+        Auditor::disabled()
+    };
+    let audit = JobAudit {
+        auditor: auditor.clone(),
+        actor: audit_actor(&config, audit_service),
+    };
+
     // Async jobs of this worker's region; stops taking them when the
     // worker drains, and finishes the ones it holds before models unload.
     let async_consumer = async_inference
@@ -320,6 +351,7 @@ async fn serve(
                     identity,
                     state: state.clone(),
                     inflight: inflight.clone(),
+                    audit,
                 },
                 &metrics_registry,
                 runtime.backend(),
@@ -352,6 +384,14 @@ async fn serve(
     if let Some(consumer) = async_consumer {
         let _ = consumer.await;
     }
+    // Every job run is recorded in the spool; give the shipper a moment to
+    // hand the records over (what is left is shipped by the next start).
+    if auditor.is_enabled() {
+        if let Err(timeout) = auditor.drain(AUDIT_DRAIN_AT_SHUTDOWN).await {
+            tracing::warn!(%timeout, "audit records left in the spool at shutdown");
+        }
+        auditor.shutdown().await;
+    }
     if let Some(agent_task) = agent_task {
         let _ = agent_task.await;
     }
@@ -371,6 +411,59 @@ async fn serve(
     served.map_err(Into::into)
 }
 
+/// How long a worker waits at shutdown for its spooled audit records to
+/// reach the audit service (as the router).
+pub const AUDIT_DRAIN_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// The audit `service` of a worker: its server name without the `shamal-`
+/// prefix (`shamal-cpu-worker` reports as `cpu-worker`).
+pub fn audit_service_name(server_name: &str) -> &str {
+    server_name.strip_prefix("shamal-").unwrap_or(server_name)
+}
+
+/// Who runs a worker's async jobs, for their audit records: the SPIFFE URI
+/// of the worker's certificate when TLS is on, else `service:<service>`.
+fn audit_actor(config: &WorkerConfig, service: &str) -> String {
+    let identity = config.security.tls_files().and_then(|files| {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(&files.cert).ok()?;
+        let der = CertificateDer::from_pem_slice(&pem).ok()?;
+        shamal_tls::certificate_identity(&der)
+    });
+    match identity {
+        Some(identity) => identity.uri(),
+        None => {
+            if config.security.tls_on() {
+                tracing::warn!(
+                    "the worker's certificate carries no SPIFFE identity; audit records name it service:{service}"
+                );
+            }
+            format!("service:{service}")
+        }
+    }
+}
+
+/// The async consumer's name (see [`AsyncInference::consumer_id`] for the
+/// default), also the worker's audit instance.
+fn consumer_id(
+    config: &WorkerConfig,
+    settings: Option<&AsyncInference>,
+    grpc_address: std::net::SocketAddr,
+) -> String {
+    settings
+        .and_then(|settings| settings.consumer_id.clone())
+        .unwrap_or_else(|| match config.registry.as_ref() {
+            Some(registry) => registry.identity(grpc_address).0,
+            None => format!(
+                "{}-{}-{}",
+                config.server_name,
+                agent::hostname(),
+                grpc_address.port()
+            ),
+        })
+}
+
 /// The async consumer's region, name and concurrency (see
 /// [`AsyncInference`] for the defaults).
 fn async_identity(
@@ -384,18 +477,7 @@ fn async_identity(
         .clone()
         .or_else(|| registry.map(|registry| registry.region.clone()))
         .unwrap_or_else(|| "local".to_owned());
-    let consumer_id = settings
-        .consumer_id
-        .clone()
-        .unwrap_or_else(|| match registry {
-            Some(registry) => registry.identity(grpc_address).0,
-            None => format!(
-                "{}-{}-{}",
-                config.server_name,
-                agent::hostname(),
-                grpc_address.port()
-            ),
-        });
+    let consumer_id = consumer_id(config, Some(settings), grpc_address);
     let concurrency = if settings.concurrency > 0 {
         settings.concurrency
     } else {

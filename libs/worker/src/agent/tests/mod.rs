@@ -405,6 +405,7 @@ async fn start_worker(
         defaults: ModelDefaults::default(),
         max_message_bytes: 4 << 20,
         idle_poll: Duration::ZERO,
+        audit: Default::default(),
     };
     let worker = Worker::new(
         config,
