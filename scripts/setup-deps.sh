@@ -40,7 +40,8 @@ fi
 # The Spark helper (python/shamal_spark) and its tests (tests/spark): pyspark
 # 4.0.x, which runs on Java 17 (scripts/test.sh installs Debian's
 # openjdk-17-jre-headless when `java` is absent), with the pandas and pyarrow
-# its mapInPandas and pandas UDFs need. A stamp of its own, so changing these
+# its mapInPandas and pandas UDFs need (pyarrow also reads back the batch
+# output parts in libs/batch-io's test). A stamp of its own, so changing these
 # pins does not reinstall the rest.
 spark_stamp="$deps/.python-spark-v1"
 if [ ! -f "$spark_stamp" ]; then

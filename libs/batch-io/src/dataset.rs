@@ -1,0 +1,309 @@
+//! Dataset locations: listing the files, telling their format, reading
+//! their schema and the metadata that shard planning needs.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::parquet_store::StoreReader;
+use crate::schema::{ModelInput, check_schema};
+
+/// How many bytes at the head of a CSV / JSON Lines file the schema is
+/// inferred from (whole lines only; more when the first line is longer).
+pub(crate) const SAMPLE_BYTES: u64 = 1 << 20;
+
+/// The store that holds `file` and the file's path in it.
+///
+/// `file` is a local path (absolute or relative to the working directory,
+/// optionally as `file:///...`). This is the one place that maps locations
+/// to stores: S3-compatible locations (`s3://bucket/key`) come here in a
+/// later step, so nothing else changes when they do. Other schemes are
+/// refused with [`Error::Format`].
+pub fn store_for(file: &str) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
+    let local = local_path(file)?;
+    let path = StorePath::from_filesystem_path(&local).map_err(|error| Error::Store {
+        path: file.to_owned(),
+        reason: error.to_string(),
+    })?;
+    Ok((Arc::new(LocalFileSystem::new()), path))
+}
+
+fn local_path(location: &str) -> Result<std::path::PathBuf> {
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    if path.contains("://") {
+        return Err(Error::Format {
+            path: location.to_owned(),
+            reason: "only local paths are supported (object-store URLs such as s3:// are not \
+                     enabled in this build)"
+                .to_owned(),
+        });
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
+/// One file of a dataset.
+#[derive(Clone, Debug)]
+pub struct DataFile {
+    /// The file's location, as [`store_for`] takes it (an absolute local
+    /// path today).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file's Arrow schema: from the Parquet footer, or inferred from
+    /// the first [`SAMPLE_BYTES`] of a CSV / JSON Lines file.
+    pub schema: SchemaRef,
+    /// Parquet: the row count of each row group.
+    pub(crate) row_groups: Vec<u64>,
+    /// CSV: the length of the header line (with its newline); 0 otherwise.
+    pub(crate) header_len: u64,
+    /// CSV / JSON Lines: average bytes per line in the sample (at least 1).
+    pub(crate) bytes_per_row: f64,
+}
+
+/// A dataset: one file, or the files of one format in a directory.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    location: String,
+    format: Format,
+    files: Vec<DataFile>,
+}
+
+impl Dataset {
+    /// Opens `location`: a file, or a directory whose files (not its
+    /// subdirectories, and not the hidden files starting with `.` or `_`)
+    /// make up the dataset, in name order.
+    ///
+    /// The format is `format` when given; otherwise it comes from the file
+    /// extensions (`.parquet`, `.jsonl` / `.ndjson`, `.csv`), which must all
+    /// agree in a directory. Every Parquet footer is read here (a file that
+    /// is not Parquet fails with [`Error::CorruptFile`] naming it); the
+    /// schema of a CSV / JSON Lines file is inferred from its first lines.
+    pub async fn open(location: &str, format: Option<Format>) -> Result<Dataset> {
+        let local = local_path(location)?;
+        let metadata = std::fs::metadata(&local).map_err(|source| Error::UnreadablePath {
+            path: location.to_owned(),
+            source,
+        })?;
+        let absolute = std::fs::canonicalize(&local).map_err(|source| Error::UnreadablePath {
+            path: location.to_owned(),
+            source,
+        })?;
+        let absolute_text = absolute.to_string_lossy().into_owned();
+        let (store, root) = store_for(&absolute_text)?;
+
+        // (location string, size) of each data file, in name order.
+        let mut listed: Vec<(String, u64)> = Vec::new();
+        if metadata.is_dir() {
+            let listing = store
+                .list_with_delimiter(Some(&root))
+                .await
+                .map_err(|error| Error::Store {
+                    path: location.to_owned(),
+                    reason: error.to_string(),
+                })?;
+            for object in listing.objects {
+                let name = object.location.filename().unwrap_or_default();
+                if name.starts_with('.') || name.starts_with('_') {
+                    continue;
+                }
+                listed.push((format!("/{}", object.location), object.size));
+            }
+            listed.sort();
+        } else {
+            listed.push((absolute_text.clone(), metadata.len()));
+        }
+        if listed.is_empty() {
+            return Err(Error::Format {
+                path: location.to_owned(),
+                reason: "the directory holds no data file".to_owned(),
+            });
+        }
+        let format = match format {
+            Some(format) => format,
+            None => {
+                let mut found: Option<Format> = None;
+                for (path, _) in &listed {
+                    let Some(this) = Format::from_path(path) else {
+                        return Err(Error::Format {
+                            path: path.clone(),
+                            reason: "unknown extension (expected .parquet, .jsonl, .ndjson or \
+                                     .csv); name the format explicitly"
+                                .to_owned(),
+                        });
+                    };
+                    match found {
+                        Some(format) if format != this => {
+                            return Err(Error::Format {
+                                path: location.to_owned(),
+                                reason: format!(
+                                    "mixes {format} and {this} files (e.g. '{path}'); a dataset \
+                                     has one format"
+                                ),
+                            });
+                        }
+                        _ => found = Some(this),
+                    }
+                }
+                found.unwrap_or(Format::Parquet)
+            }
+        };
+
+        let mut files = Vec::with_capacity(listed.len());
+        for (path, size) in listed {
+            let file = match format {
+                Format::Parquet => open_parquet(&store, path, size).await?,
+                Format::JsonLines | Format::Csv => open_text(&store, format, path, size).await?,
+            };
+            files.push(file);
+        }
+        Ok(Dataset {
+            location: location.to_owned(),
+            format,
+            files,
+        })
+    }
+
+    /// The location it was opened from.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Its format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Its files, in name order.
+    pub fn files(&self) -> &[DataFile] {
+        &self.files
+    }
+
+    /// The schema of its first file.
+    pub fn schema(&self) -> SchemaRef {
+        self.files[0].schema.clone()
+    }
+
+    /// Checks, before any work, that every file has a column for each of
+    /// the model's `inputs`, of a type it can be read from (see
+    /// [`ModelInput`]), and every `keys` column. The first problem found is
+    /// returned: [`Error::MissingColumn`] (listing the columns there are),
+    /// [`Error::WrongType`] or [`Error::UnsupportedInput`].
+    pub fn check(&self, inputs: &[ModelInput], keys: &[String]) -> Result<()> {
+        for file in &self.files {
+            check_schema(&file.schema, self.format, &file.path, inputs, keys)?;
+        }
+        Ok(())
+    }
+}
+
+async fn open_parquet(store: &Arc<dyn ObjectStore>, path: String, size: u64) -> Result<DataFile> {
+    let (_, store_path) = store_for(&path)?;
+    let reader = StoreReader::new(store.clone(), store_path, size);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|error| Error::CorruptFile {
+            file: path.clone(),
+            reason: error.to_string(),
+        })?;
+    let row_groups = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|group| u64::try_from(group.num_rows()).unwrap_or(0))
+        .collect();
+    Ok(DataFile {
+        schema: builder.schema().clone(),
+        path,
+        size,
+        row_groups,
+        header_len: 0,
+        bytes_per_row: 1.0,
+    })
+}
+
+/// Reads whole lines from the head of a text file: at least
+/// [`SAMPLE_BYTES`] (or the file), extended to the end of the line it
+/// stops in.
+async fn read_head(store: &Arc<dyn ObjectStore>, path: &str, size: u64) -> Result<Vec<u8>> {
+    let (_, store_path) = store_for(path)?;
+    let mut head = Vec::new();
+    let mut end = 0;
+    let mut want = SAMPLE_BYTES;
+    while end < size {
+        let next = size.min(end + want);
+        let bytes = store
+            .get_range(&store_path, end..next)
+            .await
+            .map_err(|error| Error::Store {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            })?;
+        head.extend_from_slice(&bytes);
+        end = next;
+        if let Some(last) = head.iter().rposition(|&byte| byte == b'\n') {
+            if end < size {
+                head.truncate(last + 1);
+            }
+            break;
+        }
+        want = want.saturating_mul(2);
+    }
+    Ok(head)
+}
+
+async fn open_text(
+    store: &Arc<dyn ObjectStore>,
+    format: Format,
+    path: String,
+    size: u64,
+) -> Result<DataFile> {
+    let head = read_head(store, &path, size).await?;
+    let corrupt = |reason: String| Error::CorruptFile {
+        file: path.clone(),
+        reason,
+    };
+    let (schema, header_len) = match format {
+        Format::JsonLines => {
+            let (schema, _) = arrow::json::reader::infer_json_schema(Cursor::new(&head), None)
+                .map_err(|error| corrupt(error.to_string()))?;
+            (schema, 0)
+        }
+        _ => {
+            let header_len = head
+                .iter()
+                .position(|&byte| byte == b'\n')
+                .map_or(head.len(), |newline| newline + 1);
+            if header_len == 0 {
+                return Err(corrupt("empty CSV file: no header line".to_owned()));
+            }
+            let (schema, _) = arrow::csv::reader::Format::default()
+                .with_header(true)
+                .infer_schema(Cursor::new(&head), None)
+                .map_err(|error| corrupt(error.to_string()))?;
+            (schema, header_len as u64)
+        }
+    };
+    let body = &head[usize::try_from(header_len).unwrap_or(head.len())..];
+    let lines = body.iter().filter(|&&byte| byte == b'\n').count()
+        + usize::from(body.last().is_some_and(|&byte| byte != b'\n'));
+    let bytes_per_row = if lines == 0 {
+        1.0
+    } else {
+        (body.len() as f64 / lines as f64).max(1.0)
+    };
+    Ok(DataFile {
+        path,
+        size,
+        schema: Arc::new(schema),
+        row_groups: Vec::new(),
+        header_len,
+        bytes_per_row,
+    })
+}

@@ -1,0 +1,214 @@
+//! Output parts and the manifest: atomic replacement, verification, and a
+//! directory that pyarrow reads as one dataset.
+
+#[path = "../../../tests/support/services.rs"]
+mod services;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float32Array, Int64Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use shamal_batch_io::{Error, MANIFEST_FILE, Manifest, PartInfo, PartWriter, SUCCESS_FILE};
+
+fn batch(first_id: i64, rows: usize, score: f32) -> RecordBatch {
+    let keys = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int64Array::from_iter_values(
+                first_id..first_id + rows as i64,
+            )) as ArrayRef,
+        ),
+        (
+            "name",
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|row| format!("n{}", first_id + row as i64)),
+            )) as ArrayRef,
+        ),
+    ])
+    .expect("keys");
+    let scores: ArrayRef = Arc::new(Float32Array::from(vec![score; rows]));
+    PartWriter::batch(&keys, vec![("score".to_owned(), scores)]).expect("batch")
+}
+
+fn write_part(dir: &Path, shard: usize, batch: &RecordBatch) -> PartInfo {
+    let mut writer = PartWriter::create(dir, shard, batch.schema()).expect("create");
+    writer.write(batch).expect("write");
+    writer.finish().expect("finish")
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_rewritten_shard_replaces_its_part() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = write_part(dir.path(), 1, &batch(0, 10, 0.5));
+    let second = write_part(dir.path(), 1, &batch(0, 7, 0.25));
+    assert_eq!(first.name, "part-000001.parquet");
+    assert_eq!(second.name, first.name);
+    assert_eq!(names(dir.path()), ["part-000001.parquet"]);
+    assert_eq!(second.rows, 7);
+    assert_ne!(first.sha256, second.sha256);
+    let bytes = std::fs::read(dir.path().join(&second.name)).expect("read");
+    assert_eq!(bytes.len() as u64, second.bytes);
+    use sha2::Digest;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), second.sha256);
+
+    // Abandoned midway: no temporary file left, the earlier part intact.
+    let mut writer = PartWriter::create(dir.path(), 1, batch(0, 1, 0.0).schema()).expect("create");
+    writer.write(&batch(0, 3, 9.0)).expect("write");
+    assert_eq!(
+        names(dir.path()).len(),
+        2,
+        "the temporary file is there while writing"
+    );
+    assert!(names(dir.path())[0].starts_with(".part-000001.parquet.tmp-"));
+    drop(writer);
+    assert_eq!(names(dir.path()), ["part-000001.parquet"]);
+    assert_eq!(
+        std::fs::read(dir.path().join(&second.name)).expect("read"),
+        bytes
+    );
+}
+
+fn finished_output(dir: &Path) -> Manifest {
+    let parts = vec![
+        write_part(dir, 2, &batch(20, 5, 2.0)),
+        write_part(dir, 0, &batch(0, 10, 0.0)),
+        write_part(dir, 1, &batch(10, 10, 1.0)),
+    ];
+    let manifest = Manifest::new("job-7", "classifier", "4", parts);
+    manifest.write(dir).expect("manifest");
+    manifest
+}
+
+#[test]
+fn the_manifest_lists_the_parts_and_verify_recomputes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = finished_output(dir.path());
+    assert_eq!(
+        names(dir.path()),
+        [
+            SUCCESS_FILE,
+            MANIFEST_FILE,
+            "part-000000.parquet",
+            "part-000001.parquet",
+            "part-000002.parquet"
+        ]
+    );
+    assert_eq!(manifest.total_rows, 25);
+    let part_names: Vec<&str> = manifest
+        .parts
+        .iter()
+        .map(|part| part.name.as_str())
+        .collect();
+    assert_eq!(
+        part_names,
+        [
+            "part-000000.parquet",
+            "part-000001.parquet",
+            "part-000002.parquet"
+        ]
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST_FILE)).expect("read"))
+            .expect("json");
+    assert_eq!(json["format_version"], 1);
+    assert_eq!(json["job_id"], "job-7");
+    assert_eq!(json["model_version"], "4");
+    assert_eq!(json["parts"][1]["rows"], 10);
+    assert!(json["created_at"].as_str().expect("time").ends_with('Z'));
+    assert_eq!(Manifest::verify(dir.path()).expect("verify"), manifest);
+
+    // One byte of a part changed, same size.
+    let part = dir.path().join("part-000001.parquet");
+    let original = std::fs::read(&part).expect("read");
+    let mut modified = original.clone();
+    modified[10] ^= 0x01;
+    std::fs::write(&part, &modified).expect("write");
+    let error = Manifest::verify(dir.path()).expect_err("modified part");
+    assert!(matches!(error, Error::Verify { .. }), "{error:?}");
+    assert!(error.to_string().contains("part-000001.parquet"), "{error}");
+    assert!(error.to_string().contains("SHA-256"), "{error}");
+
+    // A part left over from another run.
+    std::fs::write(&part, &original).expect("restore");
+    Manifest::verify(dir.path()).expect("verify");
+    std::fs::copy(&part, dir.path().join("part-000003.parquet")).expect("copy");
+    let error = Manifest::verify(dir.path()).expect_err("extra part");
+    assert!(error.to_string().contains("part-000003.parquet"), "{error}");
+    std::fs::remove_file(dir.path().join("part-000003.parquet")).expect("remove");
+
+    // A missing part, and a missing _SUCCESS.
+    std::fs::rename(&part, dir.path().join("moved")).expect("move");
+    let error = Manifest::verify(dir.path()).expect_err("missing part");
+    assert!(matches!(error, Error::UnreadablePath { .. }), "{error:?}");
+    std::fs::rename(dir.path().join("moved"), &part).expect("move back");
+    std::fs::remove_file(dir.path().join(SUCCESS_FILE)).expect("remove");
+    let error = Manifest::verify(dir.path()).expect_err("no _SUCCESS");
+    assert!(error.to_string().contains("_SUCCESS"), "{error}");
+}
+
+/// The project venv's Python (scripts/setup-deps.sh installs pyarrow in it).
+fn venv_python() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps/venv/bin/python")
+}
+
+#[test]
+fn pyarrow_reads_the_output_directory_as_one_dataset() {
+    let python = venv_python();
+    let has_pyarrow = python.is_file()
+        && std::process::Command::new(&python)
+            .args(["-c", "import pyarrow.dataset"])
+            .status()
+            .is_ok_and(|status| status.success());
+    if !has_pyarrow {
+        services::absent(
+            "pyarrow_reads_the_output_directory_as_one_dataset",
+            "the project venv has no pyarrow",
+            "run scripts/setup-deps.sh",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    finished_output(dir.path());
+    // A temporary part of an unfinished rewrite: readers must skip it.
+    let mut writer = PartWriter::create(dir.path(), 0, batch(0, 1, 0.0).schema()).expect("create");
+    writer.write(&batch(0, 4, 9.0)).expect("write");
+    let script = r#"
+import sys
+import pyarrow.dataset as ds
+table = ds.dataset(sys.argv[1], format="parquet").to_table()
+table = table.sort_by("id")
+print(table.num_rows, table.column_names, table["id"][20].as_py(),
+      table["name"][20].as_py(), table["score"][20].as_py(), table["score"][9].as_py())
+"#;
+    let output = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(dir.path())
+        .output()
+        .expect("python");
+    drop(writer);
+    assert!(
+        output.status.success(),
+        "pyarrow failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "25 ['id', 'name', 'score'] 20 n20 2.0 0.0"
+    );
+}
