@@ -132,6 +132,16 @@ fn simple_repository() -> tempfile::TempDir {
 /// A cpu-worker serving `repository`, running the async jobs of `region`.
 /// Returns the service and its consumer id.
 async fn start_worker(backend: &Backend, repository: PathBuf, region: &str) -> (Service, String) {
+    start_worker_with(backend, repository, region, |_| {}).await
+}
+
+/// [`start_worker`] with its flags tuned by `tune`.
+async fn start_worker_with(
+    backend: &Backend,
+    repository: PathBuf,
+    region: &str,
+    tune: impl FnOnce(&mut CpuWorkerArgs),
+) -> (Service, String) {
     let mut args = CpuWorkerArgs {
         onnxruntime_library: Some(onnxruntime_library()),
         node: shamal_worker::NodeArgs {
@@ -146,6 +156,7 @@ async fn start_worker(backend: &Backend, repository: PathBuf, region: &str) -> (
         args.node.async_queue = Some(url.clone());
         args.node.async_key_prefix = Some(prefix.clone());
     }
+    tune(&mut args);
     let config = CpuWorkerConfig::load(&args).unwrap();
     let grpc = listener().await;
     let address = grpc.local_addr().unwrap();
@@ -795,4 +806,84 @@ async fn redis_queue_residency_and_backlog() {
         return;
     };
     residency_backlog_and_unconfigured(backend).await;
+}
+
+/// Both halves of an async job reach the audit log under the job id: the
+/// router's `inference.async_submit` (who, which tenant) and the worker's
+/// `inference.async_run` (where, how), with the same payload digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_halves_of_an_async_job_are_audited_under_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = shamal_audit_service::RunningAudit::start_local(
+        &format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("audit.db").display()
+        ),
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let endpoint = format!("http://{}", audit.grpc_address);
+    let backend = Backend::memory();
+    let repository = simple_repository();
+    let worker_spool = dir.path().join("worker-spool");
+    let (worker, consumer) =
+        start_worker_with(&backend, repository.path().to_path_buf(), "local", |args| {
+            args.node.audit.audit_endpoint = Some(endpoint.clone());
+            args.node.audit.audit_spool_dir = Some(worker_spool.clone());
+        })
+        .await;
+    let router_spool = dir.path().join("router-spool");
+    let router = start_router(&backend, &[&worker], "local", true, |config| {
+        config.audit.endpoint = Some(endpoint.clone());
+        config.audit.spool_dir = router_spool.clone();
+    })
+    .await;
+    let id = submit_http(&router, &json_body("audited-1")).await;
+    let (status, _, body) = get(&router, &format!("/v2/async/{id}?wait_ms=20000")).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // The router and the worker drain their spools as they stop.
+    router.stop().await;
+    worker.stop().await;
+    let records = audit
+        .log
+        .query(&shamal_audit_service::log::Query {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .records;
+    let of_job: Vec<_> = records
+        .iter()
+        .map(|record| &record.event)
+        .filter(|event| event.request_id == id)
+        .collect();
+    assert_eq!(of_job.len(), 2, "{records:#?}");
+    let (submit, run) = (of_job[0], of_job[1]);
+    assert_eq!(
+        (submit.action.as_str(), submit.service.as_str()),
+        ("inference.async_submit", "router")
+    );
+    assert_eq!(
+        (run.action.as_str(), run.service.as_str()),
+        ("inference.async_run", "cpu-worker")
+    );
+    assert_eq!(
+        (submit.outcome.as_str(), run.outcome.as_str()),
+        ("ok", "ok")
+    );
+    assert_eq!(submit.request_sha256, run.request_sha256);
+    assert_eq!(submit.request_sha256.len(), 64);
+    assert_eq!(run.worker, consumer);
+    assert_eq!(
+        (submit.region.as_str(), run.region.as_str()),
+        ("local", "local")
+    );
+    assert!(
+        submit.reason.starts_with("x-request-id "),
+        "{}",
+        submit.reason
+    );
+    audit.stop().await.unwrap();
 }

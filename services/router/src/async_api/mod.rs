@@ -135,6 +135,16 @@ fn not_configured() -> Status {
     )
 }
 
+/// A job as `submit_checked` queued it: what its audit record says.
+struct Queued {
+    id: JobId,
+    /// Lower-case hex SHA-256 of the queued payload.
+    payload_sha256: String,
+    /// The version routing chose (empty: the worker's newest).
+    version: String,
+    region: String,
+}
+
 impl AsyncApi {
     /// Starts the async service when `provided` (a queue shared with
     /// in-process workers) is given or `async_queue` is configured; `None`
@@ -188,9 +198,13 @@ impl AsyncApi {
     }
 
     /// Checks and queues an inference request; returns the job's id. The
-    /// submission is audited (`inference.async_submit`, the job id in the
-    /// record's `reason`) when auditing is on; a full audit spool refuses
-    /// it (fail closed).
+    /// submission is audited (`inference.async_submit`) when auditing is
+    /// on: the record's `request_id` is the job id, as is that of the
+    /// worker's `inference.async_run` record of the job, and its
+    /// `request_sha256` the digest of the queued payload (the request with
+    /// the version routing chose), as the worker's; the call's
+    /// `x-request-id` is in `reason`. A full audit spool refuses the
+    /// submission (fail closed).
     pub async fn submit(
         &self,
         request: ModelInferRequest,
@@ -199,7 +213,7 @@ impl AsyncApi {
     ) -> Result<JobId, Status> {
         let auditor = self.core.auditor();
         if !auditor.is_enabled() {
-            return self.submit_checked(request, context, principal).await;
+            return Ok(self.submit_checked(request, context, principal).await?.id);
         }
         auditor
             .admit()
@@ -210,14 +224,19 @@ impl AsyncApi {
             pending.note.tenant_if_unset(named);
         }
         let result = self.submit_checked(request, context, principal).await;
-        let mut event = match &result {
-            Ok(_) => pending.event(crate::audit::ASYNC_SUBMIT, Ok(("", None))),
+        let event = match &result {
+            Ok(queued) => {
+                let mut event =
+                    pending.event(crate::audit::ASYNC_SUBMIT, Ok((&queued.version, None)));
+                event.request_id = queued.id.to_string();
+                event.request_sha256.clone_from(&queued.payload_sha256);
+                event.region.clone_from(&queued.region);
+                event.reason = format!("x-request-id {}", context.request_id);
+                event
+            }
             Err(status) => pending.event(crate::audit::ASYNC_SUBMIT, Err(status)),
         };
-        if let Ok(id) = &result {
-            event.reason = format!("job {id}");
-        }
-        crate::audit::record(auditor, event, result)
+        crate::audit::record(auditor, event, result.map(|queued| queued.id))
     }
 
     async fn submit_checked(
@@ -225,7 +244,7 @@ impl AsyncApi {
         mut request: ModelInferRequest,
         context: &CallContext,
         principal: &shamal_auth::Principal,
-    ) -> Result<JobId, Status> {
+    ) -> Result<Queued, Status> {
         if request.model_name.is_empty() {
             return Err(Status::invalid_argument("model name must not be empty"));
         }
@@ -255,8 +274,9 @@ impl AsyncApi {
                 self.settings.max_backlog
             )));
         }
-        let mut job =
-            NewJob::new(stream, request.encode_to_vec()).with_timeout(self.settings.job_timeout);
+        let payload = request.encode_to_vec();
+        let payload_sha256 = shamal_audit_client::sha256_hex(&payload);
+        let mut job = NewJob::new(stream, payload).with_timeout(self.settings.job_timeout);
         job.priority = match priority {
             Priority::High => Some(1),
             Priority::Normal => None,
@@ -268,7 +288,12 @@ impl AsyncApi {
             .map_err(|error| queue_status(&error))?;
         self.metrics.submitted.with_label_values(&[&model]).inc();
         tracing::debug!(request_id = %context.request_id, job = %queued.id, stream = %queued.stream, "async job queued");
-        Ok(queued.id)
+        Ok(Queued {
+            region: queued.stream.region().to_owned(),
+            id: queued.id,
+            payload_sha256,
+            version,
+        })
     }
 
     /// The state of job `id`, waiting up to `wait` (capped by
