@@ -191,9 +191,15 @@ impl fmt::Display for Permission {
 pub fn service_allows(role: ServiceRole, permission: Permission) -> bool {
     use Permission as P;
     match role {
+        // Workers append the records of the async jobs (and batch shards)
+        // they run.
         ServiceRole::Worker => matches!(
             permission,
-            P::WorkersRegister | P::RegistryWatch | P::ArtifactsFetch | P::ModelsRead
+            P::WorkersRegister
+                | P::RegistryWatch
+                | P::ArtifactsFetch
+                | P::ModelsRead
+                | P::AuditAppend
         ),
         ServiceRole::Router => matches!(
             permission,
