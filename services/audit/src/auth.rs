@@ -125,7 +125,7 @@ mod tests {
         assert!(append(ServiceRole::Registry));
         assert!(append(ServiceRole::Router));
         assert!(append(ServiceRole::Batch));
-        assert!(!append(ServiceRole::Worker));
+        assert!(append(ServiceRole::Worker));
         for role in ServiceRole::ALL {
             assert!(!service_allows(role, Permission::AuditRead), "{role:?}");
         }

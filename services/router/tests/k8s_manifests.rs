@@ -1230,6 +1230,16 @@ async fn the_manifests_start_every_service_zero_trust() {
                 audit_grpc_port,
             ),
         ),
+        (
+            "cpu-worker",
+            check_audit_producer(
+                &docs,
+                &CPU_WORKER,
+                &worker_config.node.audit,
+                &audit_pod,
+                audit_grpc_port,
+            ),
+        ),
     ];
     check_audit_network(
         &docs,
@@ -1237,6 +1247,7 @@ async fn the_manifests_start_every_service_zero_trust() {
         &[
             Pod::of(&docs, &ROUTER).app_label(),
             Pod::of(&docs, &REGISTRY).app_label(),
+            Pod::of(&docs, &CPU_WORKER).app_label(),
         ],
         audit_grpc_port,
     );
