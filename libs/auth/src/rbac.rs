@@ -18,6 +18,8 @@
 //! | `traffic:report` | | | | | yes |
 //! | `audit:append` | | | | | yes |
 //! | `audit:read` (query, export, verify the audit log) | | | | | yes |
+//! | `batch:submit` (submit and cancel batch jobs) | | | yes | yes | yes |
+//! | `batch:read` (batch jobs and their progress) | yes | | yes | yes | yes |
 //! | `admin` (re-encrypt artifacts) | | | | | yes |
 //!
 //! Services (mTLS identities) hold what their job needs and nothing more:
@@ -71,11 +73,16 @@ impl Role {
         use Permission as P;
         match self {
             Role::Admin => true,
-            Role::Viewer => matches!(permission, P::MetadataRead | P::ModelsRead),
+            Role::Viewer => matches!(permission, P::MetadataRead | P::ModelsRead | P::BatchRead),
             Role::Inference => matches!(permission, P::MetadataRead | P::InferenceCall),
             Role::DataScientist => matches!(
                 permission,
-                P::MetadataRead | P::ModelsRead | P::ModelsWrite | P::RolloutsStart
+                P::MetadataRead
+                    | P::ModelsRead
+                    | P::ModelsWrite
+                    | P::RolloutsStart
+                    | P::BatchSubmit
+                    | P::BatchRead
             ),
             Role::ReleaseManager => matches!(
                 permission,
@@ -85,6 +92,8 @@ impl Role {
                     | P::RolloutsManage
                     | P::ResidencyWrite
                     | P::AccessWrite
+                    | P::BatchSubmit
+                    | P::BatchRead
             ),
         }
     }
@@ -134,12 +143,16 @@ pub enum Permission {
     AuditAppend,
     /// Query, export and verify the audit log.
     AuditRead,
+    /// Submit and cancel batch jobs.
+    BatchSubmit,
+    /// Read batch jobs and their progress (get, list, watch).
+    BatchRead,
     /// Administration: re-encrypt artifacts.
     Admin,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 16] = [
+    pub const ALL: [Permission; 18] = [
         Permission::MetadataRead,
         Permission::ModelsRead,
         Permission::InferenceCall,
@@ -155,6 +168,8 @@ impl Permission {
         Permission::TrafficReport,
         Permission::AuditAppend,
         Permission::AuditRead,
+        Permission::BatchSubmit,
+        Permission::BatchRead,
         Permission::Admin,
     ];
 
@@ -176,6 +191,8 @@ impl Permission {
             Permission::TrafficReport => "traffic:report",
             Permission::AuditAppend => "audit:append",
             Permission::AuditRead => "audit:read",
+            Permission::BatchSubmit => "batch:submit",
+            Permission::BatchRead => "batch:read",
             Permission::Admin => "admin",
         }
     }
@@ -246,6 +263,41 @@ mod tests {
                 assert_eq!(role.allows(permission), expected, "{role} {permission}");
             }
         }
+    }
+
+    #[test]
+    fn batch_permissions_follow_the_table() {
+        for role in Role::ALL {
+            assert_eq!(
+                role.allows(Permission::BatchSubmit),
+                matches!(
+                    role,
+                    Role::DataScientist | Role::ReleaseManager | Role::Admin
+                ),
+                "{role}"
+            );
+            assert_eq!(
+                role.allows(Permission::BatchRead),
+                role != Role::Inference,
+                "{role}"
+            );
+        }
+        // The batch coordinator reads model metadata and calls models; no
+        // service submits or reads jobs through its certificate.
+        assert!(service_allows(ServiceRole::Batch, Permission::MetadataRead));
+        assert!(service_allows(
+            ServiceRole::Batch,
+            Permission::InferenceCall
+        ));
+        for role in ServiceRole::ALL {
+            assert!(!service_allows(role, Permission::BatchSubmit), "{role:?}");
+        }
+        assert_eq!(Permission::ALL.len(), 18);
+        let names: std::collections::HashSet<_> = Permission::ALL
+            .iter()
+            .map(|permission| permission.name())
+            .collect();
+        assert_eq!(names.len(), Permission::ALL.len());
     }
 
     #[test]
