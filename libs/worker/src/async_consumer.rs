@@ -190,7 +190,7 @@ pub(crate) fn spawn(
 }
 
 /// The models with a ready version, sorted.
-fn ready_models(state: &WorkerState) -> BTreeSet<String> {
+pub(crate) fn ready_models(state: &WorkerState) -> BTreeSet<String> {
     state
         .store
         .index()
@@ -200,7 +200,7 @@ fn ready_models(state: &WorkerState) -> BTreeSet<String> {
         .collect()
 }
 
-fn stopping(state: &WorkerState, stop: &watch::Receiver<bool>) -> bool {
+pub(crate) fn stopping(state: &WorkerState, stop: &watch::Receiver<bool>) -> bool {
     *stop.borrow() || state.draining.load(Ordering::SeqCst)
 }
 
@@ -313,7 +313,7 @@ async fn supervise(consumer: Consumer, metrics: JobMetrics, mut stop: watch::Rec
 
 /// Connects to Redis, retrying until it answers; `None` if the worker stops
 /// first.
-async fn connect(
+pub(crate) async fn connect(
     options: RedisOptions,
     config: QueueConfig,
     state: &WorkerState,
@@ -339,11 +339,11 @@ async fn connect(
         };
         match connected {
             Ok(queue) => {
-                tracing::info!(key_prefix = %options.key_prefix, "async queue connected");
+                tracing::info!(key_prefix = %options.key_prefix, "queue connected");
                 return Some(Arc::new(queue));
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot connect to the async queue; retrying");
+                tracing::warn!(key_prefix = %options.key_prefix, %error, "cannot connect to the queue; retrying");
             }
         }
         pause(stop, backoff.next_delay()).await;
@@ -351,7 +351,7 @@ async fn connect(
 }
 
 /// Sleeps for `duration`, or until `stop` changes.
-async fn pause(stop: &mut watch::Receiver<bool>, duration: Duration) {
+pub(crate) async fn pause(stop: &mut watch::Receiver<bool>, duration: Duration) {
     tokio::select! {
         _ = tokio::time::sleep(duration) => {}
         Ok(()) = stop.changed() => {}
@@ -492,7 +492,7 @@ fn not_run(backlog: &Backlog) -> Outcome {
 /// unacknowledged and touched, and the consumer's slot stays taken, so the
 /// consumer takes no more jobs than it can record. Gives up (the backlog)
 /// when the worker stops, or after [`RETRY_WINDOW`] or the job's deadline.
-async fn admitted(
+pub(crate) async fn admitted(
     auditor: &Auditor,
     job: &Job,
     stopping: impl Fn() -> bool,
@@ -559,7 +559,7 @@ fn run_event(
 
 /// `OK` -> `ok`, `InvalidArgument` -> `invalid_argument`: a record's
 /// outcome, as the router writes it.
-fn outcome_name(code: Code) -> String {
+pub(crate) fn outcome_name(code: Code) -> String {
     let name = format!("{code:?}");
     let mut out = String::with_capacity(name.len() + 4);
     for (index, c) in name.chars().enumerate() {
@@ -575,15 +575,15 @@ fn outcome_name(code: Code) -> String {
     out
 }
 
-fn truncate(text: &str, max_chars: usize) -> String {
+pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
 }
 
 /// Counts a job in the worker's in-flight requests while it runs.
-struct InFlight(Arc<AtomicUsize>);
+pub(crate) struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
-    fn start(count: Arc<AtomicUsize>) -> InFlight {
+    pub(crate) fn start(count: Arc<AtomicUsize>) -> InFlight {
         count.fetch_add(1, Ordering::Relaxed);
         InFlight(count)
     }

@@ -22,6 +22,12 @@ use shamal_audit_client::AuditClientConfig;
 use shamal_auth::security::{Exposure, SecurityArgs, SecurityConfig};
 use shamal_telemetry::config::{ConfigError, Layers, Redacted};
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shamal_async_queue::JobQueue;
+
+use crate::batch_role::{BatchRole, DEFAULT_IDLE_UNLOAD, DEFAULT_KEY_PREFIX};
 use crate::{
     AsyncInference, ModelDefaults, QueueSource, RegistryAgentSettings, Worker, WorkerConfig,
     WorkerListeners,
@@ -91,6 +97,131 @@ pub struct NodeConfig {
     /// (`endpoint`, `spool_dir`, `max_spool_bytes`, `on_full`, ...), as the
     /// router's; off without an `endpoint`.
     pub audit: AuditClientConfig,
+    /// The batch role (shards of batch inference jobs): the `[batch]`
+    /// table; off without a `queue`.
+    pub batch: BatchRoleConfig,
+}
+
+/// The `[batch]` table: the worker's batch role (see `batch_role` and
+/// docs/batch.md, "Workers: the batch role").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchRoleConfig {
+    /// The batch queue: a `redis://` URL, or `memory` for the in-process
+    /// queue of an embedding program (`shamal up`). Unset: no batch role.
+    pub queue: Option<String>,
+    /// Prefix of the batch queue's Redis keys (the coordinator's
+    /// `queue_key_prefix`).
+    pub key_prefix: String,
+    /// How long the shard results this worker writes are kept, seconds
+    /// (the coordinator's `queue_result_ttl_s`).
+    pub result_ttl_s: u64,
+    /// A shard entry left untouched this long (its worker died) is taken
+    /// over by another worker, milliseconds. Live workers touch the
+    /// entries they hold every third of it.
+    pub reclaim_idle_ms: u64,
+    /// Shards scored at once, each on a batch instance of its own.
+    pub concurrency: usize,
+    /// Compute threads of a batch instance (the cpu-worker's ONNX Runtime
+    /// intra-op threads; the gpu-worker's candle threads are per process).
+    pub threads: usize,
+    /// A batch instance unused this long is dropped, milliseconds.
+    pub idle_unload_ms: u64,
+}
+
+impl Default for BatchRoleConfig {
+    fn default() -> Self {
+        BatchRoleConfig {
+            queue: None,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            result_ttl_s: 7 * 86_400,
+            reclaim_idle_ms: 60_000,
+            concurrency: 1,
+            threads: 1,
+            idle_unload_ms: u64::try_from(DEFAULT_IDLE_UNLOAD.as_millis()).unwrap_or(60_000),
+        }
+    }
+}
+
+/// The value of `batch.queue` that names the embedding program's queue.
+pub const MEMORY_QUEUE: &str = "memory";
+
+impl BatchRoleConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(queue) = &self.queue
+            && queue != MEMORY_QUEUE
+            && !shamal_async_queue::is_redis_url(queue)
+        {
+            return Err(ConfigError::invalid(format!(
+                "batch.queue '{}' must be a redis:// URL or 'memory' (embedded)",
+                Redacted(queue)
+            )));
+        }
+        shamal_async_queue::check_shared_settings(
+            &self.key_prefix,
+            self.result_ttl_s.saturating_mul(1000),
+        )
+        .map_err(|error| {
+            ConfigError::invalid(match error {
+                shamal_async_queue::SettingError::KeyPrefix => {
+                    "batch.key_prefix must be 1 to 128 printable characters without spaces"
+                        .to_owned()
+                }
+                shamal_async_queue::SettingError::ResultTtl => {
+                    "batch.result_ttl_s must be at least 1".to_owned()
+                }
+            })
+        })?;
+        if self.reclaim_idle_ms < 1_000 {
+            return Err(ConfigError::invalid(
+                "batch.reclaim_idle_ms must be at least 1000",
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError::invalid("batch.concurrency must be at least 1"));
+        }
+        if self.threads == 0 {
+            return Err(ConfigError::invalid("batch.threads must be at least 1"));
+        }
+        if self.idle_unload_ms < 1_000 {
+            return Err(ConfigError::invalid(
+                "batch.idle_unload_ms must be at least 1000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Flags of the `[batch]` table (`--batch-queue`, ...), each also read from
+/// the worker's environment variable (`SHAMAL_CPU_WORKER_BATCH_QUEUE`, …).
+#[derive(Clone, Debug, Default, clap::Args, Serialize)]
+pub struct BatchArgs {
+    /// The batch queue: a redis:// URL (or `memory` when embedded); turns
+    /// the batch role on.
+    #[arg(long)]
+    #[serde(rename = "queue", skip_serializing_if = "Option::is_none")]
+    pub batch_queue: Option<String>,
+    /// Prefix of the batch queue's Redis keys (default shamal:batch).
+    #[arg(long)]
+    #[serde(rename = "key_prefix", skip_serializing_if = "Option::is_none")]
+    pub batch_key_prefix: Option<String>,
+    /// Shards scored at once (default 1).
+    #[arg(long)]
+    #[serde(rename = "concurrency", skip_serializing_if = "Option::is_none")]
+    pub batch_concurrency: Option<usize>,
+    /// Compute threads of a batch instance (default 1).
+    #[arg(long)]
+    #[serde(rename = "threads", skip_serializing_if = "Option::is_none")]
+    pub batch_threads: Option<usize>,
+}
+
+impl BatchArgs {
+    fn is_empty(&self) -> bool {
+        self.batch_queue.is_none()
+            && self.batch_key_prefix.is_none()
+            && self.batch_concurrency.is_none()
+            && self.batch_threads.is_none()
+    }
 }
 
 /// Flags of the [`NodeConfig`] settings, each also read from the worker's
@@ -167,6 +298,10 @@ pub struct NodeArgs {
     #[command(flatten)]
     #[serde(skip_serializing_if = "AuditArgs::is_empty")]
     pub audit: AuditArgs,
+    /// The `[batch]` table's flags (`--batch-queue`, ...).
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "BatchArgs::is_empty")]
+    pub batch: BatchArgs,
 }
 
 /// Flags of the `[audit]` table (as the registry's); its other keys are
@@ -217,6 +352,7 @@ impl NodeConfig {
             async_result_ttl_ms: 3_600_000,
             async_concurrency: None,
             audit: AuditClientConfig::default(),
+            batch: BatchRoleConfig::default(),
         }
     }
 
@@ -329,6 +465,7 @@ impl NodeConfig {
         self.audit.validate().map_err(|error| {
             ConfigError::invalid(format!("audit.{}: {}", error.field, error.reason))
         })?;
+        self.batch.validate()?;
         Ok(())
     }
 
@@ -392,6 +529,61 @@ impl NodeConfig {
         }
     }
 
+    /// The batch role's settings, when `batch.queue` is set: Redis,
+    /// connected by the worker, or for `memory` the embedding program's
+    /// `shared` queue (an error without one). `instance_parameters` go to
+    /// the batch instances (the cpu-worker's thread count).
+    pub fn batch_role(
+        &self,
+        shared: Option<Arc<dyn JobQueue>>,
+        instance_parameters: HashMap<String, String>,
+    ) -> Result<Option<BatchRole>, ConfigError> {
+        let Some(url) = &self.batch.queue else {
+            return Ok(None);
+        };
+        let queue = if url == MEMORY_QUEUE {
+            match shared {
+                Some(queue) => QueueSource::Shared(queue),
+                None => {
+                    return Err(ConfigError::invalid(
+                        "batch.queue 'memory' names the in-process queue of an embedding \
+                         program (shamal up); a worker of its own needs a redis:// URL",
+                    ));
+                }
+            }
+        } else {
+            QueueSource::Redis {
+                options: RedisOptions::new(url.clone())
+                    .with_key_prefix(self.batch.key_prefix.clone()),
+                config: QueueConfig {
+                    result_ttl: Duration::from_secs(self.batch.result_ttl_s),
+                    min_idle: Duration::from_millis(self.batch.reclaim_idle_ms),
+                    ..QueueConfig::default()
+                },
+            }
+        };
+        let mut settings = BatchRole::new(queue);
+        settings.region = Some(self.region.clone());
+        settings.concurrency = self.batch.concurrency;
+        settings.instance_parameters = instance_parameters;
+        settings.idle_unload = Duration::from_millis(self.batch.idle_unload_ms);
+        Ok(Some(settings))
+    }
+
+    /// `worker`, with the batch role when `batch.queue` is set (see
+    /// [`NodeConfig::batch_role`]).
+    pub fn with_batch_role(
+        &self,
+        worker: Worker,
+        shared: Option<Arc<dyn JobQueue>>,
+        instance_parameters: HashMap<String, String>,
+    ) -> Result<Worker, ConfigError> {
+        Ok(match self.batch_role(shared, instance_parameters)? {
+            Some(settings) => worker.with_batch_role(settings),
+            None => worker,
+        })
+    }
+
     /// Binds the gRPC and (when set) metrics listeners.
     pub async fn bind(&self) -> std::io::Result<WorkerListeners> {
         let grpc = tokio::net::TcpListener::bind(self.grpc_listen).await?;
@@ -442,6 +634,116 @@ mod tests {
             |config: &mut ExampleConfig| &mut config.node,
             "no/such/repository",
         )
+    }
+
+    #[test]
+    fn the_batch_table_layers_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("worker.toml");
+        let repository = format!(
+            "model_repository = {:?}\nregion = \"eu-west\"\n",
+            dir.path()
+        );
+        std::fs::write(&file, &repository).unwrap();
+        let config = load(Some(&file), &ExampleArgs::default()).unwrap();
+        assert_eq!(config.node.batch.queue, None);
+        assert!(
+            config
+                .node
+                .batch_role(None, HashMap::new())
+                .unwrap()
+                .is_none(),
+            "off by default"
+        );
+        assert_eq!(config.node.batch.key_prefix, "shamal:batch");
+        assert_eq!(config.node.batch.concurrency, 1);
+        assert_eq!(config.node.batch.threads, 1);
+
+        std::fs::write(
+            &file,
+            format!(
+                "{repository}[batch]\nqueue = \"redis://redis:6379/2\"\nconcurrency = 3\n\
+                 threads = 2\nreclaim_idle_ms = 5000\nidle_unload_ms = 2000\n"
+            ),
+        )
+        .unwrap();
+        let args = ExampleArgs {
+            node: NodeArgs {
+                batch: BatchArgs {
+                    batch_key_prefix: Some("team-b".to_owned()),
+                    batch_concurrency: Some(2),
+                    ..BatchArgs::default()
+                },
+                ..NodeArgs::default()
+            },
+            ..ExampleArgs::default()
+        };
+        let config = load(Some(&file), &args).unwrap();
+        assert_eq!(config.node.batch.threads, 2, "from the file");
+        assert_eq!(config.node.batch.concurrency, 2, "flag beats file");
+        let parameters = HashMap::from([("k".to_owned(), "v".to_owned())]);
+        let role = config
+            .node
+            .batch_role(None, parameters.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(role.concurrency, 2);
+        assert_eq!(role.region.as_deref(), Some("eu-west"));
+        assert_eq!(role.idle_unload, Duration::from_secs(2));
+        assert_eq!(role.instance_parameters, parameters);
+        let QueueSource::Redis {
+            options,
+            config: queue,
+        } = &role.queue
+        else {
+            panic!("a Redis queue: {role:?}");
+        };
+        assert_eq!(options.url, "redis://redis:6379/2");
+        assert_eq!(options.key_prefix, "team-b");
+        assert_eq!(queue.min_idle, Duration::from_secs(5));
+
+        // `memory` needs the embedding program's queue.
+        let args = ExampleArgs {
+            node: NodeArgs {
+                batch: BatchArgs {
+                    batch_queue: Some("memory".to_owned()),
+                    ..BatchArgs::default()
+                },
+                ..NodeArgs::default()
+            },
+            ..ExampleArgs::default()
+        };
+        let config = load(Some(&file), &args).unwrap();
+        let error = config
+            .node
+            .batch_role(None, HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("batch.queue"), "{error}");
+        let shared: Arc<dyn JobQueue> =
+            Arc::new(shamal_async_queue::MemoryQueue::new(QueueConfig::default()).unwrap());
+        let role = config
+            .node
+            .batch_role(Some(shared), HashMap::new())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(role.queue, QueueSource::Shared(_)));
+
+        for (table, named) in [
+            ("queue = \"http://x\"", "batch.queue"),
+            ("concurrency = 0", "batch.concurrency"),
+            ("threads = 0", "batch.threads"),
+            ("key_prefix = \"a b\"", "batch.key_prefix"),
+            ("reclaim_idle_ms = 10", "batch.reclaim_idle_ms"),
+            ("idle_unload_ms = 10", "batch.idle_unload_ms"),
+            ("concurency = 2", "concurency"),
+        ] {
+            std::fs::write(&file, format!("{repository}[batch]\n{table}\n")).unwrap();
+            let error = load(Some(&file), &ExampleArgs::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(named), "{table}: {error}");
+        }
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct ModelVersion {
     pub platform: &'static str,
     pub batcher: Batcher,
     pub stats: Arc<ModelStats>,
+    /// The model file the instances were created from (the batch role
+    /// creates instances of its own from it).
+    pub model_file: PathBuf,
 }
 
 impl ModelVersion {
@@ -407,6 +410,7 @@ pub fn load_version(
         platform: runtime.platform(),
         batcher,
         stats,
+        model_file: found.model_file.clone(),
     })
 }
 

@@ -26,6 +26,7 @@ use crate::agent::{self, Agent, Membership, RegistryAgentSettings};
 use crate::async_consumer::{AsyncInference, JobAudit};
 use crate::auth::WorkerSecurity;
 use crate::backend::Runtime;
+use crate::batch_role::BatchRole;
 use crate::repository::{
     FoundVersion, RepositoryProblem, VersionState, load_version, scan_repository,
 };
@@ -92,6 +93,7 @@ pub struct Worker {
     metrics_registry: MetricsRegistry,
     state: Arc<WorkerState>,
     async_inference: Option<AsyncInference>,
+    batch_role: Option<BatchRole>,
 }
 
 impl Worker {
@@ -113,7 +115,15 @@ impl Worker {
             metrics_registry,
             state,
             async_inference: None,
+            batch_role: None,
         }
+    }
+
+    /// Also scores batch shards of this worker's region from the batch
+    /// queue, on instances of their own (see `batch_role`).
+    pub fn with_batch_role(mut self, settings: BatchRole) -> Worker {
+        self.batch_role = Some(settings);
+        self
     }
 
     /// Also runs async inference jobs of this worker's region from `queue`
@@ -141,6 +151,7 @@ impl Worker {
             metrics_registry,
             state,
             async_inference,
+            batch_role,
         } = self;
         serve(
             config,
@@ -149,10 +160,19 @@ impl Worker {
             state,
             listeners,
             shutdown,
-            async_inference,
+            Roles {
+                async_inference,
+                batch_role,
+            },
         )
         .await
     }
+}
+
+/// The queue consumers a worker runs besides its gRPC service.
+struct Roles {
+    async_inference: Option<AsyncInference>,
+    batch_role: Option<BatchRole>,
 }
 
 async fn serve(
@@ -162,8 +182,12 @@ async fn serve(
     state: Arc<WorkerState>,
     listeners: WorkerListeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    async_inference: Option<AsyncInference>,
+    roles: Roles,
 ) -> anyhow::Result<()> {
+    let Roles {
+        async_inference,
+        batch_role,
+    } = roles;
     let grpc_address = listeners.grpc.local_addr()?;
     // A bad certificate fails the start before anything listens.
     let security = WorkerSecurity::start(&config.security, &metrics_registry)?;
@@ -319,7 +343,7 @@ async fn serve(
     // mTLS with the worker's certificate when TLS is on; drained once the
     // consumer has finished its jobs.
     let audit_service = audit_service_name(&config.server_name);
-    let auditor = if async_inference.is_some() || config.audit.enabled() {
+    let auditor = if async_inference.is_some() || batch_role.is_some() || config.audit.enabled() {
         let instance = consumer_id(&config, async_inference.as_ref(), grpc_address);
         let audit_tls = security
             .client
@@ -339,6 +363,28 @@ async fn serve(
         auditor: auditor.clone(),
         actor: audit_actor(&config, audit_service),
     };
+
+    // Batch shards of this worker's region, on instances of their own;
+    // stops taking them when the worker drains, and finishes the ones it
+    // holds before models unload.
+    let batch_consumer = batch_role
+        .map(|settings| {
+            let identity = batch_identity(&config, &settings, grpc_address);
+            crate::batch_role::spawn(
+                crate::batch_role::Consumer {
+                    settings,
+                    identity,
+                    state: state.clone(),
+                    runtime: runtime.clone(),
+                    inflight: inflight.clone(),
+                    audit: audit.clone(),
+                },
+                &metrics_registry,
+                runtime.backend(),
+                stop.clone(),
+            )
+        })
+        .transpose()?;
 
     // Async jobs of this worker's region; stops taking them when the
     // worker drains, and finishes the ones it holds before models unload.
@@ -382,6 +428,9 @@ async fn serve(
         )
         .await;
     if let Some(consumer) = async_consumer {
+        let _ = consumer.await;
+    }
+    if let Some(consumer) = batch_consumer {
         let _ = consumer.await;
     }
     // Every job run is recorded in the spool; give the shipper a moment to
@@ -491,6 +540,33 @@ fn async_identity(
         region,
         consumer_id,
         concurrency,
+    }
+}
+
+/// The batch consumer's region and name (see [`BatchRole`] for the
+/// defaults).
+fn batch_identity(
+    config: &WorkerConfig,
+    settings: &BatchRole,
+    grpc_address: std::net::SocketAddr,
+) -> crate::batch_role::Identity {
+    let region = settings
+        .region
+        .clone()
+        .or_else(|| {
+            config
+                .registry
+                .as_ref()
+                .map(|registry| registry.region.clone())
+        })
+        .unwrap_or_else(|| "local".to_owned());
+    let consumer_id = settings
+        .consumer_id
+        .clone()
+        .unwrap_or_else(|| consumer_id(config, None, grpc_address));
+    crate::batch_role::Identity {
+        region,
+        consumer_id,
     }
 }
 

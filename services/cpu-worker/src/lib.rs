@@ -4,8 +4,11 @@
 pub mod config;
 pub mod onnx;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+
+use shamal_async_queue::JobQueue;
 
 use shamal_telemetry::MetricsRegistry;
 use shamal_worker::{Worker, WorkerListeners};
@@ -18,6 +21,16 @@ pub fn build(
     config: &CpuWorkerConfig,
     metrics_registry: MetricsRegistry,
 ) -> anyhow::Result<Worker> {
+    build_with_batch_queue(config, metrics_registry, None)
+}
+
+/// As [`build`], with the embedding program's in-process batch queue for a
+/// `[batch]` queue of `memory` (`shamal up`).
+pub fn build_with_batch_queue(
+    config: &CpuWorkerConfig,
+    metrics_registry: MetricsRegistry,
+    batch_queue: Option<Arc<dyn JobQueue>>,
+) -> anyhow::Result<Worker> {
     let library = config
         .onnxruntime_library
         .clone()
@@ -25,7 +38,16 @@ pub fn build(
     let runtime =
         OnnxRuntime::new(&library, config.session_options()).map_err(anyhow::Error::msg)?;
     let worker = Worker::new(config.worker_config(), Arc::new(runtime), metrics_registry);
-    Ok(config.node.with_async_inference(worker))
+    let worker = config.node.with_async_inference(worker);
+    // The batch instances' ONNX Runtime sessions get `batch.threads`
+    // intra-op threads, whatever the model's own setting.
+    let parameters = HashMap::from([(
+        "intra_op_thread_count".to_owned(),
+        config.node.batch.threads.to_string(),
+    )]);
+    Ok(config
+        .node
+        .with_batch_role(worker, batch_queue, parameters)?)
 }
 
 /// Runs a cpu-worker until `shutdown` completes, then drains.

@@ -13,10 +13,12 @@ pub mod mlp;
 pub mod spec;
 pub mod weights;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use candle_core::Device;
+use shamal_async_queue::JobQueue;
 use shamal_telemetry::MetricsRegistry;
 use shamal_worker::{Worker, WorkerListeners};
 
@@ -75,6 +77,17 @@ pub fn build_on(
     device: Device,
     metrics_registry: MetricsRegistry,
 ) -> anyhow::Result<Worker> {
+    build_on_with_batch_queue(config, device, metrics_registry, None)
+}
+
+/// As [`build_on`], with the embedding program's in-process batch queue
+/// for a `[batch]` queue of `memory` (`shamal up`).
+pub fn build_on_with_batch_queue(
+    config: &GpuWorkerConfig,
+    device: Device,
+    metrics_registry: MetricsRegistry,
+    batch_queue: Option<Arc<dyn JobQueue>>,
+) -> anyhow::Result<Worker> {
     let label = device::label(&device);
     let worker_config = config.worker_config(&label);
     tracing::info!(
@@ -91,8 +104,12 @@ pub fn build_on(
         metrics_registry,
     );
     // Consumes the async queue of its region when `async_queue` is set, as
-    // the cpu-worker does.
-    Ok(config.node.with_async_inference(worker))
+    // the cpu-worker does; and the batch queue when `[batch]` has a queue
+    // (candle's threads are per process: `batch.threads` does not apply).
+    let worker = config.node.with_async_inference(worker);
+    Ok(config
+        .node
+        .with_batch_role(worker, batch_queue, HashMap::new())?)
 }
 
 /// Runs a gpu-worker until `shutdown` completes, then drains.
