@@ -55,6 +55,10 @@ pub struct BatchConfig {
     /// Seconds without any shard taken after which a queued job's message
     /// says that no worker of its regions takes its shards.
     pub wait_warning_s: u64,
+    /// Where the shards of jobs that any region may score go (workers of
+    /// this region take them); `local` is the workers' region without a
+    /// registry.
+    pub default_region: String,
     /// The audit trail: the `[audit]` table.
     pub audit: AuditClientConfig,
 }
@@ -78,6 +82,7 @@ impl Default for BatchConfig {
             poll_interval_ms: 500,
             batch_size: settings.batch_size,
             wait_warning_s: 30,
+            default_region: "local".to_owned(),
             audit: AuditClientConfig::default(),
         }
     }
@@ -148,6 +153,10 @@ pub struct BatchArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_warning_s: Option<u64>,
+    /// Region of the shards of jobs any region may score (local).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_region: Option<String>,
     /// The `[audit]` table's flags.
     #[command(flatten)]
     #[serde(skip_serializing_if = "AuditArgs::is_empty")]
@@ -246,6 +255,11 @@ impl BatchConfig {
                 "batch_size must be between 1 and 1000000",
             ));
         }
+        if self.default_region.trim().is_empty() || self.default_region.len() > 256 {
+            return Err(ConfigError::invalid(
+                "default_region must be 1 to 256 characters",
+            ));
+        }
         self.audit
             .validate()
             .map_err(|error| ConfigError::invalid(format!("audit: {error}")))?;
@@ -260,6 +274,7 @@ impl BatchConfig {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             batch_size: self.batch_size,
             wait_warning_after: Duration::from_secs(self.wait_warning_s),
+            default_region: self.default_region.clone(),
         }
     }
 

@@ -29,9 +29,7 @@ use tokio::sync::watch;
 use crate::catalog::{MetadataSource, ModelCatalog};
 use crate::error::{BatchError, Result};
 use crate::metrics::BatchMetrics;
-use crate::model::{
-    ANY_REGION, Job, JobSpec, JobState, ShardRow, ShardState, now_ms, stream_region,
-};
+use crate::model::{Job, JobSpec, JobState, ShardRow, ShardState, now_ms, stream_region};
 use crate::store::{NewJob, NewShard, ShardDone, Store};
 
 /// Rows per shard when the job does not say.
@@ -55,6 +53,8 @@ pub struct Settings {
     /// After this long without any shard taken, a QUEUED job's message
     /// says that no worker of its regions takes its shards.
     pub wait_warning_after: Duration,
+    /// The region of the shards of jobs any region may score.
+    pub default_region: String,
 }
 
 impl Default for Settings {
@@ -65,6 +65,7 @@ impl Default for Settings {
             poll_interval: Duration::from_millis(500),
             batch_size: 1024,
             wait_warning_after: Duration::from_secs(30),
+            default_region: "local".to_owned(),
         }
     }
 }
@@ -420,7 +421,7 @@ impl Coordinator {
         let job = NewJob {
             id: format!("job-{}", uuid::Uuid::new_v4()),
             request_id: (!request_id.is_empty()).then(|| request_id.clone()),
-            stream_region: stream_region(&regions),
+            stream_region: stream_region(&regions, &self.settings.default_region),
             regions,
             spec,
             version,
@@ -688,11 +689,7 @@ impl Coordinator {
             if waited >= self.settings.wait_warning_after {
                 let stream = self.stream(&job.spec.model, &routing.stream_region)?;
                 let backlog = self.queue.backlog(&stream).await?;
-                let regions = if routing.stream_region == ANY_REGION {
-                    "any region".to_owned()
-                } else {
-                    format!("regions [{}]", routing.stream_region.replace(',', ", "))
-                };
+                let regions = format!("region [{}]", routing.stream_region);
                 let message = format!(
                     "waiting: no batch worker of {regions} has taken a shard for {} s \
                      ({} shards queued on stream {stream})",
@@ -1011,11 +1008,7 @@ pub fn validate(spec: &JobSpec, request_id: &str) -> Result<()> {
         }
     }
     for (index, region) in spec.regions.iter().enumerate() {
-        if region.trim().is_empty()
-            || region.contains(',')
-            || region == ANY_REGION
-            || region.len() > 64
-        {
+        if region.trim().is_empty() || region.contains(',') || region.len() > 64 {
             return Err(BatchError::invalid(
                 format!("spec.regions[{index}]"),
                 format!("'{region}' is not a region name"),

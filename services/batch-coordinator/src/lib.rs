@@ -17,10 +17,11 @@
 //! # The workers' contract
 //!
 //! A batch worker of region `R` takes entries of the batch queue (Redis
-//! key prefix `shamal:batch` by default, consumer group `workers`) from
-//! every stream `(model, regions)` whose region part, split on `,`,
-//! contains `R`, or is `*` ([`model::region_may_take`]; the streams are
-//! listed by `JobQueue::streams`). The payload is a protobuf `ShardTask`;
+//! key prefix `shamal:batch` by default, consumer group `workers`) from the
+//! streams `(model, R)` of its models ([`model::region_may_take`]); the
+//! coordinator puts each shard on the stream of the first (sorted) of its
+//! job's regions, or of `default_region` for a job any region may score.
+//! The payload is a protobuf `ShardTask`;
 //! the worker reads the shard (`shamal_batch_io::read_shard`), scores it
 //! with the task's model version, writes `part-<index>.parquet` in the
 //! task's output with `PartWriter` and completes the entry with

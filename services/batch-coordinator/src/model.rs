@@ -255,27 +255,24 @@ pub struct ShardRow {
     pub last_error: String,
 }
 
-/// The stream region of a job's shards: its regions joined with `,`
-/// (sorted), or `*` when any region may score them.
-pub fn stream_region(regions: &[String]) -> String {
-    if regions.is_empty() {
-        ANY_REGION.to_owned()
-    } else {
-        let mut sorted = regions.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        sorted.join(",")
-    }
+/// The region of the stream a job's shards go on: the first of its
+/// regions (sorted), or `default_region` when any region may score them.
+/// Workers take the streams `(model, their own region)` only, so a shard
+/// is never taken outside this region (see `docs/batch.md`, "Residency").
+pub fn stream_region(regions: &[String], default_region: &str) -> String {
+    let mut sorted = regions.to_vec();
+    sorted.sort();
+    sorted
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| default_region.to_owned())
 }
 
-/// The stream region of a job any region may score.
-pub const ANY_REGION: &str = "*";
-
 /// Whether a batch worker of `region` may take entries of a stream whose
-/// region is `stream_region` (the rule every worker follows; see
-/// `docs/batch.md`, "Residency").
+/// region is `stream_region`: only its own region's (the rule the
+/// workers' batch role follows).
 pub fn region_may_take(stream_region: &str, region: &str) -> bool {
-    stream_region == ANY_REGION || stream_region.split(',').any(|allowed| allowed == region)
+    stream_region == region
 }
 
 pub fn now_ms() -> i64 {

@@ -491,7 +491,7 @@ async fn a_job_nobody_takes_says_why_and_cancel_leaves_no_manifest() {
     }
     let waiting = waiting.expect("the job never said why it waits");
     assert!(
-        waiting.message.contains("regions [uae-north]"),
+        waiting.message.contains("region [uae-north]"),
         "{}",
         waiting.message
     );

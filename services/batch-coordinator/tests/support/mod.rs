@@ -173,6 +173,7 @@ pub async fn start(db: &TestDb, dependencies: Dependencies) -> RunningBatch {
     RunningBatch::start_local(&db.url, dependencies, |config| {
         config.poll_interval_ms = 50;
         config.wait_warning_s = 1;
+        config.default_region = "r1".to_owned();
     })
     .await
     .unwrap()
