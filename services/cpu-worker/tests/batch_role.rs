@@ -104,12 +104,15 @@ impl Running {
 }
 
 async fn start(config: &CpuWorkerConfig, queue: Option<Arc<dyn JobQueue>>) -> Running {
-    let worker = shamal_cpu_worker::build_with_batch_queue(
-        config,
-        shamal_telemetry::MetricsRegistry::new(),
-        queue,
-    )
-    .unwrap();
+    start_with(config, queue, shamal_telemetry::MetricsRegistry::new()).await
+}
+
+async fn start_with(
+    config: &CpuWorkerConfig,
+    queue: Option<Arc<dyn JobQueue>>,
+    metrics: shamal_telemetry::MetricsRegistry,
+) -> Running {
+    let worker = shamal_cpu_worker::build_with_batch_queue(config, metrics, queue).unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = grpc.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -861,4 +864,103 @@ fn over_redis_a_second_worker_reclaims_a_dead_workers_shard() {
         assert_eq!(written.len() as i64, rows);
         b.stop().await;
     });
+}
+
+/// The value of metric `name` (summed over its series matching `label`).
+fn metric(
+    registry: &shamal_telemetry::MetricsRegistry,
+    name: &str,
+    label: Option<(&str, &str)>,
+) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|metric| {
+            label.is_none_or(|(key, value)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|pair| pair.name() == key && pair.value() == value)
+            })
+        })
+        .map(|metric| metric.get_gauge().get_value() + metric.get_counter().get_value())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_instance_is_loaded_by_the_first_shard_and_dropped_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = demo_repository(dir.path());
+    let queue = memory_queue(Duration::from_secs(60));
+    let mut config = config(&repository, "eu", |_| {});
+    config.node.batch.idle_unload_ms = 1_000;
+    let registry = shamal_telemetry::MetricsRegistry::new();
+    let worker = start_with(&config, Some(queue.clone()), registry.clone()).await;
+    let instances = |registry: &shamal_telemetry::MetricsRegistry| {
+        metric(registry, "shamal_worker_batch_instances", None)
+    };
+    assert_eq!(instances(&registry), 0.0, "nothing loaded before a shard");
+    let parquet = dir.path().join("in.parquet");
+    write_parquet(&parquet, 100, 100);
+    let planned = shards(&parquet, 100).await;
+    let out = dir.path().join("out");
+    let id = submit(
+        queue.as_ref(),
+        "eu",
+        &task(&planned[0], &out, "id", "features"),
+    )
+    .await;
+    shard_result(
+        outcome(queue.as_ref(), &id, Duration::from_secs(60))
+            .await
+            .0,
+    );
+    assert_eq!(
+        instances(&registry),
+        1.0,
+        "loaded by the shard, kept a while"
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "shamal_worker_batch_shards_total",
+            Some(("code", "ok"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&registry, "shamal_worker_batch_rows_total", None),
+        100.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instances(&registry) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle batch instance was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Loaded again by the next shard.
+    let id = submit(
+        queue.as_ref(),
+        "eu",
+        &task(&planned[0], &out, "id", "features"),
+    )
+    .await;
+    shard_result(
+        outcome(queue.as_ref(), &id, Duration::from_secs(60))
+            .await
+            .0,
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "shamal_worker_batch_shards_total",
+            Some(("code", "ok"))
+        ),
+        2.0
+    );
+    worker.stop().await;
 }
