@@ -78,6 +78,12 @@ pub struct UpArgs {
     /// comparisons; a regulated deployment keeps it on).
     #[arg(long)]
     no_audit: bool,
+    /// Report to this audit service instead of starting one (a shared
+    /// service, `https://audit.example:8301`; or, for measuring what the
+    /// producers' side costs, one that is elsewhere or down: records wait
+    /// in the spools).
+    #[arg(long, value_name = "URL", conflicts_with = "no_audit")]
+    audit_endpoint: Option<String>,
     /// Largest dynamic batch for models without a configuration file.
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -379,7 +385,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         let metrics = bind(args.host, args.metrics_port, "metrics").await?;
         let registry_http = bind(args.host, args.registry_http_port, "registry HTTP").await?;
         let registry_grpc = bind(loopback, args.registry_grpc_port, "registry gRPC").await?;
-        let audit_grpc = if args.no_audit {
+        let audit_grpc = if args.no_audit || args.audit_endpoint.is_some() {
             None
         } else {
             Some(bind(loopback, args.audit_grpc_port, "audit gRPC").await?)
@@ -434,7 +440,10 @@ pub async fn run(args: UpArgs) -> ExitCode {
 
     // The audit service before everything that reports to it, stopped
     // after them so that their spools drain into it.
-    let audit_address = audit_grpc_listener.as_ref().map(address);
+    let audit_address = match &args.audit_endpoint {
+        Some(endpoint) => Some(endpoint.clone()),
+        None => audit_grpc_listener.as_ref().map(address),
+    };
     let audit = match audit_grpc_listener {
         Some(listener) => match start_audit(&args, &security, listener, &metrics_registry).await {
             Ok(audit) => Some(audit),
@@ -720,6 +729,10 @@ async fn announce(banner: Banner) {
         "  Registry:        {web}://{registry}/ (REST API under /v1, OpenAPI at /openapi.json)"
     );
     match audit {
+        Some(audit) if audit.contains("://") => println!(
+            "  Audit log:       {audit} (--audit-endpoint: records spooled in {} until it takes them)",
+            data_dir.join("audit-spool").display()
+        ),
         Some(audit) => println!(
             "  Audit log:       {}://{audit} (every inference and change; `shamal audit query`, records in {})",
             if tls.is_some() { "https" } else { "http" },
