@@ -278,7 +278,12 @@ async fn mtls_producers_append_and_other_services_are_refused() {
     };
     // The registry, routers, batch coordinators and workers (async jobs,
     // batch shards) append.
-    for (service, from) in [("registry", 0), ("router", 10), ("batch", 20), ("worker", 30)] {
+    for (service, from) in [
+        ("registry", 0),
+        ("router", 10),
+        ("batch", 20),
+        ("worker", 30),
+    ] {
         let appended = append(service, from).await.unwrap().into_inner();
         assert_eq!(appended.appended, 3, "{service}");
     }
