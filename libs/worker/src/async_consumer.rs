@@ -259,30 +259,75 @@ async fn supervise(consumer: Consumer, metrics: JobMetrics, mut stop: watch::Rec
         }
     };
     let handler = Arc::new(handler);
+    let streams = Streams {
+        consumer_id: &identity.consumer_id,
+        region: &identity.region,
+        concurrency: identity.concurrency,
+        role: "async consumer",
+    };
+    consume_ready_models(queue, &state, &mut stop, streams, handler).await;
+}
+
+/// Who consumes which streams, for [`consume_ready_models`].
+pub(crate) struct Streams<'a> {
+    pub consumer_id: &'a str,
+    pub region: &'a str,
+    pub concurrency: usize,
+    /// For the logs: `async consumer`, `batch role`.
+    pub role: &'a str,
+}
+
+/// The streams of `models` in `region`: only this region's, so a job (or
+/// shard) is never taken outside the regions it allows.
+pub(crate) fn selectors(models: &BTreeSet<String>, region: &str) -> Vec<StreamSelector> {
+    models
+        .iter()
+        .filter_map(|model| StreamKey::new(model.clone(), region.to_owned()).ok())
+        .map(|stream| StreamSelector::exact(&stream))
+        .collect()
+}
+
+/// Runs `handler` on the entries of `queue`'s streams of the models the
+/// worker has ready, in its region, until the worker stops or drains; when
+/// the set of ready models changes, the consumer finishes the entries it
+/// holds and starts again on the new set. Shared by the async consumer and
+/// the batch role.
+pub(crate) async fn consume_ready_models<H, Fut>(
+    queue: Arc<dyn JobQueue>,
+    state: &Arc<WorkerState>,
+    stop: &mut watch::Receiver<bool>,
+    streams: Streams<'_>,
+    handler: Arc<H>,
+) where
+    H: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let Streams {
+        consumer_id,
+        region,
+        concurrency,
+        role,
+    } = streams;
     loop {
-        if stopping(&state, &stop) {
+        if stopping(state, stop) {
             return;
         }
-        let models = ready_models(&state);
-        let selectors: Vec<StreamSelector> = models
-            .iter()
-            .filter_map(|model| StreamKey::new(model.clone(), identity.region.clone()).ok())
-            .map(|stream| StreamSelector::exact(&stream))
-            .collect();
+        let models = ready_models(state);
+        let selectors = selectors(&models, region);
         if selectors.is_empty() {
             // Nothing served yet: look again soon.
-            pause(&mut stop, MODELS_CHECK).await;
+            pause(stop, MODELS_CHECK).await;
             continue;
         }
         tracing::info!(
-            consumer = %identity.consumer_id,
-            region = %identity.region,
+            consumer = %consumer_id,
+            region = %region,
             models = ?models,
-            concurrency = identity.concurrency,
-            "async consumer serving"
+            concurrency,
+            "{role} serving"
         );
-        let config = ConsumerConfig::new(identity.consumer_id.clone(), selectors)
-            .with_concurrency(identity.concurrency);
+        let config = ConsumerConfig::new(consumer_id.to_owned(), selectors)
+            .with_concurrency(concurrency.max(1));
         // Ends the loop when the worker stops or drains, or its models change.
         let until_change = {
             let state = state.clone();
@@ -301,11 +346,11 @@ async fn supervise(consumer: Consumer, metrics: JobMetrics, mut stop: watch::Rec
             run_consumer(queue.clone(), config, move |job| handler(job), until_change).await;
         match result {
             Ok(report) => {
-                tracing::debug!(consumer = %identity.consumer_id, ?report, "async consumer loop ended")
+                tracing::debug!(consumer = %consumer_id, ?report, "{role} loop ended")
             }
             Err(error) => {
-                tracing::error!(consumer = %identity.consumer_id, %error, "async consumer cannot run");
-                pause(&mut stop, Duration::from_secs(5)).await;
+                tracing::error!(consumer = %consumer_id, %error, "{role} cannot run");
+                pause(stop, Duration::from_secs(5)).await;
             }
         }
     }

@@ -60,7 +60,7 @@
 //! is at its bound, and a result whose record cannot be written is withheld
 //! (`RESOURCE_EXHAUSTED`, the coordinator tries the shard again).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -73,9 +73,7 @@ use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use futures::StreamExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
 use prost::Message;
-use shamal_async_queue::{
-    ConsumerConfig, Job, JobQueue, Outcome, StreamKey, StreamSelector, codes, run_consumer,
-};
+use shamal_async_queue::{Job, JobQueue, Outcome, codes};
 use shamal_audit_client::{AuditEvent, sha256_hex};
 use shamal_batch_io::{
     ModelInput, PartInfo, PartWriter, RowOrigin, Shard, outputs_to_columns, read_shard,
@@ -91,8 +89,8 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 
 use crate::async_consumer::{
-    InFlight, JobAudit, QueueSource, admitted, connect, outcome_name, pause, ready_models,
-    stopping, truncate,
+    InFlight, JobAudit, QueueSource, Streams, admitted, connect, consume_ready_models,
+    outcome_name, pause, stopping, truncate,
 };
 use crate::backend::{Backend, BackendError, InstanceOptions, ModelSignature, Runtime};
 use crate::repository::{Lookup, ModelVersion};
@@ -109,9 +107,6 @@ pub const DEFAULT_IDLE_UNLOAD: Duration = Duration::from_secs(60);
 
 /// Rows per execution when the task names none.
 const DEFAULT_BATCH_SIZE: usize = 256;
-
-/// How often the served models are compared with the consumed streams.
-const MODELS_CHECK: Duration = Duration::from_secs(1);
 
 /// The batch role's settings.
 #[derive(Clone)]
@@ -327,62 +322,15 @@ async fn supervise(consumer: Consumer, metrics: BatchMetrics, mut stop: watch::R
         }
     };
     let handler = Arc::new(handler);
-    loop {
-        if stopping(&state, &stop) {
-            break;
-        }
-        let models = ready_models(&state);
-        let selectors = selectors(&models, &identity.region);
-        if selectors.is_empty() {
-            pause(&mut stop, MODELS_CHECK).await;
-            continue;
-        }
-        tracing::info!(
-            consumer = %identity.consumer_id,
-            region = %identity.region,
-            models = ?models,
-            concurrency = settings.concurrency,
-            "batch role serving"
-        );
-        let config = ConsumerConfig::new(identity.consumer_id.clone(), selectors)
-            .with_concurrency(settings.concurrency.max(1));
-        let until_change = {
-            let state = state.clone();
-            let mut stop = stop.clone();
-            async move {
-                loop {
-                    pause(&mut stop, MODELS_CHECK).await;
-                    if stopping(&state, &stop) || ready_models(&state) != models {
-                        return;
-                    }
-                }
-            }
-        };
-        let handler = handler.clone();
-        let result =
-            run_consumer(queue.clone(), config, move |job| handler(job), until_change).await;
-        match result {
-            Ok(report) => {
-                tracing::debug!(consumer = %identity.consumer_id, ?report, "batch consumer loop ended")
-            }
-            Err(error) => {
-                tracing::error!(consumer = %identity.consumer_id, %error, "batch consumer cannot run");
-                pause(&mut stop, Duration::from_secs(5)).await;
-            }
-        }
-    }
+    let streams = Streams {
+        consumer_id: &identity.consumer_id,
+        region: &identity.region,
+        concurrency: settings.concurrency,
+        role: "batch role",
+    };
+    consume_ready_models(queue, &state, &mut stop, streams, handler).await;
     janitor.abort();
     pool.clear();
-}
-
-/// The streams of `models` in `region`: only this region's, so a shard is
-/// never taken outside the regions its job allows.
-fn selectors(models: &BTreeSet<String>, region: &str) -> Vec<StreamSelector> {
-    models
-        .iter()
-        .filter_map(|model| StreamKey::new(model.clone(), region.to_owned()).ok())
-        .map(|stream| StreamSelector::exact(&stream))
-        .collect()
 }
 
 /// Drops batch instances idle for `idle_unload`, and those of versions no
@@ -1141,6 +1089,9 @@ fn response(outputs: &[Tensor]) -> ModelInferResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::async_consumer::selectors;
+    use shamal_async_queue::StreamKey;
+    use std::collections::BTreeSet;
 
     #[test]
     fn data_failures_have_the_code_that_fits_and_name_the_column() {
