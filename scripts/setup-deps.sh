@@ -11,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 deps="$root/.deps"
 venv="$deps/venv"
-stamp="$deps/.python-deps-v3"
+stamp="$deps/.python-deps-v4"
 mkdir -p "$deps"
 
 if ! command -v python3 >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ if [ -n "$free_kb" ] && [ "$free_kb" -lt $((15 * 1024 * 1024)) ]; then
     "the build needs about 15 GiB (delete an old target/ directory)" >&2
 fi
 
-# Every test that needs an outside service (Redis, PostgreSQL, the
+# Every test that needs an outside service (Redis, PostgreSQL, S3, the
 # redis-server binary, the real all-MiniLM-L6-v2) fails here when it is
 # missing, rather than being skipped as in a bare `cargo test`
 # (tests/support/services.rs, docs/testing.md). The steps below provide them.
@@ -56,6 +56,11 @@ step "Redis for the async queue's tests (and redis-server for its crash test)"
 SHAMAL_TEST_REDIS_URL="$(scripts/ensure-redis.sh | tail -1)"
 export SHAMAL_TEST_REDIS_URL
 echo "using $SHAMAL_TEST_REDIS_URL"
+
+step "an S3-compatible server (moto) for the batch inference tests"
+SHAMAL_TEST_S3_ENDPOINT="$(scripts/ensure-s3.sh | tail -1)"
+export SHAMAL_TEST_S3_ENDPOINT
+echo "using $SHAMAL_TEST_S3_ENDPOINT"
 
 step "the development OpenID provider for the token validation tests"
 SHAMAL_TEST_OIDC_ISSUER="$(scripts/ensure-oidc.sh | tail -1)"

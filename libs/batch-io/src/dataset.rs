@@ -5,13 +5,12 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 
 use crate::error::{Error, Result};
 use crate::format::Format;
+use crate::location::{Location, store_for};
 use crate::parquet_store::StoreReader;
 use crate::schema::{ModelInput, check_schema};
 
@@ -19,40 +18,11 @@ use crate::schema::{ModelInput, check_schema};
 /// inferred from (whole lines only; more when the first line is longer).
 pub(crate) const SAMPLE_BYTES: u64 = 1 << 20;
 
-/// The store that holds `file` and the file's path in it.
-///
-/// `file` is a local path (absolute or relative to the working directory,
-/// optionally as `file:///...`). This is the one place that maps locations
-/// to stores: S3-compatible locations (`s3://bucket/key`) come here in a
-/// later step, so nothing else changes when they do. Other schemes are
-/// refused with [`Error::Format`].
-pub fn store_for(file: &str) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
-    let local = local_path(file)?;
-    let path = StorePath::from_filesystem_path(&local).map_err(|error| Error::Store {
-        path: file.to_owned(),
-        reason: error.to_string(),
-    })?;
-    Ok((Arc::new(LocalFileSystem::new()), path))
-}
-
-fn local_path(location: &str) -> Result<std::path::PathBuf> {
-    let path = location.strip_prefix("file://").unwrap_or(location);
-    if path.contains("://") {
-        return Err(Error::Format {
-            path: location.to_owned(),
-            reason: "only local paths are supported (object-store URLs such as s3:// are not \
-                     enabled in this build)"
-                .to_owned(),
-        });
-    }
-    Ok(std::path::PathBuf::from(path))
-}
-
 /// One file of a dataset.
 #[derive(Clone, Debug)]
 pub struct DataFile {
-    /// The file's location, as [`store_for`] takes it (an absolute local
-    /// path today).
+    /// The file's location, as [`store_for`] takes it: an absolute local
+    /// path, or an object's URL (`s3://bucket/key`).
     pub path: String,
     /// Size in bytes.
     pub size: u64,
@@ -78,7 +48,10 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `location`: a file, or a directory whose files (not its
     /// subdirectories, and not the hidden files starting with `.` or `_`)
-    /// make up the dataset, in name order.
+    /// make up the dataset, in name order. On object storage
+    /// (`s3://bucket/key`) the key names one object when there is one, and
+    /// is otherwise a prefix whose objects (up to the next `/`) make up the
+    /// dataset.
     ///
     /// The format is `format` when given; otherwise it comes from the file
     /// extensions (`.parquet`, `.jsonl` / `.ndjson`, `.csv`), which must all
@@ -86,39 +59,14 @@ impl Dataset {
     /// is not Parquet fails with [`Error::CorruptFile`] naming it); the
     /// schema of a CSV / JSON Lines file is inferred from its first lines.
     pub async fn open(location: &str, format: Option<Format>) -> Result<Dataset> {
-        let local = local_path(location)?;
-        let metadata = std::fs::metadata(&local).map_err(|source| Error::UnreadablePath {
-            path: location.to_owned(),
-            source,
-        })?;
-        let absolute = std::fs::canonicalize(&local).map_err(|source| Error::UnreadablePath {
-            path: location.to_owned(),
-            source,
-        })?;
-        let absolute_text = absolute.to_string_lossy().into_owned();
-        let (store, root) = store_for(&absolute_text)?;
-
-        // (location string, size) of each data file, in name order.
-        let mut listed: Vec<(String, u64)> = Vec::new();
-        if metadata.is_dir() {
-            let listing = store
-                .list_with_delimiter(Some(&root))
-                .await
-                .map_err(|error| Error::Store {
-                    path: location.to_owned(),
-                    reason: error.to_string(),
-                })?;
-            for object in listing.objects {
-                let name = object.location.filename().unwrap_or_default();
-                if name.starts_with('.') || name.starts_with('_') {
-                    continue;
-                }
-                listed.push((format!("/{}", object.location), object.size));
-            }
-            listed.sort();
-        } else {
-            listed.push((absolute_text.clone(), metadata.len()));
-        }
+        let (store, listed) = match Location::parse(location)? {
+            Location::Local(local) => list_local(location, &local).await?,
+            Location::S3 {
+                scheme,
+                bucket,
+                key,
+            } => list_s3(location, scheme, &bucket, &key).await?,
+        };
         if listed.is_empty() {
             return Err(Error::Format {
                 path: location.to_owned(),
@@ -201,6 +149,100 @@ impl Dataset {
         }
         Ok(())
     }
+}
+
+/// Whether a listed file is data (not `_SUCCESS`, `.crc`, ...).
+fn is_data_name(name: &str) -> bool {
+    !(name.is_empty() || name.starts_with('.') || name.starts_with('_'))
+}
+
+/// The store and the (location, size) of each data file of a local
+/// location, in name order.
+async fn list_local(
+    location: &str,
+    local: &std::path::Path,
+) -> Result<(Arc<dyn ObjectStore>, Vec<(String, u64)>)> {
+    let metadata = std::fs::metadata(local).map_err(|source| Error::UnreadablePath {
+        path: location.to_owned(),
+        source,
+    })?;
+    let absolute = std::fs::canonicalize(local).map_err(|source| Error::UnreadablePath {
+        path: location.to_owned(),
+        source,
+    })?;
+    let absolute_text = absolute.to_string_lossy().into_owned();
+    let (store, root) = store_for(&absolute_text)?;
+    let mut listed: Vec<(String, u64)> = Vec::new();
+    if metadata.is_dir() {
+        let listing = store
+            .list_with_delimiter(Some(&root))
+            .await
+            .map_err(|error| Error::Store {
+                path: location.to_owned(),
+                reason: error.to_string(),
+            })?;
+        for object in listing.objects {
+            if !is_data_name(object.location.filename().unwrap_or_default()) {
+                continue;
+            }
+            listed.push((format!("/{}", object.location), object.size));
+        }
+        listed.sort();
+    } else {
+        listed.push((absolute_text, metadata.len()));
+    }
+    Ok((store, listed))
+}
+
+/// The store and the (URL, size) of each data file of an S3 location: the
+/// object `key`, or the objects under the prefix `key/`, in name order.
+async fn list_s3(
+    location: &str,
+    scheme: &str,
+    bucket: &str,
+    key: &str,
+) -> Result<(Arc<dyn ObjectStore>, Vec<(String, u64)>)> {
+    let (store, path) = store_for(location)?;
+    let store_error = |error: object_store::Error| Error::Store {
+        path: location.to_owned(),
+        reason: error.to_string(),
+    };
+    if !key.is_empty() {
+        match store.head(&path).await {
+            Ok(meta) => {
+                return Ok((
+                    store,
+                    vec![(format!("{scheme}://{bucket}/{key}"), meta.size)],
+                ));
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => return Err(store_error(error)),
+        }
+    }
+    let prefix = (!key.is_empty()).then_some(&path);
+    let listing = store
+        .list_with_delimiter(prefix)
+        .await
+        .map_err(store_error)?;
+    if listing.objects.is_empty() && listing.common_prefixes.is_empty() {
+        return Err(Error::Store {
+            path: location.to_owned(),
+            reason: "no object and no objects under this prefix".to_owned(),
+        });
+    }
+    let mut listed: Vec<(String, u64)> = listing
+        .objects
+        .into_iter()
+        .filter(|object| is_data_name(object.location.filename().unwrap_or_default()))
+        .map(|object| {
+            (
+                format!("{scheme}://{bucket}/{}", object.location),
+                object.size,
+            )
+        })
+        .collect();
+    listed.sort();
+    Ok((store, listed))
 }
 
 async fn open_parquet(store: &Arc<dyn ObjectStore>, path: String, size: u64) -> Result<DataFile> {

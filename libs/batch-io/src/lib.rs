@@ -9,8 +9,9 @@
 //!
 //! 1. [`Dataset::open`] a location: a file, or a directory of files of one
 //!    [`Format`] (Parquet, JSON Lines, CSV), read through the `object_store`
-//!    crate's [`ObjectStore`](object_store::ObjectStore) trait (the local
-//!    file system today; S3-compatible stores plug in at [`store_for`]).
+//!    crate's [`ObjectStore`](object_store::ObjectStore) trait: local paths
+//!    and S3-compatible object storage (`s3://bucket/prefix`, settings from
+//!    the environment and [`configure_s3`]), mapped at [`store_for`].
 //!    CSV and JSON Lines schemas are inferred from the first rows.
 //! 2. [`Dataset::check`] the schema against the model's inputs
 //!    ([`ModelInput`]) and the key columns, before any work is done: errors
@@ -24,8 +25,9 @@
 //! 5. [`to_infer_request`] turns a batch's input columns into a
 //!    `ModelInferRequest` (raw little-endian contents), and
 //!    [`outputs_to_columns`] a `ModelInferResponse` back into Arrow columns.
-//! 6. [`PartWriter`] writes one Parquet part per shard (`part-000042.parquet`,
-//!    atomically replaced on a re-run), and [`Manifest`] records the parts,
+//! 6. [`PartWriter`] writes one Parquet part per shard (`part-000042.parquet`)
+//!    in an [`Output`] (a local directory or an object-store prefix),
+//!    atomically replaced on a re-run, and [`Manifest`] records the parts,
 //!    their row counts and SHA-256 checksums, written last with `_SUCCESS`.
 //!
 //! See `docs/batch.md` ("Formats and column mapping") for the rules a
@@ -35,6 +37,7 @@ mod convert;
 mod dataset;
 mod error;
 mod format;
+mod location;
 mod output;
 mod parquet_store;
 mod read;
@@ -42,11 +45,15 @@ mod schema;
 mod shard;
 
 pub use convert::{RowOrigin, outputs_to_columns, to_infer_request};
-pub use dataset::{DataFile, Dataset, store_for};
+pub use dataset::{DataFile, Dataset};
 pub use error::{Error, Result};
 pub use format::Format;
+pub use location::{
+    Output, S3Options, check_location, configure_s3, is_object_store_url, store_for,
+};
 pub use output::{
-    MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest, PartInfo, PartWriter, SUCCESS_FILE, part_name,
+    MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest, PartInfo, PartWriter, SUCCESS_FILE,
+    StagedPart, is_part_name, part_name,
 };
 pub use read::{ShardBatch, ShardStream, read_shard};
 pub use schema::{InputKind, ModelInput};

@@ -9,9 +9,11 @@
 //! _SUCCESS                empty, after the manifest
 //! ```
 //!
-//! Parts are written to a hidden temporary name
-//! (`.part-000001.parquet.tmp-<random>`) and renamed into place, so a
-//! re-run shard replaces its part whole and readers never see half a file.
+//! Parts are written whole: locally to a hidden temporary name
+//! (`.part-000001.parquet.tmp-<random>`) renamed into place, on object
+//! storage staged in a local temporary file and uploaded as one object (a
+//! single PUT, or a multipart upload that completes at once), so a re-run
+//! shard replaces its part whole and readers never see half a file.
 //! pyarrow, DuckDB and Spark skip names starting with `.` or `_`, so the
 //! directory reads as one dataset of the parts.
 
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::location::Output;
 
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "_manifest.json";
@@ -78,21 +81,26 @@ impl Write for HashingFile {
 /// Writes one shard's output part.
 ///
 /// ```no_run
-/// # fn example(keys: arrow::record_batch::RecordBatch, outputs: Vec<(String, arrow::array::ArrayRef)>) -> shamal_batch_io::Result<()> {
-/// use shamal_batch_io::PartWriter;
+/// # async fn example(keys: arrow::record_batch::RecordBatch, outputs: Vec<(String, arrow::array::ArrayRef)>) -> shamal_batch_io::Result<()> {
+/// use shamal_batch_io::{Output, PartWriter};
+/// let output = Output::new("s3://bucket/scores")?; // or a local directory
 /// let batch = PartWriter::batch(&keys, outputs)?;
-/// let mut writer = PartWriter::create("out".as_ref(), 7, batch.schema())?;
+/// let mut writer = PartWriter::create(&output, 7, batch.schema())?;
 /// writer.write(&batch)?;
-/// let part = writer.finish()?; // out/part-000007.parquet
+/// let part = writer.finish().await?; // s3://bucket/scores/part-000007.parquet
 /// # Ok(()) }
 /// ```
 ///
-/// Dropped without [`PartWriter::finish`], it removes its temporary file
-/// and leaves any earlier part of the shard as it was.
+/// The Parquet file is built in a local temporary file (in the output
+/// directory for a local output, in the system's temporary directory for
+/// object storage); [`PartWriter::close`] finishes it (synchronous: the
+/// CPU-bound part) and [`StagedPart::commit`] puts it in place (a rename,
+/// or one upload). Dropped before then, it removes its temporary file and
+/// leaves any earlier part of the shard as it was.
 pub struct PartWriter {
-    dir: PathBuf,
+    output: Output,
     name: String,
-    temporary: PathBuf,
+    staging: PathBuf,
     writer: Option<ArrowWriter<HashingFile>>,
     rows: u64,
 }
@@ -132,17 +140,24 @@ impl PartWriter {
         })
     }
 
-    /// Starts the part of shard `shard_index` in `dir` (created if missing),
-    /// with columns `schema` (Snappy-compressed Parquet).
-    pub fn create(dir: &Path, shard_index: usize, schema: SchemaRef) -> Result<PartWriter> {
+    /// Starts the part of shard `shard_index` in `output` (a local
+    /// directory is created if missing), with columns `schema`
+    /// (Snappy-compressed Parquet).
+    pub fn create(output: &Output, shard_index: usize, schema: SchemaRef) -> Result<PartWriter> {
         let write_error = |path: &Path| {
             let path = path.display().to_string();
             move |source| Error::Write { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(write_error(dir))?;
         let name = part_name(shard_index);
-        let temporary = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
-        let file = File::create(&temporary).map_err(write_error(&temporary))?;
+        let random = uuid::Uuid::new_v4().simple();
+        let staging = match output.local_dir() {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+                dir.join(format!(".{name}.tmp-{random}"))
+            }
+            None => std::env::temp_dir().join(format!(".shamal-{name}.tmp-{random}")),
+        };
+        let file = File::create(&staging).map_err(write_error(&staging))?;
         let sink = HashingFile {
             file: BufWriter::new(file),
             hasher: Sha256::new(),
@@ -151,15 +166,20 @@ impl PartWriter {
         let properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .build();
-        let writer =
-            ArrowWriter::try_new(sink, schema, Some(properties)).map_err(|error| Error::Write {
-                path: temporary.display().to_string(),
-                source: std::io::Error::other(error),
-            })?;
+        let writer = match ArrowWriter::try_new(sink, schema, Some(properties)) {
+            Ok(writer) => writer,
+            Err(error) => {
+                let _ = std::fs::remove_file(&staging);
+                return Err(Error::Write {
+                    path: staging.display().to_string(),
+                    source: std::io::Error::other(error),
+                });
+            }
+        };
         Ok(PartWriter {
-            dir: dir.to_owned(),
+            output: output.clone(),
             name,
-            temporary,
+            staging,
             writer: Some(writer),
             rows: 0,
         })
@@ -167,7 +187,7 @@ impl PartWriter {
 
     fn parquet_error(&self, error: parquet::errors::ParquetError) -> Error {
         Error::Write {
-            path: self.temporary.display().to_string(),
+            path: self.staging.display().to_string(),
             source: std::io::Error::other(error),
         }
     }
@@ -186,13 +206,22 @@ impl PartWriter {
         }
     }
 
-    /// Finishes the file, syncs it and renames it to its part name,
-    /// replacing an earlier part of the same shard.
-    pub fn finish(mut self) -> Result<PartInfo> {
+    /// Finishes the Parquet file in its temporary place and syncs it; the
+    /// part is not in the output until [`StagedPart::commit`].
+    pub fn close(mut self) -> Result<StagedPart> {
         let Some(writer) = self.writer.take() else {
             return Err(self.parquet_error(parquet::errors::ParquetError::General(
                 "already finished".to_owned(),
             )));
+        };
+        // From here the staged part owns (and on failure removes) the file.
+        let mut staged = StagedPart {
+            output: self.output.clone(),
+            name: self.name.clone(),
+            staging: Some(self.staging.clone()),
+            rows: self.rows,
+            sha256: String::new(),
+            bytes: 0,
         };
         let sink = writer
             .into_inner()
@@ -203,26 +232,22 @@ impl PartWriter {
             bytes,
         } = sink;
         let write_error = |source| Error::Write {
-            path: self.temporary.display().to_string(),
+            path: self.staging.display().to_string(),
             source,
         };
         let file = file
             .into_inner()
             .map_err(|error| write_error(error.into_error()))?;
         file.sync_all().map_err(write_error)?;
-        drop(file);
-        let target = self.dir.join(&self.name);
-        std::fs::rename(&self.temporary, &target).map_err(|source| Error::Write {
-            path: target.display().to_string(),
-            source,
-        })?;
-        sync_dir(&self.dir)?;
-        Ok(PartInfo {
-            name: self.name.clone(),
-            rows: self.rows,
-            sha256: hex::encode(hasher.finalize()),
-            bytes,
-        })
+        staged.sha256 = hex::encode(hasher.finalize());
+        staged.bytes = bytes;
+        Ok(staged)
+    }
+
+    /// [`PartWriter::close`], then [`StagedPart::commit`]: the part is in
+    /// place, replacing an earlier part of the same shard.
+    pub async fn finish(self) -> Result<PartInfo> {
+        self.close()?.commit().await
     }
 }
 
@@ -230,9 +255,109 @@ impl Drop for PartWriter {
     fn drop(&mut self) {
         if self.writer.is_some() {
             self.writer = None;
-            let _ = std::fs::remove_file(&self.temporary);
+            let _ = std::fs::remove_file(&self.staging);
         }
     }
+}
+
+/// A finished part in its temporary place, to be committed to the output.
+/// Dropped uncommitted, it removes its temporary file.
+pub struct StagedPart {
+    output: Output,
+    name: String,
+    staging: Option<PathBuf>,
+    rows: u64,
+    sha256: String,
+    bytes: u64,
+}
+
+impl StagedPart {
+    /// Its rows.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Puts the part in place, replacing an earlier part of the same shard
+    /// whole: a rename in a local directory (then the directory synced), an
+    /// upload of the whole file on object storage (the object appears
+    /// only once complete).
+    pub async fn commit(mut self) -> Result<PartInfo> {
+        let Some(staging) = self.staging.clone() else {
+            return Err(Error::Write {
+                path: self.output.file(&self.name),
+                source: std::io::Error::other("the part was committed already"),
+            });
+        };
+        match self.output.local_dir() {
+            Some(dir) => {
+                let target = dir.join(&self.name);
+                std::fs::rename(&staging, &target).map_err(|source| Error::Write {
+                    path: target.display().to_string(),
+                    source,
+                })?;
+                self.staging = None;
+                sync_dir(dir)?;
+            }
+            None => {
+                upload(&self.output, &self.name, &staging).await?;
+            }
+        }
+        Ok(PartInfo {
+            name: self.name.clone(),
+            rows: self.rows,
+            sha256: self.sha256.clone(),
+            bytes: self.bytes,
+        })
+    }
+}
+
+impl Drop for StagedPart {
+    fn drop(&mut self) {
+        if let Some(staging) = self.staging.take() {
+            let _ = std::fs::remove_file(staging);
+        }
+    }
+}
+
+/// Uploads local file `file` as `name` of object-store output `output`, as
+/// one object (a multipart upload for large files, completed at once).
+async fn upload(output: &Output, name: &str, file: &Path) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some((store, path)) = output.store_path(name) else {
+        return Err(Error::Write {
+            path: output.file(name),
+            source: std::io::Error::other("not an object-store output"),
+        });
+    };
+    let target = output.file(name);
+    let write_error = |source: std::io::Error| Error::Write {
+        path: target.clone(),
+        source,
+    };
+    let mut source = tokio::fs::File::open(file)
+        .await
+        .map_err(|source| Error::Write {
+            path: file.display().to_string(),
+            source,
+        })?;
+    let mut writer = object_store::buffered::BufWriter::new(store, path);
+    let mut buffer = vec![0u8; 1 << 20];
+    let copied: std::io::Result<()> = async {
+        loop {
+            let read = source.read(&mut buffer).await?;
+            if read == 0 {
+                break;
+            }
+            writer.write_all(&buffer[..read]).await?;
+        }
+        writer.shutdown().await
+    }
+    .await;
+    if let Err(error) = copied {
+        let _ = writer.abort().await;
+        return Err(write_error(error));
+    }
+    Ok(())
 }
 
 /// Makes a rename in `dir` durable.
@@ -243,6 +368,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
             path: dir.display().to_string(),
             source,
         })
+}
+
+/// Writes `data` as `dir/name` atomically: a temporary name, synced, then
+/// renamed into place and the directory synced.
+pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let temporary = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut file = File::create(&temporary)?;
+        file.write_all(data)?;
+        file.sync_all()
+    })();
+    if let Err(source) = result {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::Write {
+            path: temporary.display().to_string(),
+            source,
+        });
+    }
+    let target = dir.join(name);
+    std::fs::rename(&temporary, &target).map_err(|source| Error::Write {
+        path: target.display().to_string(),
+        source,
+    })?;
+    sync_dir(dir)
+}
+
+/// Whether `name` is the name of an output part (`part-*.parquet`).
+pub fn is_part_name(name: &str) -> bool {
+    name.starts_with("part-") && name.ends_with(".parquet")
 }
 
 /// The record of a finished output: written last, as `_manifest.json`,
@@ -282,72 +436,51 @@ impl Manifest {
         }
     }
 
-    /// Writes `_manifest.json` in `dir` atomically (temporary name, sync,
-    /// rename), then an empty `_SUCCESS`.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let write_error = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| Error::Write { path, source }
-        };
+    /// Writes `_manifest.json` in `output` (a local directory or an
+    /// object-store prefix) atomically, then an empty `_SUCCESS`.
+    pub async fn write(&self, output: &str) -> Result<()> {
+        let output = Output::new(output)?;
         let text = serde_json::to_vec_pretty(self).map_err(|error| Error::Write {
-            path: dir.join(MANIFEST_FILE).display().to_string(),
+            path: output.file(MANIFEST_FILE),
             source: std::io::Error::other(error),
         })?;
-        let temporary = dir.join(format!(
-            ".{MANIFEST_FILE}.tmp-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let result = (|| {
-            let mut file = File::create(&temporary)?;
-            file.write_all(&text)?;
-            file.sync_all()
-        })();
-        if let Err(source) = result {
-            let _ = std::fs::remove_file(&temporary);
-            return Err(Error::Write {
-                path: temporary.display().to_string(),
-                source,
-            });
-        }
-        let target = dir.join(MANIFEST_FILE);
-        std::fs::rename(&temporary, &target).map_err(write_error(&target))?;
-        let success = dir.join(SUCCESS_FILE);
-        File::create(&success)
-            .and_then(|file| file.sync_all())
-            .map_err(write_error(&success))?;
-        sync_dir(dir)
+        output.create().await?;
+        output.put(MANIFEST_FILE, text.into()).await?;
+        output.put(SUCCESS_FILE, bytes::Bytes::new()).await
     }
 
-    /// Reads the manifest of `dir`.
-    pub fn read(dir: &Path) -> Result<Manifest> {
-        let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read(&path).map_err(|source| Error::UnreadablePath {
-            path: path.display().to_string(),
-            source,
-        })?;
+    /// Reads the manifest of `output`.
+    pub async fn read(output: &str) -> Result<Manifest> {
+        Manifest::read_from(&Output::new(output)?).await
+    }
+
+    async fn read_from(output: &Output) -> Result<Manifest> {
+        let text = output.read(MANIFEST_FILE).await?;
         serde_json::from_slice(&text).map_err(|error| Error::CorruptFile {
-            file: path.display().to_string(),
+            file: output.file(MANIFEST_FILE),
             reason: error.to_string(),
         })
     }
 
-    /// Reads the manifest of `dir` and checks the directory against it:
-    /// `_SUCCESS` is there, every part has its size and SHA-256, the total
-    /// is the sum of the parts, and no `part-*.parquet` file is there that
-    /// the manifest does not list (a reader would count its rows too).
-    pub fn verify(dir: &Path) -> Result<Manifest> {
-        let manifest = Manifest::read(dir)?;
-        let mismatch = |path: &Path, reason: String| Error::Verify {
-            path: path.display().to_string(),
-            reason,
-        };
-        if !dir.join(SUCCESS_FILE).is_file() {
-            return Err(mismatch(dir, format!("no {SUCCESS_FILE} marker")));
+    /// Reads the manifest of `output` and checks the output against it:
+    /// `_SUCCESS` is there, every part has its size and SHA-256 (of the
+    /// bytes as stored), the total is the sum of the parts, and no part
+    /// file is there that the manifest does not list (a reader would count
+    /// its rows too).
+    pub async fn verify(output: &str) -> Result<Manifest> {
+        let output = Output::new(output)?;
+        let manifest = Manifest::read_from(&output).await?;
+        let mismatch = |path: String, reason: String| Error::Verify { path, reason };
+        if !output.exists(SUCCESS_FILE).await? {
+            return Err(mismatch(
+                output.location().to_owned(),
+                format!("no {SUCCESS_FILE} marker"),
+            ));
         }
         let sum: u64 = manifest.parts.iter().map(|part| part.rows).sum();
         if sum != manifest.total_rows {
             return Err(mismatch(
-                dir,
+                output.location().to_owned(),
                 format!(
                     "total_rows is {} but the parts hold {sum}",
                     manifest.total_rows
@@ -355,37 +488,24 @@ impl Manifest {
             ));
         }
         for part in &manifest.parts {
-            let path = dir.join(&part.name);
-            let (sha256, bytes) = hash_file(&path)?;
+            let (sha256, bytes) = output.hash(&part.name).await?;
             if bytes != part.bytes {
                 return Err(mismatch(
-                    &path,
+                    output.file(&part.name),
                     format!("{bytes} bytes, the manifest says {}", part.bytes),
                 ));
             }
             if sha256 != part.sha256 {
                 return Err(mismatch(
-                    &path,
+                    output.file(&part.name),
                     format!("SHA-256 {sha256}, the manifest says {}", part.sha256),
                 ));
             }
         }
-        let entries = std::fs::read_dir(dir).map_err(|source| Error::UnreadablePath {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| Error::UnreadablePath {
-                path: dir.display().to_string(),
-                source,
-            })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("part-")
-                && name.ends_with(".parquet")
-                && !manifest.parts.iter().any(|part| part.name == name)
-            {
+        for name in output.list().await? {
+            if is_part_name(&name) && !manifest.parts.iter().any(|part| part.name == name) {
                 return Err(mismatch(
-                    &dir.join(&name),
+                    output.file(&name),
                     "a part the manifest does not list".to_owned(),
                 ));
             }
@@ -395,7 +515,7 @@ impl Manifest {
 }
 
 /// SHA-256 (hex) and size of a file.
-fn hash_file(path: &Path) -> Result<(String, u64)> {
+pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
     let unreadable = |source| Error::UnreadablePath {
         path: path.display().to_string(),
         source,

@@ -12,9 +12,9 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 
 use crate::convert::RowOrigin;
-use crate::dataset::store_for;
 use crate::error::{Error, Result};
 use crate::format::Format;
+use crate::location::store_for;
 use crate::parquet_store::StoreReader;
 use crate::shard::{Shard, Span};
 

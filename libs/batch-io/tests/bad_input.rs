@@ -267,8 +267,9 @@ async fn a_missing_path_names_the_path_and_the_os_error() {
     let error = open(&empty).await.expect_err("empty directory");
     assert!(error.to_string().contains("no data file"), "{error}");
 
-    let error = Dataset::open("s3://bucket/prefix", None)
+    let error = Dataset::open("gs://bucket/prefix", None)
         .await
-        .expect_err("no s3 yet");
+        .expect_err("no Google Cloud Storage");
     assert!(matches!(error, Error::Format { .. }), "{error:?}");
+    assert!(error.to_string().contains("gs://bucket/prefix"), "{error}");
 }

@@ -4,12 +4,15 @@
 #[path = "../../../tests/support/services.rs"]
 mod services;
 
+#[path = "common/s3.rs"]
+mod s3;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, StringArray};
 use arrow::record_batch::RecordBatch;
-use shamal_batch_io::{Error, MANIFEST_FILE, Manifest, PartInfo, PartWriter, SUCCESS_FILE};
+use shamal_batch_io::{Error, MANIFEST_FILE, Manifest, Output, PartInfo, PartWriter, SUCCESS_FILE};
 
 fn batch(first_id: i64, rows: usize, score: f32) -> RecordBatch {
     let keys = RecordBatch::try_from_iter([
@@ -31,10 +34,18 @@ fn batch(first_id: i64, rows: usize, score: f32) -> RecordBatch {
     PartWriter::batch(&keys, vec![("score".to_owned(), scores)]).expect("batch")
 }
 
-fn write_part(dir: &Path, shard: usize, batch: &RecordBatch) -> PartInfo {
-    let mut writer = PartWriter::create(dir, shard, batch.schema()).expect("create");
+fn output(dir: &Path) -> Output {
+    Output::new(dir.to_str().expect("utf-8")).expect("output")
+}
+
+async fn write_part(dir: &Path, shard: usize, batch: &RecordBatch) -> PartInfo {
+    let mut writer = PartWriter::create(&output(dir), shard, batch.schema()).expect("create");
     writer.write(batch).expect("write");
-    writer.finish().expect("finish")
+    writer.finish().await.expect("finish")
+}
+
+fn text(dir: &Path) -> &str {
+    dir.to_str().expect("utf-8")
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -52,11 +63,11 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
-#[test]
-fn a_rewritten_shard_replaces_its_part() {
+#[tokio::test]
+async fn a_rewritten_shard_replaces_its_part() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let first = write_part(dir.path(), 1, &batch(0, 10, 0.5));
-    let second = write_part(dir.path(), 1, &batch(0, 7, 0.25));
+    let first = write_part(dir.path(), 1, &batch(0, 10, 0.5)).await;
+    let second = write_part(dir.path(), 1, &batch(0, 7, 0.25)).await;
     assert_eq!(first.name, "part-000001.parquet");
     assert_eq!(second.name, first.name);
     assert_eq!(names(dir.path()), ["part-000001.parquet"]);
@@ -68,7 +79,8 @@ fn a_rewritten_shard_replaces_its_part() {
     assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), second.sha256);
 
     // Abandoned midway: no temporary file left, the earlier part intact.
-    let mut writer = PartWriter::create(dir.path(), 1, batch(0, 1, 0.0).schema()).expect("create");
+    let mut writer =
+        PartWriter::create(&output(dir.path()), 1, batch(0, 1, 0.0).schema()).expect("create");
     writer.write(&batch(0, 3, 9.0)).expect("write");
     assert_eq!(
         names(dir.path()).len(),
@@ -78,27 +90,35 @@ fn a_rewritten_shard_replaces_its_part() {
     assert!(names(dir.path())[0].starts_with(".part-000001.parquet.tmp-"));
     drop(writer);
     assert_eq!(names(dir.path()), ["part-000001.parquet"]);
+    // Closed but not committed: the same.
+    let mut writer =
+        PartWriter::create(&output(dir.path()), 1, batch(0, 1, 0.0).schema()).expect("create");
+    writer.write(&batch(0, 3, 9.0)).expect("write");
+    let staged = writer.close().expect("close");
+    assert_eq!(staged.rows(), 3);
+    drop(staged);
+    assert_eq!(names(dir.path()), ["part-000001.parquet"]);
     assert_eq!(
         std::fs::read(dir.path().join(&second.name)).expect("read"),
         bytes
     );
 }
 
-fn finished_output(dir: &Path) -> Manifest {
+async fn finished_output(dir: &Path) -> Manifest {
     let parts = vec![
-        write_part(dir, 2, &batch(20, 5, 2.0)),
-        write_part(dir, 0, &batch(0, 10, 0.0)),
-        write_part(dir, 1, &batch(10, 10, 1.0)),
+        write_part(dir, 2, &batch(20, 5, 2.0)).await,
+        write_part(dir, 0, &batch(0, 10, 0.0)).await,
+        write_part(dir, 1, &batch(10, 10, 1.0)).await,
     ];
     let manifest = Manifest::new("job-7", "classifier", "4", parts);
-    manifest.write(dir).expect("manifest");
+    manifest.write(text(dir)).await.expect("manifest");
     manifest
 }
 
-#[test]
-fn the_manifest_lists_the_parts_and_verify_recomputes_them() {
+#[tokio::test]
+async fn the_manifest_lists_the_parts_and_verify_recomputes_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = finished_output(dir.path());
+    let manifest = finished_output(dir.path()).await;
     assert_eq!(
         names(dir.path()),
         [
@@ -131,7 +151,10 @@ fn the_manifest_lists_the_parts_and_verify_recomputes_them() {
     assert_eq!(json["model_version"], "4");
     assert_eq!(json["parts"][1]["rows"], 10);
     assert!(json["created_at"].as_str().expect("time").ends_with('Z'));
-    assert_eq!(Manifest::verify(dir.path()).expect("verify"), manifest);
+    assert_eq!(
+        Manifest::verify(text(dir.path())).await.expect("verify"),
+        manifest
+    );
 
     // One byte of a part changed, same size.
     let part = dir.path().join("part-000001.parquet");
@@ -139,26 +162,34 @@ fn the_manifest_lists_the_parts_and_verify_recomputes_them() {
     let mut modified = original.clone();
     modified[10] ^= 0x01;
     std::fs::write(&part, &modified).expect("write");
-    let error = Manifest::verify(dir.path()).expect_err("modified part");
+    let error = Manifest::verify(text(dir.path()))
+        .await
+        .expect_err("modified part");
     assert!(matches!(error, Error::Verify { .. }), "{error:?}");
     assert!(error.to_string().contains("part-000001.parquet"), "{error}");
     assert!(error.to_string().contains("SHA-256"), "{error}");
 
     // A part left over from another run.
     std::fs::write(&part, &original).expect("restore");
-    Manifest::verify(dir.path()).expect("verify");
+    Manifest::verify(text(dir.path())).await.expect("verify");
     std::fs::copy(&part, dir.path().join("part-000003.parquet")).expect("copy");
-    let error = Manifest::verify(dir.path()).expect_err("extra part");
+    let error = Manifest::verify(text(dir.path()))
+        .await
+        .expect_err("extra part");
     assert!(error.to_string().contains("part-000003.parquet"), "{error}");
     std::fs::remove_file(dir.path().join("part-000003.parquet")).expect("remove");
 
     // A missing part, and a missing _SUCCESS.
     std::fs::rename(&part, dir.path().join("moved")).expect("move");
-    let error = Manifest::verify(dir.path()).expect_err("missing part");
+    let error = Manifest::verify(text(dir.path()))
+        .await
+        .expect_err("missing part");
     assert!(matches!(error, Error::UnreadablePath { .. }), "{error:?}");
     std::fs::rename(dir.path().join("moved"), &part).expect("move back");
     std::fs::remove_file(dir.path().join(SUCCESS_FILE)).expect("remove");
-    let error = Manifest::verify(dir.path()).expect_err("no _SUCCESS");
+    let error = Manifest::verify(text(dir.path()))
+        .await
+        .expect_err("no _SUCCESS");
     assert!(error.to_string().contains("_SUCCESS"), "{error}");
 }
 
@@ -167,8 +198,8 @@ fn venv_python() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps/venv/bin/python")
 }
 
-#[test]
-fn pyarrow_reads_the_output_directory_as_one_dataset() {
+#[tokio::test]
+async fn pyarrow_reads_the_output_directory_as_one_dataset() {
     let python = venv_python();
     let has_pyarrow = python.is_file()
         && std::process::Command::new(&python)
@@ -184,9 +215,10 @@ fn pyarrow_reads_the_output_directory_as_one_dataset() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    finished_output(dir.path());
+    finished_output(dir.path()).await;
     // A temporary part of an unfinished rewrite: readers must skip it.
-    let mut writer = PartWriter::create(dir.path(), 0, batch(0, 1, 0.0).schema()).expect("create");
+    let mut writer =
+        PartWriter::create(&output(dir.path()), 0, batch(0, 1, 0.0).schema()).expect("create");
     writer.write(&batch(0, 4, 9.0)).expect("write");
     let script = r#"
 import sys
@@ -211,4 +243,85 @@ print(table.num_rows, table.column_names, table["id"][20].as_py(),
         String::from_utf8_lossy(&output.stdout).trim(),
         "25 ['id', 'name', 'score'] 20 n20 2.0 0.0"
     );
+}
+
+/// On S3: a re-written part replaces its object (never a second one, no
+/// temporary object left), the manifest and `_SUCCESS` come last, verify
+/// recomputes the stored bytes, and a non-empty output is refused.
+#[tokio::test]
+async fn parts_and_the_manifest_on_s3() {
+    let Some(endpoint) =
+        services::configured(s3::VARIABLE, "parts_and_the_manifest_on_s3", s3::REMEDY)
+    else {
+        return;
+    };
+    s3::configure(&endpoint);
+    let bucket = s3::create_bucket(&endpoint);
+    let out = format!("s3://{bucket}/scores/run-1");
+    let output = Output::new(&out).expect("output");
+    output
+        .check_empty()
+        .await
+        .expect("an absent prefix is empty");
+
+    let write = |shard: usize, batch: RecordBatch| {
+        let output = output.clone();
+        async move {
+            let mut writer = PartWriter::create(&output, shard, batch.schema()).expect("create");
+            writer.write(&batch).expect("write");
+            writer.finish().await.expect("finish")
+        }
+    };
+    let first = write(1, batch(0, 10, 0.5)).await;
+    let second = write(1, batch(0, 7, 0.25)).await;
+    assert_eq!(second.name, "part-000001.parquet");
+    assert_ne!(first.sha256, second.sha256);
+    assert_eq!(s3::names(&out).await, ["part-000001.parquet"]);
+    let stored = s3::get(&format!("{out}/part-000001.parquet")).await;
+    use sha2::Digest;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&stored)), second.sha256);
+    assert_eq!(stored.len() as u64, second.bytes);
+
+    // Abandoned after closing: nothing uploaded, the part as it was.
+    let mut writer = PartWriter::create(&output, 1, batch(0, 1, 0.0).schema()).expect("create");
+    writer.write(&batch(0, 3, 9.0)).expect("write");
+    drop(writer.close().expect("close"));
+    assert_eq!(s3::get(&format!("{out}/part-000001.parquet")).await, stored);
+
+    let parts = vec![second, write(0, batch(10, 4, 1.0)).await];
+    let manifest = Manifest::new("job-s3", "classifier", "2", parts);
+    manifest.write(&out).await.expect("manifest");
+    assert_eq!(
+        s3::names(&out).await,
+        [
+            SUCCESS_FILE,
+            MANIFEST_FILE,
+            "part-000000.parquet",
+            "part-000001.parquet"
+        ]
+    );
+    assert_eq!(Manifest::verify(&out).await.expect("verify"), manifest);
+    assert_eq!(Manifest::read(&out).await.expect("read"), manifest);
+    let error = output.check_empty().await.expect_err("not empty");
+    assert!(error.to_string().contains(&out), "{error}");
+
+    // One byte changed, then a part the manifest does not list.
+    let part = format!("{out}/part-000000.parquet");
+    let original = s3::get(&part).await;
+    let mut modified = original.clone();
+    modified[12] ^= 0x01;
+    s3::put(&part, modified).await;
+    let error = Manifest::verify(&out).await.expect_err("modified part");
+    assert!(matches!(error, Error::Verify { .. }), "{error:?}");
+    assert!(error.to_string().contains(&part), "{error}");
+    assert!(error.to_string().contains("SHA-256"), "{error}");
+    s3::put(&part, original.clone()).await;
+    Manifest::verify(&out).await.expect("restored");
+    s3::put(&format!("{out}/part-000002.parquet"), original).await;
+    let error = Manifest::verify(&out).await.expect_err("extra part");
+    assert!(error.to_string().contains("part-000002.parquet"), "{error}");
+    output.delete("part-000002.parquet").await.expect("delete");
+    output.delete(SUCCESS_FILE).await.expect("delete");
+    let error = Manifest::verify(&out).await.expect_err("no _SUCCESS");
+    assert!(error.to_string().contains("_SUCCESS"), "{error}");
 }

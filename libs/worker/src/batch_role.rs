@@ -62,7 +62,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,7 +75,7 @@ use prost::Message;
 use shamal_async_queue::{Job, JobQueue, Outcome, codes};
 use shamal_audit_client::{AuditEvent, sha256_hex};
 use shamal_batch_io::{
-    ModelInput, PartInfo, PartWriter, RowOrigin, Shard, outputs_to_columns, read_shard,
+    ModelInput, Output, PartInfo, PartWriter, RowOrigin, Shard, outputs_to_columns, read_shard,
     to_infer_request,
 };
 use shamal_error::code_label;
@@ -126,6 +125,10 @@ pub struct BatchRole {
     pub instance_parameters: HashMap<String, String>,
     /// A batch instance unused this long is dropped.
     pub idle_unload: Duration,
+    /// S3 settings over the environment's for `s3://` inputs and outputs
+    /// (`batch.s3_*`); `None`: the environment's (or the embedding
+    /// program's).
+    pub s3: Option<shamal_batch_io::S3Options>,
 }
 
 impl fmt::Debug for BatchRole {
@@ -137,6 +140,7 @@ impl fmt::Debug for BatchRole {
             .field("concurrency", &self.concurrency)
             .field("instance_parameters", &self.instance_parameters)
             .field("idle_unload", &self.idle_unload)
+            .field("s3", &self.s3)
             .finish()
     }
 }
@@ -150,6 +154,7 @@ impl BatchRole {
             concurrency: 1,
             instance_parameters: HashMap::new(),
             idle_unload: DEFAULT_IDLE_UNLOAD,
+            s3: None,
         }
     }
 }
@@ -234,6 +239,9 @@ pub(crate) fn spawn(
     stop: watch::Receiver<bool>,
 ) -> prometheus::Result<JoinHandle<()>> {
     let metrics = BatchMetrics::new(registry, backend)?;
+    if let Some(options) = &consumer.settings.s3 {
+        shamal_batch_io::configure_s3(options.clone());
+    }
     Ok(tokio::spawn(supervise(consumer, metrics, stop)))
 }
 
@@ -468,7 +476,7 @@ impl Pool {
                 parameters.extend(self.parameters.clone());
                 let options = InstanceOptions { parameters };
                 let runtime = self.runtime.clone();
-                let file: PathBuf = version.model_file.clone();
+                let file: std::path::PathBuf = version.model_file.clone();
                 let started = Instant::now();
                 let backend =
                     tokio::task::spawn_blocking(move || runtime.instantiate(&file, &options))
@@ -732,21 +740,14 @@ fn backend_failure(error: BackendError) -> Failure {
     }
 }
 
-/// The output directory of a task: a local path (or `file://` URL).
-fn output_dir(output: &str) -> Result<PathBuf, Failure> {
+/// The output location of a task: a local path (or `file://` URL) or an
+/// object-store prefix (`s3://bucket/prefix`); another scheme is
+/// `FAILED_PRECONDITION`.
+fn output_dir(output: &str) -> Result<Output, Failure> {
     if output.is_empty() {
         return failed(Code::InvalidArgument, "the task names no output location");
     }
-    if let Some(path) = output.strip_prefix("file://") {
-        return Ok(PathBuf::from(path));
-    }
-    if output.contains("://") {
-        return failed(
-            Code::FailedPrecondition,
-            format!("output '{output}': only local paths are written by this worker for now"),
-        );
-    }
-    Ok(PathBuf::from(output))
+    Output::new(output).map_err(|error| (Code::FailedPrecondition as i32, error.to_string()))
 }
 
 /// The model's inputs as batch inference reads them.
@@ -900,11 +901,17 @@ async fn score(
             .empty(&shard)
             .map_err(|error| data_failure(error, &column_of))?,
     };
-    lease
+    // The Parquet footer on the instance's thread; putting the part in
+    // place (a rename, or an upload) on the runtime.
+    let staged = lease
         .instance()
-        .run(move |_| writer.finish())
+        .run(move |_| writer.close())
         .await
         .map_err(backend_failure)?
+        .map_err(|error| data_failure(error, &column_of))?;
+    staged
+        .commit()
+        .await
         .map_err(|error| data_failure(error, &column_of))
 }
 
@@ -916,7 +923,7 @@ struct Scoring {
     /// Model input -> dataset column.
     column_of: HashMap<String, String>,
     keys: Vec<String>,
-    dir: PathBuf,
+    dir: Output,
     shard_index: usize,
 }
 
@@ -1135,13 +1142,24 @@ mod tests {
     }
 
     #[test]
-    fn only_local_outputs_are_written() {
-        assert_eq!(output_dir("/out").unwrap(), PathBuf::from("/out"));
-        assert_eq!(output_dir("file:///out").unwrap(), PathBuf::from("/out"));
+    fn local_and_s3_outputs_are_written_and_other_schemes_refused() {
         assert_eq!(
-            Code::from(output_dir("s3://bucket/out").unwrap_err().0),
-            Code::FailedPrecondition
+            output_dir("/out").unwrap().local_dir(),
+            Some(std::path::Path::new("/out"))
         );
+        assert_eq!(
+            output_dir("file:///out").unwrap().local_dir(),
+            Some(std::path::Path::new("/out"))
+        );
+        let s3 = output_dir("s3://bucket/out").unwrap();
+        assert_eq!(s3.local_dir(), None);
+        assert_eq!(
+            s3.file("part-000001.parquet"),
+            "s3://bucket/out/part-000001.parquet"
+        );
+        let (code, message) = output_dir("gs://bucket/out").unwrap_err();
+        assert_eq!(Code::from(code), Code::FailedPrecondition);
+        assert!(message.contains("gs://bucket/out"), "{message}");
         assert_eq!(
             Code::from(output_dir("").unwrap_err().0),
             Code::InvalidArgument

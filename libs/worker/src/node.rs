@@ -127,6 +127,14 @@ pub struct BatchRoleConfig {
     pub threads: usize,
     /// A batch instance unused this long is dropped, milliseconds.
     pub idle_unload_ms: u64,
+    /// Endpoint of an S3-compatible server for `s3://` inputs and outputs
+    /// (unset: `AWS_ENDPOINT_URL`, else AWS). Credentials come from the
+    /// environment (`AWS_ACCESS_KEY_ID`, ...), never from this file.
+    pub s3_endpoint: Option<String>,
+    /// The S3 region (unset: `AWS_REGION`, else `us-east-1`).
+    pub s3_region: Option<String>,
+    /// Allow an `http://` S3 endpoint (unset: `AWS_ALLOW_HTTP`).
+    pub s3_allow_http: Option<bool>,
 }
 
 impl Default for BatchRoleConfig {
@@ -139,6 +147,9 @@ impl Default for BatchRoleConfig {
             concurrency: 1,
             threads: 1,
             idle_unload_ms: u64::try_from(DEFAULT_IDLE_UNLOAD.as_millis()).unwrap_or(60_000),
+            s3_endpoint: None,
+            s3_region: None,
+            s3_allow_http: None,
         }
     }
 }
@@ -188,7 +199,34 @@ impl BatchRoleConfig {
                 "batch.idle_unload_ms must be at least 1000",
             ));
         }
+        if let Some(endpoint) = &self.s3_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "batch.s3_endpoint must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(region) = &self.s3_region
+            && (region.trim().is_empty() || region.len() > 64)
+        {
+            return Err(ConfigError::invalid(
+                "batch.s3_region must be 1 to 64 characters",
+            ));
+        }
         Ok(())
+    }
+
+    /// The `batch.s3_*` settings, `None` when none is set.
+    fn s3_options(&self) -> Option<shamal_batch_io::S3Options> {
+        if self.s3_endpoint.is_none() && self.s3_region.is_none() && self.s3_allow_http.is_none() {
+            return None;
+        }
+        Some(shamal_batch_io::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            allow_http: self.s3_allow_http,
+            ..shamal_batch_io::S3Options::default()
+        })
     }
 }
 
@@ -567,6 +605,7 @@ impl NodeConfig {
         settings.concurrency = self.batch.concurrency;
         settings.instance_parameters = instance_parameters;
         settings.idle_unload = Duration::from_millis(self.batch.idle_unload_ms);
+        settings.s3 = self.batch.s3_options();
         Ok(Some(settings))
     }
 

@@ -59,6 +59,16 @@ pub struct BatchConfig {
     /// this region take them); `local` is the workers' region without a
     /// registry.
     pub default_region: String,
+    /// S3-compatible object storage (`s3://` inputs and outputs): the
+    /// endpoint of a server other than AWS's (`http://minio:9000`); unset:
+    /// `AWS_ENDPOINT_URL`, else AWS. Credentials come from the environment
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, web identity, instance
+    /// role), never from this file.
+    pub s3_endpoint: Option<String>,
+    /// The S3 region (unset: `AWS_REGION`, else `us-east-1`).
+    pub s3_region: Option<String>,
+    /// Allow an `http://` S3 endpoint (unset: `AWS_ALLOW_HTTP`).
+    pub s3_allow_http: Option<bool>,
     /// The audit trail: the `[audit]` table.
     pub audit: AuditClientConfig,
 }
@@ -83,6 +93,9 @@ impl Default for BatchConfig {
             batch_size: settings.batch_size,
             wait_warning_s: 30,
             default_region: "local".to_owned(),
+            s3_endpoint: None,
+            s3_region: None,
+            s3_allow_http: None,
             audit: AuditClientConfig::default(),
         }
     }
@@ -157,6 +170,18 @@ pub struct BatchArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_region: Option<String>,
+    /// Endpoint of an S3-compatible server (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    /// Allow an http:// S3 endpoint (default: AWS_ALLOW_HTTP).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_allow_http: Option<bool>,
     /// The `[audit]` table's flags.
     #[command(flatten)]
     #[serde(skip_serializing_if = "AuditArgs::is_empty")]
@@ -260,10 +285,36 @@ impl BatchConfig {
                 "default_region must be 1 to 256 characters",
             ));
         }
+        if let Some(endpoint) = &self.s3_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "s3_endpoint must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(region) = &self.s3_region
+            && (region.trim().is_empty() || region.len() > 64)
+        {
+            return Err(ConfigError::invalid("s3_region must be 1 to 64 characters"));
+        }
         self.audit
             .validate()
             .map_err(|error| ConfigError::invalid(format!("audit: {error}")))?;
         Ok(())
+    }
+
+    /// The S3 settings of this file over the environment's, `None` when it
+    /// sets none (the environment's, or an embedding program's, apply).
+    pub fn s3_options(&self) -> Option<shamal_batch_io::S3Options> {
+        if self.s3_endpoint.is_none() && self.s3_region.is_none() && self.s3_allow_http.is_none() {
+            return None;
+        }
+        Some(shamal_batch_io::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            allow_http: self.s3_allow_http,
+            ..shamal_batch_io::S3Options::default()
+        })
     }
 
     /// The coordinator's settings.
@@ -353,6 +404,13 @@ mod tests {
                 },
                 "poll_interval_ms",
             ),
+            (
+                BatchArgs {
+                    s3_endpoint: Some("minio:9000".to_owned()),
+                    ..BatchArgs::default()
+                },
+                "s3_endpoint",
+            ),
         ] {
             let error = error_of(&args);
             assert!(error.contains(field), "{field}: {error}");
@@ -370,6 +428,9 @@ mod tests {
             "SHAMAL_BATCH_INFERENCE_ENDPOINT",
             "SHAMAL_BATCH_REGISTRY_ENDPOINT",
             "SHAMAL_BATCH_MAX_SHARD_ATTEMPTS",
+            "SHAMAL_BATCH_S3_ENDPOINT",
+            "SHAMAL_BATCH_S3_REGION",
+            "SHAMAL_BATCH_S3_ALLOW_HTTP",
         ] {
             assert!(read.contains(&name.to_owned()), "{name} not read: {read:?}");
         }

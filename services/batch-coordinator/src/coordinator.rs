@@ -13,7 +13,6 @@
 //! checksums are verified and the manifest is written, last.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use prost::Message;
 use shamal_async_queue::{JobId, JobQueue, JobStatus, NewJob as QueueJob, Outcome, StreamKey};
 use shamal_audit_client::{AuditEvent, Auditor};
 use shamal_auth::Principal;
-use shamal_batch_io::{Dataset, Format, Manifest, ModelInput, PartInfo, part_name};
+use shamal_batch_io::{Dataset, Format, Manifest, ModelInput, Output, PartInfo, part_name};
 use shamal_proto::shamal::batch::v1 as proto;
 use shamal_proto::shamal::registry::v1::ModelState;
 use tokio::sync::watch;
@@ -398,8 +397,12 @@ impl Coordinator {
         dataset
             .check(&columns, &spec.key_columns)
             .map_err(|error| BatchError::invalid("spec.input", error.to_string()))?;
-        let output = PathBuf::from(&spec.output);
-        check_output(&output)?;
+        let output = Output::new(&spec.output)
+            .map_err(|error| BatchError::invalid("spec.output", error.to_string()))?;
+        output
+            .check_empty()
+            .await
+            .map_err(|error| BatchError::invalid("spec.output", error.to_string()))?;
         let rows_per_shard = if spec.rows_per_shard == 0 {
             self.settings.default_rows_per_shard
         } else {
@@ -434,12 +437,10 @@ impl Coordinator {
             tenant: job.spec.tenant.clone(),
             ..job
         };
-        std::fs::create_dir_all(&output).map_err(|error| {
-            BatchError::invalid(
-                "spec.output",
-                format!("cannot create '{}': {error}", output.display()),
-            )
-        })?;
+        output
+            .create()
+            .await
+            .map_err(|error| BatchError::invalid("spec.output", error.to_string()))?;
         if !self.store.insert_job(&job, &shards).await? {
             // A submit with the same request id committed first.
             let existing = self
@@ -819,25 +820,32 @@ impl Coordinator {
     /// part that does not match is scored again (a failed attempt).
     async fn complete(&self, job: &Job) -> Result<()> {
         let shards = self.store.shards(&job.id).await?;
-        let output = PathBuf::from(&job.spec.output);
+        let output = match Output::new(&job.spec.output) {
+            Ok(output) => output,
+            Err(error) => {
+                let message = format!("output: {error}");
+                if self
+                    .store
+                    .finish(&job.id, JobState::Failed, &message, "")
+                    .await?
+                {
+                    self.metrics.active.dec();
+                    self.metrics.finished.with_label_values(&["FAILED"]).inc();
+                    self.changed();
+                }
+                return Ok(());
+            }
+        };
         let mut parts = Vec::with_capacity(shards.len());
         for shard in &shards {
-            let path = output.join(&shard.part);
-            let checked = tokio::task::spawn_blocking({
-                let path = path.clone();
-                move || hash_file(&path)
-            })
-            .await
-            .map_err(|error| BatchError::Internal(error.to_string()))?;
-            let mismatch = match checked {
+            let path = output.file(&shard.part);
+            let mismatch = match output.hash(&shard.part).await {
                 Ok((sha256, bytes)) if sha256 == shard.sha256 && bytes == shard.bytes => None,
                 Ok((sha256, bytes)) => Some(format!(
-                    "part '{}' has {bytes} bytes and SHA-256 {sha256}; its worker reported {} bytes and {}",
-                    path.display(),
-                    shard.bytes,
-                    shard.sha256
+                    "part '{path}' has {bytes} bytes and SHA-256 {sha256}; its worker reported {} bytes and {}",
+                    shard.bytes, shard.sha256
                 )),
-                Err(error) => Some(format!("part '{}': {error}", path.display())),
+                Err(error) => Some(format!("part '{path}': {error}")),
             };
             if let Some(error) = mismatch {
                 // Score it again: back to pending as a failed attempt.
@@ -863,13 +871,7 @@ impl Coordinator {
         }
         let manifest = Manifest::new(&job.id, &job.spec.model, job.version.to_string(), parts);
         let total_rows = manifest.total_rows;
-        let written = tokio::task::spawn_blocking({
-            let output = output.clone();
-            move || manifest.write(&output)
-        })
-        .await
-        .map_err(|error| BatchError::Internal(error.to_string()))?;
-        if let Err(error) = written {
+        if let Err(error) = manifest.write(output.location()).await {
             let message = format!("cannot write the manifest: {error}");
             if self
                 .store
@@ -882,14 +884,14 @@ impl Coordinator {
             }
             return Ok(());
         }
-        let manifest_path = output.join(shamal_batch_io::MANIFEST_FILE);
+        let manifest_path = output.file(shamal_batch_io::MANIFEST_FILE);
         if self
             .store
             .finish(
                 &job.id,
                 JobState::Succeeded,
                 &format!("{total_rows} rows in {} parts", shards.len()),
-                &manifest_path.display().to_string(),
+                &manifest_path,
             )
             .await?
         {
@@ -910,7 +912,7 @@ impl Coordinator {
                 after_json: serde_json::json!({
                     "rows": total_rows,
                     "parts": shards.len(),
-                    "manifest": manifest_path.display().to_string(),
+                    "manifest": manifest_path,
                 })
                 .to_string(),
                 ..Default::default()
@@ -918,8 +920,8 @@ impl Coordinator {
         } else {
             // Cancelled while the manifest was written: an output without
             // a manifest, as cancelling promises.
-            let _ = std::fs::remove_file(output.join(shamal_batch_io::SUCCESS_FILE));
-            let _ = std::fs::remove_file(&manifest_path);
+            let _ = output.delete(shamal_batch_io::SUCCESS_FILE).await;
+            let _ = output.delete(shamal_batch_io::MANIFEST_FILE).await;
         }
         self.changed();
         Ok(())
@@ -930,25 +932,6 @@ enum Recorded {
     Done,
     Retry,
     Failed(Box<ShardRow>),
-}
-
-/// SHA-256 (hex) and size of a file.
-fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    let mut bytes = 0u64;
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        bytes += read as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), bytes))
 }
 
 /// Field checks of a submit, each error naming its field.
@@ -980,18 +963,10 @@ pub fn validate(spec: &JobSpec, request_id: &str) -> Result<()> {
     if spec.output.trim().is_empty() {
         return Err(BatchError::invalid("spec.output", "is required"));
     }
-    if spec.output.contains("://") {
-        return Err(BatchError::invalid(
-            "spec.output",
-            "only local directories are supported as outputs for now",
-        ));
-    }
-    if spec.input.contains("://") && !spec.input.starts_with("file://") {
-        return Err(BatchError::invalid(
-            "spec.input",
-            "only local paths are supported as inputs for now",
-        ));
-    }
+    shamal_batch_io::check_location(&spec.input)
+        .map_err(|error| BatchError::invalid("spec.input", error.to_string()))?;
+    shamal_batch_io::check_location(&spec.output)
+        .map_err(|error| BatchError::invalid("spec.output", error.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for (index, key) in spec.key_columns.iter().enumerate() {
         if key.trim().is_empty() {
@@ -1120,24 +1095,4 @@ pub fn job_regions(model: &ModelState, requested: &[String]) -> Result<Vec<Strin
         )));
     }
     Ok(regions)
-}
-
-/// The output location must be an empty directory or absent.
-fn check_output(output: &Path) -> Result<()> {
-    match std::fs::read_dir(output) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(BatchError::invalid(
-                    "spec.output",
-                    format!("'{}' is not empty", output.display()),
-                ));
-            }
-            Ok(())
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(BatchError::invalid(
-            "spec.output",
-            format!("'{}': {error}", output.display()),
-        )),
-    }
 }

@@ -238,6 +238,9 @@ pub async fn serve(
             dependencies.auditor.clone(),
         ));
     }
+    if let Some(options) = config.s3_options() {
+        shamal_batch_io::configure_s3(options);
+    }
     let store = store::Store::connect(&config.database_url).await?;
     let queue = dependencies.queue.connect().await?;
     let coordinator = Coordinator::new(

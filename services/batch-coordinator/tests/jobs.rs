@@ -112,7 +112,7 @@ async fn jobs_succeed(db: TestDb, queue: Arc<dyn JobQueue>) {
             assert_eq!(done.shards_total, shards);
         }
         assert!(done.finished_at_ms >= done.started_at_ms && done.started_at_ms > 0);
-        let manifest = Manifest::verify(&output).unwrap();
+        let manifest = Manifest::verify(output.to_str().unwrap()).await.unwrap();
         assert_eq!(manifest.total_rows, rows as u64);
         assert_eq!(manifest.parts.len() as u32, done.shards_total);
         assert_eq!(manifest.job_id, job.id);
@@ -442,7 +442,7 @@ async fn restart_mid_job(db: TestDb, queue: Arc<dyn JobQueue>) {
     let mut client = self::client(&second).await;
     let done = wait_state(&mut client, &job.id, proto::JobState::Succeeded).await;
     assert_eq!(done.done_rows, 200);
-    Manifest::verify(&output).unwrap();
+    Manifest::verify(output.to_str().unwrap()).await.unwrap();
     support::assert_exactly_once(&output, 200);
     consumer.stop().await;
     second.stop().await.unwrap();
@@ -710,5 +710,131 @@ async fn no_shard_is_ever_taken_outside_the_jobs_regions() {
     for consumer in consumers {
         consumer.stop().await;
     }
+    running.stop().await.unwrap();
+}
+
+/// A job reading a Parquet dataset (a Spark-like prefix of parts with a
+/// `_SUCCESS` marker) from S3 and writing its output to S3: SUCCEEDED,
+/// every row once, the manifest on S3 verified. Bad S3 locations are
+/// refused at submit naming the URL, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_reads_from_and_writes_to_s3() {
+    let Some(endpoint) = support::services::configured(
+        support::s3::VARIABLE,
+        "a_job_reads_from_and_writes_to_s3",
+        support::s3::REMEDY,
+    ) else {
+        return;
+    };
+    support::s3::configure(&endpoint);
+    let bucket = support::s3::create_bucket(&endpoint);
+    let db = TestDb::sqlite();
+    let queue = support::memory_queue();
+    let running = support::start(
+        &db,
+        support::dependencies(queue.clone(), vec![support::scorer_state(&["uae-north"])]),
+    )
+    .await;
+    let mut client = client(&running).await;
+    let consumer = Consumer::start(queue.clone(), "uae-north", Behaviour::Score);
+    let dir = db.dir.path();
+    // What a Spark job leaves: part files and a _SUCCESS marker.
+    support::write_parquet(&dir.join("a.parquet"), 40, 10);
+    support::write_parquet(&dir.join("b.parquet"), 23, 10);
+    let input = format!("s3://{bucket}/features/day=2026-12-07");
+    support::s3::upload(
+        &dir.join("a.parquet"),
+        &format!("{input}/part-00000-c000.snappy.parquet"),
+    )
+    .await;
+    support::s3::put(&format!("{input}/_SUCCESS"), Vec::new()).await;
+    let output = format!("s3://{bucket}/scores/day=2026-12-07");
+    let job = submit(
+        &mut client,
+        proto::JobSpec {
+            input: input.clone(),
+            output: output.clone(),
+            ..spec(Path::new("/unused"), Path::new("/unused"))
+        },
+    )
+    .await
+    .unwrap();
+    let done = wait_state(&mut client, &job.id, proto::JobState::Succeeded).await;
+    assert_eq!(done.done_rows, 40, "{done:?}");
+    assert_eq!(done.shards_total, 4);
+    assert_eq!(done.manifest, format!("{output}/_manifest.json"));
+    let manifest = Manifest::verify(&output).await.unwrap();
+    assert_eq!(manifest.total_rows, 40);
+    assert_eq!(manifest.parts.len(), 4);
+    assert_eq!(manifest.job_id, job.id);
+    support::assert_rows(&support::read_output_at(&output).await, 40);
+
+    // The output is not empty now; an input bucket that does not exist; a
+    // scheme that is not supported: refused naming the location.
+    let other_input = format!("s3://{bucket}/features/more");
+    support::s3::upload(&dir.join("b.parquet"), &format!("{other_input}/b.parquet")).await;
+    let missing = format!("s3://no-such-bucket-{}/in", uuid::Uuid::new_v4().simple());
+    let fresh_output = format!("s3://{bucket}/scores/fresh");
+    for (input, output, field, named) in [
+        (
+            other_input.as_str(),
+            output.as_str(),
+            "spec.output",
+            output.as_str(),
+        ),
+        (
+            missing.as_str(),
+            fresh_output.as_str(),
+            "spec.input",
+            missing.as_str(),
+        ),
+        (
+            "gs://bucket/in",
+            fresh_output.as_str(),
+            "spec.input",
+            "gs://bucket/in",
+        ),
+        (
+            other_input.as_str(),
+            "hdfs://nn/out",
+            "spec.output",
+            "hdfs://nn/out",
+        ),
+    ] {
+        let status = submit(
+            &mut client,
+            proto::JobSpec {
+                input: input.to_owned(),
+                output: output.to_owned(),
+                ..spec(Path::new("/unused"), Path::new("/unused"))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(field) && status.message().contains(named),
+            "{field} {named}: {}",
+            status.message()
+        );
+    }
+    assert!(support::s3::names(&fresh_output).await.is_empty());
+
+    // A second job from the other prefix to a fresh output.
+    let job = submit(
+        &mut client,
+        proto::JobSpec {
+            input: other_input,
+            output: fresh_output.clone(),
+            ..spec(Path::new("/unused"), Path::new("/unused"))
+        },
+    )
+    .await
+    .unwrap();
+    wait_state(&mut client, &job.id, proto::JobState::Succeeded).await;
+    let rows = support::read_output_at(&fresh_output).await;
+    assert_eq!(rows.len(), 23);
+    Manifest::verify(&fresh_output).await.unwrap();
+    consumer.stop().await;
     running.stop().await.unwrap();
 }

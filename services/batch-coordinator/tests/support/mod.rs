@@ -7,8 +7,11 @@
 #[path = "../../../../tests/support/services.rs"]
 pub mod services;
 
+#[path = "../../../../libs/batch-io/tests/common/s3.rs"]
+pub mod s3;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +27,7 @@ use shamal_batch_coordinator::catalog::{Signature, StaticCatalog, StaticMetadata
 use shamal_batch_coordinator::model::region_may_take;
 use shamal_batch_coordinator::{Dependencies, QueueSource, RunningBatch};
 use shamal_batch_io::{
-    ModelInput, PartWriter, Shard, outputs_to_columns, read_shard, to_infer_request,
+    ModelInput, Output, PartWriter, Shard, outputs_to_columns, read_shard, to_infer_request,
 };
 use shamal_proto::inference::ModelInferResponse;
 use shamal_proto::inference::model_infer_response::InferOutputTensor;
@@ -336,7 +339,7 @@ pub async fn score(
         .await
         .map_err(|e| e.to_string())?;
     let mut writer: Option<PartWriter> = None;
-    let output = PathBuf::from(&task.output);
+    let output = Output::new(&task.output).map_err(|e| e.to_string())?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| e.to_string())?;
         let rows = batch.batch.num_rows();
@@ -382,7 +385,7 @@ pub async fn score(
             .map_err(|e| e.to_string())?;
     }
     let part = match writer {
-        Some(writer) => writer.finish().map_err(|e| e.to_string())?,
+        Some(writer) => writer.finish().await.map_err(|e| e.to_string())?,
         None => {
             // A shard without rows: an empty part with the output schema.
             let schema = Arc::new(Schema::new(vec![
@@ -390,7 +393,9 @@ pub async fn score(
                 Field::new("y", DataType::Float32, false),
             ]));
             PartWriter::create(&output, task.shard_index as usize, schema)
-                .and_then(PartWriter::finish)
+                .map_err(|e| e.to_string())?
+                .finish()
+                .await
                 .map_err(|e| e.to_string())?
         }
     };
@@ -407,15 +412,36 @@ pub async fn score(
 
 /// The (id -> y) rows of every part file of `dir`, failing on a duplicate.
 pub fn read_output(dir: &Path) -> HashMap<i64, f32> {
-    let mut rows = HashMap::new();
+    let mut parts = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if !(name.starts_with("part-") && name.ends_with(".parquet")) {
             continue;
         }
-        let file = std::fs::File::open(&path).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        parts.push(bytes::Bytes::from(std::fs::read(&path).unwrap()));
+    }
+    rows_of_parts(parts)
+}
+
+/// The (id -> y) rows of every part of the output at `location` (local or
+/// S3), failing on a duplicate.
+pub async fn read_output_at(location: &str) -> HashMap<i64, f32> {
+    let output = Output::new(location).unwrap();
+    let mut parts = Vec::new();
+    for name in output.list().await.unwrap() {
+        if name.starts_with("part-") && name.ends_with(".parquet") {
+            parts.push(output.read(&name).await.unwrap());
+        }
+    }
+    rows_of_parts(parts)
+}
+
+/// The (id -> y) rows of Parquet parts, failing on a duplicate.
+pub fn rows_of_parts(parts: Vec<bytes::Bytes>) -> HashMap<i64, f32> {
+    let mut rows = HashMap::new();
+    for part in parts {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(part)
             .unwrap()
             .build()
             .unwrap();
@@ -452,7 +478,12 @@ pub fn read_output(dir: &Path) -> HashMap<i64, f32> {
 /// Checks that `dir` holds exactly one row per input id `0..rows`, each
 /// scored `2x + 1`.
 pub fn assert_exactly_once(dir: &Path, rows: i64) {
-    let output = read_output(dir);
+    assert_rows(&read_output(dir), rows);
+}
+
+/// Checks that `output` holds exactly one row per input id `0..rows`, each
+/// scored `2x + 1`.
+pub fn assert_rows(output: &HashMap<i64, f32>, rows: i64) {
     assert_eq!(output.len() as i64, rows, "rows in the output");
     for id in 0..rows {
         let y = output
