@@ -638,7 +638,7 @@ impl AuditClient {
 /// `--token` / `SHAMAL_TOKEN`, else the stored login (refreshed), like the
 /// registry commands; warns when it would travel over plain http to
 /// another host than loopback.
-async fn bearer(opts: &RegistryOpts, url: &str) -> CliResult<Option<String>> {
+pub(crate) async fn bearer(opts: &RegistryOpts, url: &str) -> CliResult<Option<String>> {
     let explicit = opts
         .token
         .as_deref()
@@ -712,7 +712,7 @@ fn tls_config(ca: Option<&Path>) -> CliResult<Arc<rustls::ClientConfig>> {
 }
 
 /// TCP, then the TLS handshake with the URI's host as the server name.
-fn connector(
+pub(crate) fn connector(
     tls: Arc<rustls::ClientConfig>,
 ) -> impl tower::Service<
     Uri,
@@ -744,7 +744,7 @@ fn connector(
 }
 
 /// An error and its sources, `: `-separated (tonic's own message is terse).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -3,6 +3,7 @@
 mod access;
 mod admin;
 mod audit;
+mod batch;
 mod certs;
 mod client;
 mod login;
@@ -28,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the platform in one process on loopback (router + cpu-worker),
+    /// Run the platform in one process on loopback (router, workers,
+    /// registry, audit log, batch coordinator),
     /// serving a model repository (the bundled demo models by default).
     Up(up::UpArgs),
     /// Model versions in the registry: push, list, show.
@@ -66,6 +68,9 @@ enum Command {
     /// The audit log: export it, verify an export offline with the
     /// signing key, query records (docs/audit.md).
     Audit(audit::AuditArgs),
+    /// Batch inference jobs: submit a dataset to score (and follow it),
+    /// status, list, cancel (docs/batch.md).
+    Batch(batch::BatchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +118,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Logout => login::logout(),
         Command::Whoami(args) => whoami::run(args, &cli.registry).await,
         Command::Audit(args) => return audit::run(args, &cli.registry).await,
+        Command::Batch(args) => return batch::run(args, &cli.registry).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,7 +6,10 @@
 //! router follows the registry's rollouts. The router and the registry
 //! report every inference and every change to the audit log (SQLite in the
 //! data directory, through spools there), the workers every async job they
-//! run.
+//! run. The batch coordinator runs embedded too (SQLite in the data
+//! directory, an in-process batch queue that the workers' batch role
+//! consumes), so `shamal batch submit` scores datasets on the local
+//! workers.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,14 +21,21 @@ use shamal_async_queue::{JobQueue, MemoryQueue, QueueConfig};
 use shamal_audit_client::AuditClientConfig;
 use shamal_audit_service::{AuditConfig, AuditListeners, RunningAudit};
 use shamal_auth::security::{SecurityArgs, SecurityConfig};
+use shamal_batch_coordinator::catalog::Signature;
+use shamal_batch_coordinator::error::BatchError;
+use shamal_batch_coordinator::{
+    BatchConfig, BatchListeners, Dependencies, MetadataSource, ModelCatalog, RunningBatch,
+};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig, bundled_onnxruntime};
 use shamal_gpu_worker::{GpuWorkerArgs, GpuWorkerConfig};
 use shamal_proto::inference::RepositoryIndexRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use shamal_proto::shamal::registry::v1::{ModelState, VersionState};
 use shamal_registry::model::NewVersion;
 use shamal_registry::{ModelRegistry, RegistryConfig, RegistryListeners, RunningRegistry};
 use shamal_router::{RouterConfig, RouterExtras, RouterListeners};
 use shamal_tls::ClientTls;
+use shamal_worker::node::MEMORY_QUEUE;
 use shamal_worker::{AsyncInference, NodeArgs, QueueSource, WorkerListeners};
 use tokio::net::TcpListener;
 
@@ -84,6 +94,17 @@ pub struct UpArgs {
     /// in the spools).
     #[arg(long, value_name = "URL", conflicts_with = "no_audit")]
     audit_endpoint: Option<String>,
+    /// Batch coordinator gRPC port (`shamal batch`, BatchService).
+    #[arg(long, default_value_t = 8401)]
+    batch_grpc_port: u16,
+    /// Batch coordinator REST port (`/v1/jobs`, OpenAPI at
+    /// /openapi.json).
+    #[arg(long, default_value_t = 8402)]
+    batch_http_port: u16,
+    /// Start without the batch coordinator (and without the workers'
+    /// batch role).
+    #[arg(long)]
+    no_batch: bool,
     /// Largest dynamic batch for models without a configuration file.
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -390,6 +411,15 @@ pub async fn run(args: UpArgs) -> ExitCode {
         } else {
             Some(bind(loopback, args.audit_grpc_port, "audit gRPC").await?)
         };
+        let batch = if args.no_batch {
+            None
+        } else {
+            Some(BatchListeners {
+                grpc: bind(args.host, args.batch_grpc_port, "batch gRPC").await?,
+                http: bind(args.host, args.batch_http_port, "batch REST").await?,
+                metrics: None,
+            })
+        };
         Ok::<_, String>((
             worker,
             grpc,
@@ -398,6 +428,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
             registry_http,
             registry_grpc,
             audit_grpc,
+            batch,
         ))
     }
     .await;
@@ -409,6 +440,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
         registry_http,
         registry_grpc_listener,
         audit_grpc_listener,
+        batch_listeners,
     ) = match listeners {
         Ok(listeners) => listeners,
         Err(error) => {
@@ -512,11 +544,33 @@ pub async fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The workers record the async jobs they run in the embedded audit log
-    // (each with a spool of its own; none with --no-audit).
+    // The batch queue: in process, shared by the coordinator and the
+    // workers' batch role (jobs of an earlier run are queued again by the
+    // coordinator when it resumes them).
+    let batch_queue: Option<Arc<dyn JobQueue>> = if batch_listeners.is_some() {
+        match MemoryQueue::new(BatchConfig::default().queue_config()) {
+            Ok(queue) => Some(Arc::new(queue)),
+            Err(error) => {
+                eprintln!("shamal up: cannot create the batch queue: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    // The workers record the async jobs and batch shards they run in the
+    // embedded audit log (each with a spool of its own; none with
+    // --no-audit).
     let mut worker_config = worker_config;
     worker_config.node.audit = audit_client(&args, audit_address.as_deref(), "cpu-worker");
-    let worker = match shamal_cpu_worker::build(&worker_config, metrics_registry.clone()) {
+    if batch_queue.is_some() {
+        worker_config.node.batch.queue = Some(MEMORY_QUEUE.to_owned());
+    }
+    let worker = match shamal_cpu_worker::build_with_batch_queue(
+        &worker_config,
+        metrics_registry.clone(),
+        batch_queue.clone(),
+    ) {
         Ok(worker) => worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
             async_queue.clone(),
         ))),
@@ -529,7 +583,22 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let gpu_worker = match gpu_worker_config.zip(gpu_worker_listener) {
         Some((mut config, listener)) => {
             config.node.audit = audit_client(&args, audit_address.as_deref(), "gpu-worker");
-            match shamal_gpu_worker::build_with_device(&config, metrics_registry.clone()) {
+            if batch_queue.is_some() {
+                config.node.batch.queue = Some(MEMORY_QUEUE.to_owned());
+            }
+            let built = shamal_gpu_worker::device::select(config.device, config.cuda_device)
+                .map_err(anyhow::Error::msg)
+                .and_then(|device| {
+                    let label = shamal_gpu_worker::device::label(&device);
+                    shamal_gpu_worker::build_on_with_batch_queue(
+                        &config,
+                        device,
+                        metrics_registry.clone(),
+                        batch_queue.clone(),
+                    )
+                    .map(|worker| (worker, label))
+                });
+            match built {
                 Ok((worker, device)) => Some((
                     worker.with_async_inference(AsyncInference::new(QueueSource::Shared(
                         async_queue.clone(),
@@ -545,6 +614,46 @@ pub async fn run(args: UpArgs) -> ExitCode {
         }
         None => None,
     };
+
+    // The batch coordinator: its jobs' shards go on the in-process batch
+    // queue, which the workers' batch role consumes.
+    let batch = match (batch_listeners, batch_queue) {
+        (Some(listeners), Some(queue)) => {
+            let mut services: Vec<shamal_router::LocalService> = vec![local_service.clone()];
+            if let Some((gpu_worker, _, _)) = &gpu_worker {
+                services.push(Arc::new(gpu_worker.service()));
+            }
+            match start_batch(
+                &args,
+                &security,
+                BatchEmbedding {
+                    listeners,
+                    queue,
+                    registry: model_registry.registry.clone(),
+                    services,
+                    registry_grpc,
+                    inference: grpc_address.clone(),
+                    audit: audit_address.as_deref(),
+                },
+                &metrics_registry,
+            )
+            .await
+            {
+                Ok(batch) => Some(batch),
+                Err(error) => {
+                    eprintln!("shamal up: cannot start the batch coordinator: {error:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    let batch_announce = batch.as_ref().map(|(batch, _)| {
+        (
+            batch.grpc_address.to_string(),
+            batch.http_address.to_string(),
+        )
+    });
 
     // Shutdown order: the router stops intake and finishes its requests,
     // then the worker drains and unloads.
@@ -639,10 +748,24 @@ pub async fn run(args: UpArgs) -> ExitCode {
         metrics: metrics_address,
         registry: registry_http_address,
         audit: audit_address,
+        batch: batch_announce,
         data_dir: args.data_dir.clone(),
     }));
 
     let router_result = router.await;
+    // The coordinator stops with the router, before the workers drain;
+    // its audit events go to the audit service before that stops.
+    if let Some((batch, auditor)) = batch {
+        if let Err(error) = batch.stop().await {
+            eprintln!("shamal up: batch coordinator failed: {error:#}");
+        }
+        if let Err(error) = auditor.drain(Duration::from_secs(5)).await {
+            eprintln!(
+                "shamal up: batch audit events left in the spool for the next start: {error}"
+            );
+        }
+        auditor.shutdown().await;
+    }
     let worker_result = worker.await;
     let gpu_worker_result = match gpu_worker {
         Some(task) => task.await,
@@ -687,6 +810,8 @@ struct Banner {
     metrics: String,
     registry: String,
     audit: Option<String>,
+    /// The batch coordinator's gRPC and REST addresses.
+    batch: Option<(String, String)>,
     data_dir: PathBuf,
 }
 
@@ -702,6 +827,7 @@ async fn announce(banner: Banner) {
         metrics,
         registry,
         audit,
+        batch,
         data_dir,
     } = banner;
     let Some(models) = loaded_models(&worker, tls.as_ref()).await else {
@@ -739,6 +865,14 @@ async fn announce(banner: Banner) {
             data_dir.join("audit.db").display()
         ),
         None => println!("  Audit log:       OFF (--no-audit): nothing is recorded"),
+    }
+    match batch {
+        Some((grpc, http)) => println!(
+            "  Batch jobs:      {grpc} gRPC{}, REST {web}://{http}/v1/jobs (`shamal batch submit`, jobs in {})",
+            if tls.is_some() { " (TLS)" } else { "" },
+            data_dir.join("batch.db").display()
+        ),
+        None => println!("  Batch jobs:      OFF (--no-batch)"),
     }
     println!("  Models:          {} (ONNX Runtime)", models.join(", "));
     if let Some((models, device)) = gpu_models {
@@ -834,4 +968,217 @@ async fn seed_demo(registry: &ModelRegistry, repository: &Path) -> Result<(), St
         .await
         .map_err(|error| error.to_string())?;
     Ok(())
+}
+
+/// What the embedded batch coordinator is given.
+struct BatchEmbedding<'a> {
+    listeners: BatchListeners,
+    /// The in-process batch queue the workers' batch role consumes.
+    queue: Arc<dyn JobQueue>,
+    registry: Arc<ModelRegistry>,
+    /// The in-process workers' inference services.
+    services: Vec<shamal_router::LocalService>,
+    registry_grpc: SocketAddr,
+    inference: String,
+    audit: Option<&'a str>,
+}
+
+/// The embedded batch coordinator: SQLite in the data directory, the
+/// in-process batch queue, the embedded registry as model catalog (with
+/// the served repository's models for those it does not know), the
+/// in-process workers' metadata for model signatures, and the embedded
+/// audit log (a spool of its own). Its APIs are public like the router's
+/// and the registry's: auth as theirs, and its development certificate
+/// under --tls.
+async fn start_batch(
+    args: &UpArgs,
+    security: &SecurityConfig,
+    embedding: BatchEmbedding<'_>,
+    metrics: &shamal_telemetry::MetricsRegistry,
+) -> anyhow::Result<(RunningBatch, shamal_audit_client::Auditor)> {
+    let BatchEmbedding {
+        listeners,
+        queue,
+        registry,
+        services,
+        registry_grpc,
+        inference,
+        audit,
+    } = embedding;
+    let config = BatchConfig {
+        security: with_tls(security, args, "batch"),
+        grpc_listen: listeners.grpc.local_addr()?,
+        http_listen: listeners.http.local_addr()?,
+        metrics_listen: None,
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            args.data_dir.join("batch.db").display()
+        ),
+        registry_endpoint: registry_grpc.to_string(),
+        inference_endpoint: inference,
+        audit: audit_client(args, audit, "batch"),
+        ..BatchConfig::default()
+    };
+    config.validate()?;
+    let auditor = if config.audit.enabled() {
+        let tls = if args.tls {
+            Some(
+                ClientTls::new(&shamal_tls::dev::service_files(&certs_dir(args), "batch"))
+                    .map_err(|error| anyhow::anyhow!("{error}"))?,
+            )
+        } else {
+            None
+        };
+        shamal_audit_client::Auditor::start(
+            config.audit.clone(),
+            tls.as_ref().map(|tls| tls.expect_service("audit")).as_ref(),
+            "batch",
+            "local-batch",
+            metrics,
+        )
+        .map_err(|error| anyhow::anyhow!("the batch coordinator's audit client: {error}"))?
+    } else {
+        shamal_audit_client::Auditor::disabled()
+    };
+    let served = Arc::new(ServedModels { services });
+    let dependencies = Dependencies {
+        queue: shamal_batch_coordinator::QueueSource::Shared(queue),
+        catalog: Arc::new(UpCatalog {
+            registry,
+            served: served.clone(),
+        }),
+        metadata: served,
+        auditor: auditor.clone(),
+    };
+    let running = RunningBatch::start(config, dependencies, listeners, metrics.clone()).await?;
+    Ok((running, auditor))
+}
+
+/// The in-process workers, asked for what they serve and for models'
+/// signatures (their v2 ModelMetadata, called in process: no network
+/// hop, no auth between the coordinator and its own workers).
+struct ServedModels {
+    services: Vec<shamal_router::LocalService>,
+}
+
+impl ServedModels {
+    /// The versions of `name` some worker has READY.
+    async fn ready_versions(&self, name: &str) -> Vec<u64> {
+        let mut versions = Vec::new();
+        for service in &self.services {
+            let Ok(index) = service
+                .repository_index(tonic::Request::new(RepositoryIndexRequest {
+                    ready: true,
+                    ..RepositoryIndexRequest::default()
+                }))
+                .await
+            else {
+                continue;
+            };
+            versions.extend(
+                index
+                    .into_inner()
+                    .models
+                    .iter()
+                    .filter(|entry| entry.name == name && entry.state == "READY")
+                    .filter_map(|entry| entry.version.parse::<u64>().ok()),
+            );
+        }
+        versions.sort_unstable();
+        versions.dedup();
+        versions
+    }
+}
+
+impl MetadataSource for ServedModels {
+    fn signature<'a>(
+        &'a self,
+        model: &'a str,
+        version: u64,
+    ) -> futures::future::BoxFuture<'a, shamal_batch_coordinator::error::Result<Signature>> {
+        Box::pin(async move {
+            let mut answers = Vec::new();
+            for service in &self.services {
+                match service
+                    .model_metadata(tonic::Request::new(
+                        shamal_proto::inference::ModelMetadataRequest {
+                            name: model.to_owned(),
+                            version: version.to_string(),
+                        },
+                    ))
+                    .await
+                {
+                    Ok(response) => {
+                        let response = response.into_inner();
+                        return Ok(Signature {
+                            inputs: response
+                                .inputs
+                                .into_iter()
+                                .map(|input| {
+                                    shamal_batch_io::ModelInput::new(
+                                        input.name,
+                                        input.datatype,
+                                        input.shape,
+                                    )
+                                })
+                                .collect(),
+                            outputs: response
+                                .outputs
+                                .into_iter()
+                                .map(|output| output.name)
+                                .collect(),
+                        });
+                    }
+                    Err(status) => answers.push(status.message().to_owned()),
+                }
+            }
+            Err(BatchError::FailedPrecondition(format!(
+                "model '{model}' version {version} is not served by the workers of shamal up \
+                 ({}); its inputs cannot be checked",
+                answers.join("; ")
+            )))
+        })
+    }
+}
+
+/// The embedded registry's models; a model it does not know but a worker
+/// serves from its repository (the bundled `demo`) is taken as the
+/// versions the workers have ready, with no limits.
+struct UpCatalog {
+    registry: Arc<ModelRegistry>,
+    served: Arc<ServedModels>,
+}
+
+impl ModelCatalog for UpCatalog {
+    fn model<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, shamal_batch_coordinator::error::Result<Option<ModelState>>>
+    {
+        Box::pin(async move {
+            let known =
+                self.registry.model_state(name).await.map_err(|error| {
+                    BatchError::Internal(format!("the embedded registry: {error}"))
+                })?;
+            if known.is_some() {
+                return Ok(known);
+            }
+            let versions = self.served.ready_versions(name).await;
+            if versions.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(ModelState {
+                name: name.to_owned(),
+                versions: versions
+                    .into_iter()
+                    .map(|version| VersionState {
+                        version,
+                        lifecycle: "ready".to_owned(),
+                        ..VersionState::default()
+                    })
+                    .collect(),
+                ..ModelState::default()
+            }))
+        })
+    }
 }
