@@ -1008,10 +1008,15 @@ impl BatchClient {
             endpoint.connect().await
         };
         let channel = connected.map_err(|error| {
+            let chain = error_chain(&error);
+            let hint = if chain.contains("certificate") {
+                " (for a private CA, such as `shamal up --tls`'s <data-dir>/certs/ca.pem, pass \
+                 --batch-ca)"
+            } else {
+                " (is `shamal up` running, or is --batch-endpoint / SHAMAL_BATCH_ENDPOINT set?)"
+            };
             CliError::other(format!(
-                "cannot reach the batch coordinator at {url}: {} (is `shamal up` running, or is \
-                 --batch-endpoint / SHAMAL_BATCH_ENDPOINT set?)",
-                error_chain(&error)
+                "cannot reach the batch coordinator at {url}: {chain}{hint}"
             ))
         })?;
         let token = bearer(opts, &url).await?;
@@ -1079,10 +1084,21 @@ impl BatchClient {
                 "the batch coordinator at {} is unavailable: {message}",
                 self.url
             )),
-            code => CliError::other(format!(
-                "the batch coordinator at {} answered {code:?}: {message}",
-                self.url
-            )),
+            code => {
+                // A plain-http client of a TLS server sees its calls cut.
+                let hint = if self.url.starts_with("http://")
+                    && matches!(code, Code::Cancelled | Code::Unknown | Code::Internal)
+                {
+                    " (if it serves TLS, as `shamal up --tls` does, use an https:// endpoint \
+                     and --batch-ca)"
+                } else {
+                    ""
+                };
+                CliError::other(format!(
+                    "the batch coordinator at {} answered {code:?}: {message}{hint}",
+                    self.url
+                ))
+            }
         }
     }
 }
@@ -1182,7 +1198,7 @@ mod tests {
         queued.message = "queued: waiting for a batch worker of its regions".to_owned();
         assert!(
             bar_line(&queued, 200)
-                .ends_with("0/4 shards  queued: waiting for a batch worker of its regions")
+                .ends_with("1/4 shards  queued: waiting for a batch worker of its regions")
         );
         assert_eq!(
             plain_line(&running),

@@ -868,8 +868,7 @@ async fn announce(banner: Banner) {
     }
     match batch {
         Some((grpc, http)) => println!(
-            "  Batch jobs:      {grpc} gRPC{}, REST {web}://{http}/v1/jobs (`shamal batch submit`, jobs in {})",
-            if tls.is_some() { " (TLS)" } else { "" },
+            "  Batch jobs:      {web}://{grpc} (gRPC, `shamal batch`), REST {web}://{http}/v1/jobs (jobs in {})",
             data_dir.join("batch.db").display()
         ),
         None => println!("  Batch jobs:      OFF (--no-batch)"),

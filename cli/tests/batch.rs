@@ -122,7 +122,7 @@ async fn start_up(data_dir: &Path) -> Up {
     let banner = up.log();
     assert!(
         banner.contains(&format!(
-            "Batch jobs:      127.0.0.1:{} gRPC, REST http://127.0.0.1:{}/v1/jobs",
+            "Batch jobs:      http://127.0.0.1:{} (gRPC, `shamal batch`), REST http://127.0.0.1:{}/v1/jobs",
             ports[6], ports[7]
         )),
         "{banner}"
