@@ -59,6 +59,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A part that cannot be encrypted or decrypted: no such key, the
+    /// wrong key, changed bytes.
+    #[error("cannot encrypt or decrypt '{path}': {reason}")]
+    Encryption { path: String, reason: String },
     /// An output directory that does not match its manifest.
     #[error("output '{path}' does not match its manifest: {reason}")]
     Verify { path: String, reason: String },

@@ -29,12 +29,16 @@
 //!    in an [`Output`] (a local directory or an object-store prefix),
 //!    atomically replaced on a re-run, and [`Manifest`] records the parts,
 //!    their row counts and SHA-256 checksums, written last with `_SUCCESS`.
+//!    Parts may be encrypted at rest ([`PartEncryption`]: AES-256-GCM in the
+//!    `shamal-keys` blob format, `part-000042.parquet.enc`), and
+//!    [`decrypt_dataset`] turns such an output back into plain Parquet.
 //!
 //! See `docs/batch.md` ("Formats and column mapping") for the rules a
 //! dataset has to follow.
 
 mod convert;
 mod dataset;
+mod decrypt;
 mod error;
 mod format;
 mod location;
@@ -46,15 +50,20 @@ mod shard;
 
 pub use convert::{RowOrigin, outputs_to_columns, to_infer_request};
 pub use dataset::{DataFile, Dataset};
+pub use decrypt::decrypt_dataset;
 pub use error::{Error, Result};
 pub use format::Format;
 pub use location::{
     Output, S3Options, check_location, configure_s3, is_object_store_url, store_for,
 };
 pub use output::{
-    MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest, PartInfo, PartWriter, SUCCESS_FILE,
-    StagedPart, is_part_name, part_name,
+    ENCRYPTED_SUFFIX, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest, ManifestEncryption,
+    PartEncryption, PartInfo, PartWriter, SUCCESS_FILE, StagedPart, encrypted_part_name,
+    is_part_name, part_context, part_name,
 };
 pub use read::{ShardBatch, ShardStream, read_shard};
 pub use schema::{InputKind, ModelInput};
+/// The key ring parts are encrypted under (`shamal-keys`, the key provider
+/// of the registry's artifact store).
+pub use shamal_keys::{KeyError, KeyRing};
 pub use shard::{Shard, Span};

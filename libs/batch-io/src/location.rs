@@ -442,6 +442,45 @@ impl Output {
         }
     }
 
+    /// The key id in the header of file `name` when it is an encrypted
+    /// blob (`shamal-keys` format), `None` when it is not one.
+    pub async fn blob_key_id(&self, name: &str) -> Result<Option<String>> {
+        let wanted = shamal_keys::blob::MAX_HEADER_BYTES as u64;
+        let head = match &self.kind {
+            OutputKind::Local(dir) => {
+                use std::io::Read;
+                let path = dir.join(name);
+                let unreadable = |source| Error::UnreadablePath {
+                    path: path.display().to_string(),
+                    source,
+                };
+                let file = std::fs::File::open(&path).map_err(unreadable)?;
+                let mut head = Vec::new();
+                file.take(wanted)
+                    .read_to_end(&mut head)
+                    .map_err(unreadable)?;
+                bytes::Bytes::from(head)
+            }
+            OutputKind::Store { store, prefix, .. } => {
+                let path = prefix.clone().join(name);
+                let meta = store
+                    .head(&path)
+                    .await
+                    .map_err(|error| self.store_error(Some(name), error))?;
+                store
+                    .get_range(&path, 0..meta.size.min(wanted))
+                    .await
+                    .map_err(|error| self.store_error(Some(name), error))?
+            }
+        };
+        shamal_keys::BlobHeader::parse(&head)
+            .map(|header| header.map(|header| header.key_id().to_owned()))
+            .map_err(|error| Error::Encryption {
+                path: self.file(name),
+                reason: error.to_string(),
+            })
+    }
+
     /// SHA-256 (lower-case hex) and size of file `name` as stored, read as
     /// a stream.
     pub async fn hash(&self, name: &str) -> Result<(String, u64)> {

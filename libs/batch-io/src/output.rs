@@ -31,6 +31,8 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use shamal_keys::KeyRing;
+
 use crate::error::{Error, Result};
 use crate::location::Output;
 
@@ -46,6 +48,74 @@ pub fn part_name(index: usize) -> String {
     format!("part-{index:06}.parquet")
 }
 
+/// What an encrypted part's name ends with, after `.parquet`.
+pub const ENCRYPTED_SUFFIX: &str = ".enc";
+
+/// The encrypted part file name of shard `index`:
+/// `part-000042.parquet.enc`.
+pub fn encrypted_part_name(index: usize) -> String {
+    format!("part-{index:06}.parquet{ENCRYPTED_SUFFIX}")
+}
+
+/// The associated data an encrypted part is bound to: its job and its name
+/// (`shamal-batch-part:<job_id>/<part name>`), so that a part moved to
+/// another name or another job's output fails to decrypt.
+pub fn part_context(job_id: &str, name: &str) -> Vec<u8> {
+    format!("shamal-batch-part:{job_id}/{name}").into_bytes()
+}
+
+/// How parts are encrypted at rest: AES-256-GCM in the blob format of
+/// `shamal-keys` (64 KiB STREAM segments, header naming the key id), under
+/// a key of `ring` (`key_id`, or the ring's active key), bound to the
+/// job's id and the part's name ([`part_context`]).
+#[derive(Clone, Debug)]
+pub struct PartEncryption {
+    pub ring: Arc<KeyRing>,
+    /// `None`: the ring's active key.
+    pub key_id: Option<String>,
+    pub job_id: String,
+}
+
+impl PartEncryption {
+    /// The id of the key parts are encrypted under.
+    pub fn key_id(&self) -> &str {
+        self.key_id.as_deref().unwrap_or(self.ring.active_id())
+    }
+}
+
+/// What the manifest of an encrypted output records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEncryption {
+    /// `AES-256-GCM`.
+    pub cipher: String,
+    /// `shamal-blob-v1`: the `shamal-keys` blob format.
+    pub format: String,
+    /// The ids of the keys the parts are encrypted under (each part names
+    /// its own in `key_id`), sorted.
+    pub key_ids: Vec<String>,
+    /// The associated data of each part, `{job_id}` and `{name}` standing
+    /// for the job's id and the part's name.
+    pub context: String,
+}
+
+impl ManifestEncryption {
+    /// The record of `parts`, encrypted under the key ids they name.
+    pub fn of(parts: &[PartInfo]) -> ManifestEncryption {
+        let mut key_ids: Vec<String> = parts
+            .iter()
+            .filter_map(|part| part.key_id.clone())
+            .collect();
+        key_ids.sort();
+        key_ids.dedup();
+        ManifestEncryption {
+            cipher: "AES-256-GCM".to_owned(),
+            format: format!("shamal-blob-v{}", shamal_keys::blob::VERSION),
+            key_ids,
+            context: "shamal-batch-part:{job_id}/{name}".to_owned(),
+        }
+    }
+}
+
 /// A finished part.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartInfo {
@@ -56,6 +126,11 @@ pub struct PartInfo {
     pub sha256: String,
     /// File size.
     pub bytes: u64,
+    /// The id of the key an encrypted part is encrypted under; `None` for
+    /// a plaintext part. The checksum and size are those of the bytes as
+    /// stored (encrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// Counts and hashes what goes through to the file.
@@ -103,6 +178,7 @@ pub struct PartWriter {
     staging: PathBuf,
     writer: Option<ArrowWriter<HashingFile>>,
     rows: u64,
+    encryption: Option<PartEncryption>,
 }
 
 impl PartWriter {
@@ -144,19 +220,43 @@ impl PartWriter {
     /// directory is created if missing), with columns `schema`
     /// (Snappy-compressed Parquet).
     pub fn create(output: &Output, shard_index: usize, schema: SchemaRef) -> Result<PartWriter> {
+        PartWriter::create_with(output, shard_index, schema, None)
+    }
+
+    /// [`PartWriter::create`], the part encrypted at rest when
+    /// `encryption` is given (named `part-000042.parquet.enc`, see
+    /// [`PartEncryption`]). The key is checked here: a ring without the
+    /// key id fails before anything is written.
+    pub fn create_with(
+        output: &Output,
+        shard_index: usize,
+        schema: SchemaRef,
+        encryption: Option<PartEncryption>,
+    ) -> Result<PartWriter> {
         let write_error = |path: &Path| {
             let path = path.display().to_string();
             move |source| Error::Write { path, source }
         };
-        let name = part_name(shard_index);
-        let random = uuid::Uuid::new_v4().simple();
-        let staging = match output.local_dir() {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(write_error(dir))?;
-                dir.join(format!(".{name}.tmp-{random}"))
+        let name = match &encryption {
+            Some(encryption) => {
+                if !encryption.ring.contains(encryption.key_id()) {
+                    return Err(Error::Encryption {
+                        path: output.file(&encrypted_part_name(shard_index)),
+                        reason: format!(
+                            "the key ring holds no key '{}' (its keys: {})",
+                            encryption.key_id(),
+                            encryption.ring.key_ids().collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
+                encrypted_part_name(shard_index)
             }
-            None => std::env::temp_dir().join(format!(".shamal-{name}.tmp-{random}")),
+            None => part_name(shard_index),
         };
+        if let Some(dir) = output.local_dir() {
+            std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+        }
+        let staging = staging_path(output, &name);
         let file = File::create(&staging).map_err(write_error(&staging))?;
         let sink = HashingFile {
             file: BufWriter::new(file),
@@ -182,6 +282,7 @@ impl PartWriter {
             staging,
             writer: Some(writer),
             rows: 0,
+            encryption,
         })
     }
 
@@ -222,6 +323,7 @@ impl PartWriter {
             rows: self.rows,
             sha256: String::new(),
             bytes: 0,
+            encryption: self.encryption.take(),
         };
         let sink = writer
             .into_inner()
@@ -269,9 +371,43 @@ pub struct StagedPart {
     rows: u64,
     sha256: String,
     bytes: u64,
+    encryption: Option<PartEncryption>,
+}
+
+/// A fresh temporary file for part `name` of `output`: hidden in the
+/// output directory (renamed into place from there), or in the system's
+/// temporary directory for object storage (uploaded from there).
+pub(crate) fn staging_path(output: &Output, name: &str) -> PathBuf {
+    let random = uuid::Uuid::new_v4().simple();
+    match output.local_dir() {
+        Some(dir) => dir.join(format!(".{name}.tmp-{random}")),
+        None => std::env::temp_dir().join(format!(".shamal-{name}.tmp-{random}")),
+    }
 }
 
 impl StagedPart {
+    /// The plaintext part `name` of `output` in local file `staging`
+    /// (from [`staging_path`]), of `rows` rows, `bytes` bytes and SHA-256
+    /// `sha256`.
+    pub(crate) fn plaintext(
+        output: &Output,
+        name: &str,
+        staging: PathBuf,
+        rows: u64,
+        sha256: String,
+        bytes: u64,
+    ) -> StagedPart {
+        StagedPart {
+            output: output.clone(),
+            name: name.to_owned(),
+            staging: Some(staging),
+            rows,
+            sha256,
+            bytes,
+            encryption: None,
+        }
+    }
+
     /// Its rows.
     pub fn rows(&self) -> u64 {
         self.rows
@@ -282,11 +418,27 @@ impl StagedPart {
     /// upload of the whole file on object storage (the object appears
     /// only once complete).
     pub async fn commit(mut self) -> Result<PartInfo> {
-        let Some(staging) = self.staging.clone() else {
+        let Some(mut staging) = self.staging.clone() else {
             return Err(Error::Write {
                 path: self.output.file(&self.name),
                 source: std::io::Error::other("the part was committed already"),
             });
+        };
+        let key_id = match self.encryption.clone() {
+            Some(encryption) => {
+                // Encrypted next to the plaintext, which is then removed:
+                // only the encrypted bytes are ever renamed or uploaded.
+                let sealed = PathBuf::from(format!("{}.sealed", staging.display()));
+                self.staging = Some(sealed.clone());
+                let result = seal(&staging, &sealed, &encryption, &self.output, &self.name).await;
+                let _ = std::fs::remove_file(&staging);
+                let (sha256, bytes) = result?;
+                self.sha256 = sha256;
+                self.bytes = bytes;
+                staging = sealed;
+                Some(encryption.key_id().to_owned())
+            }
+            None => None,
         };
         match self.output.local_dir() {
             Some(dir) => {
@@ -307,8 +459,68 @@ impl StagedPart {
             rows: self.rows,
             sha256: self.sha256.clone(),
             bytes: self.bytes,
+            key_id,
         })
     }
+}
+
+/// Encrypts file `plain` into file `sealed` (the blob format, bound to
+/// the part's job and name); returns the SHA-256 and size of `sealed`.
+async fn seal(
+    plain: &Path,
+    sealed: &Path,
+    encryption: &PartEncryption,
+    output: &Output,
+    name: &str,
+) -> Result<(String, u64)> {
+    let target = output.file(name);
+    let failed = |reason: String| Error::Encryption {
+        path: target.clone(),
+        reason,
+    };
+    let source = tokio::fs::File::open(plain)
+        .await
+        .map_err(|error| failed(format!("cannot read the staged part: {error}")))?;
+    let file = tokio::fs::File::create(sealed)
+        .await
+        .map_err(|error| failed(format!("cannot create '{}': {error}", sealed.display())))?;
+    let mut encryptor = shamal_keys::BlobEncryptor::with_key(
+        &encryption.ring,
+        encryption.key_id(),
+        &part_context(&encryption.job_id, name),
+        tokio::io::BufWriter::new(file),
+    )
+    .await
+    .map_err(|error| failed(error.to_string()))?;
+    let mut source = tokio::io::BufReader::new(source);
+    let mut chunk = vec![0u8; shamal_keys::blob::SEGMENT_BYTES];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let read = source
+            .read(&mut chunk)
+            .await
+            .map_err(|error| failed(format!("cannot read the staged part: {error}")))?;
+        if read == 0 {
+            break;
+        }
+        encryptor
+            .write(&chunk[..read])
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+    }
+    let (writer, _) = encryptor
+        .finish()
+        .await
+        .map_err(|error| failed(error.to_string()))?;
+    writer
+        .into_inner()
+        .sync_all()
+        .await
+        .map_err(|error| failed(format!("cannot sync '{}': {error}", sealed.display())))?;
+    let sealed = sealed.to_owned();
+    tokio::task::spawn_blocking(move || hash_file(&sealed))
+        .await
+        .map_err(|error| failed(error.to_string()))?
 }
 
 impl Drop for StagedPart {
@@ -394,9 +606,11 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
-/// Whether `name` is the name of an output part (`part-*.parquet`).
+/// Whether `name` is the name of an output part (`part-*.parquet`, or
+/// `part-*.parquet.enc` encrypted).
 pub fn is_part_name(name: &str) -> bool {
-    name.starts_with("part-") && name.ends_with(".parquet")
+    name.starts_with("part-")
+        && (name.ends_with(".parquet") || name.ends_with(&format!(".parquet{ENCRYPTED_SUFFIX}")))
 }
 
 /// The record of a finished output: written last, as `_manifest.json`,
@@ -414,6 +628,9 @@ pub struct Manifest {
     pub parts: Vec<PartInfo>,
     /// The sum of the parts' rows.
     pub total_rows: u64,
+    /// How the parts are encrypted at rest; absent for plaintext parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ManifestEncryption>,
 }
 
 impl Manifest {
@@ -432,6 +649,10 @@ impl Manifest {
             model_version: model_version.into(),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             total_rows: parts.iter().map(|part| part.rows).sum(),
+            encryption: parts
+                .iter()
+                .any(|part| part.key_id.is_some())
+                .then(|| ManifestEncryption::of(&parts)),
             parts,
         }
     }
@@ -488,6 +709,16 @@ impl Manifest {
             ));
         }
         for part in &manifest.parts {
+            if manifest.encryption.is_some() != part.key_id.is_some() {
+                return Err(mismatch(
+                    output.file(&part.name),
+                    if part.key_id.is_some() {
+                        "names a key id in a manifest that records no encryption".to_owned()
+                    } else {
+                        "names no key id in a manifest of encrypted parts".to_owned()
+                    },
+                ));
+            }
             let (sha256, bytes) = output.hash(&part.name).await?;
             if bytes != part.bytes {
                 return Err(mismatch(

@@ -18,16 +18,19 @@
 //! - a payload that does not decode, or whose `shard_json` is not a shard:
 //!   `INVALID_ARGUMENT`;
 //! - a model or version the worker does not have ready (version 0: the
-//!   newest ready one), or `encrypt` set (not supported yet: nothing is
-//!   written unencrypted): `FAILED_PRECONDITION`;
+//!   newest ready one), or `encrypt` set on a worker without a key ring
+//!   (`batch.key_file`; nothing is written unencrypted), or a `key_id` its
+//!   ring does not hold: `FAILED_PRECONDITION`;
 //! - bad data (a missing column, a corrupt file, a row that does not fit
 //!   its input, naming column and row): `INVALID_ARGUMENT`; the input that
 //!   cannot be read: `UNAVAILABLE`; the part that cannot be written, the
 //!   model failing: `INTERNAL`.
 //!
 //! The part (`part-<shard_index>.parquet` in the task's `output`, the key
-//! columns then the model's outputs) is written under a temporary name and
-//! renamed into place by [`PartWriter`], so a shard run again replaces its
+//! columns then the model's outputs; `part-<shard_index>.parquet.enc`
+//! encrypted under the ring's active key, or the task's `key_id`, when the
+//! task asks) is written under a temporary name and renamed into place, or
+//! uploaded whole, by [`PartWriter`], so a shard run again replaces its
 //! part and a failed run leaves nothing.
 //!
 //! # Long shards and dead workers
@@ -75,8 +78,8 @@ use prost::Message;
 use shamal_async_queue::{Job, JobQueue, Outcome, codes};
 use shamal_audit_client::{AuditEvent, sha256_hex};
 use shamal_batch_io::{
-    ModelInput, Output, PartInfo, PartWriter, RowOrigin, Shard, outputs_to_columns, read_shard,
-    to_infer_request,
+    KeyRing, ModelInput, Output, PartEncryption, PartInfo, PartWriter, RowOrigin, Shard,
+    outputs_to_columns, read_shard, to_infer_request,
 };
 use shamal_error::code_label;
 use shamal_proto::inference::ModelInferResponse;
@@ -129,6 +132,9 @@ pub struct BatchRole {
     /// (`batch.s3_*`); `None`: the environment's (or the embedding
     /// program's).
     pub s3: Option<shamal_batch_io::S3Options>,
+    /// The key ring output parts are encrypted under when a task asks
+    /// (`batch.key_file`); `None`: such tasks are refused.
+    pub keys: Option<Arc<KeyRing>>,
 }
 
 impl fmt::Debug for BatchRole {
@@ -141,6 +147,7 @@ impl fmt::Debug for BatchRole {
             .field("instance_parameters", &self.instance_parameters)
             .field("idle_unload", &self.idle_unload)
             .field("s3", &self.s3)
+            .field("keys", &self.keys)
             .finish()
     }
 }
@@ -155,6 +162,7 @@ impl BatchRole {
             instance_parameters: HashMap::new(),
             idle_unload: DEFAULT_IDLE_UNLOAD,
             s3: None,
+            keys: None,
         }
     }
 }
@@ -250,6 +258,7 @@ struct Context {
     state: Arc<WorkerState>,
     pool: Arc<Pool>,
     identity: Identity,
+    keys: Option<Arc<KeyRing>>,
 }
 
 async fn supervise(consumer: Consumer, metrics: BatchMetrics, mut stop: watch::Receiver<bool>) {
@@ -286,6 +295,7 @@ async fn supervise(consumer: Consumer, metrics: BatchMetrics, mut stop: watch::R
         state: state.clone(),
         pool: pool.clone(),
         identity: identity.clone(),
+        keys: settings.keys.clone(),
     });
     let handler = {
         let metrics = metrics.clone();
@@ -692,7 +702,9 @@ fn data_code(error: &shamal_batch_io::Error) -> Code {
     use shamal_batch_io::Error as E;
     match error {
         E::UnreadablePath { .. } | E::Store { .. } => Code::Unavailable,
-        E::Write { .. } | E::BadOutput { .. } | E::Verify { .. } => Code::Internal,
+        E::Write { .. } | E::BadOutput { .. } | E::Verify { .. } | E::Encryption { .. } => {
+            Code::Internal
+        }
         E::Format { .. }
         | E::MissingColumn { .. }
         | E::WrongType { .. }
@@ -776,12 +788,41 @@ async fn score(
             ),
         );
     }
-    if task.encrypt {
-        return failed(
-            Code::FailedPrecondition,
-            "output encryption is not supported by this worker yet",
-        );
-    }
+    // Encryption asked for: refused before anything is read or written
+    // by a worker that cannot do it (the coordinator tries again, maybe
+    // on a worker with keys, then fails the job with this message).
+    let encryption = if task.encrypt {
+        let Some(ring) = context.keys.clone() else {
+            return failed(
+                Code::FailedPrecondition,
+                format!(
+                    "output encryption is not supported by this worker ({}): it has no key \
+                     ring; set batch.key_file to the key file of the batch outputs",
+                    context.identity.consumer_id
+                ),
+            );
+        };
+        let key_id = (!task.key_id.is_empty()).then(|| task.key_id.clone());
+        if let Some(id) = &key_id
+            && !ring.contains(id)
+        {
+            return failed(
+                Code::FailedPrecondition,
+                format!(
+                    "the task asks for key id '{id}', which this worker's key ring does not \
+                     hold (its keys: {})",
+                    ring.key_ids().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        Some(PartEncryption {
+            ring,
+            key_id,
+            job_id: task.job_id.clone(),
+        })
+    } else {
+        None
+    };
     let shard: Shard = serde_json::from_str(&task.shard_json).map_err(|error| {
         (
             Code::InvalidArgument as i32,
@@ -875,6 +916,7 @@ async fn score(
         keys: task.key_columns.clone(),
         dir,
         shard_index,
+        encryption,
     });
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|error| data_failure(error, &column_of))?;
@@ -925,6 +967,8 @@ struct Scoring {
     keys: Vec<String>,
     dir: Output,
     shard_index: usize,
+    /// Encrypt the part at rest.
+    encryption: Option<PartEncryption>,
 }
 
 impl Scoring {
@@ -968,8 +1012,7 @@ impl Scoring {
         let data = |error| data_failure(error, &self.column_of);
         let out = PartWriter::batch(keys, columns).map_err(data)?;
         if writer.is_none() {
-            *writer =
-                Some(PartWriter::create(&self.dir, self.shard_index, out.schema()).map_err(data)?);
+            *writer = Some(self.writer(out.schema()).map_err(data)?);
         }
         if let Some(writer) = writer.as_mut() {
             writer.write(&out).map_err(data)?;
@@ -1068,9 +1111,14 @@ impl Scoring {
             .collect();
         let columns = outputs_to_columns(response(&outputs), 0)?;
         let out = PartWriter::batch(&keys, columns)?;
-        let mut writer = PartWriter::create(&self.dir, self.shard_index, out.schema())?;
+        let mut writer = self.writer(out.schema())?;
         writer.write(&out)?;
         Ok(writer)
+    }
+
+    /// The part's writer (encrypting when the task asks).
+    fn writer(&self, schema: SchemaRef) -> shamal_batch_io::Result<PartWriter> {
+        PartWriter::create_with(&self.dir, self.shard_index, schema, self.encryption.clone())
     }
 }
 

@@ -135,6 +135,11 @@ pub struct BatchRoleConfig {
     pub s3_region: Option<String>,
     /// Allow an `http://` S3 endpoint (unset: `AWS_ALLOW_HTTP`).
     pub s3_allow_http: Option<bool>,
+    /// Key file of the batch outputs' encryption at rest (the format of
+    /// the registry's `artifact_key_file`: TOML or JSON, mode 0600); parts
+    /// of jobs with `encrypt` are encrypted under its active key. Unset:
+    /// such shards are refused `FAILED_PRECONDITION`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for BatchRoleConfig {
@@ -150,6 +155,7 @@ impl Default for BatchRoleConfig {
             s3_endpoint: None,
             s3_region: None,
             s3_allow_http: None,
+            key_file: None,
         }
     }
 }
@@ -251,6 +257,10 @@ pub struct BatchArgs {
     #[arg(long)]
     #[serde(rename = "threads", skip_serializing_if = "Option::is_none")]
     pub batch_threads: Option<usize>,
+    /// Key file of the batch outputs' encryption at rest.
+    #[arg(long)]
+    #[serde(rename = "key_file", skip_serializing_if = "Option::is_none")]
+    pub batch_key_file: Option<PathBuf>,
 }
 
 impl BatchArgs {
@@ -259,6 +269,7 @@ impl BatchArgs {
             && self.batch_key_prefix.is_none()
             && self.batch_concurrency.is_none()
             && self.batch_threads.is_none()
+            && self.batch_key_file.is_none()
     }
 }
 
@@ -606,6 +617,13 @@ impl NodeConfig {
         settings.instance_parameters = instance_parameters;
         settings.idle_unload = Duration::from_millis(self.batch.idle_unload_ms);
         settings.s3 = self.batch.s3_options();
+        settings.keys = match &self.batch.key_file {
+            Some(path) => Some(Arc::new(
+                shamal_batch_io::KeyRing::from_file(path)
+                    .map_err(|error| ConfigError::invalid(format!("batch.key_file: {error}")))?,
+            )),
+            None => None,
+        };
         Ok(Some(settings))
     }
 

@@ -69,6 +69,9 @@ pub struct BatchConfig {
     pub s3_region: Option<String>,
     /// Allow an `http://` S3 endpoint (unset: `AWS_ALLOW_HTTP`).
     pub s3_allow_http: Option<bool>,
+    /// Policy: encrypt every job's output at rest, whatever the job's
+    /// `encrypt` says (the workers need a key ring, `[batch] key_file`).
+    pub encrypt_outputs: bool,
     /// The audit trail: the `[audit]` table.
     pub audit: AuditClientConfig,
 }
@@ -96,6 +99,7 @@ impl Default for BatchConfig {
             s3_endpoint: None,
             s3_region: None,
             s3_allow_http: None,
+            encrypt_outputs: settings.encrypt_outputs,
             audit: AuditClientConfig::default(),
         }
     }
@@ -182,6 +186,10 @@ pub struct BatchArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_allow_http: Option<bool>,
+    /// Encrypt every job's output at rest (a policy over the jobs' `encrypt`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt_outputs: Option<bool>,
     /// The `[audit]` table's flags.
     #[command(flatten)]
     #[serde(skip_serializing_if = "AuditArgs::is_empty")]
@@ -326,6 +334,7 @@ impl BatchConfig {
             batch_size: self.batch_size,
             wait_warning_after: Duration::from_secs(self.wait_warning_s),
             default_region: self.default_region.clone(),
+            encrypt_outputs: self.encrypt_outputs,
         }
     }
 
@@ -431,6 +440,7 @@ mod tests {
             "SHAMAL_BATCH_S3_ENDPOINT",
             "SHAMAL_BATCH_S3_REGION",
             "SHAMAL_BATCH_S3_ALLOW_HTTP",
+            "SHAMAL_BATCH_ENCRYPT_OUTPUTS",
         ] {
             assert!(read.contains(&name.to_owned()), "{name} not read: {read:?}");
         }

@@ -20,7 +20,9 @@ use prost::Message;
 use shamal_async_queue::{JobId, JobQueue, JobStatus, NewJob as QueueJob, Outcome, StreamKey};
 use shamal_audit_client::{AuditEvent, Auditor};
 use shamal_auth::Principal;
-use shamal_batch_io::{Dataset, Format, Manifest, ModelInput, Output, PartInfo, part_name};
+use shamal_batch_io::{
+    Dataset, Format, Manifest, ModelInput, Output, PartInfo, encrypted_part_name, part_name,
+};
 use shamal_proto::shamal::batch::v1 as proto;
 use shamal_proto::shamal::registry::v1::ModelState;
 use tokio::sync::watch;
@@ -54,6 +56,9 @@ pub struct Settings {
     pub wait_warning_after: Duration,
     /// The region of the shards of jobs any region may score.
     pub default_region: String,
+    /// Policy: every job's output is encrypted at rest, whatever its
+    /// `encrypt` says.
+    pub encrypt_outputs: bool,
 }
 
 impl Default for Settings {
@@ -65,6 +70,7 @@ impl Default for Settings {
             batch_size: 1024,
             wait_warning_after: Duration::from_secs(30),
             default_region: "local".to_owned(),
+            encrypt_outputs: false,
         }
     }
 }
@@ -421,6 +427,8 @@ impl Coordinator {
             });
         }
         spec.input_columns = input_columns;
+        // The policy forces encryption on; the stored spec says what runs.
+        spec.encrypt |= self.settings.encrypt_outputs;
         let job = NewJob {
             id: format!("job-{}", uuid::Uuid::new_v4()),
             request_id: (!request_id.is_empty()).then(|| request_id.clone()),
@@ -609,7 +617,9 @@ impl Coordinator {
             key_columns: job.spec.key_columns.clone(),
             input_columns: job.spec.input_columns.clone().into_iter().collect(),
             batch_size: self.settings.batch_size,
-            encrypt: false,
+            // The worker's active key: the manifest records the key id of
+            // each part from its header.
+            encrypt: job.spec.encrypt,
             key_id: String::new(),
             tenant: job.spec.tenant.clone(),
         };
@@ -717,7 +727,7 @@ impl Coordinator {
     ) -> Result<Recorded> {
         let failure = match outcome {
             Outcome::Ok(bytes) => match proto::ShardResult::decode(bytes) {
-                Ok(result) if result.part == part_name(shard.index as usize) => {
+                Ok(result) if result.part == expected_part(job, shard.index) => {
                     let done = ShardDone {
                         rows: result.rows,
                         part: result.part,
@@ -741,7 +751,7 @@ impl Coordinator {
                     "the worker reported part '{}' for shard {} (expected '{}')",
                     result.part,
                     shard.index,
-                    part_name(shard.index as usize)
+                    expected_part(job, shard.index)
                 ),
                 Err(error) => {
                     format!("the worker's result does not decode as a ShardResult: {error}")
@@ -839,7 +849,8 @@ impl Coordinator {
         let mut parts = Vec::with_capacity(shards.len());
         for shard in &shards {
             let path = output.file(&shard.part);
-            let mismatch = match output.hash(&shard.part).await {
+            let mut key_id = None;
+            let mut mismatch = match output.hash(&shard.part).await {
                 Ok((sha256, bytes)) if sha256 == shard.sha256 && bytes == shard.bytes => None,
                 Ok((sha256, bytes)) => Some(format!(
                     "part '{path}' has {bytes} bytes and SHA-256 {sha256}; its worker reported {} bytes and {}",
@@ -847,6 +858,18 @@ impl Coordinator {
                 )),
                 Err(error) => Some(format!("part '{path}': {error}")),
             };
+            if mismatch.is_none() && job.spec.encrypt {
+                // The key id, from the part's own header.
+                match output.blob_key_id(&shard.part).await {
+                    Ok(Some(id)) => key_id = Some(id),
+                    Ok(None) => {
+                        mismatch = Some(format!(
+                            "part '{path}' of a job with encryption on is not encrypted"
+                        ));
+                    }
+                    Err(error) => mismatch = Some(format!("part '{path}': {error}")),
+                }
+            }
             if let Some(error) = mismatch {
                 // Score it again: back to pending as a failed attempt.
                 let requeue = ShardRow {
@@ -867,6 +890,7 @@ impl Coordinator {
                 rows: shard.rows,
                 sha256: shard.sha256.clone(),
                 bytes: shard.bytes,
+                key_id,
             });
         }
         let manifest = Manifest::new(&job.id, &job.spec.model, job.version.to_string(), parts);
@@ -934,6 +958,15 @@ enum Recorded {
     Failed(Box<ShardRow>),
 }
 
+/// The part name a shard of `job` is written as.
+fn expected_part(job: &Job, index: u32) -> String {
+    if job.spec.encrypt {
+        encrypted_part_name(index as usize)
+    } else {
+        part_name(index as usize)
+    }
+}
+
 /// Field checks of a submit, each error naming its field.
 pub fn validate(spec: &JobSpec, request_id: &str) -> Result<()> {
     if spec.model.trim().is_empty() {
@@ -994,12 +1027,6 @@ pub fn validate(spec: &JobSpec, request_id: &str) -> Result<()> {
         return Err(BatchError::invalid(
             "spec.priority",
             format!("{} is out of range 0..9", spec.priority),
-        ));
-    }
-    if spec.encrypt {
-        return Err(BatchError::invalid(
-            "spec.encrypt",
-            "encryption of batch outputs at rest is not available yet",
         ));
     }
     for (input, column) in &spec.input_columns {

@@ -838,3 +838,183 @@ async fn a_job_reads_from_and_writes_to_s3() {
     consumer.stop().await;
     running.stop().await.unwrap();
 }
+
+/// The rows of a decrypted output, checked once each.
+async fn decrypted_rows(output: &Path, rows: i64) {
+    let plain = output.with_file_name(format!(
+        "{}-plain",
+        output.file_name().unwrap().to_string_lossy()
+    ));
+    let manifest = shamal_batch_io::decrypt_dataset(
+        output.to_str().unwrap(),
+        plain.to_str().unwrap(),
+        &support::key_ring(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(manifest.total_rows, rows as u64);
+    assert!(manifest.encryption.is_none());
+    Manifest::verify(plain.to_str().unwrap()).await.unwrap();
+    support::assert_exactly_once(&plain, rows);
+}
+
+/// A job asking for encryption, and a job forced to it by the policy
+/// (`encrypt_outputs`): every part stored encrypted (`.parquet.enc`, not
+/// Parquet), the manifest records the key id and verifies, and decrypting
+/// gives exactly the expected rows. Workers without keys refuse the
+/// shards, and the job fails saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_outputs_end_to_end() {
+    for policy in [false, true] {
+        let db = TestDb::sqlite();
+        let queue = support::memory_queue();
+        let running = support::start_with(
+            &db,
+            support::dependencies(queue.clone(), vec![support::scorer_state(&["uae-north"])]),
+            |config| config.encrypt_outputs = policy,
+        )
+        .await;
+        let mut client = client(&running).await;
+        let consumer = Consumer::start_with_keys(
+            queue.clone(),
+            "uae-north",
+            Behaviour::Score,
+            Some(support::key_ring()),
+        );
+        let dir = db.dir.path();
+        support::write_parquet(&dir.join("rows.parquet"), 57, 10);
+        let output = dir.join("out");
+        let job = submit(
+            &mut client,
+            proto::JobSpec {
+                encrypt: !policy,
+                ..spec(&dir.join("rows.parquet"), &output)
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            job.spec.as_ref().unwrap().encrypt,
+            "policy {policy}: {job:?}"
+        );
+        let done = wait_state(&mut client, &job.id, proto::JobState::Succeeded).await;
+        assert_eq!(done.done_rows, 57);
+        let manifest = Manifest::verify(output.to_str().unwrap()).await.unwrap();
+        let encryption = manifest
+            .encryption
+            .clone()
+            .expect("the manifest records encryption");
+        assert_eq!(encryption.key_ids, ["k1"]);
+        assert_eq!(manifest.parts.len(), 6);
+        for part in &manifest.parts {
+            assert!(part.name.ends_with(".parquet.enc"), "{part:?}");
+            assert_eq!(part.key_id.as_deref(), Some("k1"));
+            let stored = std::fs::read(output.join(&part.name)).unwrap();
+            assert!(!stored.starts_with(b"PAR1") && !stored.ends_with(b"PAR1"));
+        }
+        // Nothing readable as Parquet in the output as stored.
+        assert!(support::read_output(&output).is_empty());
+        decrypted_rows(&output, 57).await;
+        consumer.stop().await;
+        running.stop().await.unwrap();
+    }
+
+    // Only workers without keys: the job fails naming the reason.
+    let db = TestDb::sqlite();
+    let queue = support::memory_queue();
+    let running = support::start(
+        &db,
+        support::dependencies(queue.clone(), vec![support::scorer_state(&["uae-north"])]),
+    )
+    .await;
+    let mut client = client(&running).await;
+    let consumer = Consumer::start(queue.clone(), "uae-north", Behaviour::Score);
+    let dir = db.dir.path();
+    support::write_jsonl(&dir.join("rows.jsonl"), 20);
+    let output = dir.join("out");
+    let job = submit(
+        &mut client,
+        proto::JobSpec {
+            encrypt: true,
+            ..spec(&dir.join("rows.jsonl"), &output)
+        },
+    )
+    .await
+    .unwrap();
+    let failed = wait_state(&mut client, &job.id, proto::JobState::Failed).await;
+    assert!(
+        failed
+            .message
+            .contains("encryption is not supported by this worker")
+            && failed.message.contains("no key ring"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        failed.message.contains("failed after 3 attempts"),
+        "{}",
+        failed.message
+    );
+    let written: Vec<_> = std::fs::read_dir(&output).unwrap().collect();
+    assert!(written.is_empty(), "nothing written: {written:?}");
+    consumer.stop().await;
+    running.stop().await.unwrap();
+}
+
+/// An encrypted job from S3 to S3, decrypted from S3 to S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_job_on_s3() {
+    let Some(endpoint) = support::services::configured(
+        support::s3::VARIABLE,
+        "an_encrypted_job_on_s3",
+        support::s3::REMEDY,
+    ) else {
+        return;
+    };
+    support::s3::configure(&endpoint);
+    let bucket = support::s3::create_bucket(&endpoint);
+    let db = TestDb::sqlite();
+    let queue = support::memory_queue();
+    let running = support::start_with(
+        &db,
+        support::dependencies(queue.clone(), vec![support::scorer_state(&["uae-north"])]),
+        |config| config.encrypt_outputs = true,
+    )
+    .await;
+    let mut client = client(&running).await;
+    let consumer = Consumer::start_with_keys(
+        queue.clone(),
+        "uae-north",
+        Behaviour::Score,
+        Some(support::key_ring()),
+    );
+    let dir = db.dir.path();
+    support::write_jsonl(&dir.join("rows.jsonl"), 45);
+    let input = format!("s3://{bucket}/in/rows.jsonl");
+    support::s3::upload(&dir.join("rows.jsonl"), &input).await;
+    let output = format!("s3://{bucket}/out");
+    let job = submit(
+        &mut client,
+        proto::JobSpec {
+            input,
+            output: output.clone(),
+            ..spec(Path::new("/unused"), Path::new("/unused"))
+        },
+    )
+    .await
+    .unwrap();
+    wait_state(&mut client, &job.id, proto::JobState::Succeeded).await;
+    let manifest = Manifest::verify(&output).await.unwrap();
+    assert_eq!(manifest.encryption.unwrap().key_ids, ["k1"]);
+    for part in &manifest.parts {
+        let stored = support::s3::get(&format!("{output}/{}", part.name)).await;
+        assert!(!stored.starts_with(b"PAR1"), "{}", part.name);
+    }
+    let plain = format!("s3://{bucket}/plain");
+    shamal_batch_io::decrypt_dataset(&output, &plain, &support::key_ring())
+        .await
+        .unwrap();
+    support::assert_rows(&support::read_output_at(&plain).await, 45);
+    consumer.stop().await;
+    running.stop().await.unwrap();
+}

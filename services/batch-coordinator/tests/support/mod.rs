@@ -27,7 +27,8 @@ use shamal_batch_coordinator::catalog::{Signature, StaticCatalog, StaticMetadata
 use shamal_batch_coordinator::model::region_may_take;
 use shamal_batch_coordinator::{Dependencies, QueueSource, RunningBatch};
 use shamal_batch_io::{
-    ModelInput, Output, PartWriter, Shard, outputs_to_columns, read_shard, to_infer_request,
+    KeyRing, ModelInput, Output, PartEncryption, PartWriter, Shard, outputs_to_columns, read_shard,
+    to_infer_request,
 };
 use shamal_proto::inference::ModelInferResponse;
 use shamal_proto::inference::model_infer_response::InferOutputTensor;
@@ -173,13 +174,28 @@ pub fn dependencies(queue: Arc<dyn JobQueue>, models: Vec<ModelState>) -> Depend
 }
 
 pub async fn start(db: &TestDb, dependencies: Dependencies) -> RunningBatch {
+    start_with(db, dependencies, |_| {}).await
+}
+
+/// [`start`], with more settings.
+pub async fn start_with(
+    db: &TestDb,
+    dependencies: Dependencies,
+    tune: impl FnOnce(&mut shamal_batch_coordinator::BatchConfig),
+) -> RunningBatch {
     RunningBatch::start_local(&db.url, dependencies, |config| {
         config.poll_interval_ms = 50;
         config.wait_warning_s = 1;
         config.default_region = "r1".to_owned();
+        tune(config);
     })
     .await
     .unwrap()
+}
+
+/// The test key ring: `k1` active.
+pub fn key_ring() -> Arc<KeyRing> {
+    Arc::new(KeyRing::new("k1", [("k1", [42u8; 32].as_slice())]).unwrap())
 }
 
 /// `rows` rows `{"id": i, "x": i / 2}` as JSON Lines.
@@ -242,6 +258,18 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn start(queue: Arc<dyn JobQueue>, region: &str, behaviour: Behaviour) -> Consumer {
+        Consumer::start_with_keys(queue, region, behaviour, None)
+    }
+
+    /// [`Consumer::start`], encrypting the parts of tasks that ask under
+    /// `keys` (without keys such tasks are refused FAILED_PRECONDITION, as
+    /// the workers' batch role does).
+    pub fn start_with_keys(
+        queue: Arc<dyn JobQueue>,
+        region: &str,
+        behaviour: Behaviour,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Consumer {
         let taken: Taken = Arc::default();
         let scored = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -290,12 +318,12 @@ impl Consumer {
                                 Outcome::error(13, "the test consumer fails every shard")
                             }
                             Behaviour::Score | Behaviour::Slow(_) => {
-                                match score(&task, &consumer, &region).await {
+                                match score_with(&task, &consumer, &region, keys.clone()).await {
                                     Ok(result) => {
                                         scored.fetch_add(1, Ordering::SeqCst);
                                         Outcome::Ok(result.encode_to_vec().into())
                                     }
-                                    Err(error) => Outcome::error(13, error),
+                                    Err((code, error)) => Outcome::error(code, error),
                                 }
                             }
                         };
@@ -323,6 +351,47 @@ pub async fn score(
     task: &proto::ShardTask,
     worker: &str,
     region: &str,
+) -> Result<proto::ShardResult, String> {
+    score_with(task, worker, region, None)
+        .await
+        .map_err(|(_, error)| error)
+}
+
+/// [`score`] with a key ring; errors carry their gRPC code.
+pub async fn score_with(
+    task: &proto::ShardTask,
+    worker: &str,
+    region: &str,
+    keys: Option<Arc<KeyRing>>,
+) -> Result<proto::ShardResult, (i32, String)> {
+    let encryption = match (task.encrypt, keys) {
+        (false, _) => None,
+        (true, None) => {
+            return Err((
+                9,
+                format!(
+                    "shard {} of job '{}': output encryption is not supported by this worker \
+                     ({worker}): it has no key ring; set batch.key_file",
+                    task.shard_index, task.job_id
+                ),
+            ));
+        }
+        (true, Some(ring)) => Some(PartEncryption {
+            ring,
+            key_id: None,
+            job_id: task.job_id.clone(),
+        }),
+    };
+    score_inner(task, worker, region, encryption)
+        .await
+        .map_err(|error| (13, error))
+}
+
+async fn score_inner(
+    task: &proto::ShardTask,
+    worker: &str,
+    region: &str,
+    encryption: Option<PartEncryption>,
 ) -> Result<proto::ShardResult, String> {
     let shard: Shard = serde_json::from_str(&task.shard_json).map_err(|e| e.to_string())?;
     let inputs: Vec<ModelInput> = vec![ModelInput::new(
@@ -374,8 +443,13 @@ pub async fn score(
         let out = PartWriter::batch(&keys, outputs).map_err(|e| e.to_string())?;
         if writer.is_none() {
             writer = Some(
-                PartWriter::create(&output, task.shard_index as usize, out.schema())
-                    .map_err(|e| e.to_string())?,
+                PartWriter::create_with(
+                    &output,
+                    task.shard_index as usize,
+                    out.schema(),
+                    encryption.clone(),
+                )
+                .map_err(|e| e.to_string())?,
             );
         }
         writer
@@ -392,7 +466,7 @@ pub async fn score(
                 Field::new("id", DataType::Int64, true),
                 Field::new("y", DataType::Float32, false),
             ]));
-            PartWriter::create(&output, task.shard_index as usize, schema)
+            PartWriter::create_with(&output, task.shard_index as usize, schema, encryption)
                 .map_err(|e| e.to_string())?
                 .finish()
                 .await
