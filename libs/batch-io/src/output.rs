@@ -558,18 +558,20 @@ async fn upload(output: &Output, name: &str, file: &Path) -> Result<()> {
         loop {
             let read = source.read(&mut buffer).await?;
             if read == 0 {
-                break;
+                return Ok(());
             }
             writer.write_all(&buffer[..read]).await?;
         }
-        writer.shutdown().await
     }
     .await;
     if let Err(error) = copied {
+        // A multipart upload begun is aborted (nothing appears).
         let _ = writer.abort().await;
         return Err(write_error(error));
     }
-    Ok(())
+    // The single PUT, or the multipart upload's completion: the object
+    // appears whole or not at all.
+    writer.shutdown().await.map_err(write_error)
 }
 
 /// Makes a rename in `dir` durable.
