@@ -205,7 +205,7 @@ async fn list_s3(
     let (store, path) = store_for(location)?;
     let store_error = |error: object_store::Error| Error::Store {
         path: location.to_owned(),
-        reason: error.to_string(),
+        reason: crate::error::one_line(error),
     };
     if !key.is_empty() {
         match store.head(&path).await {
@@ -250,10 +250,7 @@ async fn open_parquet(store: &Arc<dyn ObjectStore>, path: String, size: u64) -> 
     let reader = StoreReader::new(store.clone(), store_path, size);
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
-        .map_err(|error| Error::CorruptFile {
-            file: path.clone(),
-            reason: error.to_string(),
-        })?;
+        .map_err(|error| crate::error::parquet_error(&path, error))?;
     let row_groups = builder
         .metadata()
         .row_groups()
@@ -285,7 +282,7 @@ async fn read_head(store: &Arc<dyn ObjectStore>, path: &str, size: u64) -> Resul
             .await
             .map_err(|error| Error::Store {
                 path: path.to_owned(),
-                reason: error.to_string(),
+                reason: crate::error::one_line(error),
             })?;
         head.extend_from_slice(&bytes);
         end = next;

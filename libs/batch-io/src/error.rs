@@ -68,5 +68,34 @@ pub enum Error {
     Verify { path: String, reason: String },
 }
 
+/// `text` on one line: an object store's error may carry the server's
+/// multi-line XML answer.
+pub(crate) fn one_line(text: impl ToString) -> String {
+    text.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The error of a Parquet read: the store's (the object is gone, the
+/// endpoint does not answer) as [`Error::Store`], anything else as the
+/// file being corrupt.
+pub(crate) fn parquet_error(file: &str, error: parquet::errors::ParquetError) -> Error {
+    match error {
+        parquet::errors::ParquetError::External(inner)
+            if inner.downcast_ref::<object_store::Error>().is_some() =>
+        {
+            Error::Store {
+                path: file.to_owned(),
+                reason: one_line(inner),
+            }
+        }
+        other => Error::CorruptFile {
+            file: file.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -321,7 +321,7 @@ impl Output {
     fn store_error(&self, name: Option<&str>, error: impl fmt::Display) -> Error {
         Error::Store {
             path: name.map_or_else(|| self.location.clone(), |name| self.file(name)),
-            reason: error.to_string(),
+            reason: crate::error::one_line(error),
         }
     }
 

@@ -134,7 +134,7 @@ async fn read_row_groups(
     let reader = StoreReader::new(store, path, shard.file_size);
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
-        .map_err(|error| corrupt(shard, error))?;
+        .map_err(|error| crate::error::parquet_error(&shard.file, error))?;
     let groups = builder.metadata().num_row_groups();
     if first + count > groups {
         return Err(corrupt(
@@ -157,12 +157,7 @@ async fn read_row_groups(
         .map_err(|error| corrupt(shard, error))?;
     let file = shard.file.clone();
     let batches = stream
-        .map(move |batch| {
-            batch.map_err(|error| Error::CorruptFile {
-                file: file.clone(),
-                reason: error.to_string(),
-            })
-        })
+        .map(move |batch| batch.map_err(|error| crate::error::parquet_error(&file, error)))
         .boxed();
     Ok(numbered(shard, batches, columns))
 }
@@ -238,7 +233,7 @@ async fn read_lines(
         .await
         .map_err(|error| Error::Store {
             path: shard.file.clone(),
-            reason: error.to_string(),
+            reason: crate::error::one_line(error),
         })?;
     let file = shard.file.clone();
     let decode_error = move |error: arrow::error::ArrowError| Error::CorruptFile {

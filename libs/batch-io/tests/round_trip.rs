@@ -385,6 +385,32 @@ async fn missing_buckets_and_objects_are_named() {
         Err(error) => error,
     };
     assert!(error.to_string().contains(&url), "{error}");
+    assert!(
+        matches!(error, shamal_batch_io::Error::Store { .. }),
+        "{error:?}"
+    );
+    // The same for a Parquet shard: the store's error, on one line, not a
+    // corrupt file.
+    let local = dir.path().join("in.parquet");
+    common::write_parquet(&local, &common::batch(&common::rows(5)), 10);
+    let url = format!("s3://{bucket}/gone/in.parquet");
+    s3::upload(&local, &url).await;
+    let dataset = Dataset::open(&url, None).await.expect("open");
+    let shards = dataset.plan_shards(100);
+    Output::new(&format!("s3://{bucket}/gone"))
+        .expect("output")
+        .delete("in.parquet")
+        .await
+        .expect("delete");
+    let error = match read_shard(&shards[0], &["id".to_owned()], 10).await {
+        Ok(_) => panic!("read a deleted object"),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(&error, shamal_batch_io::Error::Store { path, .. } if *path == url),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains('\n'), "{error}");
 
     // An output that cannot be listed names its URL.
     let output = format!("s3://no-such-bucket-{}/out", uuid::Uuid::new_v4().simple());
