@@ -790,7 +790,7 @@ impl Coordinator {
         let message = format!(
             "shard {} ({}) failed after {} attempts: {}",
             shard.index,
-            part_name(shard.index as usize),
+            expected_part(job, shard.index),
             shard.attempts,
             shard.last_error
         );

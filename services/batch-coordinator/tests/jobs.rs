@@ -951,7 +951,9 @@ async fn encrypted_outputs_end_to_end() {
         failed.message
     );
     assert!(
-        failed.message.contains("failed after 3 attempts"),
+        failed
+            .message
+            .contains(".parquet.enc) failed after 3 attempts"),
         "{}",
         failed.message
     );
