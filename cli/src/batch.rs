@@ -1,7 +1,9 @@
 //! `shamal batch`: batch inference jobs on the batch coordinator
 //! (docs/batch.md). `submit` checks and queues a job (and with `--wait`
 //! follows it to its end), `status` shows one (`--follow`: until it ends),
-//! `list` the newest, `cancel` stops one.
+//! `list` the newest, `cancel` stops one. `decrypt` reads an encrypted
+//! job output back into plain Parquet (locally, under a key ring; no
+//! coordinator involved).
 //!
 //! gRPC to the coordinator (`--batch-endpoint`, `SHAMAL_BATCH_ENDPOINT`,
 //! default `shamal up`'s): plain http, or https over rustls on ring,
@@ -103,6 +105,9 @@ enum BatchCommand {
     List(ListArgs),
     /// Cancel a queued or running job (a finished one is refused).
     Cancel(CancelArgs),
+    /// Decrypt an encrypted job output (`submit --encrypt`) into plain
+    /// Parquet parts and a plain manifest, under the batch key ring.
+    Decrypt(DecryptArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -193,6 +198,25 @@ struct CancelArgs {
     id: String,
 }
 
+#[derive(Debug, clap::Args)]
+struct DecryptArgs {
+    /// The job's output: its directory or object-store URL (what `submit
+    /// --out` named), with its `_manifest.json`.
+    #[arg(value_name = "JOB_OUTPUT")]
+    source: String,
+    /// Where the plain parts and manifest go: an empty or absent
+    /// directory, or an object-store URL.
+    #[arg(long = "out", value_name = "DIR")]
+    out: String,
+    /// The key file of the batch outputs (the workers' `[batch] key_file`:
+    /// TOML or JSON, mode 0600).
+    #[arg(long, value_name = "FILE", env = KEY_FILE_ENV)]
+    key_file: Option<PathBuf>,
+}
+
+/// The environment variable `decrypt` reads the key file's path from.
+const KEY_FILE_ENV: &str = "SHAMAL_BATCH_KEY_FILE";
+
 /// `INPUT=COL`.
 fn parse_mapping(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -217,12 +241,20 @@ fn parse_state(text: &str) -> Result<pb::JobState, String> {
 
 pub async fn run(args: BatchArgs, opts: &RegistryOpts) -> ExitCode {
     let result = async {
-        let mut client = BatchClient::connect(&args.connection, opts).await?;
+        let connect = || BatchClient::connect(&args.connection, opts);
         match args.command {
-            BatchCommand::Submit(submit_args) => submit(&mut client, opts, *submit_args).await,
-            BatchCommand::Status(status_args) => status(&mut client, opts, &status_args).await,
-            BatchCommand::List(list_args) => list(&mut client, opts, &list_args).await,
-            BatchCommand::Cancel(cancel_args) => cancel(&mut client, opts, &cancel_args).await,
+            BatchCommand::Submit(submit_args) => {
+                submit(&mut connect().await?, opts, *submit_args).await
+            }
+            BatchCommand::Status(status_args) => {
+                status(&mut connect().await?, opts, &status_args).await
+            }
+            BatchCommand::List(list_args) => list(&mut connect().await?, opts, &list_args).await,
+            BatchCommand::Cancel(cancel_args) => {
+                cancel(&mut connect().await?, opts, &cancel_args).await
+            }
+            // Decrypting reads and writes the outputs only: no coordinator.
+            BatchCommand::Decrypt(decrypt_args) => decrypt(opts, &decrypt_args).await,
         }
     }
     .await;
@@ -406,6 +438,65 @@ async fn cancel(
         println!("cancelled {}", job.id);
         print_job(&job);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn decrypt(opts: &RegistryOpts, args: &DecryptArgs) -> CliResult<ExitCode> {
+    let Some(key_file) = &args.key_file else {
+        return Err(CliError::Usage(format!(
+            "no key ring to decrypt with: pass --key-file FILE (the batch outputs' key file, the \
+             workers' [batch] key_file) or set {KEY_FILE_ENV}"
+        )));
+    };
+    let ring = shamal_batch_io::KeyRing::from_file(key_file)
+        .map_err(|error| CliError::other(format!("--key-file: {error}")))?;
+    let source = absolute(&args.source, "JOB_OUTPUT")?;
+    let destination = absolute(&args.out, "--out")?;
+    let manifest = shamal_batch_io::decrypt_dataset(&source, &destination, &ring)
+        .await
+        .map_err(|error| {
+            CliError::other(format!(
+                "cannot decrypt {source} into {destination}: {error}"
+            ))
+        })?;
+    if opts.output == Output::Json {
+        print_json(&json!({
+            "source": source,
+            "destination": destination,
+            "job_id": manifest.job_id,
+            "model": manifest.model,
+            "model_version": manifest.model_version,
+            "total_rows": manifest.total_rows,
+            "parts": manifest
+                .parts
+                .iter()
+                .map(|part| json!({
+                    "name": part.name,
+                    "rows": part.rows,
+                    "bytes": part.bytes,
+                    "sha256": part.sha256,
+                }))
+                .collect::<Vec<_>>(),
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&["part", "rows", "bytes"]);
+    for part in &manifest.parts {
+        table.row(vec![
+            part.name.clone(),
+            thousands(part.rows),
+            thousands(part.bytes),
+        ]);
+    }
+    table.print();
+    println!(
+        "decrypted {} parts, {} rows of job {} into {destination} (with {} and {})",
+        manifest.parts.len(),
+        thousands(manifest.total_rows),
+        manifest.job_id,
+        shamal_batch_io::MANIFEST_FILE,
+        shamal_batch_io::SUCCESS_FILE,
+    );
     Ok(ExitCode::SUCCESS)
 }
 

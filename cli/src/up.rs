@@ -105,6 +105,11 @@ pub struct UpArgs {
     /// batch role).
     #[arg(long)]
     no_batch: bool,
+    /// Key file the workers encrypt batch outputs under (`submit
+    /// --encrypt`; their `[batch] key_file`: TOML or JSON, mode 0600);
+    /// without it, encrypted jobs are refused by the workers.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_batch")]
+    batch_key_file: Option<PathBuf>,
     /// Largest dynamic batch for models without a configuration file.
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -565,6 +570,9 @@ pub async fn run(args: UpArgs) -> ExitCode {
     worker_config.node.audit = audit_client(&args, audit_address.as_deref(), "cpu-worker");
     if batch_queue.is_some() {
         worker_config.node.batch.queue = Some(MEMORY_QUEUE.to_owned());
+        if let Some(key_file) = &args.batch_key_file {
+            worker_config.node.batch.key_file = Some(key_file.clone());
+        }
     }
     let worker = match shamal_cpu_worker::build_with_batch_queue(
         &worker_config,
@@ -585,6 +593,9 @@ pub async fn run(args: UpArgs) -> ExitCode {
             config.node.audit = audit_client(&args, audit_address.as_deref(), "gpu-worker");
             if batch_queue.is_some() {
                 config.node.batch.queue = Some(MEMORY_QUEUE.to_owned());
+                if let Some(key_file) = &args.batch_key_file {
+                    config.node.batch.key_file = Some(key_file.clone());
+                }
             }
             let built = shamal_gpu_worker::device::select(config.device, config.cuda_device)
                 .map_err(anyhow::Error::msg)

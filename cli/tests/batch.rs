@@ -6,8 +6,13 @@
 //! the manifest listing the parts; `status`, `list` and `cancel`; a missing
 //! column, an unknown model and an unreadable path refused naming them,
 //! with nothing written; a job whose rows do not fit failing (exit 8) and
-//! a cancelled one (exit 9); the progress of a command whose stdout is not a
-//! terminal in plain lines; the jobs in the embedded audit log.
+//! a cancelled one (exit 9); an encrypted job (`--encrypt`, up's
+//! `--batch-key-file`) whose parts are not stored as Parquet, read back by
+//! `batch decrypt` into the plain job's rows, and refused without a key
+//! ring, under a ring without its key id, under the wrong key, for a
+//! tampered part and into a non-empty directory; the progress of a command
+//! whose stdout is not a terminal in plain lines; the jobs in the embedded
+//! audit log.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,10 +73,29 @@ impl Up {
     }
 }
 
-/// Starts `shamal up` (no gpu-worker) on free ports with its data in
+/// The key the workers encrypt batch outputs under (id `k1`), and
+/// another one (32 bytes each, base64).
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const OTHER_KEY: &str = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=";
+
+/// A key file (TOML, mode 0600) holding `key` as `id`, active.
+fn write_key_file(path: &Path, id: &str, key: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(
+        path,
+        format!("active = \"{id}\"\n[keys]\n{id} = \"{key}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_path_buf()
+}
+
+/// Starts `shamal up` (no gpu-worker), its workers encrypting batch
+/// outputs under [`KEY`] (`--batch-key-file`), on free ports with its data in
 /// `data_dir`, and waits for its banner.
 async fn start_up(data_dir: &Path) -> Up {
     let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
+    let key_file = write_key_file(&data_dir.join("batch-keys.toml"), "k1", KEY);
     let log = data_dir.join("up.log");
     let out = File::create(&log).unwrap();
     let err = out.try_clone().unwrap();
@@ -89,6 +113,8 @@ async fn start_up(data_dir: &Path) -> Up {
         .args(["--audit-grpc-port", &ports[5].to_string()])
         .args(["--batch-grpc-port", &ports[6].to_string()])
         .args(["--batch-http-port", &ports[7].to_string()])
+        .arg("--batch-key-file")
+        .arg(&key_file)
         .env("RUST_LOG", "warn")
         .env_remove("SHAMAL_OIDC_ISSUER")
         .env_remove("SHAMAL_MODEL_REPOSITORY")
@@ -145,6 +171,7 @@ async fn shamal(dir: &Path, up: &Up, args: &[&str]) -> Output {
         .env("SHAMAL_BATCH_ENDPOINT", &up.batch)
         .env_remove("SHAMAL_TOKEN")
         .env_remove("SHAMAL_BATCH_CA")
+        .env_remove("SHAMAL_BATCH_KEY_FILE")
         .env_remove("SHAMAL_AUDIT_URL")
         .stdin(Stdio::null());
     tokio::task::spawn_blocking(move || command.output().unwrap())
@@ -612,6 +639,234 @@ async fn batch_jobs_through_shamal_up() {
     let listed = shamal(&work, &up, &["batch", "list", "--output", "json"]).await;
     let jobs: Value = serde_json::from_str(&stdout(&listed)).unwrap();
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
+
+    // An encrypted job: its stored parts are not Parquet; `decrypt` reads
+    // them back (under the workers' key file) into the plain job's rows.
+    let submitted = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "submit",
+            "--model",
+            "demo",
+            "--input",
+            "in.jsonl",
+            "--out",
+            "out-encrypted",
+            "--key",
+            "id",
+            "--rows-per-shard",
+            "40",
+            "--encrypt",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(
+        code(&submitted),
+        0,
+        "{}\n{}\n{}",
+        stdout(&submitted),
+        stderr(&submitted),
+        up.log()
+    );
+    let encrypted_id = submitted_id(&stdout(&submitted));
+    let encrypted = work.join("out-encrypted");
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(&encrypted).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.starts_with("part-") {
+            assert!(name.ends_with(".parquet.enc"), "{name}");
+            let bytes = std::fs::read(encrypted.join(&name)).unwrap();
+            assert!(
+                bytes.len() > 8 && !bytes.starts_with(b"PAR1") && !bytes.ends_with(b"PAR1"),
+                "{name} is stored as Parquet"
+            );
+            stored.push(name);
+        }
+    }
+    assert!(stored.len() > 1, "{stored:?}");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(encrypted.join("_manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["encryption"]["key_ids"], serde_json::json!(["k1"]));
+    // No key ring: refused, naming the flag.
+    let refused = shamal(
+        &work,
+        &up,
+        &["batch", "decrypt", "out-encrypted", "--out", "dec-none"],
+    )
+    .await;
+    assert_eq!(code(&refused), 2, "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains("--key-file"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!work.join("dec-none").exists());
+    // A key ring without the parts' key id: refused naming it, nothing
+    // written.
+    let other_id = write_key_file(&work.join("other-id.toml"), "k9", OTHER_KEY);
+    let refused = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "decrypt",
+            "out-encrypted",
+            "--out",
+            "dec-other-id",
+            "--key-file",
+            other_id.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code(&refused), 1, "{}", stdout(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("key id 'k1'") && message.contains("k9"),
+        "{message}"
+    );
+    assert!(!work.join("dec-other-id").exists());
+    // The same key id holding another key: the first part fails
+    // authentication, named; no manifest.
+    let wrong_key = write_key_file(&work.join("wrong-key.toml"), "k1", OTHER_KEY);
+    let refused = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "decrypt",
+            "out-encrypted",
+            "--out",
+            "dec-wrong-key",
+            "--key-file",
+            wrong_key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code(&refused), 1, "{}", stdout(&refused));
+    let message = stderr(&refused);
+    assert!(message.contains("part-"), "{message}");
+    assert!(!work.join("dec-wrong-key/_manifest.json").exists());
+    // A tampered part (a copy of the output with one byte changed).
+    let tampered = work.join("out-tampered");
+    std::fs::create_dir_all(&tampered).unwrap();
+    for entry in std::fs::read_dir(&encrypted).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tampered.join(entry.file_name())).unwrap();
+    }
+    let victim = tampered.join(&stored[0]);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let key_file = dir.path().join("batch-keys.toml");
+    let key_file = key_file.to_str().unwrap();
+    let refused = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "decrypt",
+            "out-tampered",
+            "--out",
+            "dec-tampered",
+            "--key-file",
+            key_file,
+        ],
+    )
+    .await;
+    assert_eq!(code(&refused), 1, "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains(&stored[0]),
+        "names the part: {}",
+        stderr(&refused)
+    );
+    assert!(!work.join("dec-tampered/_manifest.json").exists());
+    // A destination that is not empty: refused.
+    let refused = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "decrypt",
+            "out-encrypted",
+            "--out",
+            "out-jsonl",
+            "--key-file",
+            key_file,
+        ],
+    )
+    .await;
+    assert_eq!(code(&refused), 1, "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains("out-jsonl"),
+        "{}",
+        stderr(&refused)
+    );
+    // The right key: the plain job's rows, a plain manifest.
+    let decrypted = shamal(
+        &work,
+        &up,
+        &[
+            "batch",
+            "decrypt",
+            "out-encrypted",
+            "--out",
+            "dec",
+            "--key-file",
+            key_file,
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        code(&decrypted),
+        0,
+        "{}\n{}",
+        stdout(&decrypted),
+        stderr(&decrypted)
+    );
+    let report: Value = serde_json::from_str(&stdout(&decrypted)).unwrap();
+    assert_eq!(report["job_id"], encrypted_id.as_str());
+    assert_eq!(report["total_rows"], ROWS as u64);
+    assert_eq!(report["destination"], work.join("dec").to_str().unwrap());
+    assert_eq!(report["parts"].as_array().unwrap().len(), stored.len());
+    check_output(&work.join("dec"), &["id"], &expected, &|_| Vec::new());
+    assert_eq!(
+        read_output(&work.join("dec"), &["id"]).rows,
+        read_output(&work.join("out-jsonl"), &["id"]).rows,
+        "the encrypted job's rows are the plain job's"
+    );
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("dec/_manifest.json")).unwrap())
+            .unwrap();
+    assert!(manifest.get("encryption").is_none(), "{manifest}");
+    // The key file from the environment; the table output.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shamal"));
+    command
+        .current_dir(&work)
+        .args(["batch", "decrypt", "out-encrypted", "--out", "dec-env"])
+        .env("XDG_CONFIG_HOME", &work)
+        .env("HOME", &work)
+        .env("SHAMAL_BATCH_KEY_FILE", key_file)
+        .stdin(Stdio::null());
+    let decrypted = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code(&decrypted), 0, "{}", stderr(&decrypted));
+    assert!(
+        stdout(&decrypted).contains(&format!(
+            "decrypted {} parts, {ROWS} rows of job {encrypted_id}",
+            stored.len()
+        )),
+        "{}",
+        stdout(&decrypted)
+    );
+    check_output(&work.join("dec-env"), &["id"], &expected, &|_| Vec::new());
 
     // A row that does not fit the input fails its shard, every attempt:
     // the job fails, and --wait exits 8 with its message.
