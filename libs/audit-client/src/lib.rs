@@ -257,6 +257,8 @@ pub(crate) struct Shared {
     rotate_requested: AtomicBool,
     /// Shutting down: the writer stops retrying failed writes.
     stopping: AtomicBool,
+    /// A flush is queued: the writer ends its gathering window early.
+    flush_requested: tokio::sync::Notify,
     next_drop_warning_ms: AtomicU64,
     drops_unlogged: AtomicU64,
     /// Held (locked) while any handle or task lives.
@@ -461,6 +463,7 @@ impl Auditor {
             acked,
             rotate_requested: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            flush_requested: tokio::sync::Notify::new(),
             next_drop_warning_ms: AtomicU64::new(0),
             drops_unlogged: AtomicU64::new(0),
             _lock: lock,
@@ -605,6 +608,7 @@ impl Auditor {
             .send(Msg::Flush { reply, stop: false })
             .await
             .ok()?;
+        inner.shared.flush_requested.notify_one();
         answer.await.ok()
     }
 
@@ -647,6 +651,7 @@ impl Auditor {
             .await
             .is_ok()
         {
+            inner.shared.flush_requested.notify_one();
             let _ = answer.await;
         }
         inner.shared.stopping.store(true, Ordering::Release);
