@@ -59,7 +59,11 @@ pub struct Migrations {
 ///   (`mode=rwc`) unless the URL says otherwise; one connection (SQLite
 ///   serialises writers anyway, and a single writer never meets
 ///   `SQLITE_BUSY`); an in-memory database is kept open for the pool's
-///   life.
+///   life. A file database runs in write-ahead-log mode with full
+///   synchronisation: a commit is one append and one `fsync` of the log,
+///   instead of the rollback journal's create, two `fsync`s and delete
+///   (`perf` of the audit service on SQLite: the journal was a quarter of
+///   its CPU), and a commit is still durable when it returns.
 /// - Postgres: up to 16 connections.
 ///
 /// Connections wait at most 10 s for a free one.
@@ -89,6 +93,23 @@ pub async fn open(url: &str, migrations: Migrations) -> Result<(AnyPool, Backend
             .idle_timeout(None)
             .max_lifetime(None)
             .min_connections(1)
+    } else if backend == Backend::Sqlite {
+        options.after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::query("PRAGMA journal_mode = WAL")
+                    .execute(&mut *connection)
+                    .await?;
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *connection)
+                    .await?;
+                // Statement journals (a multi-row INSERT's undo) in memory,
+                // not in a temporary file written for every statement.
+                sqlx::query("PRAGMA temp_store = MEMORY")
+                    .execute(&mut *connection)
+                    .await?;
+                Ok(())
+            })
+        })
     } else {
         options
     };
@@ -178,6 +199,35 @@ mod tests {
             .await
             .unwrap();
         assert!(file.exists());
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_file_runs_in_write_ahead_log_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("store.db");
+        let migrations = Migrations {
+            postgres: &NONE,
+            sqlite: &NONE,
+        };
+        let (pool, _) = open(&format!("sqlite://{}", file.display()), migrations)
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // 2 = FULL: a commit is durable when it returns.
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2);
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(dir.path().join("store.db-wal").exists());
     }
 
     #[tokio::test]
