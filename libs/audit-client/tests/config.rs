@@ -11,8 +11,9 @@ fn defaults_leave_auditing_off_with_the_documented_values() {
     assert!(!config.enabled());
     assert_eq!(config.max_spool_bytes, 256 * 1024 * 1024);
     assert_eq!(config.on_full, OnFull::FailClosed);
-    assert_eq!(config.batch_size, 500);
-    assert_eq!(config.flush_interval_ms, 2);
+    assert_eq!(config.batch_size, 2000);
+    assert_eq!(config.flush_interval_ms, 10);
+    assert_eq!(config.ship_interval_ms, 200);
     config.validate().unwrap();
 }
 
@@ -41,7 +42,7 @@ fn a_toml_table_parses_and_unknown_fields_are_refused() {
     );
     assert_eq!(audit.on_full, OnFull::FailOpen);
     assert_eq!(
-        audit.flush_interval_ms, 2,
+        audit.flush_interval_ms, 10,
         "unset fields keep their default"
     );
     audit.validate().unwrap();
