@@ -60,8 +60,8 @@ declare -A token=([A]="${A_TOKEN:-}" [B]="${B_TOKEN:-}")
 start_side() {
   local side="$1"
   shift
-  local http g metrics reg_http reg_grpc audit_grpc
-  read -r http g metrics reg_http reg_grpc audit_grpc < <(free_ports 6)
+  local http g metrics reg_http reg_grpc audit_grpc batch_grpc batch_http
+  read -r http g metrics reg_http reg_grpc audit_grpc batch_grpc batch_http < <(free_ports 8)
   local shamal="$bin/shamal"
   if [ "$side" = A ] && [ -n "${A_BIN:-}" ]; then shamal="$A_BIN"; fi
   if [ "$side" = B ] && [ -n "${B_BIN:-}" ]; then shamal="$B_BIN"; fi
@@ -70,6 +70,10 @@ start_side() {
   local audit_flag=()
   if "$shamal" up --help | grep -q -- --audit-grpc-port; then
     audit_flag=(--audit-grpc-port "$audit_grpc")
+  fi
+  # Likewise the batch coordinator's two ports.
+  if "$shamal" up --help | grep -q -- --batch-grpc-port; then
+    audit_flag+=(--batch-grpc-port "$batch_grpc" --batch-http-port "$batch_http")
   fi
   "$shamal" up --model-repository "$tmp" --http-port "$http" --grpc-port "$g" \
     --metrics-port "$metrics" --registry-http-port "$reg_http" \
