@@ -542,8 +542,11 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Records `event`, its fields cut to what the audit service accepts
+    /// (see [`bounded`]), so that a long failure reason does not get the
+    /// whole event set aside as invalid.
     fn audit(&self, event: AuditEvent) {
-        if let Err(error) = self.auditor.record(event) {
+        if let Err(error) = self.auditor.record(bounded(event)) {
             tracing::warn!(%error, "batch audit event not recorded");
         }
     }
@@ -959,6 +962,50 @@ enum Recorded {
 }
 
 /// The part name a shard of `job` is written as.
+/// Longest text field the audit service accepts, in characters
+/// (`shamal_audit::event::MAX_TEXT_CHARS`: `reason`, `actor`, `tenant`,
+/// `model`, `version`, `request_id`, ...).
+const AUDIT_MAX_TEXT_CHARS: usize = 256;
+/// Longest `before_json` / `after_json` the audit service accepts, in bytes
+/// (`shamal_audit::event::MAX_JSON_BYTES`).
+const AUDIT_MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// `event` with every free-text field the audit service bounds cut to its
+/// bound: a longer text keeps its first characters and ends in `…`; a JSON
+/// field over its bound becomes `{"truncated": true, "bytes": N}` (cut
+/// JSON would not parse). Fields within their bounds are unchanged.
+fn bounded(mut event: AuditEvent) -> AuditEvent {
+    for field in [
+        &mut event.instance,
+        &mut event.outcome,
+        &mut event.actor,
+        &mut event.client_id,
+        &mut event.tenant,
+        &mut event.model,
+        &mut event.version,
+        &mut event.region,
+        &mut event.worker,
+        &mut event.request_id,
+        &mut event.reason,
+    ] {
+        if let Some((cut, _)) = field.char_indices().nth(AUDIT_MAX_TEXT_CHARS) {
+            // The first 255 characters and the ellipsis: 256 in all.
+            let keep = field
+                .char_indices()
+                .nth(AUDIT_MAX_TEXT_CHARS - 1)
+                .map_or(cut, |(at, _)| at);
+            field.truncate(keep);
+            field.push('…');
+        }
+    }
+    for field in [&mut event.before_json, &mut event.after_json] {
+        if field.len() > AUDIT_MAX_JSON_BYTES {
+            *field = serde_json::json!({"truncated": true, "bytes": field.len()}).to_string();
+        }
+    }
+    event
+}
+
 fn expected_part(job: &Job, index: u32) -> String {
     if job.spec.encrypt {
         encrypted_part_name(index as usize)
@@ -1122,4 +1169,44 @@ pub fn job_regions(model: &ModelState, requested: &[String]) -> Result<Vec<Strin
         )));
     }
     Ok(regions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_events_are_cut_to_the_audit_services_bounds() {
+        let reason = format!("shard 3 of job-1 failed: {}", "é".repeat(400));
+        let event = bounded(AuditEvent {
+            action: "batch.fail".to_owned(),
+            outcome: "failed".to_owned(),
+            request_id: "job-1".to_owned(),
+            model: "m".repeat(300),
+            reason: reason.clone(),
+            after_json: format!("[{}]", vec!["1"; 40_000].join(",")),
+            before_json: "{\"rows\": 1}".to_owned(),
+            ..Default::default()
+        });
+        assert_eq!(event.reason.chars().count(), AUDIT_MAX_TEXT_CHARS);
+        assert!(event.reason.ends_with('…'), "{}", event.reason);
+        let kept: String = reason.chars().take(AUDIT_MAX_TEXT_CHARS - 1).collect();
+        assert!(event.reason.starts_with(&kept));
+        assert_eq!(event.model.chars().count(), AUDIT_MAX_TEXT_CHARS);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&event.after_json).unwrap(),
+            serde_json::json!({"truncated": true, "bytes": 80_001})
+        );
+        // Within bounds: unchanged.
+        assert_eq!(event.action, "batch.fail");
+        assert_eq!(event.outcome, "failed");
+        assert_eq!(event.request_id, "job-1");
+        assert_eq!(event.before_json, "{\"rows\": 1}");
+        let exact = "x".repeat(AUDIT_MAX_TEXT_CHARS);
+        let event = bounded(AuditEvent {
+            reason: exact.clone(),
+            ..Default::default()
+        });
+        assert_eq!(event.reason, exact);
+    }
 }
