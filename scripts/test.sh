@@ -133,12 +133,15 @@ metrics_port="$(free_port)"
 registry_http_port="$(free_port)"
 registry_grpc_port="$(free_port)"
 audit_grpc_port="$(free_port)"
+batch_grpc_port="$(free_port)"
+batch_http_port="$(free_port)"
 data_dir="$(mktemp -d)"
 log="$(mktemp)"
 target/debug/shamal up --model-repository models/repository --data-dir "$data_dir" \
   --http-port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
   --registry-http-port "$registry_http_port" --registry-grpc-port "$registry_grpc_port" \
-  --audit-grpc-port "$audit_grpc_port" >"$log" 2>&1 &
+  --audit-grpc-port "$audit_grpc_port" \
+  --batch-grpc-port "$batch_grpc_port" --batch-http-port "$batch_http_port" >"$log" 2>&1 &
 stack_pid=$!
 cleanup() {
   kill "$stack_pid" 2>/dev/null || true

@@ -1,9 +1,10 @@
 //! When a test may be skipped: the one policy of every Rust test that needs
-//! something Cargo does not provide (a Redis or PostgreSQL server, the
-//! `redis-server` binary, the real all-MiniLM-L6-v2 weights).
+//! something Cargo does not provide (a Redis, PostgreSQL or S3-compatible
+//! server, the `redis-server` binary, the real all-MiniLM-L6-v2 weights).
 //!
 //! - The variable that names it (`SHAMAL_TEST_REDIS_URL`,
-//!   `SHAMAL_TEST_POSTGRES_URL`, `SHAMAL_MINILM_DIR`) is set: the test uses
+//!   `SHAMAL_TEST_POSTGRES_URL`, `SHAMAL_TEST_S3_ENDPOINT` from
+//!   `scripts/ensure-s3.sh`, `SHAMAL_MINILM_DIR`) is set: the test uses
 //!   it, and fails when it is unusable (a server that does not answer, a
 //!   directory without the files).
 //! - The variable is unset: the test is skipped, with a message on the
