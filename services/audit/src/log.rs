@@ -595,9 +595,17 @@ async fn stored_event_ids(
 /// array of [`RECORD_COLUMNS`] values per record): one parameter whatever
 /// the chunk's size, one prepared statement for every chunk.
 fn insert_sql(backend: Backend) -> String {
-    let (rows, cast) = match backend {
-        Backend::Sqlite => ("json_each($1) AS r", false),
-        Backend::Postgres => ("json_array_elements($1::json) AS r(value)", true),
+    // SQLite: each reference to `json_each`'s `value` converts the row's
+    // array to text again (`perf`: a quarter of the store's CPU with 24
+    // columns); a materialised CTE converts it once per row, and the 24
+    // extractions then share one parse.
+    let (with, rows, cast) = match backend {
+        Backend::Sqlite => (
+            "WITH rows(value) AS MATERIALIZED (SELECT value FROM json_each($1)) ",
+            "rows AS r",
+            false,
+        ),
+        Backend::Postgres => ("", "json_array_elements($1::json) AS r(value)", true),
     };
     let integers = [0, 2, 3, 16];
     let values = (0..RECORD_COLUMN_COUNT)
@@ -607,7 +615,7 @@ fn insert_sql(backend: Backend) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    format!("INSERT INTO audit_records ({RECORD_COLUMNS}) SELECT {values} FROM {rows}")
+    format!("{with}INSERT INTO audit_records ({RECORD_COLUMNS}) SELECT {values} FROM {rows}")
 }
 
 /// One row of [`insert_sql`]'s array, in [`RECORD_COLUMNS`] order.
