@@ -562,7 +562,7 @@ impl AuditClient {
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
         let connected = if https {
-            let tls = tls_config(connection.ca.as_deref())?;
+            let tls = tls_config(connection.ca.as_deref(), "--audit-ca", "audit service")?;
             endpoint.connect_with_connector(connector(tls)).await
         } else {
             endpoint.connect().await
@@ -671,20 +671,26 @@ fn is_secure(url: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// rustls on ring, ALPN h2, trusting `ca` or the system's roots.
-fn tls_config(ca: Option<&Path>) -> CliResult<Arc<rustls::ClientConfig>> {
+/// rustls on ring, ALPN h2, trusting `ca` or the system's roots: the TLS
+/// of a gRPC service's client (`ca_flag` names the flag that gave `ca`,
+/// `service` the server, in errors). The batch commands share it.
+pub(crate) fn tls_config(
+    ca: Option<&Path>,
+    ca_flag: &str,
+    service: &str,
+) -> CliResult<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|error| {
-                    CliError::other(format!("--audit-ca {}: {error}", path.display()))
+                    CliError::other(format!("{ca_flag} {}: {error}", path.display()))
                 })?;
             let (added, _ignored) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(CliError::other(format!(
-                    "--audit-ca {}: no CA certificate in it",
+                    "{ca_flag} {}: no CA certificate in it",
                     path.display()
                 )));
             }
@@ -694,7 +700,7 @@ fn tls_config(ca: Option<&Path>) -> CliResult<Arc<rustls::ClientConfig>> {
             let (added, _ignored) = roots.add_parsable_certificates(native.certs);
             if added == 0 {
                 return Err(CliError::other(format!(
-                    "no CA certificates found to verify the audit service's (pass --audit-ca or set SSL_CERT_FILE): {:?}",
+                    "no CA certificates found to verify the {service}'s (pass {ca_flag} or set SSL_CERT_FILE): {:?}",
                     native.errors
                 )));
             }

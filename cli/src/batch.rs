@@ -21,12 +21,9 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use shamal_proto::shamal::batch::v1 as pb;
 use shamal_proto::shamal::batch::v1::batch_service_client::BatchServiceClient;
@@ -1093,7 +1090,11 @@ impl BatchClient {
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
         let connected = if https {
-            let tls = tls_config(connection.ca.as_deref())?;
+            let tls = crate::audit::tls_config(
+                connection.ca.as_deref(),
+                "--batch-ca",
+                "batch coordinator",
+            )?;
             endpoint.connect_with_connector(connector(tls)).await
         } else {
             endpoint.connect().await
@@ -1203,46 +1204,6 @@ fn split_field(message: &str) -> (Option<String>, String) {
         return (Some(field.to_owned()), rest.to_owned());
     }
     (None, message.to_owned())
-}
-
-/// rustls on ring, ALPN h2, trusting `ca` or the system's roots.
-fn tls_config(ca: Option<&Path>) -> CliResult<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|error| {
-                    CliError::other(format!("--batch-ca {}: {error}", path.display()))
-                })?;
-            let (added, _ignored) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(CliError::other(format!(
-                    "--batch-ca {}: no CA certificate in it",
-                    path.display()
-                )));
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-            if added == 0 {
-                return Err(CliError::other(format!(
-                    "no CA certificates found to verify the batch coordinator's (pass --batch-ca or set SSL_CERT_FILE): {:?}",
-                    native.errors
-                )));
-            }
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|error| CliError::other(format!("TLS configuration: {error}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]
