@@ -679,6 +679,20 @@ async fn assert_exactly_once(dir: &Path, rows: i64, shards: u32, oracle: SocketA
     assert_eq!(manifest.total_rows, rows as u64);
     let (written, names) = read_parts(dir);
     assert_eq!(names, expected, "the output holds exactly the listed parts");
+    // Anything else is hidden from readers (a dead worker's temporary file).
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            expected.contains(&name)
+                || name == "_manifest.json"
+                || name == "_SUCCESS"
+                || name.starts_with('.'),
+            "a file readers would take for data: {name}"
+        );
+        if name.starts_with('.') {
+            println!("left in the output, hidden: {name}");
+        }
+    }
     let mut by_key: BTreeMap<i64, Vec<f32>> = BTreeMap::new();
     for (key, output) in written {
         assert!(
@@ -777,19 +791,23 @@ async fn a_worker_killed_mid_shard_loses_and_doubles_no_row() {
     .await;
     assert_eq!(job.shards_total, 8);
 
-    // At least one shard done and one held by A: kill A.
+    // At least one shard done, and A just took another: kill A then, near
+    // the start of that shard's run.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut previous = held_by(queue.as_ref(), &stored_shards(&db.url, &job.id).await, &a).await;
     loop {
         let shards = stored_shards(&db.url, &job.id).await;
         let done = shards.iter().filter(|shard| !shard.part.is_empty()).count();
-        if done >= 1 && !held_by(queue.as_ref(), &shards, &a).await.is_empty() {
+        let held = held_by(queue.as_ref(), &shards, &a).await;
+        if done >= 1 && held.iter().any(|id| !previous.contains(id)) {
             break;
         }
+        previous = held;
         assert!(
             Instant::now() < deadline,
-            "never saw a shard done and another running on A"
+            "never saw a shard done and another taken by A"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     a.kill_9();
     // What A held when it died (still pending on its consumer in Redis).
