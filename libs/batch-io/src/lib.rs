@@ -57,9 +57,10 @@ pub use location::{
     Output, S3Options, check_location, configure_s3, is_object_store_url, store_for,
 };
 pub use output::{
-    ENCRYPTED_SUFFIX, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest, ManifestEncryption,
-    PartEncryption, PartInfo, PartWriter, SUCCESS_FILE, StagedPart, encrypted_part_name,
-    is_part_name, part_context, part_name,
+    CommitFence, ENCRYPTED_SUFFIX, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest,
+    ManifestEncryption, PartEncryption, PartInfo, PartWriter, SUCCESS_FILE, StagedPart,
+    encrypted_part_name, is_part_name, is_temporary_part_name, part_context, part_name,
+    remove_temporary_parts,
 };
 pub use read::{ShardBatch, ShardStream, read_shard};
 pub use schema::{InputKind, ModelInput};

@@ -380,8 +380,115 @@ pub struct StagedPart {
 pub(crate) fn staging_path(output: &Output, name: &str) -> PathBuf {
     let random = uuid::Uuid::new_v4().simple();
     match output.local_dir() {
-        Some(dir) => dir.join(format!(".{name}.tmp-{random}")),
-        None => std::env::temp_dir().join(format!(".shamal-{name}.tmp-{random}")),
+        Some(dir) => dir.join(format!(".{name}{TEMPORARY_MARKER}{random}")),
+        None => std::env::temp_dir().join(format!(".shamal-{name}{TEMPORARY_MARKER}{random}")),
+    }
+}
+
+/// What separates a part's name from the random suffix in the name of its
+/// temporary file (`.part-000001.parquet.tmp-<32 hex>`).
+const TEMPORARY_MARKER: &str = ".tmp-";
+/// What an encrypted part's temporary file ends with while it is sealed
+/// (`.part-000001.parquet.enc.tmp-<32 hex>.sealed`).
+const SEALED_SUFFIX: &str = ".sealed";
+
+/// Whether `name` is the name of a temporary file that [`PartWriter`] (or
+/// [`StagedPart::commit`] sealing an encrypted part) leaves in a local
+/// output directory when its process dies before the rename:
+/// `.<part name>.tmp-<32 hex digits>`, optionally followed by `.sealed`.
+/// Nothing else matches (the manifest's own temporary files, parts, other
+/// hidden files).
+pub fn is_temporary_part_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some((part, random)) = rest.rsplit_once(TEMPORARY_MARKER) else {
+        return false;
+    };
+    let random = random.strip_suffix(SEALED_SUFFIX).unwrap_or(random);
+    is_part_name(part) && random.len() == 32 && random.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Removes the temporary part files ([`is_temporary_part_name`]) of a
+/// local output directory, returning their names. Meant for a finished job
+/// (after its manifest is written, so that a writer still running sees
+/// `_SUCCESS` and never commits, see [`StagedPart::commit_unless_finished`]):
+/// it removes what writers killed mid-shard left. Object-store outputs
+/// have none (a part is staged in the local temporary directory of its
+/// worker and put as one object), so nothing is done there.
+pub async fn remove_temporary_parts(output: &Output) -> Result<Vec<String>> {
+    let Some(dir) = output.local_dir().map(Path::to_path_buf) else {
+        return Ok(Vec::new());
+    };
+    tokio::task::spawn_blocking(move || {
+        let unreadable = |source| Error::UnreadablePath {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut removed = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(error) => return Err(unreadable(error)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(unreadable)?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !is_temporary_part_name(&name) {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed.push(name),
+                // Its live writer removed it first.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Write {
+                        path: entry.path().display().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    })
+    .await
+    .map_err(|error| Error::Write {
+        path: output.location().to_owned(),
+        source: std::io::Error::other(error),
+    })?
+}
+
+/// Holds back [`StagedPart::commit_unless_finished`] in a local output
+/// directory while held (an exclusive `flock` of the directory; commits
+/// take it shared), so that the parts checked against the workers'
+/// reports are still those parts when the manifest is written. Released
+/// when dropped. Object-store outputs have no fence (nothing is held).
+pub struct CommitFence {
+    _dir: Option<File>,
+}
+
+impl CommitFence {
+    /// Takes the fence of `output`, waiting for commits in progress.
+    pub async fn take(output: &Output) -> Result<CommitFence> {
+        let Some(dir) = output.local_dir().map(Path::to_path_buf) else {
+            return Ok(CommitFence { _dir: None });
+        };
+        let file = tokio::task::spawn_blocking(move || {
+            let locked = File::open(&dir).and_then(|file| file.lock().map(|()| file));
+            locked.map_err(|source| Error::Write {
+                path: dir.display().to_string(),
+                source,
+            })
+        })
+        .await
+        .map_err(|error| Error::Write {
+            path: output.location().to_owned(),
+            source: std::io::Error::other(error),
+        })??;
+        Ok(CommitFence { _dir: Some(file) })
     }
 }
 
@@ -417,7 +524,28 @@ impl StagedPart {
     /// whole: a rename in a local directory (then the directory synced), an
     /// upload of the whole file on object storage (the object appears
     /// only once complete).
-    pub async fn commit(mut self) -> Result<PartInfo> {
+    pub async fn commit(self) -> Result<PartInfo> {
+        let path = self.output.file(&self.name);
+        self.commit_inner(false).await?.ok_or_else(|| Error::Write {
+            path,
+            source: std::io::Error::other("the part was not committed"),
+        })
+    }
+
+    /// [`StagedPart::commit`], unless the output is finished: when its
+    /// `_SUCCESS` marker is there the part is not put in place (its
+    /// temporary file is removed) and `None` is returned. In a local
+    /// directory the check and the rename are made under a shared `flock`
+    /// of the directory, which [`CommitFence`] takes exclusively while the
+    /// coordinator checks the parts and writes the manifest, so a part
+    /// listed in a manifest is never replaced. On object storage the check
+    /// is made just before the upload (there is no lock: an upload that
+    /// began before the manifest was written can still land after it).
+    pub async fn commit_unless_finished(self) -> Result<Option<PartInfo>> {
+        self.commit_inner(true).await
+    }
+
+    async fn commit_inner(mut self, unless_finished: bool) -> Result<Option<PartInfo>> {
         let Some(mut staging) = self.staging.clone() else {
             return Err(Error::Write {
                 path: self.output.file(&self.name),
@@ -428,7 +556,7 @@ impl StagedPart {
             Some(encryption) => {
                 // Encrypted next to the plaintext, which is then removed:
                 // only the encrypted bytes are ever renamed or uploaded.
-                let sealed = PathBuf::from(format!("{}.sealed", staging.display()));
+                let sealed = PathBuf::from(format!("{}{SEALED_SUFFIX}", staging.display()));
                 self.staging = Some(sealed.clone());
                 let result = seal(&staging, &sealed, &encryption, &self.output, &self.name).await;
                 let _ = std::fs::remove_file(&staging);
@@ -442,25 +570,56 @@ impl StagedPart {
         };
         match self.output.local_dir() {
             Some(dir) => {
+                let dir = dir.to_path_buf();
                 let target = dir.join(&self.name);
-                std::fs::rename(&staging, &target).map_err(|source| Error::Write {
-                    path: target.display().to_string(),
-                    source,
-                })?;
+                let location = target.display().to_string();
+                // Blocking (the lock may wait for a fence): off the runtime.
+                let committed = tokio::task::spawn_blocking(move || {
+                    let write_error = |path: &Path| {
+                        let path = path.display().to_string();
+                        move |source| Error::Write { path, source }
+                    };
+                    // Held (shared) until the rename is synced: a fence
+                    // taken after the check waits for it, one taken
+                    // before is seen (its manifest is written under it).
+                    let _lock = if unless_finished {
+                        let lock = File::open(&dir)
+                            .and_then(|file| file.lock_shared().map(|()| file))
+                            .map_err(write_error(&dir))?;
+                        if dir.join(SUCCESS_FILE).exists() {
+                            return Ok(false);
+                        }
+                        Some(lock)
+                    } else {
+                        None
+                    };
+                    std::fs::rename(&staging, &target).map_err(write_error(&target))?;
+                    sync_dir(&dir).map(|()| true)
+                })
+                .await
+                .map_err(|error| Error::Write {
+                    path: location,
+                    source: std::io::Error::other(error),
+                })??;
+                if !committed {
+                    return Ok(None);
+                }
                 self.staging = None;
-                sync_dir(dir)?;
             }
             None => {
+                if unless_finished && self.output.exists(SUCCESS_FILE).await? {
+                    return Ok(None);
+                }
                 upload(&self.output, &self.name, &staging).await?;
             }
         }
-        Ok(PartInfo {
+        Ok(Some(PartInfo {
             name: self.name.clone(),
             rows: self.rows,
             sha256: self.sha256.clone(),
             bytes: self.bytes,
             key_id,
-        })
+        }))
     }
 }
 

@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, StringArray};
 use arrow::record_batch::RecordBatch;
-use shamal_batch_io::{Error, MANIFEST_FILE, Manifest, Output, PartInfo, PartWriter, SUCCESS_FILE};
+use shamal_batch_io::{
+    CommitFence, Error, MANIFEST_FILE, Manifest, Output, PartInfo, PartWriter, SUCCESS_FILE,
+    is_temporary_part_name, remove_temporary_parts,
+};
 
 fn batch(first_id: i64, rows: usize, score: f32) -> RecordBatch {
     let keys = RecordBatch::try_from_iter([
@@ -324,4 +327,133 @@ async fn parts_and_the_manifest_on_s3() {
     output.delete(SUCCESS_FILE).await.expect("delete");
     let error = Manifest::verify(&out).await.expect_err("no _SUCCESS");
     assert!(error.to_string().contains("_SUCCESS"), "{error}");
+}
+
+/// A staged part of shard `shard` holding `batch`, not yet committed.
+fn staged(dir: &Path, shard: usize, batch: &RecordBatch) -> shamal_batch_io::StagedPart {
+    let mut writer = PartWriter::create(&output(dir), shard, batch.schema()).expect("create");
+    writer.write(batch).expect("write");
+    writer.close().expect("close")
+}
+
+#[tokio::test]
+async fn a_duplicate_run_never_replaces_a_part_of_a_finished_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Before the manifest, a run commits (replacing the part).
+    let part = staged(dir.path(), 3, &batch(0, 2, 5.0))
+        .commit_unless_finished()
+        .await
+        .expect("commit");
+    assert_eq!(part.expect("committed").name, "part-000003.parquet");
+    std::fs::remove_file(dir.path().join("part-000003.parquet")).expect("remove");
+
+    finished_output(dir.path()).await;
+    let listed = std::fs::read(dir.path().join("part-000001.parquet")).expect("read");
+    // A duplicate of shard 1 (other rows: other bytes) finishing after the
+    // manifest: not committed, its temporary file removed.
+    let late = staged(dir.path(), 1, &batch(10, 3, 9.0))
+        .commit_unless_finished()
+        .await
+        .expect("commit");
+    assert!(late.is_none());
+    assert_eq!(
+        std::fs::read(dir.path().join("part-000001.parquet")).expect("read"),
+        listed
+    );
+    Manifest::verify(text(dir.path())).await.expect("verify");
+    assert_eq!(
+        names(dir.path()),
+        [
+            SUCCESS_FILE,
+            MANIFEST_FILE,
+            "part-000000.parquet",
+            "part-000001.parquet",
+            "part-000002.parquet"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_commit_waits_for_the_fence_and_then_finds_the_output_finished() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = write_part(dir.path(), 0, &batch(0, 4, 1.0)).await;
+    let listed = std::fs::read(dir.path().join("part-000000.parquet")).expect("read");
+    let fence = CommitFence::take(&output(dir.path())).await.expect("fence");
+    // The duplicate tries to commit while the coordinator holds the fence
+    // (checking the parts, writing the manifest): it waits, then sees
+    // `_SUCCESS`.
+    let duplicate = staged(dir.path(), 0, &batch(0, 4, 7.0));
+    let commit = tokio::spawn(duplicate.commit_unless_finished());
+    Manifest::new("job-9", "classifier", "1", vec![first])
+        .write(text(dir.path()))
+        .await
+        .expect("manifest");
+    assert!(!commit.is_finished());
+    drop(fence);
+    assert!(commit.await.expect("join").expect("commit").is_none());
+    assert_eq!(
+        std::fs::read(dir.path().join("part-000000.parquet")).expect("read"),
+        listed
+    );
+    Manifest::verify(text(dir.path())).await.expect("verify");
+}
+
+#[tokio::test]
+async fn temporary_parts_of_dead_writers_are_recognised_and_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    finished_output(dir.path()).await;
+    // A writer that never ends (its process killed mid-shard): its file
+    // stays. `forget` skips the drop that would remove it.
+    let mut writer =
+        PartWriter::create(&output(dir.path()), 4, batch(0, 1, 0.0).schema()).expect("create");
+    writer.write(&batch(0, 5, 1.0)).expect("write");
+    std::mem::forget(writer);
+    let left: Vec<String> = names(dir.path())
+        .into_iter()
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".part-000004.parquet.tmp-"), "{left:?}");
+    assert!(is_temporary_part_name(&left[0]));
+    let random = "0123456789abcdef0123456789abcdef";
+    let sealed = format!(".part-000002.parquet.enc.tmp-{random}.sealed");
+    assert!(is_temporary_part_name(&sealed));
+    std::fs::write(dir.path().join(&sealed), b"x").expect("write");
+    // Not a part's temporary file: kept.
+    let others = [
+        format!(".{MANIFEST_FILE}.tmp-{random}"),
+        ".part-000001.parquet.tmp-short".to_owned(),
+        format!(".other.parquet.tmp-{random}"),
+        format!("part-000009.parquet.tmp-{random}"),
+        ".hidden".to_owned(),
+    ];
+    for name in &others {
+        assert!(!is_temporary_part_name(name), "{name}");
+        std::fs::write(dir.path().join(name), b"x").expect("write");
+    }
+    assert!(!is_temporary_part_name("part-000001.parquet"));
+
+    let mut removed = remove_temporary_parts(&output(dir.path()))
+        .await
+        .expect("remove");
+    removed.sort();
+    let mut expected = vec![left[0].clone(), sealed];
+    expected.sort();
+    assert_eq!(removed, expected);
+    let mut kept = names(dir.path());
+    kept.retain(|name| others.contains(name));
+    assert_eq!(kept.len(), others.len());
+    assert!(
+        names(dir.path())
+            .iter()
+            .all(|name| !is_temporary_part_name(name))
+    );
+    Manifest::verify(text(dir.path())).await.expect("verify");
+    // A missing local directory has nothing to remove.
+    assert!(
+        remove_temporary_parts(&output(&dir.path().join("absent")))
+            .await
+            .expect("absent")
+            .is_empty()
+    );
 }

@@ -31,7 +31,10 @@
 //! encrypted under the ring's active key, or the task's `key_id`, when the
 //! task asks) is written under a temporary name and renamed into place, or
 //! uploaded whole, by [`PartWriter`], so a shard run again replaces its
-//! part and a failed run leaves nothing.
+//! part and a failed run leaves nothing. A part is never put into a
+//! finished output (one with `_SUCCESS`): such a run, a duplicate the
+//! coordinator does not follow, answers `FAILED_PRECONDITION` and leaves
+//! the listed part as it is.
 //!
 //! # Long shards and dead workers
 //!
@@ -78,8 +81,8 @@ use prost::Message;
 use shamal_async_queue::{Job, JobQueue, Outcome, codes};
 use shamal_audit_client::{AuditEvent, sha256_hex};
 use shamal_batch_io::{
-    KeyRing, ModelInput, Output, PartEncryption, PartInfo, PartWriter, RowOrigin, Shard,
-    outputs_to_columns, read_shard, to_infer_request,
+    KeyRing, ModelInput, Output, PartEncryption, PartInfo, PartWriter, RowOrigin, SUCCESS_FILE,
+    Shard, outputs_to_columns, read_shard, to_infer_request,
 };
 use shamal_error::code_label;
 use shamal_proto::inference::ModelInferResponse;
@@ -951,10 +954,28 @@ async fn score(
         .await
         .map_err(backend_failure)?
         .map_err(|error| data_failure(error, &column_of))?;
-    staged
-        .commit()
+    // Never into a finished output: this entry may be a duplicate the
+    // coordinator does not follow (it died between queuing the shard and
+    // recording the entry, and queued it again on resume), and a part
+    // committed after the manifest would replace the one it lists (an
+    // encrypted part differs at every run). The check and the rename are
+    // made under the lock the coordinator holds while it writes the
+    // manifest (local outputs).
+    match staged
+        .commit_unless_finished()
         .await
-        .map_err(|error| data_failure(error, &column_of))
+        .map_err(|error| data_failure(error, &column_of))?
+    {
+        Some(part) => Ok(part),
+        None => failed(
+            Code::FailedPrecondition,
+            format!(
+                "the job's output '{}' is finished already (it has {SUCCESS_FILE}): the part \
+                 of this duplicate run was not committed",
+                task.output
+            ),
+        ),
+    }
 }
 
 /// What scoring one batch of a shard needs.

@@ -21,7 +21,8 @@ use shamal_async_queue::{JobId, JobQueue, JobStatus, NewJob as QueueJob, Outcome
 use shamal_audit_client::{AuditEvent, Auditor};
 use shamal_auth::Principal;
 use shamal_batch_io::{
-    Dataset, Format, Manifest, ModelInput, Output, PartInfo, encrypted_part_name, part_name,
+    CommitFence, Dataset, Format, Manifest, ModelInput, Output, PartInfo, encrypted_part_name,
+    part_name, remove_temporary_parts,
 };
 use shamal_proto::shamal::batch::v1 as proto;
 use shamal_proto::shamal::registry::v1::ModelState;
@@ -849,6 +850,24 @@ impl Coordinator {
                 return Ok(());
             }
         };
+        // A shard can be scored by two queue entries: a coordinator that
+        // died between queuing a shard and recording the entry queues it
+        // again on resume, and the unrecorded entry is never followed. Its
+        // part must not replace one the manifest lists (an encrypted part
+        // differs at every run: a fresh nonce). So workers commit only
+        // while the output has no `_SUCCESS`
+        // (`StagedPart::commit_unless_finished`), and in a local directory
+        // under a shared lock that this fence holds off from the checks
+        // below until the manifest is written: a late duplicate finds
+        // `_SUCCESS` and drops its part.
+        let fence = match CommitFence::take(&output).await {
+            Ok(fence) => fence,
+            Err(error) => {
+                return Err(BatchError::Internal(format!(
+                    "cannot hold the output's commits: {error}"
+                )));
+            }
+        };
         let mut parts = Vec::with_capacity(shards.len());
         for shard in &shards {
             let path = output.file(&shard.part);
@@ -910,6 +929,20 @@ impl Coordinator {
                 self.changed();
             }
             return Ok(());
+        }
+        drop(fence);
+        // Temporary part files of writers killed mid-shard. Removed after
+        // the manifest: a writer still running then never commits, and
+        // removes its own temporary file (a write to a file removed here
+        // fails, or lands in a file that is gone).
+        match remove_temporary_parts(&output).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(job = %job.id, removed = ?removed, "removed temporary part files left by dead writers");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(job = %job.id, %error, "cannot remove temporary part files");
+            }
         }
         let manifest_path = output.file(shamal_batch_io::MANIFEST_FILE);
         if self

@@ -39,7 +39,7 @@ use shamal_async_queue::{JobId, JobQueue, JobStatus, QueueConfig, RedisOptions, 
 use shamal_audit_client::Auditor;
 use shamal_batch_coordinator::catalog::{Signature, StaticCatalog, StaticMetadata};
 use shamal_batch_coordinator::{Dependencies, QueueSource, RunningBatch};
-use shamal_batch_io::{Manifest, ModelInput};
+use shamal_batch_io::{Manifest, ModelInput, is_temporary_part_name};
 use shamal_cpu_worker::{CpuWorkerArgs, CpuWorkerConfig};
 use shamal_proto::inference::ModelInferRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -662,6 +662,19 @@ async fn online(client: &mut GrpcInferenceServiceClient<Channel>, ids: &[i64]) -
     flat.chunks(OUTPUTS).map(<[f32]>::to_vec).collect()
 }
 
+/// The names of the temporary part files in output directory `dir`.
+fn temporary_parts(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| is_temporary_part_name(name))
+        .collect();
+    names.sort();
+    names
+}
+
 /// The output in `dir` holds each of `0..rows` exactly once, scored as the
 /// worker at `oracle` scores the same row online, in exactly the parts its
 /// manifest lists (one per shard, each once).
@@ -809,7 +822,18 @@ async fn a_worker_killed_mid_shard_loses_and_doubles_no_row() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Its part of that shard begun (a temporary file, the only one: A is
+    // the only worker), so that the kill leaves it behind.
+    while temporary_parts(&output).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "A never began the part of the shard it took"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     a.kill_9();
+    let orphans = temporary_parts(&output);
+    assert!(!orphans.is_empty(), "A's temporary part is gone");
     // What A held when it died (still pending on its consumer in Redis).
     let held = held_by(queue.as_ref(), &stored_shards(&db.url, &job.id).await, &a).await;
     assert!(!held.is_empty(), "A died holding no shard");
@@ -836,6 +860,12 @@ async fn a_worker_killed_mid_shard_loses_and_doubles_no_row() {
         );
     }
     assert_exactly_once(&output, CRASH_ROWS, 8, b.address).await;
+    // The coordinator removed what A left once the job was finished.
+    assert_eq!(
+        temporary_parts(&output),
+        Vec::<String>::new(),
+        "temporary parts left after the job (A left {orphans:?})"
+    );
     coordinator.stop().await.unwrap();
     println!("worker crash test: {:?}", started.elapsed());
 }
