@@ -36,12 +36,16 @@ const INPUTS: usize = 16;
 const OUTPUTS: usize = 4;
 
 /// A port free now (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `count` distinct free ports: every listener is held until all are
+/// chosen, so that the system cannot hand the same port out twice.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().unwrap().port())
+        .collect()
 }
 
 fn workspace() -> PathBuf {
@@ -94,7 +98,7 @@ fn write_key_file(path: &Path, id: &str, key: &str) -> PathBuf {
 /// outputs under [`KEY`] (`--batch-key-file`), on free ports with its data in
 /// `data_dir`, and waits for its banner.
 async fn start_up(data_dir: &Path) -> Up {
-    let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
+    let ports = free_ports(8);
     let key_file = write_key_file(&data_dir.join("batch-keys.toml"), "k1", KEY);
     let log = data_dir.join("up.log");
     let out = File::create(&log).unwrap();
