@@ -409,15 +409,7 @@ async fn query(
 ) -> CliResult<ExitCode> {
     let mut client = AuditClient::connect(connection, Some(opts)).await?;
     let filter = |value: &Option<String>| value.clone().unwrap_or_default();
-    let mut records = Vec::new();
-    let mut page_token = String::new();
-    let mut more = false;
-    loop {
-        let wanted = if args.limit == 0 {
-            1000
-        } else {
-            (args.limit - records.len() as u64).min(1000)
-        };
+    let (records, more) = collect_pages(args.limit, async |page_size, page_token| {
         let request = pb::QueryRequest {
             actor: actor_filter(&args.actor),
             tenant: filter(&args.tenant),
@@ -428,8 +420,8 @@ async fn query(
             region: filter(&args.region),
             since_ms: args.since.unwrap_or(0),
             until_ms: args.until.unwrap_or(0),
-            page_size: u32::try_from(wanted).unwrap_or(1000),
-            page_token: page_token.clone(),
+            page_size,
+            page_token,
         };
         let page = client
             .inner
@@ -437,20 +429,9 @@ async fn query(
             .await
             .map_err(|status| client.status_error(status))?
             .into_inner();
-        records.extend(page.records);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        if args.limit != 0 && records.len() as u64 >= args.limit {
-            more = true;
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    if args.limit != 0 && records.len() as u64 > args.limit {
-        records.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
-        more = true;
-    }
+        Ok((page.records, page.next_page_token))
+    })
+    .await?;
     if opts.output == Output::Json {
         let mut items = Vec::with_capacity(records.len());
         for record in records {
@@ -669,6 +650,40 @@ fn is_secure(url: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Pages through a listing RPC: `fetch(page_size, page_token)` returns a
+/// page and the next token (empty at the end). At most `limit` items (0:
+/// all), and whether more were left.
+pub(crate) async fn collect_pages<T>(
+    limit: u64,
+    mut fetch: impl AsyncFnMut(u32, String) -> CliResult<(Vec<T>, String)>,
+) -> CliResult<(Vec<T>, bool)> {
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    let mut more = false;
+    loop {
+        let wanted = if limit == 0 {
+            1000
+        } else {
+            (limit - items.len() as u64).min(1000)
+        };
+        let (page, next) = fetch(u32::try_from(wanted).unwrap_or(1000), page_token).await?;
+        items.extend(page);
+        if next.is_empty() {
+            break;
+        }
+        if limit != 0 && items.len() as u64 >= limit {
+            more = true;
+            break;
+        }
+        page_token = next;
+    }
+    if limit != 0 && items.len() as u64 > limit {
+        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        more = true;
+    }
+    Ok((items, more))
 }
 
 /// rustls on ring, ALPN h2, trusting `ca` or the system's roots: the TLS

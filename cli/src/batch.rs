@@ -337,18 +337,10 @@ async fn list(
     opts: &RegistryOpts,
     args: &ListArgs,
 ) -> CliResult<ExitCode> {
-    let mut jobs = Vec::new();
-    let mut page_token = String::new();
-    let mut more = false;
-    loop {
-        let wanted = if args.limit == 0 {
-            1000
-        } else {
-            (args.limit - jobs.len() as u64).min(1000)
-        };
+    let (jobs, more) = crate::audit::collect_pages(args.limit, async |page_size, page_token| {
         let request = pb::ListJobsRequest {
-            page_size: u32::try_from(wanted).unwrap_or(1000),
-            page_token: page_token.clone(),
+            page_size,
+            page_token,
             state: args.state.unwrap_or(pb::JobState::Unspecified) as i32,
             model: args.model.clone().unwrap_or_default(),
         };
@@ -358,20 +350,9 @@ async fn list(
             .await
             .map_err(|status| client.status_error(status))?
             .into_inner();
-        jobs.extend(page.jobs);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        if args.limit != 0 && jobs.len() as u64 >= args.limit {
-            more = true;
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    if args.limit != 0 && jobs.len() as u64 > args.limit {
-        jobs.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
-        more = true;
-    }
+        Ok((page.jobs, page.next_page_token))
+    })
+    .await?;
     if opts.output == Output::Json {
         print_json(&json!({
             "jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
