@@ -29,13 +29,19 @@
 #           processes with the batch role (the models pushed to `shamal
 #           up`'s registry, which the coordinator asks; the router's
 #           ModelMetadata checks the inputs).
+#   floor   where a job's time goes, on `shamal up`'s 1 worker: a job of
+#           one 10,000-row row group (the fixed cost of a job), the ROWS
+#           as one shard and as shards of ROWS_PER_SHARD (the cost of a
+#           shard), and the worker's own shard time
+#           (shamal_worker_batch_shard_duration_seconds) against the
+#           job's wall time.
 #   online  `shamal-loadgen` on `demo` through `shamal up` at ONLINE_RATE
 #           requests/s (open loop) for ONLINE_DURATION, without, then with
 #           batch jobs of `demo` running back to back on the same stack.
 #
 # Environment: BIN_DIR (release binaries; default $CARGO_TARGET_DIR or
 # target, /release), ROWS (1000000), SENTENCES (100000), ROWS_PER_SHARD
-# (100000), ENCODER (1: also the text encoder; 0: tabular only),
+# (100000), TEXT_ROWS_PER_SHARD (10000), ENCODER (1: also the text encoder; 0: tabular only),
 # ONLINE_RATE (200), ONLINE_DURATION (20s), ROUNDS (in-process passes, 3),
 # UP_ARGS (extra `shamal up` flags). Results: bench-results/batch/.
 set -euo pipefail
@@ -47,11 +53,14 @@ bin="${BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/release}"
 rows="${ROWS:-1000000}"
 sentences="${SENTENCES:-100000}"
 rows_per_shard="${ROWS_PER_SHARD:-100000}"
+# Sentences are ~10x slower a row: smaller shards, so that two workers
+# have shards to share (a shard is at least one 10,000-row row group).
+text_rows_per_shard="${TEXT_ROWS_PER_SHARD:-10000}"
 encoder="${ENCODER:-1}"
 online_rate="${ONLINE_RATE:-200}"
 online_duration="${ONLINE_DURATION:-20s}"
 rounds="${ROUNDS:-3}"
-read -r -a stages <<<"${STAGES:-inproc up procs online}"
+read -r -a stages <<<"${STAGES:-inproc up procs floor online}"
 read -r -a up_args <<<"${UP_ARGS:-}"
 data="${BENCH_DATA:-${TMPDIR:-/tmp}/shamal-batch-bench-data}"
 out="$repo/bench-results/batch"
@@ -173,15 +182,16 @@ fi
 jobs_run=0
 # submit ENDPOINT MODEL INPUT CASE NOTE: one job, --wait; records rows/s
 # from submit to manifest (this script's clock) and the job's own
-# total_rows / (finished - started).
+# total_rows / (finished - created), from the coordinator's timestamps.
 submit() {
-  local endpoint="$1" model="$2" input="$3" case="$4" note="$5"
+  local endpoint="$1" model="$2" input="$3" case="$4" note="$5" shard_rows="$rows_per_shard"
+  if [ "$input" = "$txt" ]; then shard_rows="$text_rows_per_shard"; fi
   jobs_run=$((jobs_run + 1))
   local dir="$tmp/out/job$jobs_run" json="$out/job_${case// /_}_$model.json"
   local start end
   start="$(date +%s.%N)"
   if ! "$bin/shamal" --output json batch --batch-endpoint "$endpoint" submit --model "$model" \
-    --input "$input" --out "$dir" --key id --rows-per-shard "$rows_per_shard" --wait \
+    --input "$input" --out "$dir" --key id --rows-per-shard "$shard_rows" --wait \
     >"$json" 2>"$out/job_stderr.log"; then
     echo "batch-bench: job of $model ($case) failed:" >&2
     cat "$out/job_stderr.log" "$json" >&2
@@ -198,12 +208,12 @@ def field(*names):
             return job[name]
     return 0
 rows = int(field("total_rows", "totalRows"))
-started, finished = int(field("started_at_ms", "startedAtMs")), int(field("finished_at_ms", "finishedAtMs"))
+created, finished = int(field("created_at_ms", "createdAtMs")), int(field("finished_at_ms", "finishedAtMs"))
 wall = float(sys.argv[3]) - float(sys.argv[2])
-job_rate = rows / ((finished - started) / 1000) if finished > started else 0
+job_rate = rows / ((finished - created) / 1000) if finished > created else 0
 shards = field("shards_total", "shardsTotal")
 print(f"  {sys.argv[4]:<18} {sys.argv[5]:<16} {rows} rows in {wall:.2f} s = {rows / wall:,.0f} rows/s "
-      f"(job: {job_rate:,.0f} rows/s first shard to end, {shards} shards, state {field('state')})")
+      f"(job: {job_rate:,.0f} rows/s created to finished, {shards} shards, state {field('state')})")
 with open(sys.argv[7], "a") as f:
     f.write(f"{sys.argv[4]}\t{sys.argv[5]}\t{rows}\t{wall:.3f}\t{job_rate:.0f}\t{sys.argv[6]}\n")
 PY
@@ -226,7 +236,7 @@ EOF
 
 # -------------------------------------------------------------- stack --
 up_needed=0
-for stage in up procs online; do has_stage "$stage" && up_needed=1; done
+for stage in up procs floor online; do has_stage "$stage" && up_needed=1; done
 if [ "$up_needed" = 1 ]; then
   read -r http grpc metrics reg_http reg_grpc audit_grpc batch_grpc batch_http < <(free_ports 8)
   "$bin/shamal" up --model-repository "$tmp/repo" --gpu-model-repository "$tmp/gpurepo" \
@@ -332,6 +342,38 @@ if has_stage procs; then
     run_procs gpu-worker btext "$txt" "minilm_tiny_text, default max_batch_size"
     run_procs gpu-worker btext1024 "$txt" "minilm_tiny_text, max_batch_size 1024"
   fi
+fi
+
+# -------------------------------------------------------------- floor --
+if has_stage floor; then
+  echo "== where a job's time goes (shamal up, 1 worker, demo)"
+  small="$data/rows-10000.parquet"
+  if [ ! -f "$small" ]; then
+    "$python" - "$tab" "$small" <<'PY'
+import sys, pyarrow.parquet as pq
+pq.write_table(pq.read_table(sys.argv[1]).slice(0, 10_000), sys.argv[2], row_group_size=10_000)
+PY
+  fi
+  shard_seconds() { # the embedded worker's summed shard time of demo, in s
+    curl -s "http://127.0.0.1:$metrics/metrics" | awk '/^shamal_worker_batch_shard_duration_seconds_sum/ && /model="demo"/ {s += $2} END {print s + 0}'
+  }
+  for _ in 1 2 3; do
+    submit "http://127.0.0.1:$batch_grpc" demo "$small" "floor 10k rows" "one shard of 10,000 rows: the fixed cost of a job"
+  done
+  for shard_rows in "$rows" "$rows_per_shard"; do
+    before="$(shard_seconds)"
+    saved="$rows_per_shard"
+    rows_per_shard="$shard_rows"
+    submit "http://127.0.0.1:$batch_grpc" demo "$tab" "floor shards $shard_rows" \
+      "rows-per-shard $shard_rows"
+    rows_per_shard="$saved"
+    after="$(shard_seconds)"
+    "$python" -c 'import sys; b, a = float(sys.argv[1]), float(sys.argv[2]); print(f"  worker shard time {a - b:.2f} s = {int(sys.argv[3]) / (a - b):,.0f} rows/s while shards ran")' \
+      "$before" "$after" "$rows"
+    record "floor worker shard time" demo "$rows" \
+      "$("$python" -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 3))' "$before" "$after")" - \
+      "sum of shamal_worker_batch_shard_duration_seconds, rows-per-shard $shard_rows"
+  done
 fi
 
 # ------------------------------------------------------------ online --
