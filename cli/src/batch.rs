@@ -951,9 +951,16 @@ fn print_job(job: &pb::Job) {
     if !spec.key_columns.is_empty() {
         fields.push(("keys", spec.key_columns.join(", ")));
     }
-    if !spec.regions.is_empty() {
-        fields.push(("regions", spec.regions.join(", ")));
-    }
+    // Where it runs: the job's regions narrowed by the model's and the
+    // tenant's policies.
+    fields.push((
+        "regions",
+        if job.regions.is_empty() {
+            "any".to_owned()
+        } else {
+            job.regions.join(", ")
+        },
+    ));
     if !spec.tenant.is_empty() {
         fields.push(("tenant", spec.tenant.clone()));
     }
@@ -1041,6 +1048,7 @@ fn job_json(job: &pb::Job) -> Value {
         "actor": job.actor,
         "rows_per_second": job.rows_per_second,
         "manifest": job.manifest,
+        "regions": job.regions,
     })
 }
 

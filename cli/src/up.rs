@@ -1191,4 +1191,20 @@ impl ModelCatalog for UpCatalog {
             }))
         })
     }
+
+    fn tenant_regions<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> futures::future::BoxFuture<'a, shamal_batch_coordinator::error::Result<Option<Vec<String>>>>
+    {
+        Box::pin(async move {
+            match self.registry.get_tenant_policy(tenant).await {
+                Ok(policy) => Ok(Some(policy.allowed_regions)),
+                Err(shamal_registry::error::RegistryError::NotFound(_)) => Ok(None),
+                Err(error) => Err(BatchError::Internal(format!(
+                    "the embedded registry: {error}"
+                ))),
+            }
+        })
+    }
 }

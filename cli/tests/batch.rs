@@ -62,6 +62,8 @@ struct Up {
     grpc: String,
     batch: String,
     audit: String,
+    /// The embedded registry's REST API.
+    registry: String,
 }
 
 impl Drop for Up {
@@ -134,6 +136,7 @@ async fn start_up(data_dir: &Path) -> Up {
         grpc: format!("127.0.0.1:{}", ports[1]),
         batch: format!("http://127.0.0.1:{}", ports[6]),
         audit: format!("http://127.0.0.1:{}", ports[5]),
+        registry: format!("http://127.0.0.1:{}", ports[3]),
     };
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -173,6 +176,7 @@ async fn shamal(dir: &Path, up: &Up, args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .env("SHAMAL_ACTOR", "tester")
         .env("SHAMAL_BATCH_ENDPOINT", &up.batch)
+        .env("SHAMAL_REGISTRY_URL", &up.registry)
         .env_remove("SHAMAL_TOKEN")
         .env_remove("SHAMAL_BATCH_CA")
         .env_remove("SHAMAL_BATCH_KEY_FILE")
@@ -1006,4 +1010,56 @@ async fn batch_jobs_through_shamal_up() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // A tenant's residency policy in the embedded registry narrows its
+    // jobs: `acme` may only use uae-north, so a job of acme in `local` (the
+    // workers' region) is refused naming the tenant, and one naming no
+    // region is held for uae-north, where no worker runs.
+    let set = shamal(
+        &work,
+        &up,
+        &["residency", "set-tenant", "acme", "--regions", "uae-north"],
+    )
+    .await;
+    assert_eq!(code(&set), 0, "{}", stderr(&set));
+    let acme = |region: Option<&'static str>, out: &'static str| {
+        let mut args = vec![
+            "batch", "submit", "--model", "demo", "--input", "in.jsonl", "--out", out, "--key",
+            "id", "--tenant", "acme",
+        ];
+        args.extend(
+            region
+                .map(|region| ["--region", region])
+                .into_iter()
+                .flatten(),
+        );
+        args
+    };
+    let refused = shamal(&work, &up, &acme(Some("local"), "out-acme-local")).await;
+    assert_eq!(code(&refused), 3, "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("tenant 'acme' allows [uae-north]"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!work.join("out-acme-local").exists());
+    let held = shamal(&work, &up, &acme(None, "out-acme")).await;
+    assert_eq!(code(&held), 0, "{}", stderr(&held));
+    let held_id = submitted_id(&stdout(&held));
+    let status = shamal(
+        &work,
+        &up,
+        &["batch", "status", &held_id, "--output", "json"],
+    )
+    .await;
+    assert_eq!(code(&status), 0, "{}", stderr(&status));
+    let status: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(
+        status["regions"],
+        serde_json::json!(["uae-north"]),
+        "{status}"
+    );
+    assert_eq!(status["state"], "QUEUED", "{status}");
+    let cancelled = shamal(&work, &up, &["batch", "cancel", &held_id]).await;
+    assert_eq!(code(&cancelled), 0, "{}", stderr(&cancelled));
 }

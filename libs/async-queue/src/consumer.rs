@@ -22,6 +22,10 @@ use crate::{Delivery, Job, JobQueue, Outcome, QueueError, Result, StreamKey, dea
 pub struct StreamSelector {
     pub model: Option<String>,
     pub region: Option<String>,
+    /// Also the streams whose region is a set of regions (see
+    /// [`region_set`](crate::region_set)) that holds `region`: the entries
+    /// any of several regions may take.
+    pub region_sets: bool,
 }
 
 impl StreamSelector {
@@ -29,6 +33,17 @@ impl StreamSelector {
         StreamSelector {
             model: Some(stream.model().to_owned()),
             region: Some(stream.region().to_owned()),
+            region_sets: false,
+        }
+    }
+
+    /// The streams of `model` that a consumer of `region` may take: its
+    /// region's own, and those of every region set holding `region`.
+    pub fn member(model: impl Into<String>, region: impl Into<String>) -> Self {
+        StreamSelector {
+            model: Some(model.into()),
+            region: Some(region.into()),
+            region_sets: true,
         }
     }
 
@@ -36,6 +51,7 @@ impl StreamSelector {
         StreamSelector {
             model: Some(model.into()),
             region: None,
+            region_sets: false,
         }
     }
 
@@ -43,6 +59,7 @@ impl StreamSelector {
         StreamSelector {
             model: None,
             region: Some(region.into()),
+            region_sets: false,
         }
     }
 
@@ -50,12 +67,21 @@ impl StreamSelector {
         StreamSelector {
             model: None,
             region: None,
+            region_sets: false,
         }
     }
 
     pub fn matches(&self, stream: &StreamKey) -> bool {
         self.model.as_deref().is_none_or(|m| m == stream.model())
-            && self.region.as_deref().is_none_or(|r| r == stream.region())
+            && self.region.as_deref().is_none_or(|r| {
+                r == stream.region()
+                    || (self.region_sets && crate::region_set_holds(stream.region(), r))
+            })
+    }
+
+    /// Whether the streams it selects must be found by listing the queue's.
+    fn needs_listing(&self) -> bool {
+        self.region_sets || self.as_exact().is_none()
     }
 
     fn as_exact(&self) -> Option<StreamKey> {
@@ -196,7 +222,7 @@ where
     let mut buffer: VecDeque<Delivery> = VecDeque::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let touch_interval = (queue.config().min_idle / 3).max(Duration::from_millis(10));
-    let has_patterns = config.streams.iter().any(|s| s.as_exact().is_none());
+    let has_patterns = config.streams.iter().any(StreamSelector::needs_listing);
 
     let mut shutdown = std::pin::pin!(shutdown.fuse());
     let mut stopping = false;
@@ -448,5 +474,23 @@ mod tests {
         assert!(!StreamSelector::exact(&s).matches(&other));
         assert_eq!(StreamSelector::exact(&s).as_exact(), Some(s));
         assert_eq!(StreamSelector::model("bert").as_exact(), None);
+    }
+
+    #[test]
+    fn member_selectors_take_the_region_sets_holding_their_region() {
+        let set = StreamKey::new("bert", crate::region_set(&["us", "eu"])).expect("valid");
+        assert_eq!(set.region(), "eu+us");
+        let own = StreamKey::new("bert", "eu").expect("valid");
+        let other = StreamKey::new("bert", "uae+us").expect("valid");
+        let prefix = StreamKey::new("bert", "eu-west+us").expect("valid");
+        let member = StreamSelector::member("bert", "eu");
+        assert!(member.matches(&set) && member.matches(&own));
+        assert!(!member.matches(&other) && !member.matches(&prefix));
+        assert!(member.needs_listing());
+        // A plain selector never takes a set's entries.
+        assert!(!StreamSelector::exact(&own).matches(&set));
+        assert!(!StreamSelector::region("eu").matches(&set));
+        assert!(!StreamSelector::exact(&own).needs_listing());
+        assert!(!StreamSelector::member("other", "eu").matches(&set));
     }
 }

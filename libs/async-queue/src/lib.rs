@@ -137,6 +137,27 @@ impl fmt::Debug for JobId {
     }
 }
 
+/// Joins region names into the region of a stream that a worker of any of
+/// them may take (`eu+uae`): sorted, without repeats, joined by
+/// [`REGION_SET_SEPARATOR`]. One region is its own name; none is `""`.
+/// Region names must not contain the separator.
+pub fn region_set<S: AsRef<str>>(regions: &[S]) -> String {
+    let mut names: Vec<&str> = regions.iter().map(AsRef::as_ref).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.join(&REGION_SET_SEPARATOR.to_string())
+}
+
+/// Whether the region `set` (a name or names joined by
+/// [`REGION_SET_SEPARATOR`]) holds `region`.
+pub fn region_set_holds(set: &str, region: &str) -> bool {
+    set.split(REGION_SET_SEPARATOR)
+        .any(|member| member == region)
+}
+
+/// Separates the regions of a region set.
+pub const REGION_SET_SEPARATOR: char = '+';
+
 /// One queue: the jobs of one model in one region.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct StreamKey {

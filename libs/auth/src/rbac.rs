@@ -25,7 +25,9 @@
 //! Services (mTLS identities) hold what their job needs and nothing more:
 //! workers register, heartbeat, report placement, watch and fetch
 //! artifacts; routers watch, report traffic and call workers; the registry,
-//! routers and batch coordinators append to the audit log.
+//! routers and batch coordinators append to the audit log; batch
+//! coordinators also watch the registry (for the tenants' residency
+//! policies).
 
 use std::fmt;
 
@@ -227,11 +229,16 @@ pub fn service_allows(role: ServiceRole, permission: Permission) -> bool {
                 | P::InferenceCall
                 | P::AuditAppend
         ),
-        // Batch coordinators call models like routers (issue 17).
+        // Batch coordinators call models like routers (issue 17), and read
+        // the tenants' residency policies from the registry's Watch.
         ServiceRole::Batch => {
             matches!(
                 permission,
-                P::ModelsRead | P::MetadataRead | P::InferenceCall | P::AuditAppend
+                P::ModelsRead
+                    | P::MetadataRead
+                    | P::InferenceCall
+                    | P::AuditAppend
+                    | P::RegistryWatch
             )
         }
         ServiceRole::Registry => permission == P::AuditAppend,
@@ -289,6 +296,14 @@ mod tests {
             ServiceRole::Batch,
             Permission::InferenceCall
         ));
+        assert!(service_allows(
+            ServiceRole::Batch,
+            Permission::RegistryWatch
+        ));
+        assert!(!service_allows(
+            ServiceRole::Batch,
+            Permission::WorkersRegister
+        ));
         for role in ServiceRole::ALL {
             assert!(!service_allows(role, Permission::BatchSubmit), "{role:?}");
         }
@@ -301,7 +316,7 @@ mod tests {
     }
 
     #[test]
-    fn only_workers_register_and_only_routers_and_workers_watch() {
+    fn only_workers_register_and_only_routers_workers_and_batch_watch() {
         for role in ServiceRole::ALL {
             assert_eq!(
                 service_allows(role, Permission::WorkersRegister),
@@ -309,7 +324,10 @@ mod tests {
             );
             assert_eq!(
                 service_allows(role, Permission::RegistryWatch),
-                matches!(role, ServiceRole::Worker | ServiceRole::Router)
+                matches!(
+                    role,
+                    ServiceRole::Worker | ServiceRole::Router | ServiceRole::Batch
+                )
             );
         }
     }

@@ -264,6 +264,7 @@ async fn supervise(consumer: Consumer, metrics: JobMetrics, mut stop: watch::Rec
         region: &identity.region,
         concurrency: identity.concurrency,
         role: "async consumer",
+        region_sets: false,
     };
     consume_ready_models(queue, &state, &mut stop, streams, handler).await;
 }
@@ -275,15 +276,29 @@ pub(crate) struct Streams<'a> {
     pub concurrency: usize,
     /// For the logs: `async consumer`, `batch role`.
     pub role: &'a str,
+    /// Also the streams of region sets holding `region` (a batch job that
+    /// several regions may score).
+    pub region_sets: bool,
 }
 
-/// The streams of `models` in `region`: only this region's, so a job (or
+/// The streams of `models` in `region`: only this region's (and, with
+/// `region_sets`, those of the region sets that hold it), so a job (or
 /// shard) is never taken outside the regions it allows.
-pub(crate) fn selectors(models: &BTreeSet<String>, region: &str) -> Vec<StreamSelector> {
+pub(crate) fn selectors(
+    models: &BTreeSet<String>,
+    region: &str,
+    region_sets: bool,
+) -> Vec<StreamSelector> {
     models
         .iter()
         .filter_map(|model| StreamKey::new(model.clone(), region.to_owned()).ok())
-        .map(|stream| StreamSelector::exact(&stream))
+        .map(|stream| {
+            if region_sets {
+                StreamSelector::member(stream.model(), stream.region())
+            } else {
+                StreamSelector::exact(&stream)
+            }
+        })
         .collect()
 }
 
@@ -307,13 +322,14 @@ pub(crate) async fn consume_ready_models<H, Fut>(
         region,
         concurrency,
         role,
+        region_sets,
     } = streams;
     loop {
         if stopping(state, stop) {
             return;
         }
         let models = ready_models(state);
-        let selectors = selectors(&models, region);
+        let selectors = selectors(&models, region, region_sets);
         if selectors.is_empty() {
             // Nothing served yet: look again soon.
             pause(stop, MODELS_CHECK).await;

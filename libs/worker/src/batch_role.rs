@@ -7,9 +7,10 @@
 //! The batch queue is an async queue ([`JobQueue`]) of its own (Redis key
 //! prefix `shamal:batch` by default, or the `MemoryQueue` an embedding
 //! program shares). The worker consumes, with [`run_consumer`], the streams
-//! `(model, region)` of the models it has ready, in its own region only: a
-//! shard is never taken outside the regions its job allows, since the
-//! coordinator queues shards only on streams of those regions.
+//! of the models it has ready whose region is its own or a region set
+//! holding it (`eu+uae`, [`shamal_async_queue::region_set`]): a shard is
+//! never taken outside the regions its job allows, since the coordinator
+//! queues a job's shards on the stream of exactly its region set.
 //!
 //! An entry's payload is a protobuf [`ShardTask`]; its result is a protobuf
 //! [`ShardResult`] (`Outcome::Ok`), or the gRPC code and a message naming the
@@ -348,6 +349,7 @@ async fn supervise(consumer: Consumer, metrics: BatchMetrics, mut stop: watch::R
         region: &identity.region,
         concurrency: settings.concurrency,
         role: "batch role",
+        region_sets: true,
     };
     consume_ready_models(queue, &state, &mut stop, streams, handler).await;
     janitor.abort();
@@ -1238,12 +1240,19 @@ mod tests {
     #[test]
     fn only_this_regions_streams_are_selected() {
         let models: BTreeSet<String> = ["a".to_owned(), "b".to_owned()].into();
-        let selected = selectors(&models, "eu");
-        assert_eq!(selected.len(), 2);
         let eu = StreamKey::new("a", "eu").unwrap();
         let us = StreamKey::new("a", "us").unwrap();
-        assert!(selected.iter().any(|s| s.matches(&eu)));
-        assert!(!selected.iter().any(|s| s.matches(&us)));
+        let eu_us = StreamKey::new("a", "eu+us").unwrap();
+        let us_uae = StreamKey::new("a", "uae+us").unwrap();
+        for region_sets in [false, true] {
+            let selected = selectors(&models, "eu", region_sets);
+            assert_eq!(selected.len(), 2);
+            assert!(selected.iter().any(|s| s.matches(&eu)));
+            assert!(!selected.iter().any(|s| s.matches(&us)));
+            assert!(!selected.iter().any(|s| s.matches(&us_uae)));
+            // Only the batch role takes the entries several regions may take.
+            assert_eq!(selected.iter().any(|s| s.matches(&eu_us)), region_sets);
+        }
     }
 
     #[test]

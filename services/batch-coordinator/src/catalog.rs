@@ -10,17 +10,24 @@ use futures::future::BoxFuture;
 use shamal_batch_io::ModelInput;
 use shamal_proto::inference::ModelMetadataRequest;
 use shamal_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use shamal_proto::shamal::registry::v1::{GetModelRequest, ModelState};
+use shamal_proto::shamal::registry::v1::{GetModelRequest, ModelState, WatchRequest};
 use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::error::{BatchError, Result};
 
-/// The registry's view of models.
+/// The registry's view of models and tenants.
 pub trait ModelCatalog: Send + Sync + 'static {
     /// The model's state; `None` when the registry does not know it.
     fn model<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<ModelState>>>;
+
+    /// The regions `tenant`'s residency policy allows; `None` when the
+    /// tenant has no policy.
+    fn tenant_regions<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>>>;
 }
+
+/// How long the registry has to send its snapshot of tenant policies.
+const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A model version's signature, from its metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +70,45 @@ impl ModelCatalog for RegistryCatalog {
                 Err(status) if status.code() == Code::NotFound => Ok(None),
                 Err(status) => Err(remote_error("the registry", status)),
             }
+        })
+    }
+
+    /// From the first event of the registry's Watch stream: a snapshot
+    /// that carries every tenant policy (read at each submit, so a policy
+    /// changed a moment ago applies).
+    fn tenant_regions<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+        Box::pin(async move {
+            let mut client = shamal_registry_client::client(self.channel.clone());
+            let first = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+                let mut events = client
+                    .watch(WatchRequest {
+                        since_revision: 0,
+                        subscriber: "batch-coordinator".to_owned(),
+                    })
+                    .await?
+                    .into_inner();
+                events.message().await
+            })
+            .await
+            .map_err(|_| {
+                BatchError::Unavailable(format!(
+                    "the registry sent no snapshot of tenant policies within {} s",
+                    SNAPSHOT_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|status| remote_error("the registry", status))?
+            .ok_or_else(|| {
+                BatchError::Unavailable(
+                    "the registry's Watch stream ended before its snapshot".to_owned(),
+                )
+            })?;
+            Ok(first.tenant_policies.and_then(|policies| {
+                policies
+                    .policies
+                    .into_iter()
+                    .find(|policy| policy.tenant == tenant)
+                    .map(|policy| policy.allowed_regions)
+            }))
         })
     }
 }
@@ -148,6 +194,7 @@ impl MetadataSource for StaticMetadata {
 #[derive(Clone, Default)]
 pub struct StaticCatalog {
     models: Arc<std::collections::HashMap<String, ModelState>>,
+    tenants: Arc<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl StaticCatalog {
@@ -159,13 +206,27 @@ impl StaticCatalog {
                     .map(|model| (model.name.clone(), model))
                     .collect(),
             ),
+            tenants: Arc::default(),
         }
+    }
+
+    /// With `tenant`'s residency policy allowing `regions`.
+    pub fn with_tenant_policy(mut self, tenant: &str, regions: &[&str]) -> StaticCatalog {
+        Arc::make_mut(&mut self.tenants).insert(
+            tenant.to_owned(),
+            regions.iter().map(|region| (*region).to_owned()).collect(),
+        );
+        self
     }
 }
 
 impl ModelCatalog for StaticCatalog {
     fn model<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<ModelState>>> {
         Box::pin(async move { Ok(self.models.get(name).cloned()) })
+    }
+
+    fn tenant_regions<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+        Box::pin(async move { Ok(self.tenants.get(tenant).cloned()) })
     }
 }
 
@@ -180,8 +241,8 @@ fn remote_error(service: &str, status: tonic::Status) -> BatchError {
             BatchError::Unavailable(message)
         }
         Code::PermissionDenied | Code::Unauthenticated => BatchError::Internal(format!(
-            "{message} (the batch coordinator's identity needs models:read at the registry and \
-             metadata:read at the inference endpoint)"
+            "{message} (the batch coordinator's identity needs models:read and registry:watch \
+             at the registry, and metadata:read at the inference endpoint)"
         )),
         _ => BatchError::Internal(message),
     }

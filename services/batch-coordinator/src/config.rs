@@ -50,6 +50,10 @@ pub struct BatchConfig {
     pub max_shard_attempts: u32,
     /// How often each active job's shards are checked, milliseconds.
     pub poll_interval_ms: u64,
+    /// Entries of a stream `(model, regions)` that wait for a worker at
+    /// most; the other shards are queued, higher priority first, as workers
+    /// take entries.
+    pub queue_window: u64,
     /// Rows per model execution, told to the workers.
     pub batch_size: u32,
     /// Seconds without any shard taken after which a queued job's message
@@ -93,6 +97,7 @@ impl Default for BatchConfig {
             rows_per_shard: settings.default_rows_per_shard,
             max_shard_attempts: settings.max_shard_attempts,
             poll_interval_ms: 500,
+            queue_window: settings.queue_window,
             batch_size: settings.batch_size,
             wait_warning_s: 30,
             default_region: "local".to_owned(),
@@ -162,6 +167,10 @@ pub struct BatchArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_interval_ms: Option<u64>,
+    /// Entries of a stream waiting for a worker at most (16).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_window: Option<u64>,
     /// Rows per model execution (1024).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,6 +292,11 @@ impl BatchConfig {
                 "poll_interval_ms must be between 10 and 60000",
             ));
         }
+        if !(1..=100_000).contains(&self.queue_window) {
+            return Err(ConfigError::invalid(
+                "queue_window must be between 1 and 100000",
+            ));
+        }
         if !(1..=1_000_000).contains(&self.batch_size) {
             return Err(ConfigError::invalid(
                 "batch_size must be between 1 and 1000000",
@@ -335,6 +349,7 @@ impl BatchConfig {
             wait_warning_after: Duration::from_secs(self.wait_warning_s),
             default_region: self.default_region.clone(),
             encrypt_outputs: self.encrypt_outputs,
+            queue_window: self.queue_window,
         }
     }
 

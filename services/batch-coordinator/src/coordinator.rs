@@ -31,7 +31,9 @@ use tokio::sync::watch;
 use crate::catalog::{MetadataSource, ModelCatalog};
 use crate::error::{BatchError, Result};
 use crate::metrics::BatchMetrics;
-use crate::model::{Job, JobSpec, JobState, ShardRow, ShardState, now_ms, stream_region};
+use crate::model::{
+    Job, JobSpec, JobState, ShardRow, ShardState, now_ms, region_list, stream_region,
+};
 use crate::store::{NewJob, NewShard, ShardDone, Store};
 
 /// Rows per shard when the job does not say.
@@ -60,6 +62,10 @@ pub struct Settings {
     /// Policy: every job's output is encrypted at rest, whatever its
     /// `encrypt` says.
     pub encrypt_outputs: bool,
+    /// Entries of a stream that wait for a worker at most: the rest of the
+    /// shards stay pending in the store and are queued, higher priority
+    /// first, as workers take entries.
+    pub queue_window: u64,
 }
 
 impl Default for Settings {
@@ -72,9 +78,13 @@ impl Default for Settings {
             wait_warning_after: Duration::from_secs(30),
             default_region: "local".to_owned(),
             encrypt_outputs: false,
+            queue_window: DEFAULT_QUEUE_WINDOW,
         }
     }
 }
+
+/// Default of [`Settings::queue_window`].
+pub const DEFAULT_QUEUE_WINDOW: u64 = 16;
 
 /// What a submit carries besides the spec.
 #[derive(Clone, Debug, Default)]
@@ -98,6 +108,8 @@ pub struct Coordinator {
     progress: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
     /// Jobs with a driver task in this process.
     driven: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// One dispatch at a time; when the last one ran.
+    dispatched: tokio::sync::Mutex<Option<Instant>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -128,6 +140,7 @@ impl Coordinator {
             changes: watch::channel(0).0,
             progress: Mutex::new(HashMap::new()),
             driven: Mutex::new(HashMap::new()),
+            dispatched: tokio::sync::Mutex::new(None),
             stop,
         })
     }
@@ -343,6 +356,14 @@ impl Coordinator {
         }
         let version = resolve_version(&model, &spec)?;
         let regions = job_regions(&model, &spec.regions)?;
+        let regions = if spec.tenant.is_empty() {
+            regions
+        } else {
+            match self.catalog.tenant_regions(&spec.tenant).await? {
+                Some(allowed) => tenant_regions(regions, &spec, &model, &allowed)?,
+                None => regions,
+            }
+        };
         let signature = self.metadata.signature(&spec.model, version).await?;
         // Inputs as the dataset names them.
         let mut columns = Vec::with_capacity(signature.inputs.len());
@@ -475,8 +496,9 @@ impl Coordinator {
             ..Default::default()
         });
         self.metrics.active.inc();
-        // Queue every shard now, so that a job returned is on the queue.
-        self.queue_pending(&job.id, &job.stream_region).await?;
+        // Queue what the stream has room for now, so that a job returned
+        // is on the queue unless others come first.
+        self.dispatch(true).await?;
         self.sample(&job.id, 0);
         self.changed();
         self.drive(job.id.clone());
@@ -588,18 +610,65 @@ impl Coordinator {
             .map_err(|error| BatchError::Internal(format!("stream of the job: {error}")))
     }
 
-    /// Queues a job's `pending` shards.
-    async fn queue_pending(&self, job_id: &str, stream_region: &str) -> Result<()> {
-        let Some(job) = self.store.job(job_id).await? else {
+    /// Queues pending shards of the active jobs, stream by stream, while
+    /// fewer than `queue_window` entries of the stream wait for a worker:
+    /// jobs of higher priority first, then older jobs, each job's shards
+    /// by index. So a job submitted later with a higher priority overtakes
+    /// the rest of a running one, and a cancelled job's pending shards are
+    /// never queued. Unless `force`, does nothing when a dispatch ran less
+    /// than half a poll interval ago (every job's driver asks for one).
+    async fn dispatch(&self, force: bool) -> Result<()> {
+        let mut last = self.dispatched.lock().await;
+        if !force && last.is_some_and(|at| at.elapsed() < self.settings.poll_interval / 2) {
             return Ok(());
-        };
-        let shards = self.store.shards(job_id).await?;
-        for shard in shards
-            .iter()
-            .filter(|shard| shard.state == ShardState::Pending)
-        {
-            self.queue_shard(&job, stream_region, shard, shard.attempts + 1)
-                .await?;
+        }
+        *last = Some(Instant::now());
+        let mut jobs = Vec::new();
+        for id in self.store.active_jobs().await? {
+            let Some(job) = self.store.job(&id).await? else {
+                continue;
+            };
+            if job.state.is_final() || job.shards_done >= job.shards_total {
+                continue;
+            }
+            let routing = self.store.routing(&id).await?;
+            jobs.push((job, routing.stream_region));
+        }
+        // Stable: among equals, the store's order (submission) holds.
+        jobs.sort_by_key(|(job, _)| (std::cmp::Reverse(job.spec.priority), job.created_at_ms));
+        let mut room: HashMap<StreamKey, u64> = HashMap::new();
+        let mut queued = false;
+        for (job, stream_region) in &jobs {
+            let stream = self.stream(&job.spec.model, stream_region)?;
+            let free = match room.get(&stream) {
+                Some(free) => *free,
+                None => {
+                    let backlog = self.queue.backlog(&stream).await?;
+                    self.settings.queue_window.saturating_sub(backlog.lag)
+                }
+            };
+            if free == 0 {
+                room.insert(stream, 0);
+                continue;
+            }
+            let shards = self.store.shards(&job.id).await?;
+            let mut left = free;
+            for shard in shards
+                .iter()
+                .filter(|shard| shard.state == ShardState::Pending)
+            {
+                if left == 0 {
+                    break;
+                }
+                self.queue_shard(job, stream_region, shard, shard.attempts + 1)
+                    .await?;
+                left -= 1;
+                queued = true;
+            }
+            room.insert(stream, left);
+        }
+        if queued {
+            self.changed();
         }
         Ok(())
     }
@@ -653,18 +722,17 @@ impl Coordinator {
         let mut changed = false;
         let mut taken = job.state == JobState::Running;
         let mut done = 0usize;
+        let mut pending = 0usize;
+        let mut queued = 0usize;
         for shard in &shards {
             match shard.state {
                 ShardState::Done => done += 1,
                 ShardState::Failed => {
                     return self.fail(&job, shard).await.map(|()| false);
                 }
-                ShardState::Pending => {
-                    self.queue_shard(&job, &routing.stream_region, shard, shard.attempts + 1)
-                        .await?;
-                    changed = true;
-                }
+                ShardState::Pending => pending += 1,
                 ShardState::Queued => {
+                    queued += 1;
                     let id = JobId::parse(&shard.queue_id).map_err(|error| {
                         BatchError::Internal(format!("stored queue id: {error}"))
                     })?;
@@ -697,14 +765,31 @@ impl Coordinator {
         if done == shards.len() {
             return self.complete(&job).await.map(|()| false);
         }
-        if !taken && job.state == JobState::Queued {
+        if pending > 0 {
+            self.dispatch(false).await?;
+        }
+        if !taken && job.state == JobState::Queued && queued == 0 && pending > 0 {
+            // Every shard waits for room on the stream: others come first.
+            let message = format!(
+                "queued: waiting behind other jobs' shards for model '{}' in {} \
+                 (higher priority, or submitted earlier)",
+                job.spec.model,
+                region_list(&routing.stream_region)
+            );
+            changed |= self.store.set_message(&job.id, &message).await?;
+        } else if !taken && job.state == JobState::Queued {
             let waited = Duration::from_millis(
                 u64::try_from(now_ms().saturating_sub(job.created_at_ms)).unwrap_or(0),
             );
             if waited >= self.settings.wait_warning_after {
                 let stream = self.stream(&job.spec.model, &routing.stream_region)?;
                 let backlog = self.queue.backlog(&stream).await?;
-                let regions = format!("region [{}]", routing.stream_region);
+                let members = region_list(&routing.stream_region);
+                let regions = if members.contains(',') {
+                    format!("regions {members}")
+                } else {
+                    format!("region {members}")
+                };
                 let message = format!(
                     "waiting: no batch worker of {regions} has taken a shard for {} s \
                      ({} shards queued on stream {stream})",
@@ -1096,12 +1181,18 @@ pub fn validate(spec: &JobSpec, request_id: &str) -> Result<()> {
         }
     }
     for (index, region) in spec.regions.iter().enumerate() {
-        if region.trim().is_empty() || region.contains(',') || region.len() > 64 {
+        if region.trim().is_empty() || region.contains([',', '+']) || region.len() > 64 {
             return Err(BatchError::invalid(
                 format!("spec.regions[{index}]"),
                 format!("'{region}' is not a region name"),
             ));
         }
+    }
+    if shamal_async_queue::region_set(&spec.regions).len() > 256 {
+        return Err(BatchError::invalid(
+            "spec.regions",
+            "too many regions: their names together exceed 256 bytes",
+        ));
     }
     if spec.priority > 9 {
         return Err(BatchError::invalid(
@@ -1175,6 +1266,38 @@ pub fn resolve_version(model: &ModelState, spec: &JobSpec) -> Result<u64> {
         )));
     }
     Ok(version)
+}
+
+/// `regions` (the job's and the model's, empty: any) narrowed by the
+/// residency policy of the job's tenant, which allows `allowed`.
+pub fn tenant_regions(
+    regions: Vec<String>,
+    spec: &JobSpec,
+    model: &ModelState,
+    allowed: &[String],
+) -> Result<Vec<String>> {
+    let mut narrowed: Vec<String> = if regions.is_empty() {
+        allowed.to_vec()
+    } else {
+        regions
+            .into_iter()
+            .filter(|region| allowed.contains(region))
+            .collect()
+    };
+    narrowed.sort();
+    narrowed.dedup();
+    if narrowed.is_empty() {
+        return Err(BatchError::FailedPrecondition(format!(
+            "spec.regions: the job allows [{}], model '{}' allows [{}] and tenant '{}' allows \
+             [{}]: no region is allowed by all three (empty: any)",
+            spec.regions.join(", "),
+            model.name,
+            model.allowed_regions.join(", "),
+            spec.tenant,
+            allowed.join(", ")
+        )));
+    }
+    Ok(narrowed)
 }
 
 /// The regions a job's shards may be scored in: its own list narrowed by

@@ -18,9 +18,11 @@
 //!
 //! A batch worker of region `R` takes entries of the batch queue (Redis
 //! key prefix `shamal:batch` by default, consumer group `workers`) from the
-//! streams `(model, R)` of its models ([`model::region_may_take`]); the
-//! coordinator puts each shard on the stream of the first (sorted) of its
-//! job's regions, or of `default_region` for a job any region may score.
+//! streams of its models whose region is `R` or a region set holding `R`
+//! ([`model::region_may_take`]); the coordinator puts each shard on the
+//! stream of its job's region set ([`model::stream_region`]: `eu+uae`), or
+//! of `default_region` for a job any region may score, at most
+//! `queue_window` entries waiting per stream, higher priority first.
 //! The payload is a protobuf `ShardTask`;
 //! the worker reads the shard (`shamal_batch_io::read_shard`), scores it
 //! with the task's model version, writes `part-<index>.parquet` in the

@@ -198,6 +198,7 @@ impl From<Job> for proto::Job {
             actor: job.actor,
             rows_per_second: job.rows_per_second,
             manifest: job.manifest,
+            regions: job.regions,
         }
     }
 }
@@ -255,24 +256,33 @@ pub struct ShardRow {
     pub last_error: String,
 }
 
-/// The region of the stream a job's shards go on: the first of its
-/// regions (sorted), or `default_region` when any region may score them.
-/// Workers take the streams `(model, their own region)` only, so a shard
-/// is never taken outside this region (see `docs/batch.md`, "Residency").
+/// The region of the stream a job's shards go on: the region set of its
+/// regions (`eu+uae`, see [`shamal_async_queue::region_set`]; one region
+/// is its own name), or `default_region` when any region may score them.
+/// A worker of region `R` takes the streams `(model, R)` and those of the
+/// region sets holding `R` only, so a shard is never taken outside its
+/// job's regions (see `docs/batch.md`, "Residency").
 pub fn stream_region(regions: &[String], default_region: &str) -> String {
-    let mut sorted = regions.to_vec();
-    sorted.sort();
-    sorted
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| default_region.to_owned())
+    if regions.is_empty() {
+        default_region.to_owned()
+    } else {
+        shamal_async_queue::region_set(regions)
+    }
 }
 
 /// Whether a batch worker of `region` may take entries of a stream whose
-/// region is `stream_region`: only its own region's (the rule the
-/// workers' batch role follows).
+/// region is `stream_region`: its own region's, and those of the region
+/// sets that hold it (the rule the workers' batch role follows).
 pub fn region_may_take(stream_region: &str, region: &str) -> bool {
-    stream_region == region
+    shamal_async_queue::region_set_holds(stream_region, region)
+}
+
+/// The regions of a stream region, for messages: `[eu, uae]`.
+pub fn region_list(stream_region: &str) -> String {
+    let members: Vec<&str> = stream_region
+        .split(shamal_async_queue::REGION_SET_SEPARATOR)
+        .collect();
+    format!("[{}]", members.join(", "))
 }
 
 pub fn now_ms() -> i64 {

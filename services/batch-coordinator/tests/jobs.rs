@@ -14,70 +14,8 @@ use std::time::Duration;
 use shamal_async_queue::JobQueue;
 use shamal_batch_io::Manifest;
 use shamal_proto::shamal::batch::v1 as proto;
-use shamal_proto::shamal::batch::v1::batch_service_client::BatchServiceClient;
-use support::{Behaviour, Consumer, TestDb};
+use support::{Behaviour, Consumer, TestDb, client, spec, submit, wait_state};
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn client(running: &shamal_batch_coordinator::RunningBatch) -> BatchServiceClient<Channel> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_address))
-            .unwrap()
-            .connect_lazy();
-    BatchServiceClient::new(channel)
-}
-
-fn spec(input: &Path, output: &Path) -> proto::JobSpec {
-    proto::JobSpec {
-        model: "scorer".to_owned(),
-        input: input.display().to_string(),
-        output: output.display().to_string(),
-        key_columns: vec!["id".to_owned()],
-        regions: vec!["uae-north".to_owned()],
-        rows_per_shard: 10,
-        ..Default::default()
-    }
-}
-
-async fn submit(
-    client: &mut BatchServiceClient<Channel>,
-    spec: proto::JobSpec,
-) -> Result<proto::Job, tonic::Status> {
-    client
-        .submit_job(proto::SubmitJobRequest {
-            spec: Some(spec),
-            request_id: String::new(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn wait_state(
-    client: &mut BatchServiceClient<Channel>,
-    id: &str,
-    state: proto::JobState,
-) -> proto::Job {
-    for _ in 0..600 {
-        let job = client
-            .get_job(proto::GetJobRequest { id: id.to_owned() })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.state() == state {
-            return job;
-        }
-        assert!(
-            !matches!(
-                job.state(),
-                proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled
-            ),
-            "job ended {:?} while waiting for {state:?}: {job:?}",
-            job.state()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} never reached {state:?}");
-}
 
 /// A JSONL job and a Parquet job run to SUCCEEDED: manifest verified,
 /// exactly one row per input row, every shard taken in the job's region.

@@ -11,7 +11,9 @@
 //!   exactly once and a manifest listing every part once;
 //! - residency, over random job regions and random worker regions: no
 //!   shard is ever taken by a worker outside the job's regions, and a job
-//!   no worker of its stream's region takes stays QUEUED saying why.
+//!   no worker of its regions takes stays QUEUED saying why;
+//! - encryption at rest: a worker with a key file writes only encrypted
+//!   parts, which read back (`decrypt_dataset`) as the rows scored online.
 //!
 //! The coordinator's process is this test binary, started again with
 //! [`CHILD_DB`] set: it runs the coordinator library (the `shamal-batch`
@@ -522,6 +524,18 @@ struct InProcessWorker {
 
 impl InProcessWorker {
     async fn start(repository: &Path, region: &str, redis: &str, prefix: &str) -> InProcessWorker {
+        InProcessWorker::start_with_keys(repository, region, redis, prefix, None).await
+    }
+
+    /// [`InProcessWorker::start`], encrypting batch parts under the key
+    /// ring of `key_file` (`[batch] key_file`).
+    async fn start_with_keys(
+        repository: &Path,
+        region: &str,
+        redis: &str,
+        prefix: &str,
+        key_file: Option<&Path>,
+    ) -> InProcessWorker {
         let mut args = CpuWorkerArgs {
             onnxruntime_library: Some(onnxruntime_library()),
             instances: Some(1),
@@ -534,6 +548,7 @@ impl InProcessWorker {
         };
         args.node.batch.batch_queue = Some(redis.to_owned());
         args.node.batch.batch_key_prefix = Some(prefix.to_owned());
+        args.node.batch.batch_key_file = key_file.map(Path::to_path_buf);
         let config = CpuWorkerConfig::load(&args).unwrap();
         let worker = shamal_cpu_worker::build_with_batch_queue(
             &config,
@@ -980,9 +995,9 @@ const REGIONS: [&str; 4] = ["r1", "r2", "r3", "r4"];
 /// Property: for random job regions and random worker regions, no shard is
 /// ever taken by a worker outside the job's regions (each stored shard
 /// names the worker and region that wrote it, checked against the
-/// workers' own regions); a job is scored exactly when a worker serves the
-/// region its shards are queued for, and otherwise stays QUEUED saying why
-/// with none of its entries taken.
+/// workers' own regions); a job is scored exactly when a worker serves one
+/// of its regions (the default region for a job of any region), and
+/// otherwise stays QUEUED saying why with none of its entries taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_shard_is_taken_outside_the_jobs_regions_random() {
     let Some((postgres, redis)) =
@@ -1054,13 +1069,16 @@ async fn no_shard_is_taken_outside_the_jobs_regions_random() {
         for (index, regions) in job_regions.iter().enumerate() {
             let output = dir.path().join(format!("out-{round}-{index}"));
             let job = submit(&mut client, demo_spec(&input, &output, regions, 100)).await;
-            let mut sorted = regions.clone();
-            sorted.sort_unstable();
-            let stream_region = sorted.first().copied().unwrap_or(default_region);
-            jobs.push((job, regions.clone(), stream_region, output));
+            // Where its shards may go: its regions, or the default one.
+            let mut takers = regions.clone();
+            takers.sort_unstable();
+            if takers.is_empty() {
+                takers.push(default_region);
+            }
+            jobs.push((job, regions.clone(), takers, output));
         }
-        for (job, regions, stream_region, output) in &jobs {
-            if served.contains(stream_region) {
+        for (job, regions, takers, output) in &jobs {
+            if takers.iter().any(|region| served.contains(region)) {
                 let done = wait_succeeded(&mut client, &job.id).await;
                 assert_eq!(done.done_rows, rows as u64);
                 for shard in stored_shards(&db.url, &job.id).await {
@@ -1073,11 +1091,7 @@ async fn no_shard_is_taken_outside_the_jobs_regions_random() {
                     let worker_region = &region_of_port[&port];
                     assert_eq!(&shard.region, worker_region, "{shard:?}");
                     assert!(
-                        if regions.is_empty() {
-                            worker_region == stream_region
-                        } else {
-                            regions.contains(&worker_region.as_str())
-                        },
+                        takers.contains(&worker_region.as_str()),
                         "job {} (regions {regions:?}) shard {} taken by {} in {worker_region}",
                         job.id,
                         shard.index,
@@ -1094,13 +1108,13 @@ async fn no_shard_is_taken_outside_the_jobs_regions_random() {
                 )
                 .await;
                 assert_eq!(waiting.state(), proto::JobState::Queued, "{waiting:?}");
-                assert!(
-                    waiting
-                        .message
-                        .contains(&format!("no batch worker of region [{stream_region}]")),
-                    "{}",
-                    waiting.message
-                );
+                let list = takers.join(", ");
+                let named = if takers.len() > 1 {
+                    format!("no batch worker of regions [{list}]")
+                } else {
+                    format!("no batch worker of region [{list}]")
+                };
+                assert!(waiting.message.contains(&named), "{}", waiting.message);
                 assert_eq!(waiting.shards_done, 0);
                 for shard in stored_shards(&db.url, &job.id).await {
                     let id = JobId::parse(&shard.queue_id).unwrap();
@@ -1124,4 +1138,80 @@ async fn no_shard_is_taken_outside_the_jobs_regions_random() {
         coordinator.stop().await.unwrap();
     }
     println!("residency test: {:?}", started.elapsed());
+}
+
+/// A job asking for encryption at rest, scored by a real worker holding a
+/// key file: the output holds only encrypted parts (no plaintext Parquet
+/// magic in them), the manifest records the key id, and the dataset
+/// decrypted with the same key holds every row once, equal to ModelInfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_worker_writes_encrypted_parts_that_decrypt_to_the_online_scores() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some((postgres, redis)) =
+        required_services("a_real_worker_writes_encrypted_parts_that_decrypt_to_the_online_scores")
+    else {
+        return;
+    };
+    let db = TestDb::create(&postgres).await;
+    let prefix = format!("shamal-test:batch-jobs:{}", unique());
+    let dir = tempfile::tempdir().unwrap();
+    let repository = demo_repository(dir.path());
+    let input = dir.path().join("in.parquet");
+    let rows = 500;
+    write_parquet(&input, rows, 100);
+    let key_file = dir.path().join("batch-keys.toml");
+    std::fs::write(
+        &key_file,
+        "active = \"k7\"\n[keys]\nk7 = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let queue = redis_queue(&redis, &prefix).await;
+    let coordinator =
+        start_coordinator(&db.url, QueueSource::Shared(queue.clone()), "eu", 64).await;
+    let mut client = batch_client(coordinator.grpc_address);
+    let worker =
+        InProcessWorker::start_with_keys(&repository, "eu", &redis, &prefix, Some(&key_file)).await;
+    let output = dir.path().join("out");
+    let job = submit(
+        &mut client,
+        proto::JobSpec {
+            encrypt: true,
+            ..demo_spec(&input, &output, &["eu"], 100)
+        },
+    )
+    .await;
+    let done = wait_succeeded(&mut client, &job.id).await;
+    assert_eq!(done.done_rows, rows as u64);
+    let manifest = Manifest::verify(output.to_str().unwrap()).await.unwrap();
+    let encryption = manifest
+        .encryption
+        .clone()
+        .expect("the manifest records encryption");
+    assert_eq!(encryption.key_ids, vec!["k7".to_owned()]);
+    assert_eq!(manifest.parts.len(), 5);
+    for part in &manifest.parts {
+        assert!(part.name.ends_with(".parquet.enc"), "{}", part.name);
+        let bytes = std::fs::read(output.join(&part.name)).unwrap();
+        assert!(
+            !bytes.windows(4).any(|window| window == b"PAR1"),
+            "{} holds plaintext Parquet",
+            part.name
+        );
+    }
+    for entry in std::fs::read_dir(&output).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with("part-") || name.ends_with(".parquet.enc"),
+            "a plaintext part beside the encrypted ones: {name}"
+        );
+    }
+    let ring = shamal_batch_io::KeyRing::from_file(&key_file).unwrap();
+    let plain = dir.path().join("plain");
+    shamal_batch_io::decrypt_dataset(output.to_str().unwrap(), plain.to_str().unwrap(), &ring)
+        .await
+        .unwrap();
+    assert_exactly_once(&plain, rows, 5, worker.address).await;
+    worker.stop().await;
+    coordinator.stop().await.unwrap();
 }

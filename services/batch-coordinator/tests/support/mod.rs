@@ -33,8 +33,10 @@ use shamal_batch_io::{
 use shamal_proto::inference::ModelInferResponse;
 use shamal_proto::inference::model_infer_response::InferOutputTensor;
 use shamal_proto::shamal::batch::v1 as proto;
+use shamal_proto::shamal::batch::v1::batch_service_client::BatchServiceClient;
 use shamal_proto::shamal::registry::v1::{ModelState, VersionState};
 use sqlx::Connection;
+use tonic::transport::Channel;
 
 pub struct TestDb {
     pub url: String,
@@ -574,4 +576,70 @@ pub async fn store(db: &TestDb) -> shamal_batch_coordinator::store::Store {
     shamal_batch_coordinator::store::Store::connect(&db.url)
         .await
         .unwrap()
+}
+
+/// A gRPC client of the running coordinator.
+pub async fn client(
+    running: &shamal_batch_coordinator::RunningBatch,
+) -> BatchServiceClient<Channel> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_address))
+            .unwrap()
+            .connect_lazy();
+    BatchServiceClient::new(channel)
+}
+
+/// A job of the test model `scorer` in `uae-north`, 10 rows a shard.
+pub fn spec(input: &Path, output: &Path) -> proto::JobSpec {
+    proto::JobSpec {
+        model: "scorer".to_owned(),
+        input: input.display().to_string(),
+        output: output.display().to_string(),
+        key_columns: vec!["id".to_owned()],
+        regions: vec!["uae-north".to_owned()],
+        rows_per_shard: 10,
+        ..Default::default()
+    }
+}
+
+/// Submits `spec` (no request id).
+pub async fn submit(
+    client: &mut BatchServiceClient<Channel>,
+    spec: proto::JobSpec,
+) -> Result<proto::Job, tonic::Status> {
+    client
+        .submit_job(proto::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Polls the job until it is in `state`; panics if it ends otherwise.
+pub async fn wait_state(
+    client: &mut BatchServiceClient<Channel>,
+    id: &str,
+    state: proto::JobState,
+) -> proto::Job {
+    for _ in 0..600 {
+        let job = client
+            .get_job(proto::GetJobRequest { id: id.to_owned() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state() == state {
+            return job;
+        }
+        assert!(
+            !matches!(
+                job.state(),
+                proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled
+            ),
+            "job ended {:?} while waiting for {state:?}: {job:?}",
+            job.state()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never reached {state:?}");
 }
