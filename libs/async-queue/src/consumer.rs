@@ -285,7 +285,12 @@ where
             continue;
         }
         if !buffer.is_empty() || free == 0 || streams.is_empty() {
-            let mut wake = next_touch.min(next_reclaim);
+            // Nothing to take or reclaim until a handler finishes (it wakes
+            // the select) or streams appear: sleep until the next touch or
+            // refresh. Not until `next_reclaim`: once passed, it stays in
+            // the past while every permit is taken, and the loop would
+            // spin a core for as long as the handlers run.
+            let mut wake = next_touch;
             if streams.is_empty() {
                 wake = wake.min(next_refresh);
             }

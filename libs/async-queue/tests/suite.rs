@@ -57,6 +57,57 @@ suite!(
     touched_entries_are_not_reclaimed,
 );
 
+/// CPU time the calling thread has used, in clock ticks (1/100 s).
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("thread stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of the line.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// A consumer whose every permit is taken waits for a handler to finish
+/// without polling: while one job runs for 1.5 s, many reclaim intervals,
+/// the thread running the consumer (a current-thread runtime: this one)
+/// uses almost no CPU. (It used to spin once the reclaim time had passed.)
+async fn a_saturated_consumer_does_not_spin(b: &Backend) {
+    let q = b.queue(fast_config()).await;
+    let s = stream("slow-cpu");
+    let job = submit(&*q, &s, "x").await;
+    let before = thread_cpu_ticks();
+    let runner = Runner::start(
+        &q,
+        consumer("sleepy", vec![StreamSelector::exact(&s)], 1),
+        |job| async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            echo(&job)
+        },
+    );
+    assert_eq!(wait_done(&*q, &job.id).await.outcome, echo(&job));
+    let used = thread_cpu_ticks() - before;
+    println!("consumer CPU while its handler slept 1.5 s: {used} ticks");
+    runner.stop().await;
+    assert!(
+        used < 15,
+        "the consumer used {used} ticks (1/100 s) of CPU while its one handler slept 1.5 s"
+    );
+}
+
+mod saturated {
+    #[tokio::test]
+    async fn memory() {
+        super::a_saturated_consumer_does_not_spin(&super::Backend::Memory).await;
+    }
+
+    #[tokio::test]
+    async fn redis() {
+        let Some(backend) = super::Backend::redis().await else {
+            return;
+        };
+        super::a_saturated_consumer_does_not_spin(&backend).await;
+    }
+}
+
 fn stream(model: &str) -> StreamKey {
     StreamKey::new(model, "eu-west").expect("valid stream")
 }
