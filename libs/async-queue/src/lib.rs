@@ -48,6 +48,8 @@ pub mod codes {
     pub const ABORTED: i32 = 10;
     /// Internal error.
     pub const INTERNAL: i32 = 13;
+    /// The job was cancelled before a consumer finished it.
+    pub const CANCELLED: i32 = 1;
 }
 
 /// Errors of queue operations.
@@ -455,6 +457,19 @@ pub trait JobQueue: Send + Sync + 'static {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<bool>>;
 
+    /// Answers job `id` of `stream` with `outcome` unless it has a result
+    /// already, without a consumer: a consumer that reads its entry later
+    /// drops it, and waiters wake with this result. A consumer already
+    /// running the job may finish it, but its result is not kept. Returns
+    /// whether `outcome` is the job's result (false for a job with a result
+    /// already, or one the queue does not know).
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a StreamKey,
+        id: &'a JobId,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<bool>>;
+
     /// Lag and pending counts of one stream.
     fn backlog<'a>(&'a self, stream: &'a StreamKey) -> BoxFuture<'a, Result<Backlog>>;
 
@@ -502,6 +517,14 @@ impl<Q: JobQueue + ?Sized> JobQueue for Arc<Q> {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<bool>> {
         (**self).complete(delivery, outcome)
+    }
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a StreamKey,
+        id: &'a JobId,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<bool>> {
+        (**self).cancel(stream, id, outcome)
     }
     fn backlog<'a>(&'a self, stream: &'a StreamKey) -> BoxFuture<'a, Result<Backlog>> {
         (**self).backlog(stream)

@@ -341,6 +341,48 @@ impl JobQueue for MemoryQueue {
         .boxed()
     }
 
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a StreamKey,
+        id: &'a JobId,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            let won = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                let ttl = self.inner.config.result_ttl;
+                let known = state.records.get(id).is_some_and(|r| r.expires > now);
+                let won = known && !Self::has_result(&state, id, now);
+                if won {
+                    let attempts = state.records.get(id).map_or(0, |r| r.attempts);
+                    let result = JobResult {
+                        id: id.clone(),
+                        outcome,
+                        worker_id: String::new(),
+                        finished_at: truncate_ms(SystemTime::now()),
+                        attempts,
+                    };
+                    state.results.insert(id.clone(), (result, now + ttl));
+                    if let Some(r) = state.records.get_mut(id) {
+                        r.running = None;
+                        r.expires = now + ttl;
+                    }
+                    // Off the stream, so it no longer counts as lag.
+                    if let Some(stream) = state.streams.get_mut(stream) {
+                        stream.waiting.retain(|(_, job)| &job.id != id);
+                    }
+                }
+                won
+            };
+            if won {
+                self.inner.waiters.notify(id);
+            }
+            Ok(won)
+        }
+        .boxed()
+    }
+
     fn complete<'a>(
         &'a self,
         delivery: &'a Delivery,

@@ -55,6 +55,7 @@ suite!(
     shutdown_finishes_held_and_takes_no_more,
     wildcard_selectors_follow_new_streams,
     touched_entries_are_not_reclaimed,
+    cancelled_jobs_are_answered_and_never_delivered,
 );
 
 /// CPU time the calling thread has used, in clock ticks (1/100 s).
@@ -321,6 +322,106 @@ async fn results_first_write_wins(b: &Backend) {
         q.backlog(&s).await.expect("backlog"),
         Backlog::default(),
         "acknowledged"
+    );
+}
+
+/// A cancelled job has the cancellation as its result at once (waiters
+/// wake), no consumer is given it, and a consumer already running one
+/// finishes without its result being kept; a job with a result, or one the
+/// queue does not know, is not cancelled.
+async fn cancelled_jobs_are_answered_and_never_delivered(b: &Backend) {
+    let q = b.queue(fast_config()).await;
+    let s = stream("m");
+    let running = submit(&**q, &s, "running").await;
+    let waiting = submit(&**q, &s, "waiting").await;
+    let taken = q
+        .take(std::slice::from_ref(&s), "a", 1, Duration::ZERO)
+        .await
+        .expect("take");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].job.id, running.id);
+    let waiter = {
+        let q = Arc::clone(&q.q);
+        let id = waiting.id.clone();
+        tokio::spawn(async move { q.wait(&id, Duration::from_secs(10)).await })
+    };
+    // Registered before the cancellation.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancelled = || Outcome::error(codes::CANCELLED, "job cancelled");
+
+    assert!(
+        q.cancel(&s, &waiting.id, cancelled())
+            .await
+            .expect("cancel")
+    );
+    let woken = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter wakes at the cancellation")
+        .expect("waiter task")
+        .expect("wait");
+    assert_eq!(done(woken).outcome, cancelled());
+    assert_eq!(
+        done(q.status(&waiting.id).await.expect("status")).outcome,
+        cancelled()
+    );
+    assert!(
+        !q.cancel(&s, &waiting.id, Outcome::error(codes::CANCELLED, "again"))
+            .await
+            .expect("cancel"),
+        "a result is written once"
+    );
+    let after = q
+        .take(std::slice::from_ref(&s), "b", 10, Duration::ZERO)
+        .await
+        .expect("take");
+    assert!(after.is_empty(), "a cancelled job was delivered: {after:?}");
+
+    // Running: cancelled; the consumer's late result is not kept.
+    assert!(
+        q.cancel(&s, &running.id, cancelled())
+            .await
+            .expect("cancel")
+    );
+    assert!(
+        !q.complete(&taken[0], Outcome::Ok(Bytes::from_static(b"late")))
+            .await
+            .expect("complete")
+    );
+    assert_eq!(
+        done(q.status(&running.id).await.expect("status")).outcome,
+        cancelled()
+    );
+
+    // Finished, and unknown: nothing to cancel.
+    let finished = submit(&**q, &s, "finished").await;
+    let got = q
+        .take(std::slice::from_ref(&s), "a", 1, Duration::ZERO)
+        .await
+        .expect("take");
+    assert_eq!(got.len(), 1);
+    assert!(
+        q.complete(&got[0], Outcome::Ok(Bytes::from_static(b"ok")))
+            .await
+            .expect("complete")
+    );
+    assert!(
+        !q.cancel(&s, &finished.id, cancelled())
+            .await
+            .expect("cancel")
+    );
+    assert_eq!(
+        done(q.status(&finished.id).await.expect("status")).outcome,
+        Outcome::Ok(Bytes::from_static(b"ok"))
+    );
+    assert!(
+        !q.cancel(&s, &JobId::generate(), cancelled())
+            .await
+            .expect("cancel")
+    );
+    assert_eq!(
+        q.backlog(&s).await.expect("backlog"),
+        Backlog::default(),
+        "nothing left on the stream"
     );
 }
 

@@ -334,6 +334,15 @@ impl JobQueue for Reporting {
         .boxed()
     }
 
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a StreamKey,
+        id: &'a JobId,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, QueueResult<bool>> {
+        self.queue.cancel(stream, id, outcome)
+    }
+
     fn backlog<'a>(&'a self, stream: &'a StreamKey) -> BoxFuture<'a, QueueResult<Backlog>> {
         self.queue.backlog(stream)
     }

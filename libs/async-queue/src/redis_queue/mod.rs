@@ -399,6 +399,40 @@ impl RedisQueue {
         })
     }
 
+    async fn cancel_inner(&self, stream: &StreamKey, id: &JobId, outcome: Outcome) -> Result<bool> {
+        let attempts = match self.status_now(id).await? {
+            JobStatus::Queued => 0,
+            JobStatus::Running { attempts, .. } => attempts,
+            JobStatus::Done(_) | JobStatus::Unknown => return Ok(false),
+        };
+        let result = JobResult {
+            id: id.clone(),
+            outcome,
+            worker_id: String::new(),
+            finished_at: SystemTime::now(),
+            attempts,
+        };
+        // COMPLETE without an entry to acknowledge: the result (unless one
+        // exists), the job's state, the notification. A consumer reading
+        // the entry later acknowledges and drops it (MARK_DELIVERED).
+        let won: i64 = script(&COMPLETE_SCRIPT, COMPLETE)
+            .key(self.result_key(id))
+            .key(self.job_key(id))
+            .key(self.stream_key(stream))
+            .arg(encode_result(&result))
+            .arg(dur_ms(self.inner.config.result_ttl))
+            .arg(self.group())
+            .arg("")
+            .arg(self.channel())
+            .arg(id.as_str())
+            .invoke_async(&mut self.conn())
+            .await?;
+        if won == 1 {
+            self.inner.waiters.notify(id);
+        }
+        Ok(won == 1)
+    }
+
     async fn complete_inner(&self, delivery: &Delivery, outcome: Outcome) -> Result<bool> {
         let result = JobResult {
             id: delivery.job.id.clone(),
@@ -609,6 +643,15 @@ impl JobQueue for RedisQueue {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<bool>> {
         self.complete_inner(delivery, outcome).boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a StreamKey,
+        id: &'a JobId,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<bool>> {
+        self.cancel_inner(stream, id, outcome).boxed()
     }
 
     fn backlog<'a>(&'a self, stream: &'a StreamKey) -> BoxFuture<'a, Result<Backlog>> {
