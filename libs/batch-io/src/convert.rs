@@ -76,35 +76,44 @@ fn arrow_type(datatype: DataType) -> ArrowType {
 /// Little-endian bytes of every value of `values` (no nulls left), which is
 /// already of [`arrow_type`]`(datatype)`.
 fn little_endian(values: &dyn Array, datatype: DataType) -> Vec<u8> {
-    fn primitive<T: ArrowPrimitiveType>(
+    fn primitive<T: ArrowPrimitiveType, const N: usize>(
         values: &dyn Array,
-        to_bytes: impl Fn(T::Native) -> Vec<u8>,
+        to_bytes: impl Fn(T::Native) -> [u8; N],
     ) -> Vec<u8> {
-        values
-            .as_primitive::<T>()
-            .values()
-            .iter()
-            .flat_map(|&value| to_bytes(value))
-            .collect()
+        let values = values.as_primitive::<T>().values();
+        let mut bytes = Vec::with_capacity(values.len() * N);
+        for &value in values.iter() {
+            bytes.extend_from_slice(&to_bytes(value));
+        }
+        bytes
     }
     match datatype {
         DataType::Bool => values.as_boolean().values().iter().map(u8::from).collect(),
-        DataType::Uint8 => primitive::<UInt8Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Uint16 => primitive::<UInt16Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Uint32 => primitive::<UInt32Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Uint64 => primitive::<UInt64Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Int8 => primitive::<Int8Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Int16 => primitive::<Int16Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Int32 => primitive::<Int32Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Int64 => primitive::<Int64Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Fp16 => primitive::<Float16Type>(values, |v| v.to_le_bytes().to_vec()),
+        DataType::Uint8 => primitive::<UInt8Type, 1>(values, u8::to_le_bytes),
+        DataType::Uint16 => primitive::<UInt16Type, 2>(values, u16::to_le_bytes),
+        DataType::Uint32 => primitive::<UInt32Type, 4>(values, u32::to_le_bytes),
+        DataType::Uint64 => primitive::<UInt64Type, 8>(values, u64::to_le_bytes),
+        DataType::Int8 => primitive::<Int8Type, 1>(values, i8::to_le_bytes),
+        DataType::Int16 => primitive::<Int16Type, 2>(values, i16::to_le_bytes),
+        DataType::Int32 => primitive::<Int32Type, 4>(values, i32::to_le_bytes),
+        DataType::Int64 => primitive::<Int64Type, 8>(values, i64::to_le_bytes),
+        DataType::Fp16 => primitive::<Float16Type, 2>(values, half::f16::to_le_bytes),
         DataType::Bf16 => {
-            primitive::<Float32Type>(values, |v| half::bf16::from_f32(v).to_le_bytes().to_vec())
+            primitive::<Float32Type, 2>(values, |v| half::bf16::from_f32(v).to_le_bytes())
         }
-        DataType::Fp32 => primitive::<Float32Type>(values, |v| v.to_le_bytes().to_vec()),
-        DataType::Fp64 => primitive::<Float64Type>(values, |v| v.to_le_bytes().to_vec()),
+        DataType::Fp32 => primitive::<Float32Type, 4>(values, f32::to_le_bytes),
+        DataType::Fp64 => primitive::<Float64Type, 8>(values, f64::to_le_bytes),
         DataType::Bytes => Vec::new(),
     }
+}
+
+/// The index of the first null of `values`, if any.
+fn first_null(values: &dyn Array) -> Option<usize> {
+    let nulls = values.logical_nulls()?;
+    if nulls.null_count() == 0 {
+        return None;
+    }
+    nulls.iter().position(|valid| !valid)
 }
 
 /// Converts numbers (`values`, `per_row` of them per row) to `datatype`'s
@@ -115,7 +124,7 @@ fn convert_numbers(
     datatype: DataType,
     per_row: usize,
 ) -> Result<ArrayRef> {
-    if let Some(index) = (0..values.len()).find(|&index| values.is_null(index)) {
+    if let Some(index) = first_null(values) {
         return Err(column.bad_row(index / per_row, "null value"));
     }
     let target = arrow_type(datatype);
@@ -128,7 +137,7 @@ fn convert_numbers(
                 found: format!("{} ({error})", values.data_type()),
             }
         })?;
-    if let Some(index) = (0..converted.len()).find(|&index| converted.is_null(index)) {
+    if let Some(index) = first_null(converted.as_ref()) {
         return Err(column.bad_row(index / per_row, format!("value does not fit in {datatype}")));
     }
     Ok(converted)
@@ -137,10 +146,10 @@ fn convert_numbers(
 /// The flattened values of a list column whose rows all hold `length`
 /// elements.
 fn list_values(column: &Column<'_>, array: &dyn Array, length: usize) -> Result<ArrayRef> {
+    if let Some(row) = first_null(array) {
+        return Err(column.bad_row(row, "null list"));
+    }
     let check = |row: usize, found: usize| -> Result<()> {
-        if array.is_null(row) {
-            return Err(column.bad_row(row, "null list"));
-        }
         if found != length {
             return Err(column.bad_row(row, format!("expected {length} values, found {found}")));
         }
@@ -171,8 +180,8 @@ fn list_values(column: &Column<'_>, array: &dyn Array, length: usize) -> Result<
         }
         ArrowType::FixedSizeList(_, size) => {
             let list = array.as_fixed_size_list();
-            for row in 0..list.len() {
-                check(row, *size as usize)?;
+            if list.len() > 0 {
+                check(0, *size as usize)?;
             }
             // Slicing a FixedSizeListArray slices its values too.
             Ok(list.values().slice(0, list.len() * length))

@@ -60,7 +60,7 @@ pub use output::{
     CommitFence, ENCRYPTED_SUFFIX, MANIFEST_FILE, MANIFEST_FORMAT_VERSION, Manifest,
     ManifestEncryption, PartEncryption, PartInfo, PartWriter, SUCCESS_FILE, StagedPart,
     encrypted_part_name, is_part_name, is_temporary_part_name, part_context, part_name,
-    remove_temporary_parts,
+    part_writer_properties, remove_temporary_parts,
 };
 pub use read::{ShardBatch, ShardStream, read_shard};
 pub use schema::{InputKind, ModelInput};

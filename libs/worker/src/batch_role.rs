@@ -894,23 +894,39 @@ async fn score(
             columns.push(column.clone());
         }
     }
-    let mut batch_size = usize::try_from(task.batch_size).unwrap_or(usize::MAX);
-    if batch_size == 0 {
-        batch_size = DEFAULT_BATCH_SIZE;
-    }
-    if version.settings.max_batch_size > 0 {
-        batch_size = batch_size.min(version.settings.max_batch_size);
-    }
-
     let lease = context
         .pool
         .checkout(&version)
         .await
         .map_err(backend_failure)
         .map_err(|(code, message)| (code, format!("cannot load the batch instance: {message}")))?;
+    let pads = lease
+        .instance()
+        .run(|backend| !backend.ragged_axes().is_empty())
+        .await
+        .map_err(backend_failure)?;
+    let batch_size = rows_per_execution(
+        task.batch_size,
+        version.settings.max_batch_size,
+        version.signature.supports_batching() && !pads,
+    );
     let mut stream = read_shard(&shard, &columns, batch_size)
         .await
         .map_err(|error| data_failure(error, &column_of))?;
+    // Reading runs ahead of scoring: the next batches are fetched and
+    // decoded on the runtime while the instance's thread scores and
+    // writes this one. The reader stops at the first error, and with the
+    // shard (the task is aborted when this function returns).
+    let (sender, mut batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let reader = tokio::spawn(async move {
+        while let Some(batch) = stream.next().await {
+            let failed = batch.is_err();
+            if sender.send(batch).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader.abort_handle());
     let shard_index = usize::try_from(task.shard_index).unwrap_or(usize::MAX);
     let mut writer: Option<PartWriter> = None;
     let scoring = Arc::new(Scoring {
@@ -923,7 +939,7 @@ async fn score(
         shard_index,
         encryption,
     });
-    while let Some(batch) = stream.next().await {
+    while let Some(batch) = batches.recv().await {
         let batch = batch.map_err(|error| data_failure(error, &column_of))?;
         let scoring = scoring.clone();
         let held = writer.take();
@@ -942,6 +958,14 @@ async fn score(
         result?;
         writer = returned;
     }
+    // The channel also ends when the reader panics: only a reader that
+    // ended by itself has read every row.
+    reader.await.map_err(|error| {
+        (
+            Code::Internal as i32,
+            format!("reading the shard failed: {error}"),
+        )
+    })?;
     let writer = match writer {
         Some(writer) => writer,
         None => scoring
@@ -977,6 +1001,40 @@ async fn score(
                 task.output
             ),
         ),
+    }
+}
+
+/// Rows per execution of a shard: the task's batch size (the
+/// coordinator's `batch_size`). The model's `max_batch_size` sizes the
+/// online batcher's batches; it caps a shard's batches too when the model
+/// file has a fixed first dimension on an input or output (it cannot take
+/// more rows) or the model pads inputs to the longest row of a batch (the
+/// text encoders: a larger batch pads more and runs slower). Otherwise a
+/// shard runs in the task's larger batches, which is what makes a cheap
+/// tabular model fast in bulk.
+///
+/// `uncapped`: the model file takes any number of rows and the model does
+/// not pad.
+fn rows_per_execution(task_batch_size: u32, max_batch_size: usize, uncapped: bool) -> usize {
+    let mut rows = usize::try_from(task_batch_size).unwrap_or(usize::MAX);
+    if rows == 0 {
+        rows = DEFAULT_BATCH_SIZE;
+    }
+    if max_batch_size > 0 && !uncapped {
+        rows = rows.min(max_batch_size);
+    }
+    rows
+}
+
+/// Batches of a shard read ahead of the one being scored.
+const READ_AHEAD: usize = 2;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1210,6 +1268,20 @@ mod tests {
             &columns,
         );
         assert_eq!(Code::from(code), Code::Internal);
+    }
+
+    #[test]
+    fn a_shard_runs_in_the_tasks_batches_unless_the_model_pads_or_cannot_batch() {
+        // demo: max_batch_size 64, a variable first dimension, no padding.
+        assert_eq!(rows_per_execution(1024, 64, true), 1024);
+        // A text encoder (pads) or a file with a fixed first dimension.
+        assert_eq!(rows_per_execution(1024, 32, false), 32);
+        // Below the cap, or no cap: the task's.
+        assert_eq!(rows_per_execution(16, 32, false), 16);
+        assert_eq!(rows_per_execution(1024, 0, false), 1024);
+        // No batch size in the task: the default, capped alike.
+        assert_eq!(rows_per_execution(0, 0, true), DEFAULT_BATCH_SIZE);
+        assert_eq!(rows_per_execution(0, 64, false), 64);
     }
 
     #[test]

@@ -39,8 +39,6 @@ use ort::value::{Tensor, TensorElementType};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 
 /// In-process rows/s of an ONNX model over a Parquet file.
 #[derive(Debug, Parser)]
@@ -295,9 +293,8 @@ fn one_pass(
             if writer.is_none() {
                 std::fs::create_dir_all(dir)?;
                 let file = File::create(dir.join("part-000000.parquet"))?;
-                let properties = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .build();
+                // As a job's part is written.
+                let properties = shamal_batch_io::part_writer_properties(&schema);
                 writer = Some(ArrowWriter::try_new(file, schema, Some(properties))?);
             }
             if let Some(writer) = writer.as_mut() {

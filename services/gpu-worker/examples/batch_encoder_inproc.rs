@@ -37,8 +37,6 @@ use clap::Parser;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use shamal_gpu_worker::spec::{EncoderInputs, ModelSpec, encoder_io, read_spec};
 use shamal_gpu_worker::{CandleRuntime, DevicePreference, device};
 use shamal_tensor::{DataType, Tensor, TensorData};
@@ -269,9 +267,8 @@ fn one_pass(args: &Args, backend: &mut dyn Backend, hidden: usize) -> Result<Pas
             if writer.is_none() {
                 std::fs::create_dir_all(dir)?;
                 let file = File::create(dir.join("part-000000.parquet"))?;
-                let properties = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .build();
+                // As a job's part is written.
+                let properties = shamal_batch_io::part_writer_properties(&schema);
                 writer = Some(ArrowWriter::try_new(file, schema, Some(properties))?);
             }
             if let Some(writer) = writer.as_mut() {
