@@ -9,12 +9,15 @@ use crate::format::Format;
 
 /// A model input as its metadata describes it: the v2 datatype (`"FP32"`,
 /// `"INT64"`, `"BYTES"`, ...) and the shape, with `-1` as the batch (first)
-/// dimension, e.g. `[-1, 4]`.
+/// dimension, e.g. `[-1, 4]`; and the dataset column it is read from when
+/// that is not named like the input (a job's `input_columns`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInput {
     pub name: String,
     pub datatype: String,
     pub shape: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
 }
 
 /// What a row holds for an input, from its datatype and shape.
@@ -35,7 +38,20 @@ impl ModelInput {
             name: name.into(),
             datatype: datatype.into(),
             shape,
+            column: None,
         }
+    }
+
+    /// The input, read from dataset column `column`.
+    pub fn with_column(mut self, column: impl Into<String>) -> Self {
+        let column = column.into();
+        self.column = (column != self.name).then_some(column);
+        self
+    }
+
+    /// The dataset column the input is read from.
+    pub fn column(&self) -> &str {
+        self.column.as_deref().unwrap_or(&self.name)
     }
 
     /// The input's datatype and what a row holds for it. Refuses, with
@@ -186,12 +202,13 @@ pub(crate) fn check_schema(
     };
     for input in inputs {
         let (datatype, kind) = input.kind()?;
+        let column = input.column();
         let field = schema
-            .field_with_name(&input.name)
-            .map_err(|_| missing(&input.name, format!("input '{}'", input.name)))?;
+            .field_with_name(column)
+            .map_err(|_| missing(column, format!("input '{}'", input.name)))?;
         if !compatible(datatype, kind, format, field.data_type()) {
             return Err(Error::WrongType {
-                column: input.name.clone(),
+                column: column.to_owned(),
                 expected: input.expected(format),
                 found: field.data_type().to_string(),
             });
@@ -208,6 +225,46 @@ pub(crate) fn check_schema(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mapped_input_is_looked_for_in_its_column_and_named_as_the_input() {
+        let schema = Schema::new(vec![
+            arrow::datatypes::Field::new("id", ArrowType::Int64, false),
+            arrow::datatypes::Field::new("sentence", ArrowType::Int64, false),
+        ]);
+        let text = ModelInput::new("text", "BYTES", vec![-1]);
+        let error = check_schema(
+            &schema,
+            Format::Parquet,
+            "f.parquet",
+            &[text.clone().with_column("sentence")],
+            &[],
+        )
+        .expect_err("an integer column for a text input");
+        assert_eq!(
+            error.to_string(),
+            "column 'sentence': expected a string column for BYTES input 'text', found Int64"
+        );
+        let error = check_schema(
+            &schema,
+            Format::Parquet,
+            "f.parquet",
+            &[text.clone().with_column("body")],
+            &[],
+        )
+        .expect_err("no such column");
+        match error {
+            Error::MissingColumn {
+                column, needed_for, ..
+            } => {
+                assert_eq!(column, "body");
+                assert_eq!(needed_for, "input 'text'");
+            }
+            other => panic!("expected a missing column, got {other:?}"),
+        }
+        assert_eq!(text.clone().with_column("text").column, None);
+        assert_eq!(text.with_column("sentence").column(), "sentence");
+    }
 
     #[test]
     fn kinds_follow_datatype_and_shape() {

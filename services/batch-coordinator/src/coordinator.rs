@@ -2,20 +2,23 @@
 //! queues their shards, follows them to completion, and resumes the jobs
 //! of the store after a restart.
 //!
-//! Each active job has one driver task in this process. Every
-//! `poll_interval` it reads the job's shards from the store and, for each
-//! shard not done, acts on what the queue knows of its entry: a result is
-//! recorded (a success marks the shard done, a failure sends it back to
-//! `pending` or, after `max_shard_attempts`, fails the job); an entry the
-//! queue does not know (lost queue data) is queued again; a `pending`
-//! shard is queued. The same loop is what a restarted coordinator runs, so
-//! resuming needs nothing of its own. When every shard is done, the parts'
-//! checksums are verified and the manifest is written, last.
+//! Each active job has one driver task in this process. As soon as one of
+//! the job's queued entries has a result (the queue's `wait`), and at
+//! least every `poll_interval`, it reads the job's shards from the store
+//! and, for each shard not done, acts on what the queue knows of its
+//! entry: a result is recorded (a success marks the shard done, a failure
+//! sends it back to `pending` or, after `max_shard_attempts`, fails the
+//! job); an entry the queue does not know (lost queue data) is queued
+//! again; a `pending` shard is queued. The same loop is what a restarted
+//! coordinator runs, so resuming needs nothing of its own. When every shard
+//! is done, the parts' checksums are verified and the manifest is written,
+//! last.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use prost::Message;
 use shamal_async_queue::{JobId, JobQueue, JobStatus, NewJob as QueueJob, Outcome, StreamKey};
 use shamal_audit_client::{AuditEvent, Auditor};
@@ -40,6 +43,8 @@ use crate::store::{NewJob, NewShard, ShardDone, Store};
 pub const DEFAULT_ROWS_PER_SHARD: u64 = 100_000;
 /// Most characters of a request id.
 const MAX_REQUEST_ID: usize = 128;
+/// Least time between two steps of a job's driver.
+const MIN_STEP_GAP: Duration = Duration::from_millis(25);
 /// Window of `rows_per_second`.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -392,11 +397,10 @@ impl Coordinator {
                 .cloned()
                 .unwrap_or_else(|| input.name.clone());
             input_columns.insert(input.name.clone(), column.clone());
-            columns.push(ModelInput::new(
-                column,
-                &input.datatype,
-                input.shape.clone(),
-            ));
+            columns.push(
+                ModelInput::new(input.name.clone(), &input.datatype, input.shape.clone())
+                    .with_column(column),
+            );
         }
         for (index, key) in spec.key_columns.iter().enumerate() {
             if signature.outputs.contains(key) {
@@ -538,6 +542,7 @@ impl Coordinator {
             .finished
             .with_label_values(&["CANCELLED"])
             .inc();
+        self.cancel_queued(&job, principal).await;
         self.audit(AuditEvent {
             action: "batch.cancel".to_owned(),
             outcome: "ok".to_owned(),
@@ -550,6 +555,42 @@ impl Coordinator {
         });
         self.changed();
         self.get(id).await
+    }
+
+    /// Answers the queued entries of a cancelled job, so that no worker
+    /// scores their shards (one already scoring a shard finishes its
+    /// part). Best effort: the job is cancelled in the store already, and
+    /// an entry left on the queue costs only a worker's time.
+    async fn cancel_queued(&self, job: &Job, principal: &Principal) {
+        let entries = async {
+            let routing = self.store.routing(&job.id).await?;
+            let stream = self.stream(&job.spec.model, &routing.stream_region)?;
+            let shards = self.store.shards(&job.id).await?;
+            Ok::<_, BatchError>((stream, shards))
+        };
+        let (stream, shards) = match entries.await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(job = %job.id, %error, "the cancelled job's queued shards stay queued");
+                return;
+            }
+        };
+        let outcome = Outcome::error(
+            shamal_async_queue::codes::CANCELLED,
+            format!("job '{}' cancelled by {}", job.id, principal.actor()),
+        );
+        for shard in shards
+            .iter()
+            .filter(|shard| shard.state == ShardState::Queued)
+        {
+            let Ok(id) = JobId::parse(&shard.queue_id) else {
+                continue;
+            };
+            if let Err(error) = self.queue.cancel(&stream, &id, outcome.clone()).await {
+                tracing::warn!(job = %job.id, shard = shard.index, %error,
+                    "a cancelled job's queued shard stays queued");
+            }
+        }
     }
 
     /// A user of a tenant sees and cancels only that tenant's jobs.
@@ -588,21 +629,58 @@ impl Coordinator {
                 if *stop.borrow() {
                     return;
                 }
-                match coordinator.step(&id).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
+                let stepped = Instant::now();
+                let watched = match coordinator.step(&id).await {
+                    Ok(Step::Active(watched)) => watched,
+                    Ok(Step::Final) => break,
                     Err(error) => {
                         tracing::warn!(job = %id, %error, "batch job step failed; retrying");
+                        Vec::new()
                     }
-                }
+                };
+                // A step reads all of the job's shards: however fast
+                // results come, at most one step per MIN_STEP_GAP.
+                let next = async {
+                    coordinator.first_result(&watched).await;
+                    tokio::time::sleep_until((stepped + MIN_STEP_GAP).into()).await;
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(coordinator.settings.poll_interval) => {}
+                    _ = next => {}
                     _ = stop.changed() => return,
                 }
             }
             lock(&coordinator.progress).remove(&id);
         });
         driven.insert(key, task);
+    }
+
+    /// Returns when one of `entries` has a result, or after a poll
+    /// interval (at once for an entry the queue does not know), so a
+    /// finished shard is recorded, and the next one queued, as soon as its
+    /// worker answers rather than at the next poll.
+    async fn first_result(&self, entries: &[JobId]) {
+        let poll = self.settings.poll_interval;
+        if entries.is_empty() {
+            tokio::time::sleep(poll).await;
+            return;
+        }
+        let mut waits: futures::stream::FuturesUnordered<_> =
+            entries.iter().map(|id| self.queue.wait(id, poll)).collect();
+        let deadline = tokio::time::sleep(poll);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                next = waits.next() => match next {
+                    // A result, an entry lost, or the queue failing: the
+                    // step sees which.
+                    Some(Ok(JobStatus::Done(_) | JobStatus::Unknown)) | None => return,
+                    // Still waiting, or the queue failing (the step
+                    // retries after the poll interval).
+                    Some(_) => {}
+                }
+            }
+        }
     }
 
     fn stream(&self, model: &str, stream_region: &str) -> Result<StreamKey> {
@@ -709,13 +787,13 @@ impl Coordinator {
         Ok(())
     }
 
-    /// One pass over a job; false when the job is final (its driver ends).
-    async fn step(&self, job_id: &str) -> Result<bool> {
+    /// One pass over a job.
+    async fn step(&self, job_id: &str) -> Result<Step> {
         let Some(job) = self.store.job(job_id).await? else {
-            return Ok(false);
+            return Ok(Step::Final);
         };
         if job.state.is_final() {
-            return Ok(false);
+            return Ok(Step::Final);
         }
         let routing = self.store.routing(job_id).await?;
         let shards = self.store.shards(job_id).await?;
@@ -724,11 +802,15 @@ impl Coordinator {
         let mut done = 0usize;
         let mut pending = 0usize;
         let mut queued = 0usize;
+        // Entries to wait on until the next step; whether a result was
+        // recorded (room on the stream: the next shards are queued now).
+        let mut watched = Vec::new();
+        let mut recorded = false;
         for shard in &shards {
             match shard.state {
                 ShardState::Done => done += 1,
                 ShardState::Failed => {
-                    return self.fail(&job, shard).await.map(|()| false);
+                    return self.fail(&job, shard).await.map(|()| Step::Final);
                 }
                 ShardState::Pending => pending += 1,
                 ShardState::Queued => {
@@ -745,16 +827,20 @@ impl Coordinator {
                                 .await?;
                             changed = true;
                         }
-                        JobStatus::Queued => {}
-                        JobStatus::Running { .. } => taken = true,
+                        JobStatus::Queued => watched.push(id),
+                        JobStatus::Running { .. } => {
+                            taken = true;
+                            watched.push(id);
+                        }
                         JobStatus::Done(result) => {
                             taken = true;
                             changed = true;
+                            recorded = true;
                             match self.record_result(&job, shard, result.outcome).await? {
                                 Recorded::Done => done += 1,
-                                Recorded::Retry => {}
+                                Recorded::Retry => pending += 1,
                                 Recorded::Failed(failed) => {
-                                    return self.fail(&job, &failed).await.map(|()| false);
+                                    return self.fail(&job, &failed).await.map(|()| Step::Final);
                                 }
                             }
                         }
@@ -763,10 +849,10 @@ impl Coordinator {
             }
         }
         if done == shards.len() {
-            return self.complete(&job).await.map(|()| false);
+            return self.complete(&job).await.map(|()| Step::Final);
         }
         if pending > 0 {
-            self.dispatch(false).await?;
+            self.dispatch(recorded).await?;
         }
         if !taken && job.state == JobState::Queued && queued == 0 && pending > 0 {
             // Every shard waits for room on the stream: others come first.
@@ -785,7 +871,10 @@ impl Coordinator {
                 let stream = self.stream(&job.spec.model, &routing.stream_region)?;
                 let backlog = self.queue.backlog(&stream).await?;
                 let members = region_list(&routing.stream_region);
-                let regions = if members.contains(',') {
+                let regions = if routing
+                    .stream_region
+                    .contains(shamal_async_queue::REGION_SET_SEPARATOR)
+                {
                     format!("regions {members}")
                 } else {
                     format!("region {members}")
@@ -805,7 +894,7 @@ impl Coordinator {
             }
             self.changed();
         }
-        Ok(true)
+        Ok(Step::Active(watched))
     }
 
     async fn record_result(
@@ -1071,6 +1160,15 @@ impl Coordinator {
         self.changed();
         Ok(())
     }
+}
+
+/// What a job's driver does after a step.
+enum Step {
+    /// The job is final: the driver ends.
+    Final,
+    /// The job goes on; the next step comes when one of these queue
+    /// entries has a result, or after the poll interval.
+    Active(Vec<JobId>),
 }
 
 enum Recorded {

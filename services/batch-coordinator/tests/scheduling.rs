@@ -150,9 +150,10 @@ async fn a_later_job_of_higher_priority_overtakes_an_earlier_one() {
     running.stop().await.unwrap();
 }
 
-/// A cancelled job's shards beyond the window are never queued: a worker
-/// started afterwards takes only the two that were, and the next job of
-/// the stream still runs.
+/// A cancelled job's shards are never scored: those beyond the window are
+/// never queued, and the two in it are answered on the queue, so a worker
+/// started afterwards takes none of them; the next job of the stream still
+/// runs, and nothing is written in the cancelled job's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_jobs_pending_shards_are_never_queued() {
     let db = TestDb::sqlite();
@@ -187,8 +188,16 @@ async fn a_cancelled_jobs_pending_shards_are_never_queued() {
         .iter()
         .filter(|(job, _, _)| *job == cancelled.id)
         .count();
-    assert_eq!(of_cancelled, 2, "{taken:?}");
+    assert_eq!(of_cancelled, 0, "{taken:?}");
     assert_eq!(queued_and_pending(&db, &cancelled.id).await, (2, 3));
+    assert!(
+        !db.dir.path().join("gone").exists()
+            || std::fs::read_dir(db.dir.path().join("gone"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a cancelled job's output has parts"
+    );
     let after = client
         .get_job(proto::GetJobRequest {
             id: cancelled.id.clone(),

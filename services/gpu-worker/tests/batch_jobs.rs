@@ -666,10 +666,8 @@ async fn a_missing_or_non_string_text_column_is_refused_at_submit() {
     write_parquet(&parquet, &sentences, ROWS_PER_SHARD as usize);
 
     let output = setup.data.join("out");
-    // With `input_columns` the input the message names is not asserted:
-    // the coordinator checks a mapped column under the column's own name
-    // (it says "for BYTES input 'id'"), so only the column and the
-    // expected type are.
+    // With `input_columns` the message names the mapped column and the
+    // input it feeds.
     let cases: [(proto::JobSpec, &[&str]); 4] = [
         (
             spec(&renamed, &output),
@@ -688,8 +686,8 @@ async fn a_missing_or_non_string_text_column_is_refused_at_submit() {
                 ..spec(&parquet, &output)
             },
             &[
-                "spec.input: column 'id': expected a string column for BYTES input",
-                "found Int64",
+                "spec.input: column 'id': expected a string column for BYTES input 'text', \
+               found Int64",
             ],
         ),
         (
@@ -699,10 +697,7 @@ async fn a_missing_or_non_string_text_column_is_refused_at_submit() {
                     .collect(),
                 ..spec(&parquet, &output)
             },
-            &[
-                "spec.input: column 'nosuch' (needed for input",
-                "not found in",
-            ],
+            &["spec.input: column 'nosuch' (needed for input 'text') not found in"],
         ),
     ];
     for (spec, says) in cases {
