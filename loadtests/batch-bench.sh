@@ -43,6 +43,7 @@
 # target, /release), ROWS (1000000), SENTENCES (100000), ROWS_PER_SHARD
 # (100000), TEXT_ROWS_PER_SHARD (10000), ENCODER (1: also the text encoder; 0: tabular only),
 # ONLINE_RATE (200), ONLINE_DURATION (20s), ROUNDS (in-process passes, 3),
+# JOBS (measured jobs per up/procs case after a first one, 3),
 # UP_ARGS (extra `shamal up` flags). Results: bench-results/batch/.
 set -euo pipefail
 
@@ -60,6 +61,7 @@ encoder="${ENCODER:-1}"
 online_rate="${ONLINE_RATE:-200}"
 online_duration="${ONLINE_DURATION:-20s}"
 rounds="${ROUNDS:-3}"
+jobs_per_case="${JOBS:-3}"
 read -r -a stages <<<"${STAGES:-inproc up procs floor online}"
 read -r -a up_args <<<"${UP_ARGS:-}"
 data="${BENCH_DATA:-${TMPDIR:-/tmp}/shamal-batch-bench-data}"
@@ -68,8 +70,11 @@ mkdir -p "$out" "$data"
 results="$out/results.tsv"
 : >"$results"
 
-for binary in shamal shamal-loadgen shamal-batch shamal-cpu-worker shamal-gpu-worker \
-  examples/batch_inproc examples/batch_encoder_inproc; do
+needed=(shamal shamal-loadgen shamal-batch shamal-cpu-worker examples/batch_inproc)
+if [ "$encoder" = 1 ]; then
+  needed+=(shamal-gpu-worker examples/batch_encoder_inproc)
+fi
+for binary in "${needed[@]}"; do
   if [ ! -x "$bin/$binary" ]; then
     echo "batch-bench: $bin/$binary is missing: build with" >&2
     echo "  cargo build --release -p shamal-cli -p shamal-loadtest -p shamal-cpu-worker" \
@@ -252,13 +257,24 @@ if [ "$up_needed" = 1 ]; then
   echo "== shamal up ready (gRPC $grpc, batch $batch_grpc)"
 fi
 
+# measure ENDPOINT MODEL INPUT CASE NOTE: a first job that loads the
+# workers' batch instances (recorded as "... first job"), then JOBS
+# measured jobs (the table's median line is what to read).
+measure() {
+  local endpoint="$1" model="$2" input="$3" case="$4" note="$5" i
+  submit "$endpoint" "$model" "$input" "$case first job" "$note; loads the batch instances"
+  for i in $(seq 1 "$jobs_per_case"); do
+    submit "$endpoint" "$model" "$input" "$case" "$note"
+  done
+}
+
 if has_stage up; then
   echo "== shamal up: embedded coordinator, 1 worker (batch role of the embedded worker)"
-  submit "http://127.0.0.1:$batch_grpc" demo "$tab" "up 1 worker" "max_batch_size 64"
-  submit "http://127.0.0.1:$batch_grpc" demo1024 "$tab" "up 1 worker" "max_batch_size 1024"
+  measure "http://127.0.0.1:$batch_grpc" demo "$tab" "up 1 worker" "max_batch_size 64"
+  measure "http://127.0.0.1:$batch_grpc" demo1024 "$tab" "up 1 worker" "max_batch_size 1024"
   if [ "$encoder" = 1 ]; then
-    submit "http://127.0.0.1:$batch_grpc" minilm_tiny_text "$txt" "up 1 worker" "default max_batch_size"
-    submit "http://127.0.0.1:$batch_grpc" text1024 "$txt" "up 1 worker" "max_batch_size 1024"
+    measure "http://127.0.0.1:$batch_grpc" minilm_tiny_text "$txt" "up 1 worker" "default max_batch_size"
+    measure "http://127.0.0.1:$batch_grpc" text1024 "$txt" "up 1 worker" "max_batch_size 1024"
   fi
 fi
 
@@ -298,12 +314,12 @@ if has_stage procs; then
   coordinator="http://127.0.0.1:$c_grpc"
 
   worker_pids=()
-  start_worker() { # kind repository
-    local kind="$1" repository="$2" port mport
+  start_worker() { # kind repository [concurrency]
+    local kind="$1" repository="$2" concurrency="${3:-1}" port mport
     read -r port mport < <(free_ports 2)
     local file="$tmp/worker-$port.toml"
-    printf 'grpc_listen = "127.0.0.1:%s"\nmetrics_listen = "127.0.0.1:%s"\nmodel_repository = "%s"\ninstances = 1\n[batch]\nqueue = "%s"\nkey_prefix = "%s"\nconcurrency = 1\n' \
-      "$port" "$mport" "$repository" "$redis" "$prefix" >"$file"
+    printf 'grpc_listen = "127.0.0.1:%s"\nmetrics_listen = "127.0.0.1:%s"\nmodel_repository = "%s"\ninstances = 1\n[batch]\nqueue = "%s"\nkey_prefix = "%s"\nconcurrency = %s\n' \
+      "$port" "$mport" "$repository" "$redis" "$prefix" "$concurrency" >"$file"
     local upper="${kind^^}"
     env "SHAMAL_${upper//-/_}_INSECURE=true" "$bin/shamal-$kind" --config "$file" \
       >"$out/worker-$kind-$port.log" 2>&1 &
@@ -332,9 +348,13 @@ if has_stage procs; then
     for n in 1 2; do
       start_worker "$kind" "$tmp/only-$model"
       if [ "$n" = 2 ]; then start_worker "$kind" "$tmp/only-$model"; fi
-      submit "$coordinator" "$model" "$input" "procs $n worker(s)" "$note"
+      measure "$coordinator" "$model" "$input" "procs $n worker(s)" "$note"
       stop_workers
     done
+    # One worker scoring two shards at once (batch.concurrency 2).
+    start_worker "$kind" "$tmp/only-$model" 2
+    measure "$coordinator" "$model" "$input" "procs 1 worker, conc 2" "$note"
+    stop_workers
   }
   run_procs cpu-worker bdemo "$tab" "demo, max_batch_size 64"
   run_procs cpu-worker bdemo1024 "$tab" "demo, max_batch_size 1024"
@@ -427,12 +447,23 @@ for case, model, rows, wall, job, note in lines:
     if case in ("inproc b1024", "inproc text b1024") and wall != "-":
         base["text" if "text" in case else "demo"] = int(rows) / float(wall)
 print(f"{'case':<26} {'model':<18} {'rows':>9} {'wall s':>8} {'rows/s':>10} {'job rows/s':>10} {'ratio':>6}  note")
-for case, model, rows, wall, job, note in lines:
-    if wall == "-":
-        print(f"{case:<26} {model:<18} {'':>9} {'':>8} {'':>10} {'':>10} {'':>6}  {note}")
-        continue
+def line(case, model, rows, wall, job, note):
     rate = int(rows) / float(wall)
     kind = "text" if "text" in model else "demo"
     ratio = f"{rate / base[kind]:.2f}" if kind in base else "-"
     print(f"{case:<26} {model:<18} {rows:>9} {float(wall):>8.2f} {rate:>10,.0f} {job:>10} {ratio:>6}  {note}")
+runs = {}
+for case, model, rows, wall, job, note in lines:
+    if wall == "-":
+        print(f"{case:<26} {model:<18} {'':>9} {'':>8} {'':>10} {'':>10} {'':>6}  {note}")
+        continue
+    if not case.startswith("during"):
+        line(case, model, rows, wall, job, note)
+    if not case.startswith(("inproc", "floor")) and not case.endswith("first job"):
+        runs.setdefault((case, model, rows, note), []).append(float(wall))
+print()
+print("medians of the measured jobs (after each case's first job):")
+for (case, model, rows, note), walls in runs.items():
+    walls.sort()
+    line(case, model, rows, walls[len(walls) // 2], "-", f"{note} (median of {len(walls)})")
 PY
