@@ -43,8 +43,9 @@ use crate::store::{NewJob, NewShard, ShardDone, Store};
 pub const DEFAULT_ROWS_PER_SHARD: u64 = 100_000;
 /// Most characters of a request id.
 const MAX_REQUEST_ID: usize = 128;
-/// Least time between two steps of a job's driver.
-const MIN_STEP_GAP: Duration = Duration::from_millis(25);
+/// Least time between two steps of a job's driver, per shard of the job
+/// (a step reads them all): at most about 20,000 shard rows a second.
+const STEP_GAP_PER_SHARD: Duration = Duration::from_micros(50);
 /// Window of `rows_per_second`.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -630,19 +631,23 @@ impl Coordinator {
                     return;
                 }
                 let stepped = Instant::now();
-                let watched = match coordinator.step(&id).await {
-                    Ok(Step::Active(watched)) => watched,
+                let (watched, shards) = match coordinator.step(&id).await {
+                    Ok(Step::Active { watched, shards }) => (watched, shards),
                     Ok(Step::Final) => break,
                     Err(error) => {
                         tracing::warn!(job = %id, %error, "batch job step failed; retrying");
-                        Vec::new()
+                        (Vec::new(), 0)
                     }
                 };
                 // A step reads all of the job's shards: however fast
-                // results come, at most one step per MIN_STEP_GAP.
+                // results come, the next one waits in proportion to them
+                // (a 10-shard job not at all, one of 10,000 shards up to
+                // the poll interval).
+                let gap = (STEP_GAP_PER_SHARD * u32::try_from(shards).unwrap_or(u32::MAX))
+                    .min(coordinator.settings.poll_interval);
                 let next = async {
                     coordinator.first_result(&watched).await;
-                    tokio::time::sleep_until((stepped + MIN_STEP_GAP).into()).await;
+                    tokio::time::sleep_until((stepped + gap).into()).await;
                 };
                 tokio::select! {
                     _ = next => {}
@@ -894,7 +899,10 @@ impl Coordinator {
             }
             self.changed();
         }
-        Ok(Step::Active(watched))
+        Ok(Step::Active {
+            watched,
+            shards: shards.len(),
+        })
     }
 
     async fn record_result(
@@ -1168,7 +1176,7 @@ enum Step {
     Final,
     /// The job goes on; the next step comes when one of these queue
     /// entries has a result, or after the poll interval.
-    Active(Vec<JobId>),
+    Active { watched: Vec<JobId>, shards: usize },
 }
 
 enum Recorded {
