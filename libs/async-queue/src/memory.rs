@@ -124,6 +124,15 @@ impl MemoryQueue {
         record.attempts
     }
 
+    /// Stores a job's result (for `ttl`) and marks it no longer running.
+    fn keep_result(state: &mut State, result: JobResult, now: Instant, ttl: Duration) {
+        if let Some(r) = state.records.get_mut(&result.id) {
+            r.running = None;
+            r.expires = now + ttl;
+        }
+        state.results.insert(result.id.clone(), (result, now + ttl));
+    }
+
     fn has_result(state: &State, id: &JobId, now: Instant) -> bool {
         state.results.get(id).is_some_and(|(_, e)| *e > now)
     }
@@ -363,11 +372,7 @@ impl JobQueue for MemoryQueue {
                         finished_at: truncate_ms(SystemTime::now()),
                         attempts,
                     };
-                    state.results.insert(id.clone(), (result, now + ttl));
-                    if let Some(r) = state.records.get_mut(id) {
-                        r.running = None;
-                        r.expires = now + ttl;
-                    }
+                    Self::keep_result(&mut state, result, now, ttl);
                     // Off the stream, so it no longer counts as lag.
                     if let Some(stream) = state.streams.get_mut(stream) {
                         stream.waiting.retain(|(_, job)| &job.id != id);
@@ -403,13 +408,7 @@ impl JobQueue for MemoryQueue {
                         finished_at: truncate_ms(SystemTime::now()),
                         attempts: delivery.attempts,
                     };
-                    state
-                        .results
-                        .insert(delivery.job.id.clone(), (result, now + ttl));
-                    if let Some(r) = state.records.get_mut(&delivery.job.id) {
-                        r.running = None;
-                        r.expires = now + ttl;
-                    }
+                    Self::keep_result(&mut state, result, now, ttl);
                 }
                 if let Some(stream) = state.streams.get_mut(&delivery.job.stream) {
                     stream.pending.remove(&seq);

@@ -915,8 +915,8 @@ async fn score(
         .map_err(|error| data_failure(error, &column_of))?;
     // Reading runs ahead of scoring: the next batches are fetched and
     // decoded on the runtime while the instance's thread scores and
-    // writes this one. The reader stops at the first error, and with the
-    // shard (the task is aborted when this function returns).
+    // writes this one. The reader stops at the first error, and when the
+    // shard ends early: its next send fails once `batches` is dropped.
     let (sender, mut batches) = tokio::sync::mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(async move {
         while let Some(batch) = stream.next().await {
@@ -926,7 +926,6 @@ async fn score(
             }
         }
     });
-    let _abort = AbortOnDrop(reader.abort_handle());
     let shard_index = usize::try_from(task.shard_index).unwrap_or(usize::MAX);
     let mut writer: Option<PartWriter> = None;
     let scoring = Arc::new(Scoring {
@@ -1028,15 +1027,6 @@ fn rows_per_execution(task_batch_size: u32, max_batch_size: usize, uncapped: boo
 
 /// Batches of a shard read ahead of the one being scored.
 const READ_AHEAD: usize = 2;
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// What scoring one batch of a shard needs.
 struct Scoring {

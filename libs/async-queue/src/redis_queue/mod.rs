@@ -412,23 +412,35 @@ impl RedisQueue {
             finished_at: SystemTime::now(),
             attempts,
         };
-        // COMPLETE without an entry to acknowledge: the result (unless one
-        // exists), the job's state, the notification. A consumer reading
-        // the entry later acknowledges and drops it (MARK_DELIVERED).
+        // No entry to acknowledge: a consumer reading it later
+        // acknowledges and drops it (MARK_DELIVERED).
+        self.write_result(stream, &result, "").await
+    }
+
+    /// Writes `result` unless the job has one (COMPLETE: the result, the
+    /// job's state, the notification), acknowledging and deleting stream
+    /// entry `entry_id` unless it is empty. Returns whether it was written.
+    async fn write_result(
+        &self,
+        stream: &StreamKey,
+        result: &JobResult,
+        entry_id: &str,
+    ) -> Result<bool> {
         let won: i64 = script(&COMPLETE_SCRIPT, COMPLETE)
-            .key(self.result_key(id))
-            .key(self.job_key(id))
+            .key(self.result_key(&result.id))
+            .key(self.job_key(&result.id))
             .key(self.stream_key(stream))
-            .arg(encode_result(&result))
+            .arg(encode_result(result))
             .arg(dur_ms(self.inner.config.result_ttl))
             .arg(self.group())
-            .arg("")
+            .arg(entry_id)
             .arg(self.channel())
-            .arg(id.as_str())
+            .arg(result.id.as_str())
             .invoke_async(&mut self.conn())
             .await?;
         if won == 1 {
-            self.inner.waiters.notify(id);
+            // Local waiters need not wait for the round trip through pub/sub.
+            self.inner.waiters.notify(&result.id);
         }
         Ok(won == 1)
     }
@@ -441,23 +453,8 @@ impl RedisQueue {
             finished_at: SystemTime::now(),
             attempts: delivery.attempts,
         };
-        let won: i64 = script(&COMPLETE_SCRIPT, COMPLETE)
-            .key(self.result_key(&delivery.job.id))
-            .key(self.job_key(&delivery.job.id))
-            .key(self.stream_key(&delivery.job.stream))
-            .arg(encode_result(&result))
-            .arg(dur_ms(self.inner.config.result_ttl))
-            .arg(self.group())
-            .arg(&delivery.entry_id)
-            .arg(self.channel())
-            .arg(delivery.job.id.as_str())
-            .invoke_async(&mut self.conn())
-            .await?;
-        if won == 1 {
-            // Local waiters need not wait for the round trip through pub/sub.
-            self.inner.waiters.notify(&delivery.job.id);
-        }
-        Ok(won == 1)
+        self.write_result(&delivery.job.stream, &result, &delivery.entry_id)
+            .await
     }
 
     fn ensure_subscriber(&self) {
