@@ -6,6 +6,7 @@ use arrow::array::{
     Array, ArrayRef, ArrowPrimitiveType, AsArray, BinaryArray, BooleanArray, FixedSizeListArray,
     Float64Array, Int64Array, LargeBinaryArray, PrimitiveArray, UInt64Array,
 };
+use arrow::buffer::ScalarBuffer;
 use arrow::compute::{CastOptions, cast, cast_with_options};
 use arrow::datatypes::{
     DataType as ArrowType, Field, Float16Type, Float32Type, Float64Type, Int8Type, Int16Type,
@@ -75,20 +76,33 @@ fn arrow_type(datatype: DataType) -> ArrowType {
 
 /// Little-endian bytes of every value of `values` (no nulls left), which is
 /// already of [`arrow_type`]`(datatype)`.
-fn little_endian(values: &dyn Array, datatype: DataType) -> Vec<u8> {
+///
+/// On a little-endian machine the Arrow buffer of a type the tensor keeps
+/// (all but BOOL and BF16) already holds those bytes: it is shared, not
+/// copied.
+fn little_endian(values: &dyn Array, datatype: DataType) -> Bytes {
     fn primitive<T: ArrowPrimitiveType, const N: usize>(
         values: &dyn Array,
         to_bytes: impl Fn(T::Native) -> [u8; N],
-    ) -> Vec<u8> {
+    ) -> Bytes {
         let values = values.as_primitive::<T>().values();
+        if cfg!(target_endian = "little") && std::mem::size_of::<T::Native>() == N {
+            return Bytes::from_owner(values.inner().clone());
+        }
         let mut bytes = Vec::with_capacity(values.len() * N);
         for &value in values.iter() {
             bytes.extend_from_slice(&to_bytes(value));
         }
-        bytes
+        Bytes::from(bytes)
     }
     match datatype {
-        DataType::Bool => values.as_boolean().values().iter().map(u8::from).collect(),
+        DataType::Bool => values
+            .as_boolean()
+            .values()
+            .iter()
+            .map(u8::from)
+            .collect::<Vec<u8>>()
+            .into(),
         DataType::Uint8 => primitive::<UInt8Type, 1>(values, u8::to_le_bytes),
         DataType::Uint16 => primitive::<UInt16Type, 2>(values, u16::to_le_bytes),
         DataType::Uint32 => primitive::<UInt32Type, 4>(values, u32::to_le_bytes),
@@ -103,7 +117,7 @@ fn little_endian(values: &dyn Array, datatype: DataType) -> Vec<u8> {
         }
         DataType::Fp32 => primitive::<Float32Type, 4>(values, f32::to_le_bytes),
         DataType::Fp64 => primitive::<Float64Type, 8>(values, f64::to_le_bytes),
-        DataType::Bytes => Vec::new(),
+        DataType::Bytes => Bytes::new(),
     }
 }
 
@@ -307,7 +321,7 @@ fn input_tensor(batch: &RecordBatch, input: &ModelInput, origin: &RowOrigin) -> 
             }
             let values = convert_numbers(&column, array.as_ref(), datatype, 1)?;
             shape.extend_from_slice(&input.shape[1..]);
-            TensorData::Fixed(Bytes::from(little_endian(values.as_ref(), datatype)))
+            TensorData::Fixed(little_endian(values.as_ref(), datatype))
         }
         InputKind::Vector(length) => {
             let values = match found {
@@ -325,7 +339,7 @@ fn input_tensor(batch: &RecordBatch, input: &ModelInput, origin: &RowOrigin) -> 
                 _ => return Err(column.wrong_type(input, found)),
             };
             shape.extend_from_slice(&input.shape[1..]);
-            TensorData::Fixed(Bytes::from(little_endian(values.as_ref(), datatype)))
+            TensorData::Fixed(little_endian(values.as_ref(), datatype))
         }
     };
     let tensor = Tensor {
@@ -335,6 +349,21 @@ fn input_tensor(batch: &RecordBatch, input: &ModelInput, origin: &RowOrigin) -> 
         data,
     };
     Ok(tensor)
+}
+
+/// The input tensors for `batch`'s rows, in `inputs`' order, as
+/// [`to_infer_request`] encodes them: for a caller that runs the model in
+/// process and needs no request (a batch worker), saving the request's
+/// encoding and decoding. Same rules and errors as [`to_infer_request`].
+pub fn input_tensors(
+    batch: &RecordBatch,
+    inputs: &[ModelInput],
+    origin: &RowOrigin,
+) -> Result<Vec<Tensor>> {
+    inputs
+        .iter()
+        .map(|input| input_tensor(batch, input, origin))
+        .collect()
 }
 
 /// The `ModelInferRequest` for `batch`'s rows: one input tensor per model
@@ -352,10 +381,7 @@ pub fn to_infer_request(
     inputs: &[ModelInput],
     origin: &RowOrigin,
 ) -> Result<ModelInferRequest> {
-    let tensors = inputs
-        .iter()
-        .map(|input| input_tensor(batch, input, origin))
-        .collect::<Result<Vec<_>>>()?;
+    let tensors = input_tensors(batch, inputs, origin)?;
     let (inputs, raw) = shamal_tensor::encode_inputs(&tensors);
     Ok(ModelInferRequest {
         inputs,
@@ -374,10 +400,27 @@ fn output_type(datatype: DataType) -> ArrowType {
 }
 
 fn values_array(tensor: &Tensor) -> ArrayRef {
+    /// On a little-endian machine, bytes of the element type that are
+    /// aligned for it become the array's buffer as they are (shared);
+    /// others are copied.
     fn primitive<T: ArrowPrimitiveType, const N: usize>(
-        bytes: &[u8],
+        bytes: &Bytes,
         from: impl Fn([u8; N]) -> T::Native,
     ) -> ArrayRef {
+        if cfg!(target_endian = "little")
+            && std::mem::size_of::<T::Native>() == N
+            && bytes
+                .as_ptr()
+                .align_offset(std::mem::align_of::<T::Native>())
+                == 0
+        {
+            let values = ScalarBuffer::<T::Native>::new(
+                arrow::buffer::Buffer::from(bytes.clone()),
+                0,
+                bytes.len() / N,
+            );
+            return Arc::new(PrimitiveArray::<T>::new(values, None));
+        }
         let values: Vec<T::Native> = bytes
             .chunks_exact(N)
             .map(|chunk| {
@@ -433,6 +476,14 @@ pub fn outputs_to_columns(
             output: "response".to_owned(),
             reason: error.to_string(),
         })?;
+    tensors_to_columns(&tensors, rows)
+}
+
+/// Output tensors (a model's answer for `rows` rows, in process) as Arrow
+/// columns, by the rules of [`outputs_to_columns`]. A tensor whose data
+/// does not agree with its shape, or whose first dimension is not `rows`,
+/// fails with [`Error::BadOutput`].
+pub fn tensors_to_columns(tensors: &[Tensor], rows: usize) -> Result<Vec<(String, ArrayRef)>> {
     let mut columns = Vec::with_capacity(tensors.len());
     for tensor in tensors {
         let bad = |reason: String| Error::BadOutput {
@@ -445,8 +496,22 @@ pub fn outputs_to_columns(
                 tensor.shape
             )));
         }
-        let values = values_array(&tensor);
-        // The codec has checked the shape against the data.
+        let elements = shamal_tensor::element_count(&tensor.name, &tensor.shape)
+            .map_err(|error| bad(error.to_string()))?;
+        let held = match (&tensor.data, tensor.datatype.element_size()) {
+            (TensorData::Fixed(bytes), Some(size)) => {
+                (bytes.len() % size == 0).then_some(bytes.len() / size)
+            }
+            (TensorData::Strings(items), None) => Some(items.len()),
+            _ => None,
+        };
+        if held != Some(elements) {
+            return Err(bad(format!(
+                "its {} data does not hold the {elements} elements of shape {:?}",
+                tensor.datatype, tensor.shape
+            )));
+        }
+        let values = values_array(tensor);
         let per_row = shamal_tensor::element_count(&tensor.name, &tensor.shape[1..])
             .map_err(|error| bad(error.to_string()))?;
         let column: ArrayRef =
@@ -625,5 +690,148 @@ mod tests {
         };
         let error = outputs_to_columns(response, 2).expect_err("short");
         assert!(error.to_string().contains("flag"), "{error}");
+    }
+
+    #[test]
+    fn in_process_tensors_convert_as_the_request_and_response_do() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "n",
+                Arc::new(Int32Array::from(vec![1, -2, 300])) as ArrayRef,
+            ),
+            (
+                "s",
+                Arc::new(StringArray::from(vec!["a", "", "héllo"])) as ArrayRef,
+            ),
+        ])
+        .expect("batch");
+        let inputs = [
+            ModelInput::new("n", "INT64", vec![-1]),
+            ModelInput::new("s", "BYTES", vec![-1]),
+        ];
+        let tensors = input_tensors(&batch, &inputs, &origin()).expect("tensors");
+        let request = to_infer_request(&batch, &inputs, &origin()).expect("request");
+        let decoded = shamal_tensor::decode_inputs(request.inputs, request.raw_input_contents)
+            .expect("decodes");
+        assert_eq!(tensors, decoded);
+
+        // A slice of a batch (a worker scores a chunk's rows a slice at a
+        // time) converts as a batch of just those rows, vectors included.
+        let vectors = FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", ArrowType::Float32, false)),
+            2,
+            Arc::new(arrow::array::Float32Array::from(vec![
+                1.0, 2.0, 3.0, 4.0, 5.0, 6.0,
+            ])),
+            None,
+        )
+        .expect("vectors");
+        let whole =
+            RecordBatch::try_from_iter([("v", Arc::new(vectors) as ArrayRef)]).expect("batch");
+        let vector_input = [ModelInput::new("v", "FP32", vec![-1, 2])];
+        let sliced = input_tensors(&whole.slice(1, 2), &vector_input, &origin()).expect("slice");
+        let rest = FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", ArrowType::Float32, false)),
+            2,
+            Arc::new(arrow::array::Float32Array::from(vec![3.0, 4.0, 5.0, 6.0])),
+            None,
+        )
+        .expect("vectors");
+        let alone = RecordBatch::try_from_iter([("v", Arc::new(rest) as ArrayRef)]).expect("batch");
+        assert_eq!(
+            sliced,
+            input_tensors(&alone, &vector_input, &origin()).expect("rows 1..3")
+        );
+        assert_eq!(sliced[0].shape, vec![2, 2]);
+        let sliced = input_tensors(&batch.slice(1, 2), &inputs, &origin()).expect("slice");
+        assert_eq!(
+            sliced[0].data,
+            TensorData::Fixed(Bytes::from(
+                [-2i64, 300]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ))
+        );
+        assert_eq!(
+            sliced[1].data,
+            TensorData::Strings(vec![Bytes::new(), Bytes::from("héllo")])
+        );
+
+        // The model's answer, as tensors and through a response.
+        let answer = vec![
+            Tensor::from_raw(
+                "probs",
+                DataType::Fp32,
+                vec![3, 2],
+                Bytes::from(
+                    [0.5f32, 0.5, 0.25, 0.75, 1.0, 0.0]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                ),
+            )
+            .expect("probs"),
+            Tensor::from_raw(
+                "label",
+                DataType::Bytes,
+                vec![3],
+                Bytes::from_static(b"\x01\0\0\0a\x01\0\0\0b\x01\0\0\0c"),
+            )
+            .expect("label"),
+        ];
+        let direct = tensors_to_columns(&answer, 3).expect("columns");
+        let (outputs, raw_output_contents) = shamal_tensor::encode_outputs(&answer);
+        let through = outputs_to_columns(
+            ModelInferResponse {
+                outputs,
+                raw_output_contents,
+                ..Default::default()
+            },
+            3,
+        )
+        .expect("columns");
+        assert_eq!(direct, through);
+        assert_eq!(direct[0].1.as_fixed_size_list().value_length(), 2);
+        assert_eq!(direct[1].1.as_binary::<i32>().value(2), b"c");
+
+        // A tensor built by hand whose data disagrees with its shape (the
+        // codec never makes one; a backend could) is refused, naming it.
+        let short = Tensor {
+            name: "probs".to_owned(),
+            datatype: DataType::Fp32,
+            shape: vec![3, 2],
+            data: TensorData::Fixed(Bytes::from_static(&[0; 20])),
+        };
+        let error = tensors_to_columns(&[short], 3).expect_err("5 floats for 6");
+        assert!(
+            matches!(&error, Error::BadOutput { output, .. } if output == "probs"),
+            "{error:?}"
+        );
+        let strings_for_floats = Tensor {
+            name: "probs".to_owned(),
+            datatype: DataType::Fp32,
+            shape: vec![3],
+            data: TensorData::Strings(vec![Bytes::new(); 3]),
+        };
+        tensors_to_columns(&[strings_for_floats], 3).expect_err("strings are not FP32 data");
+
+        // Output bytes are shared with the column when aligned for their
+        // type, and copied when not: the same values either way.
+        let floats: Vec<u8> = [1.5f32, -2.0, 0.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&floats);
+        let shifted = Bytes::from(shifted);
+        for bytes in [Bytes::from(floats.clone()), shifted.slice(1..)] {
+            let tensor = Tensor::from_raw("y", DataType::Fp32, vec![3], bytes).expect("y");
+            let columns = tensors_to_columns(&[tensor], 3).expect("columns");
+            assert_eq!(
+                columns[0].1.as_primitive::<Float32Type>().values().to_vec(),
+                vec![1.5, -2.0, 0.25]
+            );
+        }
     }
 }

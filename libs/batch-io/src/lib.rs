@@ -24,7 +24,9 @@
 //!    columns asked for.
 //! 5. [`to_infer_request`] turns a batch's input columns into a
 //!    `ModelInferRequest` (raw little-endian contents), and
-//!    [`outputs_to_columns`] a `ModelInferResponse` back into Arrow columns.
+//!    [`outputs_to_columns`] a `ModelInferResponse` back into Arrow columns;
+//!    [`input_tensors`] and [`tensors_to_columns`] do the same for a caller
+//!    that runs the model in process (no request to encode and decode).
 //! 6. [`PartWriter`] writes one Parquet part per shard (`part-000042.parquet`)
 //!    in an [`Output`] (a local directory or an object-store prefix),
 //!    atomically replaced on a re-run, and [`Manifest`] records the parts,
@@ -48,7 +50,9 @@ mod read;
 mod schema;
 mod shard;
 
-pub use convert::{RowOrigin, outputs_to_columns, to_infer_request};
+pub use convert::{
+    RowOrigin, input_tensors, outputs_to_columns, tensors_to_columns, to_infer_request,
+};
 pub use dataset::{DataFile, Dataset};
 pub use decrypt::decrypt_dataset;
 pub use error::{Error, Result};

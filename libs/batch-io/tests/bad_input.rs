@@ -273,3 +273,38 @@ async fn a_missing_path_names_the_path_and_the_os_error() {
     assert!(matches!(error, Error::Format { .. }), "{error:?}");
     assert!(error.to_string().contains("gs://bucket/prefix"), "{error}");
 }
+
+#[tokio::test]
+async fn a_file_changed_or_removed_after_planning_fails_its_shard_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("moving.parquet");
+    // 50 rows in row groups of 10: shards of 2, 2 and 1 row groups.
+    common::write_parquet(&path, &common::batch(&common::rows(50)), 10);
+    let dataset = open(&path).await.expect("dataset");
+    let shards = dataset.plan_shards(20);
+    assert_eq!(shards.len(), 3);
+    let columns = vec!["x".to_owned()];
+
+    // Rewritten with 2 row groups: the shard of groups 2..4 is gone.
+    common::write_parquet(&path, &common::batch(&common::rows(20)), 10);
+    let error = match read_shard(&shards[1], &columns, 4).await {
+        Ok(mut stream) => stream.next().await.expect("an item").expect_err("changed"),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(&error, Error::CorruptFile { file, .. } if file.ends_with("moving.parquet")),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("changed since"), "{error}");
+
+    // Removed: the path and the OS error.
+    std::fs::remove_file(&path).expect("remove");
+    let error = read_shard(&shards[0], &columns, 4)
+        .await
+        .err()
+        .expect("a removed file cannot be read");
+    assert!(matches!(&error, Error::Store { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("moving.parquet"), "{message}");
+    assert!(message.contains("No such file or directory"), "{message}");
+}
