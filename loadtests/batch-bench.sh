@@ -19,7 +19,8 @@
 #           (the gpu-worker's candle text backend); batch 1024 on one thread
 #           (the reference of the ratio), plus variants that say where time
 #           goes (with the output written, at the batch the worker uses, on
-#           both cores).
+#           both cores), and two loops at once over halves of the file,
+#           each writing its part (`--parallel 2`: the floor of 2 workers).
 #   up      `shamal up` (embedded coordinator, in-process queue, the
 #           embedded cpu-worker's / gpu-worker's batch role = 1 worker):
 #           `shamal batch submit --wait`, rows / wall time from submit to
@@ -175,6 +176,10 @@ if has_stage inproc; then
   inproc_demo b1024_write --batch 1024 --intra-threads 1 --write "$tmp/inproc_out"
   inproc_demo b64_write --batch 64 --intra-threads 1 --write "$tmp/inproc_out"
   inproc_demo b1024_2threads --batch 1024 --intra-threads 2
+  # The floor of a job on two workers: two loops at once, each over half
+  # the row groups, each writing its own part.
+  inproc_demo b1024_write_parallel2 --batch 1024 --intra-threads 1 --parallel 2 \
+    --write "$tmp/inproc_out"
   if [ "$encoder" = 1 ]; then
     inproc_text b1024 1 --batch 1024
     inproc_text b1024_write 1 --batch 1024 --write "$tmp/inproc_out"

@@ -83,10 +83,9 @@ use shamal_async_queue::{Job, JobQueue, Outcome, codes};
 use shamal_audit_client::{AuditEvent, sha256_hex};
 use shamal_batch_io::{
     KeyRing, ModelInput, Output, PartEncryption, PartInfo, PartWriter, RowOrigin, SUCCESS_FILE,
-    Shard, outputs_to_columns, read_shard, to_infer_request,
+    Shard, input_tensors, read_shard, tensors_to_columns,
 };
 use shamal_error::code_label;
-use shamal_proto::inference::ModelInferResponse;
 use shamal_proto::shamal::batch::v1::{ShardResult, ShardTask};
 use shamal_telemetry::MetricsRegistry;
 use shamal_tensor::{Tensor, TensorData};
@@ -910,7 +909,7 @@ async fn score(
         version.settings.max_batch_size,
         version.signature.supports_batching() && !pads,
     );
-    let mut stream = read_shard(&shard, &columns, batch_size)
+    let mut stream = read_shard(&shard, &columns, rows_per_chunk(batch_size))
         .await
         .map_err(|error| data_failure(error, &column_of))?;
     // Reading runs ahead of scoring: the next batches are fetched and
@@ -927,36 +926,57 @@ async fn score(
         }
     });
     let shard_index = usize::try_from(task.shard_index).unwrap_or(usize::MAX);
-    let mut writer: Option<PartWriter> = None;
     let scoring = Arc::new(Scoring {
-        model: task.model.clone(),
         signature: version.signature.clone(),
+        model: task.model.clone(),
         inputs,
         column_of: column_of.clone(),
         keys: task.key_columns.clone(),
         dir,
         shard_index,
         encryption,
+        per_execution: batch_size,
+    });
+    // Writing runs behind scoring: a blocking thread encodes the scored
+    // batches into the part while the instance scores the next ones, so
+    // one shard keeps a second core busy (read, score and write overlap).
+    // It stops at its first error; it ends when `parts` is dropped, and
+    // returns the writer only then, so a shard that fails while scoring
+    // drops its writer (and the part's temporary file) with the task.
+    let (parts, mut scored) = tokio::sync::mpsc::channel::<Vec<RecordBatch>>(WRITE_BEHIND);
+    let part_scoring = scoring.clone();
+    let writing = tokio::task::spawn_blocking(move || {
+        let mut writer: Option<PartWriter> = None;
+        while let Some(outs) = scored.blocking_recv() {
+            for out in &outs {
+                part_scoring.write(out, &mut writer)?;
+            }
+        }
+        Ok::<_, Failure>(writer)
     });
     while let Some(batch) = batches.recv().await {
         let batch = batch.map_err(|error| data_failure(error, &column_of))?;
         let scoring = scoring.clone();
-        let held = writer.take();
-        // Conversion, execution and writing run on the instance's thread,
-        // off the async threads that serve real-time requests.
-        let (returned, result) = lease
+        // Conversion and execution run on the instance's thread, off the
+        // async threads that serve real-time requests.
+        let outs = lease
             .instance()
-            .run(move |backend| {
-                let mut writer = held;
-                let result = scoring.batch(backend, batch, &mut writer);
-                (writer, result)
-            })
+            .run(move |backend| scoring.chunk(backend, batch))
             .await
-            .map_err(backend_failure)?;
-        // On failure the writer is dropped, removing its temporary file.
-        result?;
-        writer = returned;
+            .map_err(backend_failure)??;
+        // A send fails only once the writer has stopped at an error,
+        // which its result below reports.
+        if !outs.is_empty() && parts.send(outs).await.is_err() {
+            break;
+        }
     }
+    drop(parts);
+    let writer = writing.await.map_err(|error| {
+        (
+            Code::Internal as i32,
+            format!("writing the part failed: {error}"),
+        )
+    })??;
     // The channel also ends when the reader panics: only a reader that
     // ended by itself has read every row.
     reader.await.map_err(|error| {
@@ -965,20 +985,21 @@ async fn score(
             format!("reading the shard failed: {error}"),
         )
     })?;
-    let writer = match writer {
-        Some(writer) => writer,
-        None => scoring
-            .empty(&shard)
-            .map_err(|error| data_failure(error, &column_of))?,
-    };
-    // The Parquet footer on the instance's thread; putting the part in
-    // place (a rename, or an upload) on the runtime.
-    let staged = lease
-        .instance()
-        .run(move |_| writer.close())
-        .await
-        .map_err(backend_failure)?
-        .map_err(|error| data_failure(error, &column_of))?;
+    // The Parquet footer (and an encrypted part's sealing) on a blocking
+    // thread; putting the part in place (a rename, or an upload) on the
+    // runtime.
+    let staged = tokio::task::spawn_blocking(move || match writer {
+        Some(writer) => writer.close(),
+        None => scoring.empty(&shard)?.close(),
+    })
+    .await
+    .map_err(|error| {
+        (
+            Code::Internal as i32,
+            format!("closing the part failed: {error}"),
+        )
+    })?
+    .map_err(|error| data_failure(error, &column_of))?;
     // Never into a finished output: this entry may be a duplicate the
     // coordinator does not follow (it died between queuing the shard and
     // recording the entry, and queued it again on resume), and a part
@@ -1025,8 +1046,23 @@ fn rows_per_execution(task_batch_size: u32, max_batch_size: usize, uncapped: boo
     rows
 }
 
-/// Batches of a shard read ahead of the one being scored.
+/// Rows a shard's reader, instance and writer hand each other at once
+/// (about): each hand-off wakes a thread, which costs tens of µs on a
+/// virtual machine, so a chunk holds several executions' rows.
+const CHUNK_ROWS: usize = 8192;
+
+/// Rows per chunk: whole executions of `per_execution` rows, at least
+/// [`CHUNK_ROWS`] (one execution when that is larger).
+fn rows_per_chunk(per_execution: usize) -> usize {
+    let per_execution = per_execution.max(1);
+    per_execution.saturating_mul(CHUNK_ROWS.div_ceil(per_execution))
+}
+
+/// Chunks of a shard read ahead of the one being scored.
 const READ_AHEAD: usize = 2;
+
+/// Scored chunks of a shard waiting for the part's writer.
+const WRITE_BEHIND: usize = 2;
 
 /// What scoring one batch of a shard needs.
 struct Scoring {
@@ -1040,53 +1076,70 @@ struct Scoring {
     shard_index: usize,
     /// Encrypt the part at rest.
     encryption: Option<PartEncryption>,
+    /// Rows per execution of the model ([`rows_per_execution`]).
+    per_execution: usize,
 }
 
 impl Scoring {
-    /// Scores one batch and appends it to the part (created at the first).
-    fn batch(
+    /// Scores a chunk of a shard's rows, `per_execution` rows at a time:
+    /// the key columns and the model's outputs of each execution.
+    fn chunk(
         &self,
         backend: &mut dyn Backend,
         shard_batch: shamal_batch_io::ShardBatch,
-        writer: &mut Option<PartWriter>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Vec<RecordBatch>, Failure> {
         let shamal_batch_io::ShardBatch { batch, origin } = shard_batch;
+        let total = batch.num_rows();
+        let per_execution = self.per_execution.max(1);
+        let mut scored = Vec::with_capacity(total.div_ceil(per_execution));
+        let mut offset = 0;
+        while offset < total {
+            let rows = per_execution.min(total - offset);
+            let origin = RowOrigin {
+                location: origin.location.clone(),
+                first_row: origin.first_row + offset as u64,
+            };
+            scored.push(self.batch(backend, &batch.slice(offset, rows), &origin)?);
+            offset += rows;
+        }
+        Ok(scored)
+    }
+
+    /// Scores one execution's rows (at least one): its key columns and the
+    /// model's outputs.
+    fn batch(
+        &self,
+        backend: &mut dyn Backend,
+        batch: &RecordBatch,
+        origin: &RowOrigin,
+    ) -> Result<RecordBatch, Failure> {
         let data = |error| data_failure(error, &self.column_of);
         let rows = batch.num_rows();
-        if rows == 0 {
-            return Ok(());
-        }
-        let request =
-            to_infer_request(&self.input_batch(&batch)?, &self.inputs, &origin).map_err(data)?;
-        let tensors = shamal_tensor::decode_inputs(request.inputs, request.raw_input_contents)
-            .map_err(|error| (Code::Internal as i32, error.to_string()))?;
+        // Columns to tensors and back in process: no request to encode.
+        let tensors =
+            input_tensors(&self.input_batch(batch)?, &self.inputs, origin).map_err(data)?;
         let (ordered, _) = prepare_inputs(&self.model, &self.signature, 0, tensors)
             .map_err(|status| (status.code() as i32, status.message().to_owned()))?;
         backend
             .check(&ordered)
             .map_err(backend_failure)
-            .map_err(|(code, message)| (code, rows_named(&origin, rows, &message)))?;
+            .map_err(|(code, message)| (code, rows_named(origin, rows, &message)))?;
         let outputs = backend
             .infer(ordered)
             .map_err(backend_failure)
-            .map_err(|(code, message)| (code, rows_named(&origin, rows, &message)))?;
-        let columns = outputs_to_columns(response(&outputs), rows).map_err(data)?;
-        self.append(&self.key_batch(&batch)?, columns, writer)
+            .map_err(|(code, message)| (code, rows_named(origin, rows, &message)))?;
+        let columns = tensors_to_columns(&outputs, rows).map_err(data)?;
+        PartWriter::batch(&self.key_batch(batch)?, columns).map_err(data)
     }
 
-    fn append(
-        &self,
-        keys: &RecordBatch,
-        columns: Vec<(String, ArrayRef)>,
-        writer: &mut Option<PartWriter>,
-    ) -> Result<(), Failure> {
+    /// Appends a scored batch to the part (created at the first).
+    fn write(&self, out: &RecordBatch, writer: &mut Option<PartWriter>) -> Result<(), Failure> {
         let data = |error| data_failure(error, &self.column_of);
-        let out = PartWriter::batch(keys, columns).map_err(data)?;
         if writer.is_none() {
             *writer = Some(self.writer(out.schema()).map_err(data)?);
         }
         if let Some(writer) = writer.as_mut() {
-            writer.write(&out).map_err(data)?;
+            writer.write(out).map_err(data)?;
         }
         Ok(())
     }
@@ -1180,7 +1233,7 @@ impl Scoring {
                 }
             })
             .collect();
-        let columns = outputs_to_columns(response(&outputs), 0)?;
+        let columns = tensors_to_columns(&outputs, 0)?;
         let out = PartWriter::batch(&keys, columns)?;
         let mut writer = self.writer(out.schema())?;
         writer.write(&out)?;
@@ -1201,15 +1254,6 @@ fn rows_named(origin: &RowOrigin, rows: usize, message: &str) -> String {
         origin.first_row + rows as u64,
         origin.location
     )
-}
-
-fn response(outputs: &[Tensor]) -> ModelInferResponse {
-    let (outputs, raw_output_contents) = shamal_tensor::encode_outputs(outputs);
-    ModelInferResponse {
-        outputs,
-        raw_output_contents,
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]
@@ -1272,6 +1316,20 @@ mod tests {
         // No batch size in the task: the default, capped alike.
         assert_eq!(rows_per_execution(0, 0, true), DEFAULT_BATCH_SIZE);
         assert_eq!(rows_per_execution(0, 64, false), 64);
+    }
+
+    #[test]
+    fn a_chunk_is_whole_executions_of_at_least_chunk_rows() {
+        assert_eq!(rows_per_chunk(1024), CHUNK_ROWS);
+        assert_eq!(rows_per_chunk(1000), 9000);
+        assert_eq!(rows_per_chunk(32), CHUNK_ROWS);
+        assert_eq!(rows_per_chunk(20_000), 20_000);
+        assert_eq!(rows_per_chunk(0), CHUNK_ROWS);
+        for per_execution in [1, 7, 64, 1000, 5000, 9000] {
+            let chunk = rows_per_chunk(per_execution);
+            assert_eq!(chunk % per_execution, 0, "{per_execution}");
+            assert!(chunk >= CHUNK_ROWS && chunk < CHUNK_ROWS + per_execution);
+        }
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! Parquet file in DIR, as a batch job's part. Loading the model is not
 //! timed.
 //!
+//! `--parallel N` runs N such loops at once on N threads, each with a
+//! session of its own over a contiguous share of the file's row groups
+//! (and with `--write` a part of its own), timed from the start to the
+//! last thread's end: the cheapest way to score the file on N cores, the
+//! floor of a job on N workers (no queue, no coordinator, no checksums).
+//!
 //! ```text
 //! source scripts/env.sh
 //! cargo run --release -p shamal-cpu-worker --example batch_inproc -- \
@@ -62,6 +68,10 @@ struct Args {
     /// ONNX Runtime intra-op threads.
     #[arg(long, default_value_t = 1)]
     intra_threads: usize,
+    /// Loops run at once, each on its own thread and session over its
+    /// share of the row groups (and writing its own part).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Passes over the whole file; the best is reported (and every one
     /// printed), so a shared VM's transient contention shows as spread.
     #[arg(long, default_value_t = 1)]
@@ -92,8 +102,8 @@ struct Pass {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.batch == 0 || args.rounds == 0 {
-        bail!("--batch and --rounds must be at least 1");
+    if args.batch == 0 || args.rounds == 0 || args.parallel == 0 {
+        bail!("--batch, --rounds and --parallel must be at least 1");
     }
     let dylib = std::env::var("ORT_DYLIB_PATH")
         .context("ORT_DYLIB_PATH is not set (source scripts/env.sh)")?;
@@ -103,17 +113,23 @@ fn main() -> Result<()> {
         .with_telemetry(false)
         .build()
         .map_err(ort_err)?;
-    let mut session = Session::builder(&environment)
-        .map_err(ort_err)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(ort_err)?
-        .with_intra_threads(args.intra_threads)
-        .map_err(ort_err)?
-        .with_intra_op_spinning(false)
-        .map_err(ort_err)?
-        .commit_from_file(&args.model)
-        .map_err(ort_err)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let open = || -> Result<Session> {
+        Session::builder(&environment)
+            .map_err(ort_err)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort_err)?
+            .with_intra_threads(args.intra_threads)
+            .map_err(ort_err)?
+            .with_intra_op_spinning(false)
+            .map_err(ort_err)?
+            .commit_from_file(&args.model)
+            .map_err(ort_err)
+            .with_context(|| format!("loading {}", args.model.display()))
+    };
+    let mut sessions = (0..args.parallel)
+        .map(|_| open())
+        .collect::<Result<Vec<Session>>>()?;
+    let session = &sessions[0];
 
     let [input] = session.inputs() else {
         bail!("the model must have exactly one input");
@@ -145,9 +161,10 @@ fn main() -> Result<()> {
     );
     println!(
         "setup        input {input_name} [-1, {width}] from column '{column}', batch {}, \
-         intra threads {}, write {}",
+         intra threads {}, parallel {}, write {}",
         args.batch,
         args.intra_threads,
+        args.parallel,
         args.write
             .as_ref()
             .map_or("off".to_owned(), |dir| dir.display().to_string())
@@ -155,7 +172,7 @@ fn main() -> Result<()> {
 
     let mut passes = Vec::new();
     for round in 1..=args.rounds {
-        let pass = one_pass(&args, &mut session, &input_name, width, &column, &outputs)?;
+        let pass = parallel_pass(&args, &mut sessions, &input_name, width, &column, &outputs)?;
         println!(
             "round {round}      {:>10.0} rows/s   {} rows in {:.3} s  (read+convert {:.3} s, \
              run {:.3} s, write {:.3} s, checksum {:.3})",
@@ -183,6 +200,7 @@ fn main() -> Result<()> {
             "input": args.input.display().to_string(),
             "batch": args.batch,
             "intra_threads": args.intra_threads,
+            "parallel": args.parallel,
             "write": args.write.is_some(),
             "rows": best.rows,
             "wall_s": best.wall.as_secs_f64(),
@@ -198,7 +216,62 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Reads, scores (and writes) the whole file once.
+/// Scores the whole file once on `sessions.len()` threads, each over its
+/// share of the row groups: the wall time to the last one's end; rows,
+/// read, run and write times and checksums summed.
+fn parallel_pass(
+    args: &Args,
+    sessions: &mut [Session],
+    input_name: &str,
+    width: usize,
+    column: &str,
+    outputs: &[String],
+) -> Result<Pass> {
+    let started = Instant::now();
+    let groups = ParquetRecordBatchReaderBuilder::try_new(
+        File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?,
+    )?
+    .metadata()
+    .num_row_groups();
+    let threads = sessions.len();
+    let passes = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .iter_mut()
+            .enumerate()
+            .map(|(index, session)| {
+                let share = (groups * index / threads)..(groups * (index + 1) / threads);
+                let only = (threads > 1).then_some(share);
+                scope.spawn(move || {
+                    one_pass(
+                        args, session, input_name, width, column, outputs, only, index,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .map_err(|_| anyhow!("a scoring thread panicked"))?
+            })
+            .collect::<Result<Vec<Pass>>>()
+    })?;
+    let mut total = Pass::default();
+    for pass in passes {
+        total.rows += pass.rows;
+        total.read += pass.read;
+        total.run += pass.run;
+        total.write += pass.write;
+        total.checksum += pass.checksum;
+    }
+    total.wall = started.elapsed();
+    Ok(total)
+}
+
+/// Reads, scores (and writes) the file once (only row groups `groups`
+/// when given, writing part `part`).
+#[allow(clippy::too_many_arguments)]
 fn one_pass(
     args: &Args,
     session: &mut Session,
@@ -206,13 +279,18 @@ fn one_pass(
     width: usize,
     column: &str,
     outputs: &[String],
+    groups: Option<std::ops::Range<usize>>,
+    part: usize,
 ) -> Result<Pass> {
     let started = Instant::now();
     let mut pass = Pass::default();
     let mut clock = Instant::now();
     let file =
         File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    if let Some(groups) = groups {
+        builder = builder.with_row_groups(groups.collect());
+    }
     let arrow_schema = builder.schema().clone();
     let mut wanted: Vec<&str> = vec![column];
     if args.write.is_some() {
@@ -292,7 +370,7 @@ fn one_pass(
             let out = RecordBatch::try_new(schema.clone(), arrays)?;
             if writer.is_none() {
                 std::fs::create_dir_all(dir)?;
-                let file = File::create(dir.join("part-000000.parquet"))?;
+                let file = File::create(dir.join(format!("part-{part:06}.parquet")))?;
                 // As a job's part is written.
                 let properties = shamal_batch_io::part_writer_properties(&schema);
                 writer = Some(ArrowWriter::try_new(file, schema, Some(properties))?);

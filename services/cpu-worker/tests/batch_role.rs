@@ -689,7 +689,8 @@ async fn a_long_shard_is_not_taken_from_its_live_worker() {
     let out = dir.path().join("out");
     let a = start(&config(&repository, "eu", |_| {}), Some(queue.clone())).await;
     let mut task = task(&planned[0], &out, "id", "features");
-    task.batch_size = 16;
+    // One row per execution: 200,000 executions, seconds of work.
+    task.batch_size = 1;
     let id = submit(queue.as_ref(), "eu", &task).await;
     wait_running(queue.as_ref(), &id).await;
     // A second live worker, eager to reclaim.
