@@ -912,10 +912,11 @@ async fn score(
     let mut stream = read_shard(&shard, &columns, rows_per_chunk(batch_size))
         .await
         .map_err(|error| data_failure(error, &column_of))?;
-    // Reading runs ahead of scoring: the next batches are fetched and
-    // decoded on the runtime while the instance's thread scores and
-    // writes this one. The reader stops at the first error, and when the
-    // shard ends early: its next send fails once `batches` is dropped.
+    // Reading runs ahead of scoring: the next chunks are fetched and
+    // decoded (a local Parquet file on a blocking thread of its own,
+    // other inputs on the runtime) while the instance's thread scores
+    // this one. The reader stops at the first error, and when the shard
+    // ends early: its next send fails once `batches` is dropped.
     let (sender, mut batches) = tokio::sync::mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(async move {
         while let Some(batch) = stream.next().await {
